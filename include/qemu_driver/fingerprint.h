@@ -1,0 +1,78 @@
+// What this host offers for running VMs: which qemu-system emulators are on
+// PATH, their version and accelerators, and whether /dev/kvm is usable. These
+// become the node attributes job constraints match on (driver.qemu.*).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include "absl/strings/string_view.h"
+#include <variant>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+
+namespace ndq {
+
+using AttributeValue = std::variant<bool, int64_t, std::string>;
+
+struct Fingerprint {
+  enum class Health { kUndetected, kUnhealthy, kHealthy };
+  Health health = Health::kUndetected;
+  std::string description;
+  std::map<std::string, AttributeValue> attributes;
+
+  bool operator==(const Fingerprint& other) const {
+    return health == other.health && description == other.description && attributes == other.attributes;
+  }
+  bool operator!=(const Fingerprint& other) const { return !(*this == other); }
+};
+
+// "QEMU emulator version 7.2.22 (Debian ...)" -> "7.2.22"; empty when absent.
+std::string ParseQemuVersion(absl::string_view version_output);
+
+// Names listed by `qemu-system-* -accel help`, e.g. {"kvm", "tcg"}.
+std::vector<std::string> ParseAcceleratorList(absl::string_view accel_help_output);
+
+// True when `device` opens read-write and answers the KVM API version ioctl.
+bool KvmUsable(const std::string& device);
+
+class Fingerprinter {
+ public:
+  // `path_env` is searched like PATH; `kvm_device` is normally /dev/kvm.
+  Fingerprinter(std::string path_env, std::string kvm_device);
+
+  // Safe to call often: a binary is executed again only when its file changed.
+  Fingerprint Probe(const std::vector<std::string>& emulators_allowlist);
+
+  // How many times an emulator binary was executed (for tests and diagnostics).
+  int binaries_executed() const;
+
+ private:
+  struct BinaryIdentity {
+    uint64_t device = 0, inode = 0, size = 0;
+    int64_t mtime_ns = 0;
+    bool operator==(const BinaryIdentity& o) const {
+      return device == o.device && inode == o.inode && size == o.size && mtime_ns == o.mtime_ns;
+    }
+  };
+  struct BinaryFacts {
+    BinaryIdentity identity;
+    std::string version;  // empty when it could not be read
+    std::string error;    // why, for the health description
+    std::vector<std::string> accelerators;
+  };
+
+  // emulator name ("x86_64") -> binary path, first match on PATH wins.
+  std::map<std::string, std::string> FindEmulators() const;
+  BinaryFacts FactsFor(const std::string& path) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const std::vector<std::string> path_dirs_;
+  const std::string kvm_device_;
+  mutable absl::Mutex mu_;
+  std::map<std::string, BinaryFacts> facts_ ABSL_GUARDED_BY(mu_);
+  int executed_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace ndq

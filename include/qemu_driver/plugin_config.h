@@ -1,0 +1,32 @@
+// The operator's plugin block in the Nomad client configuration:
+//   plugin "qemu" { config { image_paths = [...] ... } }
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "nomadplugin/hclspec.h"
+
+namespace ndq {
+
+struct PluginConfig {
+  // Directories (besides the allocation's) that image_path may point into.
+  std::vector<std::string> image_paths;
+  // QEMU options a job's `args` may use; empty allows every option.
+  std::vector<std::string> args_allowlist;
+  // Emulator names (e.g. "x86_64") jobs may use; empty allows every one found.
+  std::vector<std::string> emulators_allowlist;
+  // Where downloaded images are kept, shared by all tasks; empty means the
+  // default under the plugin's data directory.
+  std::string image_cache_dir;
+};
+
+// The hclspec Nomad parses the plugin block against.
+nomadplugin::hclspec::Spec PluginConfigSpec();
+
+// Decodes SetConfig's msgpack; every problem names its field.
+absl::StatusOr<PluginConfig> DecodePluginConfig(const std::string& msgpack);
+
+}  // namespace ndq

@@ -1,0 +1,53 @@
+#include "qemu_driver/task_config.h"
+
+#include "nomadplugin/config_reader.h"
+
+namespace ndq {
+
+namespace hs = nomadplugin::hclspec;
+
+nomadplugin::hclspec::Spec TaskConfigSpec() {
+  // image_path is optional here, unlike Nomad's driver, because image_source
+  // may stand in its place; exactly one of them is checked at start.
+  return hs::Object({
+      {"image_path", hs::Attr("image_path", "string")},
+      {"image_source", hs::Attr("image_source", "string")},
+      {"checksum", hs::Attr("checksum", "string")},
+      {"emulator", hs::Attr("emulator", "string")},
+      {"machine_type", hs::Attr("machine_type", "string")},
+      {"drive_interface", hs::Attr("drive_interface", "string")},
+      {"accelerator", hs::Attr("accelerator", "string")},
+      {"graceful_shutdown", hs::Attr("graceful_shutdown", "bool")},
+      {"guest_agent", hs::Attr("guest_agent", "bool")},
+      {"args", hs::Attr("args", "list(string)")},
+      {"port_map", hs::Attr("port_map", "list(map(number))")},
+  });
+}
+
+absl::StatusOr<TaskConfig> DecodeTaskConfig(const std::string& msgpack, bool reject_unknown) {
+  absl::StatusOr<nomadplugin::ConfigReader> reader =
+      nomadplugin::ConfigReader::FromMsgpack(msgpack, "task config");
+  if (!reader.ok()) return reader.status();
+  if (reject_unknown) {
+    const nomadplugin::hclspec::Spec spec = TaskConfigSpec();
+    std::vector<absl::string_view> known;
+    for (const auto& [name, unused] : spec.object().attributes()) known.push_back(name);
+    reader->RejectUnknownFields(known);
+  }
+  TaskConfig config;
+  config.image_path = reader->String("image_path");
+  config.image_source = reader->String("image_source");
+  config.checksum = reader->String("checksum");
+  config.emulator = reader->String("emulator");
+  config.machine_type = reader->String("machine_type");
+  config.drive_interface = reader->String("drive_interface");
+  config.accelerator = reader->String("accelerator");
+  config.graceful_shutdown = reader->Bool("graceful_shutdown").value_or(false);
+  config.guest_agent = reader->Bool("guest_agent").value_or(false);
+  config.args = reader->StringList("args").value_or(std::vector<std::string>{});
+  config.port_map = reader->IntegerMapList("port_map").value_or(std::map<std::string, int64_t>{});
+  if (absl::Status status = reader->status(); !status.ok()) return status;
+  return config;
+}
+
+}  // namespace ndq
