@@ -133,6 +133,7 @@ absl::StatusOr<std::unique_ptr<PluginProcess>> PluginProcess::Launch(const Launc
   if (!parsed.ok()) return fail(parsed.status().message());
   if (parsed->protocol != "grpc") return fail("does not speak gRPC");
   proc->handshake_ = *parsed;
+  proc->raw_handshake_ = line;
 
   const std::string target =
       parsed->network == "unix" ? "unix:" + parsed->address : parsed->address;

@@ -17,6 +17,7 @@
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server.h>
 #include <grpcpp/server_builder.h>
+#include <grpcpp/support/server_interceptor.h>
 
 #include "absl/strings/str_cat.h"
 #include "nomadplugin/go_plugin_services.h"
@@ -69,6 +70,50 @@ class TermSignalWatcher {
  private:
   std::atomic<bool> stopping_{false};
   std::thread thread_;
+};
+
+// Counts the calls the server is handling, so shutdown can wait for them.
+class InFlightCalls {
+ public:
+  void Add(int delta) {
+    absl::MutexLock lock(&mu_);
+    count_ += delta;
+  }
+  int count() const {
+    absl::MutexLock lock(&mu_);
+    return count_;
+  }
+  bool WaitUntilIdle(absl::Duration timeout) const {
+    absl::MutexLock lock(&mu_);
+    auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return count_ == 0; };
+    return mu_.AwaitWithTimeout(absl::Condition(&idle), timeout);
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  int count_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+// One interceptor lives exactly as long as its call: it counts the call in and out.
+class CallTracker final : public grpc::experimental::Interceptor {
+ public:
+  explicit CallTracker(std::shared_ptr<InFlightCalls> calls) : calls_(std::move(calls)) { calls_->Add(1); }
+  ~CallTracker() override { calls_->Add(-1); }
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override { methods->Proceed(); }
+
+ private:
+  std::shared_ptr<InFlightCalls> calls_;
+};
+
+class InFlightCallCounter final : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  explicit InFlightCallCounter(std::shared_ptr<InFlightCalls> calls) : calls_(std::move(calls)) {}
+  grpc::experimental::Interceptor* CreateServerInterceptor(grpc::experimental::ServerRpcInfo*) override {
+    return new CallTracker(calls_);
+  }
+
+ private:
+  std::shared_ptr<InFlightCalls> calls_;
 };
 
 void BlockTermSignal() {
@@ -136,6 +181,10 @@ int Serve(const ServeOptions& options) {
   StdioService stdio(lifecycle);
 
   grpc::ServerBuilder builder;
+  auto in_flight = std::make_shared<InFlightCalls>();
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(std::make_unique<InFlightCallCounter>(in_flight));
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
   builder.AddListeningPort("unix:" + socket_path, grpc::InsecureServerCredentials());
   builder.RegisterService(&health);
   builder.RegisterService(&controller);
@@ -161,8 +210,13 @@ int Serve(const ServeOptions& options) {
   while (!lifecycle->WaitForShutdown(absl::InfiniteDuration())) {
   }
   hclog::Info("plugin shutting down", {{"reason", lifecycle->ShutdownReason()}});
-  server->Shutdown(std::chrono::system_clock::now() +
-                   std::chrono::milliseconds(absl::ToInt64Milliseconds(options.grace)));
+  // gRPC's graceful shutdown also waits for idle client connections to go away,
+  // which a host that just called Shutdown does not do: so wait for our own
+  // calls to finish (long-lived streams end on the lifecycle), then stop at once.
+  if (!in_flight->WaitUntilIdle(options.grace)) {
+    hclog::Warn("calls still running at shutdown are cancelled", {{"calls", in_flight->count()}});
+  }
+  server->Shutdown(std::chrono::system_clock::now());
   server->Wait();
   cleanup_paths();
   return 0;

@@ -54,6 +54,8 @@ class PluginProcess {
 
   pid_t pid() const { return pid_; }
   const HandshakeLine& handshake() const { return handshake_; }
+  // The handshake line exactly as printed, newline included.
+  const std::string& raw_handshake() const { return raw_handshake_; }
   std::shared_ptr<grpc::Channel> channel() const { return channel_; }
 
   // grpc.health.v1 Check of service "plugin", as go-plugin's client pings it.
@@ -85,6 +87,7 @@ class PluginProcess {
   int wake_write_fd_ = -1;
   bool echo_stderr_ = false;
   HandshakeLine handshake_;
+  std::string raw_handshake_;
   std::shared_ptr<grpc::Channel> channel_;
   std::thread reader_;
   std::optional<ExitStatus> exit_;
