@@ -98,7 +98,7 @@ Fingerprinter::BinaryFacts Fingerprinter::FactsFor(const std::string& path) {
   }
   BinaryFacts facts;
   facts.identity = identity;
-  ++executed_;
+  ++probes_;
   absl::StatusOr<CommandResult> version = RunCommand({path, "--version"}, kProbeTimeout);
   if (!version.ok()) {
     facts.error = std::string(version.status().message());
@@ -169,9 +169,9 @@ Fingerprint Fingerprinter::Probe(const std::vector<std::string>& emulators_allow
   return fp;
 }
 
-int Fingerprinter::binaries_executed() const {
+int Fingerprinter::binary_probes() const {
   absl::MutexLock lock(&mu_);
-  return executed_;
+  return probes_;
 }
 
 }  // namespace ndq

@@ -46,8 +46,8 @@ class Fingerprinter {
   // Safe to call often: a binary is executed again only when its file changed.
   Fingerprint Probe(const std::vector<std::string>& emulators_allowlist);
 
-  // How many times an emulator binary was executed (for tests and diagnostics).
-  int binaries_executed() const;
+  // How many times a binary was probed (run with --version and -accel help).
+  int binary_probes() const;
 
  private:
   struct BinaryIdentity {
@@ -72,7 +72,7 @@ class Fingerprinter {
   const std::string kvm_device_;
   mutable absl::Mutex mu_;
   std::map<std::string, BinaryFacts> facts_ ABSL_GUARDED_BY(mu_);
-  int executed_ ABSL_GUARDED_BY(mu_) = 0;
+  int probes_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace ndq

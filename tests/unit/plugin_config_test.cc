@@ -1,0 +1,68 @@
+#include "qemu_driver/plugin_config.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "../support/msgpack_writer.h"
+
+namespace ndq {
+namespace {
+
+using ::ndq::testing::MsgpackWriter;
+using ::testing::HasSubstr;
+
+TEST(PluginConfig, SchemaHasNomadsOptionsAndOurs) {
+  const auto spec = PluginConfigSpec();
+  const auto& attrs = spec.object().attributes();
+  for (const char* name : {"image_paths", "args_allowlist", "emulators_allowlist"}) {
+    ASSERT_TRUE(attrs.count(name)) << name;
+    EXPECT_EQ(attrs.at(name).attr().type(), "list(string)") << name;
+    EXPECT_FALSE(attrs.at(name).attr().required()) << name;
+  }
+  EXPECT_EQ(attrs.at("image_cache_dir").attr().type(), "string");
+}
+
+TEST(PluginConfig, DecodesLikeNomadSendsIt) {
+  MsgpackWriter w;
+  w.Map(4);
+  w.Str("image_paths").Array(1).Str("/srv/images");
+  w.Str("args_allowlist").Array(2).Str("-drive").Str("-device");
+  w.Str("emulators_allowlist").Nil();
+  w.Str("image_cache_dir").Nil();
+  const absl::StatusOr<PluginConfig> config = DecodePluginConfig(w.bytes());
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->image_paths, std::vector<std::string>{"/srv/images"});
+  EXPECT_EQ(config->args_allowlist, (std::vector<std::string>{"-drive", "-device"}));
+  EXPECT_TRUE(config->emulators_allowlist.empty());
+  EXPECT_TRUE(config->image_cache_dir.empty());
+}
+
+TEST(PluginConfig, EmptyConfigIsValid) {
+  const absl::StatusOr<PluginConfig> config = DecodePluginConfig("");
+  ASSERT_TRUE(config.ok());
+  EXPECT_TRUE(config->image_paths.empty());
+}
+
+TEST(PluginConfig, ErrorsNameTheField) {
+  MsgpackWriter w;
+  w.Map(3);
+  w.Str("image_paths").Str("/srv/images");
+  w.Str("emulators_allowlist").Array(1).FixInt(1);
+  w.Str("image_cache_dir").Str("relative/dir");
+  const absl::StatusOr<PluginConfig> config = DecodePluginConfig(w.bytes());
+  ASSERT_FALSE(config.ok());
+  const std::string message(config.status().message());
+  EXPECT_THAT(message, HasSubstr("\"image_paths\" must be a list of strings, got string \"/srv/images\""));
+  EXPECT_THAT(message, HasSubstr("\"emulators_allowlist[0]\" must be a string"));
+  EXPECT_THAT(message, HasSubstr("\"image_cache_dir\" must be an absolute path"));
+}
+
+TEST(PluginConfig, ImagePathsMustBeAbsolute) {
+  MsgpackWriter w;
+  w.Map(1).Str("image_paths").Array(1).Str("images");
+  EXPECT_THAT(std::string(DecodePluginConfig(w.bytes()).status().message()),
+              HasSubstr("\"image_paths\" entries must be absolute paths"));
+}
+
+}  // namespace
+}  // namespace ndq
