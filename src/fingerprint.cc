@@ -8,12 +8,12 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <regex>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "qemu_driver/run_command.h"
 
 namespace ndq {
@@ -39,10 +39,15 @@ std::string PrimaryEmulator(const std::vector<std::string>& names) {
 }  // namespace
 
 std::string ParseQemuVersion(absl::string_view version_output) {
-  static const std::regex kVersion(R"(version (\d+(\.\d+)+))");
-  std::match_results<absl::string_view::const_iterator> match;
-  if (std::regex_search(version_output.begin(), version_output.end(), match, kVersion)) {
-    return match[1].str();
+  // The first "version " followed by dotted numbers, e.g. "version 7.2.22 (Debian ...)".
+  for (size_t at = version_output.find("version "); at != absl::string_view::npos;
+       at = version_output.find("version ", at + 1)) {
+    absl::string_view rest = version_output.substr(at + 8);
+    const size_t end = rest.find_first_not_of("0123456789.");
+    absl::string_view number = absl::StripSuffix(rest.substr(0, end), ".");
+    if (!number.empty() && absl::ascii_isdigit(number[0]) && absl::StrContains(number, '.')) {
+      return std::string(number);
+    }
   }
   return "";
 }
@@ -70,19 +75,35 @@ bool KvmUsable(const std::string& device) {
 Fingerprinter::Fingerprinter(std::string path_env, std::string kvm_device)
     : path_dirs_(absl::StrSplit(path_env, ':', absl::SkipEmpty())), kvm_device_(std::move(kvm_device)) {}
 
-std::map<std::string, std::string> Fingerprinter::FindEmulators() const {
-  std::map<std::string, std::string> found;
-  for (const std::string& dir : path_dirs_) {
-    DIR* d = ::opendir(dir.c_str());
-    if (d == nullptr) continue;
+const std::vector<std::string>& Fingerprinter::EmulatorNamesIn(const std::string& dir) {
+  DirListing& listing = listings_[dir];
+  struct stat st {};
+  const int64_t mtime_ns =
+      ::stat(dir.c_str(), &st) == 0 ? static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec : -2;
+  if (mtime_ns == listing.mtime_ns) return listing.names;
+  listing.mtime_ns = mtime_ns;
+  listing.names.clear();
+  if (DIR* d = ::opendir(dir.c_str())) {
     while (const dirent* entry = ::readdir(d)) {
       absl::string_view name(entry->d_name);
-      if (!absl::StartsWith(name, kEmulatorPrefix) || name.size() == kEmulatorPrefix.size()) continue;
-      const std::string emulator(name.substr(kEmulatorPrefix.size()));
-      const std::string path = dir + "/" + std::string(name);
-      if (found.count(emulator) == 0 && IsExecutableFile(path)) found[emulator] = path;
+      if (absl::StartsWith(name, kEmulatorPrefix) && name.size() > kEmulatorPrefix.size()) {
+        listing.names.emplace_back(name);
+      }
     }
     ::closedir(d);
+  }
+  return listing.names;
+}
+
+std::map<std::string, std::string> Fingerprinter::FindEmulators() {
+  std::map<std::string, std::string> found;
+  for (const std::string& dir : path_dirs_) {
+    for (const std::string& name : EmulatorNamesIn(dir)) {
+      const std::string emulator = name.substr(kEmulatorPrefix.size());
+      const std::string path = dir + "/" + name;
+      // Checked every time: a chmod does not change the directory's mtime.
+      if (found.count(emulator) == 0 && IsExecutableFile(path)) found[emulator] = path;
+    }
   }
   return found;
 }
@@ -121,7 +142,11 @@ Fingerprinter::BinaryFacts Fingerprinter::FactsFor(const std::string& path) {
 
 Fingerprint Fingerprinter::Probe(const std::vector<std::string>& emulators_allowlist) {
   Fingerprint fp;
-  const std::map<std::string, std::string> found = FindEmulators();
+  std::map<std::string, std::string> found;
+  {
+    absl::MutexLock lock(&mu_);
+    found = FindEmulators();
+  }
   if (found.empty()) {
     fp.description = "no qemu-system-* binary found on PATH (" + absl::StrJoin(path_dirs_, ":") + ")";
     return fp;

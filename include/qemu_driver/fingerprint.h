@@ -65,13 +65,20 @@ class Fingerprinter {
   };
 
   // emulator name ("x86_64") -> binary path, first match on PATH wins.
-  std::map<std::string, std::string> FindEmulators() const;
+  std::map<std::string, std::string> FindEmulators() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // qemu-system-* names in one directory, listed again only when its mtime changes.
+  const std::vector<std::string>& EmulatorNamesIn(const std::string& dir) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   BinaryFacts FactsFor(const std::string& path) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::vector<std::string> path_dirs_;
   const std::string kvm_device_;
   mutable absl::Mutex mu_;
   std::map<std::string, BinaryFacts> facts_ ABSL_GUARDED_BY(mu_);
+  struct DirListing {
+    int64_t mtime_ns = -1;
+    std::vector<std::string> names;
+  };
+  std::map<std::string, DirListing> listings_ ABSL_GUARDED_BY(mu_);
   int probes_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
