@@ -1,12 +1,25 @@
 #!/usr/bin/env bash
-# The quick start: installs what is needed, builds, then launches the plugin the
-# way a Nomad client does and shows what it tells Nomad about this host.
+# The quick start: installs what is needed, builds, builds the small test VM,
+# then drives the plugin the way a Nomad client does: info, fingerprint, and a
+# VM started, its web page fetched through the mapped host port, and a
+# graceful stop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/build.sh build
+guest_dir="$(bash tests/fixtures/build-test-guest.sh | head -n1 | xargs dirname)"
 
-echo "== plugin info, schemas and capabilities (PluginInfo, ConfigSchema, TaskConfigSchema, Capabilities)"
-build/bin/qemu-driverctl info
-echo "== fingerprint (what job constraints can match on)"
-build/bin/qemu-driverctl --config examples/plugin-config.json fingerprint
+demo="$(mktemp -d /tmp/ndq-demo.XXXXXX)"
+trap 'rm -rf "$demo"' EXIT
+mkdir -p "$demo/alloc/web/local"
+# The task's disk: a copy-on-write overlay on the cached test guest.
+qemu-img create -q -f qcow2 -F qcow2 -b "$guest_dir/guest.qcow2" "$demo/alloc/web/local/disk.qcow2"
+printf '{"emulators_allowlist": ["x86_64"], "state_dir": "%s/state"}\n' "$demo" >"$demo/plugin.json"
+
+echo "== what the plugin tells Nomad (PluginInfo, Capabilities)"
+build/bin/qemu-driverctl info | python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({k: d[k] for k in ("plugin_info", "capabilities")}, indent=2))'
+echo "== fingerprint (node attributes for job constraints)"
+build/bin/qemu-driverctl --config "$demo/plugin.json" fingerprint
+echo "== a VM through its whole life"
+build/bin/qemu-driverctl --config "$demo/plugin.json" run examples/demo-task.json \
+  --alloc-dir "$demo/alloc" --check-http http --kill-timeout 10

@@ -3,6 +3,8 @@
 #include <cstdlib>
 
 #include "nomadplugin/hclog.h"
+#include "google_rpc/status.pb.h"
+#include "nomad/structs.pb.h"
 #include "qemu_driver/task_config.h"
 
 namespace ndq {
@@ -16,7 +18,30 @@ grpc::Status NotYet(const char* rpc) {
                       std::string(rpc) + " is not implemented yet in nomad-driver-qemu " + kPluginVersion);
 }
 
+constexpr char kExecUnsupported[] =
+    "exec is not supported by the qemu driver: the task is a virtual machine, with no process on the host "
+    "to run a command in (use SSH or the guest agent inside the VM)";
+
+grpc::Status ToGrpc(const absl::Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
 }  // namespace
+
+grpc::Status StartFailure(const absl::Status& status) {
+  // Bad configuration stays bad on retry; anything else may be transient.
+  const bool recoverable = status.code() != absl::StatusCode::kInvalidArgument &&
+                           status.code() != absl::StatusCode::kAlreadyExists &&
+                           status.code() != absl::StatusCode::kNotFound;
+  hashicorp::nomad::plugins::shared::structs::RecoverableError detail;
+  detail.set_recoverable(recoverable);
+  google::rpc::Status rich;
+  rich.set_code(static_cast<int>(grpc::StatusCode::FAILED_PRECONDITION));
+  rich.set_message(std::string(status.message()));
+  rich.add_details()->PackFrom(detail);
+  return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, std::string(status.message()), rich.SerializeAsString());
+}
 
 void DriverSettings::Set(PluginConfig config, std::optional<basepb::NomadConfig> agent) {
   absl::MutexLock lock(&mu_);
@@ -89,7 +114,7 @@ driverpb::FingerprintResponse ToProto(const Fingerprint& fingerprint) {
 
 driverpb::DriverCapabilities Capabilities() {
   driverpb::DriverCapabilities caps;
-  caps.set_send_signals(false);
+  caps.set_send_signals(true);
   caps.set_exec(false);
   // NONE, as Nomad's qemu driver: with IMAGE, Nomad would hand the task
   // container-style paths (NOMAD_TASK_DIR=/local) that mean nothing on the host.
@@ -151,46 +176,86 @@ grpc::Status DriverService::Shutdown(grpc::ServerContext*, const driverpb::Shutd
   return grpc::Status::OK;
 }
 
-grpc::Status DriverService::RecoverTask(grpc::ServerContext*, const driverpb::RecoverTaskRequest*,
+grpc::Status DriverService::RecoverTask(grpc::ServerContext*, const driverpb::RecoverTaskRequest* request,
                                         driverpb::RecoverTaskResponse*) {
-  return NotYet("RecoverTask");
+  driverpb::TaskHandle handle = request->handle();
+  // After an agent restart Nomad may send the handle alone, without task_id.
+  if (handle.config().id().empty()) handle.mutable_config()->set_id(request->task_id());
+  absl::Status status = tasks_->Recover(handle);
+  if (!status.ok()) nomadplugin::hclog::Error("task recovery failed", {{"task_id", handle.config().id()}, {"error", std::string(status.message())}});
+  return ToGrpc(status);
 }
-grpc::Status DriverService::StartTask(grpc::ServerContext*, const driverpb::StartTaskRequest*,
-                                      driverpb::StartTaskResponse*) {
-  return NotYet("StartTask");
+
+grpc::Status DriverService::StartTask(grpc::ServerContext*, const driverpb::StartTaskRequest* request,
+                                      driverpb::StartTaskResponse* response) {
+  absl::StatusOr<driverpb::TaskHandle> handle = tasks_->Start(request->task());
+  if (!handle.ok()) {
+    nomadplugin::hclog::Error("task start failed",
+                              {{"task_id", request->task().id()}, {"error", std::string(handle.status().message())}});
+    return StartFailure(handle.status());
+  }
+  *response->mutable_handle() = *std::move(handle);
+  return grpc::Status::OK;
 }
-grpc::Status DriverService::WaitTask(grpc::ServerContext*, const driverpb::WaitTaskRequest*,
-                                     driverpb::WaitTaskResponse*) {
-  return NotYet("WaitTask");
+
+grpc::Status DriverService::WaitTask(grpc::ServerContext* context, const driverpb::WaitTaskRequest* request,
+                                     driverpb::WaitTaskResponse* response) {
+  // Woken at once by the exit; the slices only look for a client that left.
+  while (true) {
+    absl::StatusOr<std::optional<ExitResult>> result =
+        tasks_->Wait(request->task_id(), nomadplugin::Lifecycle::kCancelCheckInterval);
+    if (!result.ok()) return ToGrpc(result.status());
+    if (*result) {
+      response->mutable_result()->set_exit_code((*result)->exit_code);
+      response->mutable_result()->set_signal((*result)->signal);
+      response->mutable_result()->set_oom_killed((*result)->oom_killed);
+      response->set_err((*result)->error);
+      return grpc::Status::OK;
+    }
+    if (context->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "WaitTask cancelled");
+    if (lifecycle_->ShutdownRequested()) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "plugin is shutting down");
+  }
 }
-grpc::Status DriverService::StopTask(grpc::ServerContext*, const driverpb::StopTaskRequest*,
+
+grpc::Status DriverService::StopTask(grpc::ServerContext*, const driverpb::StopTaskRequest* request,
                                      driverpb::StopTaskResponse*) {
-  return NotYet("StopTask");
+  const absl::Duration timeout =
+      absl::Seconds(request->timeout().seconds()) + absl::Nanoseconds(request->timeout().nanos());
+  return ToGrpc(tasks_->Stop(request->task_id(), timeout, request->signal()));
 }
-grpc::Status DriverService::DestroyTask(grpc::ServerContext*, const driverpb::DestroyTaskRequest*,
+
+grpc::Status DriverService::DestroyTask(grpc::ServerContext*, const driverpb::DestroyTaskRequest* request,
                                         driverpb::DestroyTaskResponse*) {
-  return NotYet("DestroyTask");
+  return ToGrpc(tasks_->Destroy(request->task_id(), request->force()));
 }
-grpc::Status DriverService::InspectTask(grpc::ServerContext*, const driverpb::InspectTaskRequest*,
-                                        driverpb::InspectTaskResponse*) {
-  return NotYet("InspectTask");
+
+grpc::Status DriverService::InspectTask(grpc::ServerContext*, const driverpb::InspectTaskRequest* request,
+                                        driverpb::InspectTaskResponse* response) {
+  absl::StatusOr<driverpb::InspectTaskResponse> inspected = tasks_->Inspect(request->task_id());
+  if (!inspected.ok()) return ToGrpc(inspected.status());
+  *response = *std::move(inspected);
+  return grpc::Status::OK;
 }
+
 grpc::Status DriverService::TaskStats(grpc::ServerContext*, const driverpb::TaskStatsRequest*,
                                       grpc::ServerWriter<driverpb::TaskStatsResponse>*) {
   return NotYet("TaskStats");
 }
-grpc::Status DriverService::SignalTask(grpc::ServerContext*, const driverpb::SignalTaskRequest*,
+
+grpc::Status DriverService::SignalTask(grpc::ServerContext*, const driverpb::SignalTaskRequest* request,
                                        driverpb::SignalTaskResponse*) {
-  return NotYet("SignalTask");
+  return ToGrpc(tasks_->Signal(request->task_id(), request->signal()));
 }
+
 grpc::Status DriverService::ExecTask(grpc::ServerContext*, const driverpb::ExecTaskRequest*,
                                      driverpb::ExecTaskResponse*) {
-  return NotYet("ExecTask");
+  return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, kExecUnsupported);
 }
+
 grpc::Status DriverService::ExecTaskStreaming(
     grpc::ServerContext*,
     grpc::ServerReaderWriter<driverpb::ExecTaskStreamingResponse, driverpb::ExecTaskStreamingRequest>*) {
-  return NotYet("ExecTaskStreaming");
+  return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, kExecUnsupported);
 }
 
 }  // namespace ndq

@@ -194,6 +194,11 @@ Fingerprint Fingerprinter::Probe(const std::vector<std::string>& emulators_allow
   return fp;
 }
 
+std::map<std::string, std::string> Fingerprinter::Emulators() {
+  absl::MutexLock lock(&mu_);
+  return FindEmulators();
+}
+
 int Fingerprinter::binary_probes() const {
   absl::MutexLock lock(&mu_);
   return probes_;

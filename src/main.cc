@@ -24,6 +24,7 @@ int Usage() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  nomadplugin::PrepareProcessSignals();
   std::string level_name = std::getenv(kLogLevelEnv) != nullptr ? std::getenv(kLogLevelEnv) : "debug";
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--version") == 0) {
@@ -48,7 +49,11 @@ int main(int argc, char** argv) {
   const char* path = std::getenv("PATH");
   ndq::Fingerprinter fingerprinter(path != nullptr ? path : "", "/dev/kvm");
   ndq::BasePluginService base(&settings);
-  ndq::DriverService driver(&settings, &fingerprinter, &lifecycle);
+  ndq::TaskManagerOptions task_options;
+  task_options.supervisor_path = ndq::DefaultSupervisorPath();
+  ndq::TaskManager tasks(
+      task_options, [&settings] { return settings.plugin_config(); }, &fingerprinter);
+  ndq::DriverService driver(&settings, &fingerprinter, &tasks, &lifecycle);
 
   nomadplugin::ServeOptions options;
   options.plugin_name = "nomad-driver-qemu";

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <iostream>
@@ -15,10 +16,12 @@
 #include "absl/strings/str_cat.h"
 #include "nomadplugin/driver_client.h"
 #include "nomadplugin/launcher.h"
+#include "run_task.h"
 
 namespace {
 
 struct Options {
+  ndq::ctl::RunOptions run;
   std::string plugin;
   std::string config_file;
   bool verbose = false;
@@ -32,11 +35,15 @@ int Usage() {
                "commands:\n"
                "  info          plugin info, config and task schemas, capabilities (JSON)\n"
                "  fingerprint   configure the plugin, print its first fingerprint (JSON)\n"
+               "  run TASK.json start a VM, then stop it on Ctrl-C (or after --check-http)\n"
                "options:\n"
                "  --plugin PATH   plugin binary (default: nomad-driver-qemu next to this tool)\n"
                "  --config FILE   plugin config as JSON, e.g. {\"emulators_allowlist\": [\"x86_64\"]}\n"
                "  --watch         with fingerprint: keep printing every fingerprint sent\n"
-               "  --verbose       copy the plugin's log lines to stderr\n");
+               "  --verbose       copy the plugin's log lines to stderr\n"
+               "  --alloc-dir DIR with run: the allocation directory (default: a new temp dir)\n"
+               "  --check-http L  with run: GET the guest's page through port label L, then stop\n"
+               "  --kill-timeout S  with run: StopTask timeout in seconds (default 5)\n");
   return 2;
 }
 
@@ -113,10 +120,16 @@ int main(int argc, char** argv) {
     else if (arg == "--config" && i + 1 < argc) options.config_file = argv[++i];
     else if (arg == "--verbose") options.verbose = true;
     else if (arg == "--watch") options.watch = true;
-    else if (arg.rfind("--", 0) == 0 || !options.command.empty()) return Usage();
-    else options.command = arg;
+    else if (arg == "--alloc-dir" && i + 1 < argc) options.run.alloc_dir = argv[++i];
+    else if (arg == "--check-http" && i + 1 < argc) options.run.check_http = argv[++i];
+    else if (arg == "--kill-timeout" && i + 1 < argc) options.run.kill_timeout_s = std::atof(argv[++i]);
+    else if (arg.rfind("--", 0) == 0) return Usage();
+    else if (options.command.empty()) options.command = arg;
+    else if (options.command == "run" && options.run.task_file.empty()) options.run.task_file = arg;
+    else return Usage();
   }
-  if (options.command != "info" && options.command != "fingerprint") return Usage();
+  if (options.command != "info" && options.command != "fingerprint" && options.command != "run") return Usage();
+  if (options.command == "run" && options.run.task_file.empty()) return Usage();
   if (options.plugin.empty()) options.plugin = SiblingPlugin();
 
   nlohmann::json config = nlohmann::json::object();
@@ -139,7 +152,7 @@ int main(int argc, char** argv) {
     rc = RunInfo(client);
   } else {
     if (absl::Status status = client.SetConfig(config); !status.ok()) return Fail(status);
-    rc = RunFingerprint(client, options.watch);
+    rc = options.command == "run" ? ndq::ctl::RunTask(client, options.run) : RunFingerprint(client, options.watch);
   }
   auto exit = (*plugin)->Shutdown(absl::Seconds(2));
   if (exit.ok() && (exit->code != 0 || exit->signal != 0)) {

@@ -11,6 +11,7 @@
 #include "nomadplugin/lifecycle.h"
 #include "qemu_driver/fingerprint.h"
 #include "qemu_driver/plugin_config.h"
+#include "qemu_driver/task_manager.h"
 
 namespace ndq {
 
@@ -52,6 +53,10 @@ class BasePluginService final : public basepb::BasePlugin::Service {
 // Converts a probe result to Nomad's wire form.
 driverpb::FingerprintResponse ToProto(const Fingerprint& fingerprint);
 
+// A StartTask failure as Nomad expects it: FailedPrecondition carrying a
+// RecoverableError detail that says whether retrying can help.
+grpc::Status StartFailure(const absl::Status& status);
+
 // What the driver really supports today.
 driverpb::DriverCapabilities Capabilities();
 
@@ -62,8 +67,9 @@ class DriverService final : public driverpb::Driver::Service {
   // How often the host is looked at for changes (cheap: directory listing and stat).
   static constexpr absl::Duration kChangeCheckPeriod = absl::Seconds(1);
 
-  DriverService(DriverSettings* settings, Fingerprinter* fingerprinter, nomadplugin::Lifecycle* lifecycle)
-      : settings_(settings), fingerprinter_(fingerprinter), lifecycle_(lifecycle) {}
+  DriverService(DriverSettings* settings, Fingerprinter* fingerprinter, TaskManager* tasks,
+                nomadplugin::Lifecycle* lifecycle)
+      : settings_(settings), fingerprinter_(fingerprinter), tasks_(tasks), lifecycle_(lifecycle) {}
 
   grpc::Status Init(grpc::ServerContext*, const driverpb::InitRequest*, driverpb::InitResponse*) override;
   grpc::Status TaskConfigSchema(grpc::ServerContext*, const driverpb::TaskConfigSchemaRequest*,
@@ -77,7 +83,6 @@ class DriverService final : public driverpb::Driver::Service {
   grpc::Status Shutdown(grpc::ServerContext*, const driverpb::ShutdownRequest*,
                         driverpb::ShutdownResponse*) override;
 
-  // Task RPCs arrive with the VM lifecycle work; until then each says so clearly.
   grpc::Status RecoverTask(grpc::ServerContext*, const driverpb::RecoverTaskRequest*,
                            driverpb::RecoverTaskResponse*) override;
   grpc::Status StartTask(grpc::ServerContext*, const driverpb::StartTaskRequest*,
@@ -103,6 +108,7 @@ class DriverService final : public driverpb::Driver::Service {
  private:
   DriverSettings* settings_;
   Fingerprinter* fingerprinter_;
+  TaskManager* tasks_;
   nomadplugin::Lifecycle* lifecycle_;
 };
 

@@ -46,6 +46,9 @@ class Fingerprinter {
   // Safe to call often: a binary is executed again only when its file changed.
   Fingerprint Probe(const std::vector<std::string>& emulators_allowlist);
 
+  // Every qemu-system-* on PATH: emulator name ("x86_64") -> binary path.
+  std::map<std::string, std::string> Emulators();
+
   // How many times a binary was probed (run with --version and -accel help).
   int binary_probes() const;
 

@@ -21,6 +21,12 @@ struct PluginConfig {
   // Where downloaded images are kept, shared by all tasks; empty means the
   // default under the plugin's data directory.
   std::string image_cache_dir;
+  // Per-task runtime state (sockets, pid and exit records); must survive a
+  // plugin restart and stay short. Empty: /run/nomad-driver-qemu as root,
+  // else $TMPDIR/nomad-driver-qemu-UID.
+  std::string state_dir;
+  // The nomad-qemu-supervisor binary; empty: next to the plugin binary.
+  std::string supervisor_path;
 };
 
 // The hclspec Nomad parses the plugin block against.

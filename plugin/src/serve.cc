@@ -116,14 +116,18 @@ class InFlightCallCounter final : public grpc::experimental::ServerInterceptorFa
   std::shared_ptr<InFlightCalls> calls_;
 };
 
-void BlockTermSignal() {
+}  // namespace
+
+void PrepareProcessSignals() {
+  // The plugin shares the agent's process group: a Ctrl-C meant for the agent
+  // must not kill it, and after an agent crash its stdio are broken pipes.
+  ::signal(SIGINT, SIG_IGN);
+  ::signal(SIGPIPE, SIG_IGN);
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
 }
-
-}  // namespace
 
 absl::StatusOr<std::string> MakePrivateSocketDir() {
   const char* base = std::getenv("PLUGIN_UNIX_SOCKET_DIR");
@@ -150,11 +154,7 @@ int Serve(const ServeOptions& options) {
     return 1;
   }
 
-  // The plugin shares the agent's process group: a Ctrl-C meant for the agent
-  // must not kill it, and after an agent crash its stdio are broken pipes.
-  ::signal(SIGINT, SIG_IGN);
-  ::signal(SIGPIPE, SIG_IGN);
-  BlockTermSignal();
+  PrepareProcessSignals();
   gpr_set_log_function(GrpcLogToHclog);
 
   absl::StatusOr<std::string> dir = MakePrivateSocketDir();

@@ -13,7 +13,9 @@
 
 #include "../support/msgpack_writer.h"
 #include "../support/temp_dir.h"
+#include "google_rpc/status.pb.h"
 #include "grpc_health/health.grpc.pb.h"
+#include "nomad/structs.pb.h"
 #include "nomadplugin/driver_client.h"
 #include "nomadplugin/launcher.h"
 #include "qemu_driver/run_command.h"
@@ -189,6 +191,7 @@ TEST(Driver, CapabilitiesAreHonest) {
   const auto caps = client.Capabilities();
   ASSERT_TRUE(caps.ok()) << caps.status();
   EXPECT_FALSE(caps->exec());
+  EXPECT_TRUE(caps->send_signals());
   EXPECT_EQ(caps->fs_isolation(), driverpb::DriverCapabilities::NONE);
   EXPECT_EQ(caps->mount_configs(), driverpb::DriverCapabilities::NO_MOUNTS);
   EXPECT_THAT(caps->network_isolation_modes(), ::testing::Contains(driverpb::NetworkIsolationSpec::HOST));
@@ -281,15 +284,47 @@ TEST(Fingerprint, ChangeIsSentPromptly) {
   reader->Finish();
 }
 
-TEST(Driver, TaskRpcsSayTheyAreNotImplementedYet) {
+TEST(Driver, ExecIsClearlyUnsupported) {
   auto plugin = Launch();
   ASSERT_NE(plugin, nullptr);
   DriverClient client(plugin->channel());
   auto context = client.NewContext();
-  driverpb::StartTaskResponse response;
-  const grpc::Status status = client.driver().StartTask(context.get(), {}, &response);
+  driverpb::ExecTaskResponse response;
+  const grpc::Status status = client.driver().ExecTask(context.get(), {}, &response);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::UNIMPLEMENTED);
-  EXPECT_THAT(status.error_message(), HasSubstr("StartTask is not implemented yet"));
+  EXPECT_THAT(status.error_message(), HasSubstr("exec is not supported by the qemu driver"));
+}
+
+TEST(Driver, UnknownTaskIsNotFound) {
+  auto plugin = Launch();
+  ASSERT_NE(plugin, nullptr);
+  DriverClient client(plugin->channel());
+  auto context = client.NewContext();
+  driverpb::InspectTaskRequest request;
+  request.set_task_id("nope/nope/00000000");
+  driverpb::InspectTaskResponse response;
+  const grpc::Status status = client.driver().InspectTask(context.get(), request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(status.error_message(), HasSubstr("is not known to this driver"));
+}
+
+TEST(Driver, StartFailureCarriesNomadsRecoverableError) {
+  auto plugin = Launch();
+  ASSERT_NE(plugin, nullptr);
+  DriverClient client(plugin->channel());
+  auto context = client.NewContext();
+  driverpb::StartTaskRequest request;
+  request.mutable_task()->set_id("a/b/00000000");
+  request.mutable_task()->set_name("b");
+  driverpb::StartTaskResponse response;
+  const grpc::Status status = client.driver().StartTask(context.get(), request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  google::rpc::Status rich;
+  ASSERT_TRUE(rich.ParseFromString(status.error_details()));
+  ASSERT_EQ(rich.details_size(), 1);
+  hashicorp::nomad::plugins::shared::structs::RecoverableError detail;
+  ASSERT_TRUE(rich.details(0).UnpackTo(&detail));
+  EXPECT_FALSE(detail.recoverable()) << "a config error does not heal on retry";
 }
 
 // Nomad's client launches a driver three times at agent start; the last one

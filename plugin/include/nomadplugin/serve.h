@@ -26,6 +26,11 @@ struct ServeOptions {
   absl::Duration grace = absl::Seconds(2);
 };
 
+// Blocks SIGTERM (Serve takes it with sigwait on its own thread) and ignores
+// SIGINT and SIGPIPE. Call first in main, before any thread exists, since
+// threads inherit the mask: one started earlier would let SIGTERM kill the plugin.
+void PrepareProcessSignals();
+
 // Returns the process exit code.
 int Serve(const ServeOptions& options);
 

@@ -1,0 +1,78 @@
+// The contract between the plugin and nomad-qemu-supervisor, the small process
+// that runs one VM and outlives plugin restarts: its command line, the files it
+// keeps in the task's state directory, and the format of its exit record.
+//
+// The supervisor includes this header for the names only; the functions are
+// defined in src/supervisor_protocol.cc (plugin side) so the supervisor binary
+// never links a JSON library.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace ndq::supervisor {
+
+// Files in the state directory. Each is written to "<name>.tmp", fsynced and
+// renamed, so a reader sees either no file or a complete one.
+inline constexpr char kPidFile[] = "qemu.pid";          // QEMU's pid, decimal + "\n"
+inline constexpr char kExitFile[] = "exit.json";        // written once, when QEMU is gone
+inline constexpr char kLogFile[] = "supervisor.log";    // the supervisor's stdout/stderr
+inline constexpr char kTempSuffix[] = ".tmp";
+
+// Command line:
+//   nomad-qemu-supervisor --state-dir DIR --stdout PATH --stderr PATH [--user NAME] -- QEMU ARGS...
+inline constexpr char kArgStateDir[] = "--state-dir";
+inline constexpr char kArgStdout[] = "--stdout";
+inline constexpr char kArgStderr[] = "--stderr";
+inline constexpr char kArgUser[] = "--user";
+inline constexpr char kArgEndOfOptions[] = "--";
+
+// The supervisor's own exit status.
+inline constexpr int kExitOk = 0;              // QEMU ran; exit.json has its status
+inline constexpr int kExitCouldNotRun = 1;     // exit.json written with `error` set
+inline constexpr int kExitUsage = 2;           // bad command line; no exit.json
+inline constexpr int kExitRecordFailed = 3;    // exit.json could not be written (see supervisor.log)
+
+// exit_code recorded when QEMU never ran (`error` is then non-empty).
+inline constexpr int kCouldNotRunExitCode = 127;
+// How much of QEMU's stderr the exit record keeps (the last bytes).
+inline constexpr size_t kStderrTailBytes = 4096;
+
+// exit.json, one JSON object:
+//   {"exit_code":7,"signal":0,"core_dumped":false,"started_at":1700000000000,
+//    "exited_at":1700000000123,"stderr_tail":"...","error":""}
+struct ExitRecord {
+  int exit_code = -1;         // -1 when killed by a signal
+  int signal = 0;             // 0 when QEMU exited by itself
+  bool core_dumped = false;
+  int64_t started_at_ms = 0;  // unix time in milliseconds
+  int64_t exited_at_ms = 0;
+  std::string stderr_tail;    // valid UTF-8 (invalid bytes became U+FFFD)
+  std::string error;          // non-empty: QEMU never ran, and why
+};
+
+// Parses the contents of exit.json. Unknown fields are ignored so an older
+// plugin can read a newer supervisor's record. On failure returns nullopt and
+// sets *error.
+std::optional<ExitRecord> ParseExitRecord(std::string_view json, std::string* error);
+
+// Reads DIR/exit.json. nullopt with *error empty: there is no record (yet);
+// nullopt with *error set: it exists but cannot be read or parsed.
+std::optional<ExitRecord> ReadExitRecord(const std::string& state_dir, std::string* error);
+
+// Reads DIR/qemu.pid, with the same nullopt/*error convention as ReadExitRecord.
+std::optional<pid_t> ReadQemuPid(const std::string& state_dir, std::string* error);
+
+// The supervisor's argv (argv[0] = supervisor_path). An empty `user` runs QEMU
+// as the supervisor's own user.
+std::vector<std::string> SupervisorArgv(const std::string& supervisor_path, const std::string& state_dir,
+                                        const std::string& stdout_path, const std::string& stderr_path,
+                                        const std::string& user, const std::vector<std::string>& qemu_argv);
+
+}  // namespace ndq::supervisor

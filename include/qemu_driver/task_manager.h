@@ -1,0 +1,73 @@
+// The driver's task lifecycle, independent of gRPC: start a VM through its
+// supervisor, wait for it, stop, destroy, inspect, signal, and recover VMs
+// after a plugin restart from Nomad's TaskHandle alone.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "nomad/driver.pb.h"
+#include "qemu_driver/fingerprint.h"
+#include "qemu_driver/plugin_config.h"
+#include "qemu_driver/process_watch.h"
+#include "qemu_driver/vm_task.h"
+
+namespace ndq {
+
+struct TaskManagerOptions {
+  // The nomad-qemu-supervisor binary, unless the plugin config names one.
+  std::string supervisor_path;
+  // How long StartTask waits for QEMU's QMP socket to answer.
+  absl::Duration start_timeout = absl::Seconds(30);
+};
+
+// nomad-qemu-supervisor next to the running binary (the plugin_dir layout).
+std::string DefaultSupervisorPath();
+
+// Signal names that ask the guest rather than QEMU: SIGPWR (power failure)
+// presses the ACPI power button.
+inline constexpr char kPowerdownSignal[] = "SIGPWR";
+
+class TaskManager {
+ public:
+  using ConfigSource = std::function<PluginConfig()>;
+  TaskManager(TaskManagerOptions options, ConfigSource config, Fingerprinter* fingerprinter);
+
+  // Runs the task's VM; returns Nomad's TaskHandle once QEMU answers on QMP.
+  // On failure nothing is left behind: no process, socket or state directory.
+  absl::StatusOr<driverpb::TaskHandle> Start(const driverpb::TaskConfig& task);
+  // Re-attaches to a VM from its handle (a task we still track is fine too).
+  absl::Status Recover(const driverpb::TaskHandle& handle);
+  // The exit once known; nullopt while still running after `timeout`.
+  absl::StatusOr<std::optional<ExitResult>> Wait(const std::string& id, absl::Duration timeout);
+  absl::Status Stop(const std::string& id, absl::Duration timeout, const std::string& signal);
+  absl::Status Destroy(const std::string& id, bool force);
+  absl::StatusOr<driverpb::InspectTaskResponse> Inspect(const std::string& id);
+  absl::Status Signal(const std::string& id, const std::string& signal);
+
+  // Where per-task state lives: the plugin's state_dir or a default.
+  std::string StateRoot() const;
+
+ private:
+  absl::StatusOr<std::shared_ptr<VmTask>> Find(const std::string& id);
+  // Registers the task and starts watching its supervisor.
+  absl::Status Track(std::shared_ptr<VmTask> task);
+  void OnSupervisorExit(const std::string& id);
+
+  const TaskManagerOptions options_;
+  const ConfigSource config_;
+  Fingerprinter* const fingerprinter_;
+  ExitWatcher watcher_;
+
+  absl::Mutex mu_;
+  std::map<std::string, std::shared_ptr<VmTask>> tasks_ ABSL_GUARDED_BY(mu_);
+  // IDs whose StartTask is under way, so a duplicate is refused at once.
+  std::map<std::string, bool> starting_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace ndq

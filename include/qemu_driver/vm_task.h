@@ -1,0 +1,105 @@
+// One VM the driver runs: what identifies it (and survives a plugin restart in
+// Nomad's TaskHandle), its exit once known, and the operations on it.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "nomad/driver.pb.h"
+#include "qemu_driver/qmp_client.h"
+
+namespace ndq {
+
+namespace driverpb = hashicorp::nomad::plugins::drivers::proto;
+
+// Nomad's TaskHandle.driver_state: enough for a fresh plugin process to find
+// the VM again, encoded as JSON.
+struct DriverStateRecord {
+  static constexpr int kVersion = 1;
+  std::string state_dir;
+  std::string qmp_socket;
+  std::string guest_agent_socket;  // empty without guest_agent
+  pid_t supervisor_pid = 0;
+  uint64_t supervisor_start_ticks = 0;
+  pid_t qemu_pid = 0;
+  uint64_t qemu_start_ticks = 0;
+  bool graceful_shutdown = false;
+  bool guest_agent = false;
+  absl::Time started_at = absl::UnixEpoch();
+
+  std::string Encode() const;
+  static absl::StatusOr<DriverStateRecord> Decode(const std::string& bytes);
+};
+
+struct ExitResult {
+  int exit_code = 0;
+  int signal = 0;
+  bool oom_killed = false;
+  std::string error;  // why the VM ended abnormally, for WaitTask's err
+  absl::Time completed_at = absl::UnixEpoch();
+};
+
+// Reads what the supervisor recorded in `state_dir` into Nomad's terms: a
+// signal death is exit code 128+N as Nomad's executor reports it.
+ExitResult LoadExitResult(const std::string& state_dir);
+
+class VmTask {
+ public:
+  // Takes ownership of the pidfds (-1 when the process is already gone).
+  VmTask(driverpb::TaskConfig config, DriverStateRecord record, int supervisor_pidfd, int qemu_pidfd,
+         std::unique_ptr<QmpClient> qmp);
+  ~VmTask();
+  VmTask(const VmTask&) = delete;
+  VmTask& operator=(const VmTask&) = delete;
+
+  const std::string& id() const { return config_.id(); }
+  const driverpb::TaskConfig& config() const { return config_; }
+  const DriverStateRecord& record() const { return record_; }
+  int supervisor_pidfd() const { return supervisor_pidfd_; }
+
+  // Called once when the supervisor has gone; wakes every waiter.
+  void MarkExited(ExitResult result);
+  std::optional<ExitResult> result() const;
+  // Waits up to `timeout` for the exit.
+  std::optional<ExitResult> WaitFor(absl::Duration timeout) const;
+
+  // StopTask: with graceful_shutdown the guest is asked to power off (guest
+  // agent when enabled, else an ACPI power-button press) and given `timeout`;
+  // then `signal` goes to QEMU, then SIGKILL after kKillGrace. Without
+  // graceful_shutdown: `signal`, `timeout`, SIGKILL. Returns once QEMU is gone.
+  absl::Status Stop(absl::Duration timeout, int signal);
+  // Delivers `signal` to QEMU itself.
+  absl::Status Signal(int signal);
+  // Asks the guest to power off (guest agent first when enabled, else ACPI).
+  absl::Status RequestPowerdown();
+
+  // How long QEMU gets after the stop signal before SIGKILL.
+  static constexpr absl::Duration kKillGrace = absl::Seconds(3);
+
+ private:
+  // The QMP session, reconnected when needed (after a plugin restart).
+  absl::StatusOr<QmpClient*> Qmp() ABSL_EXCLUSIVE_LOCKS_REQUIRED(control_mu_);
+
+  const driverpb::TaskConfig config_;
+  const DriverStateRecord record_;
+  const int supervisor_pidfd_;
+  const int qemu_pidfd_;
+
+  // Serializes control operations (stop, signal, QMP use).
+  absl::Mutex control_mu_;
+  std::unique_ptr<QmpClient> qmp_ ABSL_GUARDED_BY(control_mu_);
+
+  mutable absl::Mutex mu_;
+  std::optional<ExitResult> result_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace ndq

@@ -1,0 +1,312 @@
+// nomad-qemu-supervisor: runs one QEMU for the plugin, outlives plugin crashes
+// and restarts, and records how QEMU ended where a restarted plugin finds it.
+// The contract is in include/qemu_driver/supervisor_protocol.h; the design
+// notes are in docs/architecture.md ("Per-VM supervisor").
+//
+// It stays small on purpose (libc only, fixed buffers, no heap use of its own):
+// one runs per VM for the VM's whole life.
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/signalfd.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <csignal>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+
+#include "atomic_file.h"
+#include "error_text.h"
+#include "exit_record.h"
+#include "log.h"
+#include "output_files.h"
+#include "qemu_child.h"
+#include "qemu_driver/supervisor_protocol.h"
+#include "tail_buffer.h"
+
+namespace ndq::supervisor {
+namespace {
+
+constexpr char kUsage[] =
+    "usage: nomad-qemu-supervisor --state-dir DIR --stdout PATH --stderr PATH [--user NAME] -- QEMU [ARGS...]\n";
+// After QEMU is gone, a process it left behind may still hold the stderr pipe
+// and keep writing; stop draining after this much.
+constexpr size_t kMaxDrainBytes = 1 << 20;
+
+using StderrTail = TailBuffer<kStderrTailBytes>;
+
+struct Options {
+  const char* state_dir = nullptr;
+  const char* stdout_path = nullptr;
+  const char* stderr_path = nullptr;
+  const char* user = nullptr;
+  char** qemu_argv = nullptr;  // NULL-terminated: the tail of our own argv
+};
+
+__attribute__((format(printf, 1, 2))) int UsageError(const char* fmt, ...) {
+  char msg[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  std::vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  std::fprintf(stderr, "nomad-qemu-supervisor: %s\n%s", msg, kUsage);
+  return kExitUsage;
+}
+
+bool ParseArgs(int argc, char** argv, Options* opts, ErrorText* error) {
+  for (int i = 1; i < argc; ++i) {
+    const char* arg = argv[i];
+    if (std::strcmp(arg, kArgEndOfOptions) == 0) {
+      opts->qemu_argv = argv + i + 1;
+      break;
+    }
+    const char** slot = std::strcmp(arg, kArgStateDir) == 0 ? &opts->state_dir
+                        : std::strcmp(arg, kArgStdout) == 0 ? &opts->stdout_path
+                        : std::strcmp(arg, kArgStderr) == 0 ? &opts->stderr_path
+                        : std::strcmp(arg, kArgUser) == 0   ? &opts->user
+                                                            : nullptr;
+    if (slot == nullptr) {
+      error->Set("unknown argument \"%s\"", arg);
+      return false;
+    }
+    if (i + 1 >= argc || argv[i + 1][0] == '\0') {
+      error->Set("%s needs a non-empty value", arg);
+      return false;
+    }
+    *slot = argv[++i];
+  }
+  const char* missing = opts->state_dir == nullptr     ? kArgStateDir
+                        : opts->stdout_path == nullptr ? kArgStdout
+                        : opts->stderr_path == nullptr ? kArgStderr
+                                                       : nullptr;
+  if (missing != nullptr) {
+    error->Set("%s is required", missing);
+    return false;
+  }
+  if (opts->qemu_argv == nullptr || opts->qemu_argv[0] == nullptr) {
+    error->Set("no QEMU command after \"%s\"", kArgEndOfOptions);
+    return false;
+  }
+  return true;
+}
+
+// Our fds must never land on 0-2: the child's dup2s onto 0-2 would clobber them.
+void EnsureStandardFds() {
+  for (int fd = 0; fd <= 2; ++fd) {
+    if (::fcntl(fd, F_GETFD) < 0 && errno == EBADF) ::open("/dev/null", O_RDWR);
+  }
+}
+
+// Returns a signalfd for SIGTERM and SIGCHLD, or -1.
+int DetachAndTakeSignals() {
+  // The plugin shares the Nomad agent's process group and session; a Ctrl-C
+  // or hangup there must not reach the VM. Fails only if we already lead a
+  // group, e.g. the plugin spawned us with setsid itself.
+  if (::setsid() < 0 && ::getsid(0) != ::getpid()) Log("setsid: %s", std::strerror(errno));
+  struct sigaction act {};
+  act.sa_handler = SIG_IGN;
+  for (int sig : {SIGINT, SIGHUP, SIGPIPE}) ::sigaction(sig, &act, nullptr);
+  // An inherited SIG_IGN for SIGCHLD would make the kernel reap QEMU for us
+  // and lose its exit status.
+  act.sa_handler = SIG_DFL;
+  for (int sig : {SIGTERM, SIGCHLD}) ::sigaction(sig, &act, nullptr);
+  // Set, not add to, the mask: the plugin may have spawned us with SIGTERM blocked.
+  sigset_t taken;
+  sigemptyset(&taken);
+  sigaddset(&taken, SIGTERM);
+  sigaddset(&taken, SIGCHLD);
+  ::sigprocmask(SIG_SETMASK, &taken, nullptr);
+  return ::signalfd(-1, &taken, SFD_NONBLOCK | SFD_CLOEXEC);
+}
+
+// A stale record from an earlier run in the same directory would tell a
+// restarted plugin that this VM already exited.
+void RemoveStaleFiles(int dir_fd) {
+  for (const char* name : {kPidFile, kExitFile}) {
+    char temp[256];
+    std::snprintf(temp, sizeof temp, "%s%s", name, kTempSuffix);
+    ::unlinkat(dir_fd, name, 0);
+    ::unlinkat(dir_fd, temp, 0);
+  }
+}
+
+void DescribeCommand(char* const* argv, char* out, size_t cap) {
+  size_t len = 0;
+  out[0] = '\0';
+  for (; *argv != nullptr && len + 1 < cap; ++argv) {
+    const int n = std::snprintf(out + len, cap - len, "%s%s", len == 0 ? "" : " ", *argv);
+    if (n < 0) break;
+    len += static_cast<size_t>(n);
+  }
+  if (len + 1 >= cap && cap > 4) std::memcpy(out + cap - 4, "...", 4);
+}
+
+void WriteAll(int fd, const char* data, size_t len) {
+  while (len > 0) {
+    const ssize_t n = ::write(fd, data, len);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return;  // the log reader may be gone; QEMU must not notice
+    data += n;
+    len -= static_cast<size_t>(n);
+  }
+}
+
+enum class Copied { kSome, kNoneNow, kEof };
+
+// One read from QEMU's stderr pipe (non-blocking), copied to --stderr and the tail.
+Copied CopyStderr(int pipe_fd, int out_fd, StderrTail* tail, size_t* bytes) {
+  char buf[4096];
+  const ssize_t n = ::read(pipe_fd, buf, sizeof buf);
+  if (n < 0) return errno == EINTR ? Copied::kSome : errno == EAGAIN ? Copied::kNoneNow : Copied::kEof;
+  if (n == 0) return Copied::kEof;
+  WriteAll(out_fd, buf, static_cast<size_t>(n));
+  tail->Append(buf, static_cast<size_t>(n));
+  *bytes += static_cast<size_t>(n);
+  return Copied::kSome;
+}
+
+// Runs until QEMU is reaped; returns its wait status.
+int Supervise(pid_t qemu, int signal_fd, int pipe_fd, int out_fd, StderrTail* tail) {
+  pollfd fds[2] = {{signal_fd, POLLIN, 0}, {pipe_fd, POLLIN, 0}};
+  bool pipe_open = true;
+  size_t copied = 0;
+  for (;;) {
+    if (::poll(fds, pipe_open ? 2 : 1, -1) < 0) {
+      if (errno == EINTR) continue;
+      // Cannot happen with valid fds; still, QEMU's status must be recorded.
+      Log("poll: %s; waiting for QEMU without copying its stderr", std::strerror(errno));
+      int status = 0;
+      while (::waitpid(qemu, &status, 0) < 0 && errno == EINTR) {
+      }
+      return status;
+    }
+    if (pipe_open && fds[1].revents != 0 && CopyStderr(pipe_fd, out_fd, tail, &copied) == Copied::kEof) {
+      pipe_open = false;  // QEMU closed its stderr; it may still be running
+    }
+    if ((fds[0].revents & POLLIN) == 0) continue;
+    signalfd_siginfo info[8];
+    ssize_t n;
+    while ((n = ::read(signal_fd, info, sizeof info)) > 0) {
+      for (size_t i = 0; i < static_cast<size_t>(n) / sizeof info[0]; ++i) {
+        if (info[i].ssi_signo != SIGTERM) continue;
+        Log("SIGTERM from pid %u: forwarding to QEMU pid %d", info[i].ssi_pid, static_cast<int>(qemu));
+        ::kill(qemu, SIGTERM);  // a zombie not yet reaped ignores it harmlessly
+      }
+    }
+    int status = 0;
+    if (::waitpid(qemu, &status, WNOHANG) == qemu) {
+      // Whatever QEMU wrote last is what explains its exit.
+      size_t drained = 0;
+      while (pipe_open && drained < kMaxDrainBytes) {
+        const Copied c = CopyStderr(pipe_fd, out_fd, tail, &drained);
+        if (c == Copied::kNoneNow || c == Copied::kEof) break;
+      }
+      return status;
+    }
+  }
+}
+
+// Writes exit.json and returns the supervisor's exit status.
+int RecordExit(int dir_fd, const ExitFacts& facts, int success_status) {
+  static char record[kMaxExitRecordBytes];
+  const size_t len = FormatExitRecord(facts, record);
+  ErrorText error;
+  if (!WriteFileAtomically(dir_fd, kExitFile, record, len, &error)) {
+    Log("could not write %s: %s", kExitFile, error.text);
+    return kExitRecordFailed;
+  }
+  return success_status;
+}
+
+int CouldNotRun(int dir_fd, int64_t started_at_ms, const ErrorText& why) {
+  Log("could not run QEMU: %s", why.text);
+  ExitFacts facts;
+  facts.exit_code = kCouldNotRunExitCode;
+  facts.started_at_ms = started_at_ms;
+  facts.exited_at_ms = NowUnixMs();
+  facts.error = why.text;
+  return RecordExit(dir_fd, facts, kExitCouldNotRun);
+}
+
+int Run(int argc, char** argv) {
+  EnsureStandardFds();
+  // Nothing the plugin had open (its gRPC sockets, Nomad's pipes) may stay
+  // open for the VM's lifetime through us or QEMU.
+  ::close_range(3, ~0U, 0);
+
+  Options opts;
+  ErrorText error;
+  if (!ParseArgs(argc, argv, &opts, &error)) return UsageError("%s", error.text);
+  const int dir_fd = ::open(opts.state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd < 0) return UsageError("state directory %s: %s", opts.state_dir, std::strerror(errno));
+
+  const int signal_fd = DetachAndTakeSignals();
+  char command[1024];
+  DescribeCommand(opts.qemu_argv, command, sizeof command);
+  Log("starting in %s%s%s: %s", opts.state_dir, opts.user != nullptr ? " as user " : "",
+      opts.user != nullptr ? opts.user : "", command);
+  RemoveStaleFiles(dir_fd);
+  int64_t started_at_ms = NowUnixMs();
+  if (signal_fd < 0) {
+    error.Set("signalfd: %s", std::strerror(errno));
+    return CouldNotRun(dir_fd, started_at_ms, error);
+  }
+
+  ChildSetup setup;
+  setup.argv = opts.qemu_argv;
+  if (opts.user != nullptr && !ResolveUser(opts.user, &setup.run_as, &error)) {
+    return CouldNotRun(dir_fd, started_at_ms, error);
+  }
+  setup.stdout_fd = OpenOutput("stdout", opts.stdout_path, signal_fd, &error);
+  if (setup.stdout_fd < 0) return CouldNotRun(dir_fd, started_at_ms, error);
+  const int stderr_out = OpenOutput("stderr", opts.stderr_path, signal_fd, &error);
+  if (stderr_out < 0) return CouldNotRun(dir_fd, started_at_ms, error);
+  int stderr_pipe[2];
+  if (::pipe2(stderr_pipe, O_CLOEXEC) != 0 || ::fcntl(stderr_pipe[0], F_SETFL, O_NONBLOCK) != 0) {
+    error.Set("stderr pipe: %s", std::strerror(errno));
+    return CouldNotRun(dir_fd, started_at_ms, error);
+  }
+  setup.stderr_fd = stderr_pipe[1];
+
+  started_at_ms = NowUnixMs();
+  const pid_t qemu = StartQemu(setup, &error);
+  // Only QEMU writes these; holding them would delay EOF for the log readers.
+  ::close(setup.stdout_fd);
+  ::close(stderr_pipe[1]);
+  if (qemu < 0) return CouldNotRun(dir_fd, started_at_ms, error);
+
+  char pid_text[16];
+  const int pid_len = std::snprintf(pid_text, sizeof pid_text, "%d\n", static_cast<int>(qemu));
+  if (!WriteFileAtomically(dir_fd, kPidFile, pid_text, static_cast<size_t>(pid_len), &error)) {
+    // QEMU runs on; the plugin still has our pid to stop it through us.
+    Log("could not write %s: %s", kPidFile, error.text);
+  }
+  Log("QEMU running as pid %d", static_cast<int>(qemu));
+
+  static StderrTail tail;
+  const int status = Supervise(qemu, signal_fd, stderr_pipe[0], stderr_out, &tail);
+  ExitFacts facts;
+  facts.started_at_ms = started_at_ms;
+  facts.exited_at_ms = NowUnixMs();
+  if (WIFEXITED(status)) {
+    facts.exit_code = WEXITSTATUS(status);
+    Log("QEMU pid %d exited with code %d", static_cast<int>(qemu), facts.exit_code);
+  } else {
+    facts.exit_code = -1;
+    facts.signal = WTERMSIG(status);
+    facts.core_dumped = WCOREDUMP(status);
+    Log("QEMU pid %d killed by signal %d%s", static_cast<int>(qemu), facts.signal,
+        facts.core_dumped ? " (core dumped)" : "");
+  }
+  static char tail_text[kStderrTailBytes];
+  facts.stderr_tail = tail_text;
+  facts.stderr_tail_len = tail.CopyOut(tail_text);
+  return RecordExit(dir_fd, facts, kExitOk);
+}
+
+}  // namespace
+}  // namespace ndq::supervisor
+
+int main(int argc, char** argv) { return ndq::supervisor::Run(argc, argv); }

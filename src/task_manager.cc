@@ -1,0 +1,434 @@
+#include "qemu_driver/task_manager.h"
+
+#include <fcntl.h>
+#include <pwd.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "nomadplugin/hclog.h"
+#include "qemu_driver/cmdline.h"
+#include "qemu_driver/run_command.h"
+#include "qemu_driver/signals.h"
+#include "qemu_driver/supervisor_protocol.h"
+#include "qemu_driver/task_config.h"
+#include "qemu_driver/vm_spec.h"
+
+extern char** environ;
+
+namespace ndq {
+namespace {
+
+namespace log = nomadplugin::hclog;
+
+// A short, stable directory name for a task ID, so socket paths stay far
+// below the 108-byte unix socket limit whatever Nomad's data_dir is.
+std::string TaskKey(const std::string& id) {
+  uint64_t hash = 1469598103934665603ull;  // FNV-1a
+  for (unsigned char c : id) {
+    hash ^= c;
+    hash *= 1099511628211ull;
+  }
+  return absl::StrFormat("%016x", hash);
+}
+
+std::string FindOnPath(const std::string& name) {
+  const char* path = std::getenv("PATH");
+  for (absl::string_view dir : absl::StrSplit(path != nullptr ? path : "", ':', absl::SkipEmpty())) {
+    const std::string candidate = absl::StrCat(dir, "/", name);
+    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
+  }
+  return "";
+}
+
+// The image's format as qemu-img sees it, so QEMU is told rather than left to
+// probe: a probed raw image whose guest writes a qcow2 header could otherwise
+// make QEMU open any host file as its backing file on the next start.
+absl::StatusOr<std::string> DetectImageFormat(const std::string& image) {
+  const std::string qemu_img = FindOnPath("qemu-img");
+  if (qemu_img.empty()) return absl::FailedPreconditionError("qemu-img is not on PATH (package qemu-utils)");
+  absl::StatusOr<CommandResult> out =
+      RunCommand({qemu_img, "info", "--output=json", "-U", image}, absl::Seconds(30));
+  if (!out.ok()) return out.status();
+  if (out->exit_code != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("task config \"image_path\": qemu-img cannot read ", image, ": ", out->output));
+  }
+  const nlohmann::json info = nlohmann::json::parse(out->output, nullptr, false);
+  if (!info.is_object() || !info.contains("format")) {
+    return absl::InternalError(absl::StrCat("qemu-img info gave no format for ", image));
+  }
+  return info["format"].get<std::string>();
+}
+
+absl::Status ErrnoStatus(const std::string& what) {
+  return absl::InternalError(absl::StrCat(what, ": ", std::strerror(errno)));
+}
+
+// Starts the supervisor detached from our signal state; its own output goes
+// to supervisor.log in the state directory.
+absl::StatusOr<pid_t> SpawnSupervisor(const std::vector<std::string>& argv, const std::string& state_dir) {
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  const std::string log_path = state_dir + "/" + supervisor::kLogFile;
+  posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
+  posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
+  posix_spawnattr_t attr;
+  posix_spawnattr_init(&attr);
+  sigset_t none, defaults;
+  sigemptyset(&none);
+  sigfillset(&defaults);
+  posix_spawnattr_setsigmask(&attr, &none);
+  posix_spawnattr_setsigdefault(&attr, &defaults);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSID);
+  std::vector<std::string> storage = argv;
+  std::vector<char*> args;
+  for (std::string& a : storage) args.push_back(a.data());
+  args.push_back(nullptr);
+  pid_t pid = -1;
+  const int rc = ::posix_spawn(&pid, argv[0].c_str(), &actions, &attr, args.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  posix_spawnattr_destroy(&attr);
+  if (rc != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot start the VM supervisor ", argv[0], ": ", std::strerror(rc)));
+  }
+  return pid;
+}
+
+void RemoveStateDir(const std::string& dir) {
+  std::error_code ignored;
+  std::filesystem::remove_all(dir, ignored);
+}
+
+// Kills a supervisor we started (its QEMU dies with it) and reaps it.
+void KillSupervisor(pid_t pid) {
+  ::kill(pid, SIGKILL);
+  int status;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+}
+
+absl::Status WithTaskPrefix(const absl::Status& status, const std::string& id) {
+  return absl::Status(status.code(), absl::StrCat("task ", id, ": ", status.message()));
+}
+
+}  // namespace
+
+std::string DefaultSupervisorPath() {
+  std::error_code error;
+  const std::filesystem::path self = std::filesystem::read_symlink("/proc/self/exe", error);
+  if (error) return "nomad-qemu-supervisor";
+  return (self.parent_path() / "nomad-qemu-supervisor").string();
+}
+
+TaskManager::TaskManager(TaskManagerOptions options, ConfigSource config, Fingerprinter* fingerprinter)
+    : options_(std::move(options)), config_(std::move(config)), fingerprinter_(fingerprinter) {}
+
+std::string TaskManager::StateRoot() const {
+  const PluginConfig config = config_();
+  if (!config.state_dir.empty()) return config.state_dir;
+  if (::geteuid() == 0) return "/run/nomad-driver-qemu";
+  const char* tmp = std::getenv("TMPDIR");
+  return absl::StrCat(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp", "/nomad-driver-qemu-", ::geteuid());
+}
+
+absl::StatusOr<std::shared_ptr<VmTask>> TaskManager::Find(const std::string& id) {
+  absl::MutexLock lock(&mu_);
+  auto it = tasks_.find(id);
+  if (it == tasks_.end()) return absl::NotFoundError(absl::StrCat("task ", id, " is not known to this driver"));
+  return it->second;
+}
+
+absl::Status TaskManager::Track(std::shared_ptr<VmTask> task) {
+  const std::string id = task->id();
+  const int pidfd = task->supervisor_pidfd();
+  {
+    absl::MutexLock lock(&mu_);
+    tasks_[id] = task;
+  }
+  if (pidfd < 0) return absl::OkStatus();
+  return watcher_.Watch(pidfd, [this, id] { OnSupervisorExit(id); });
+}
+
+void TaskManager::OnSupervisorExit(const std::string& id) {
+  std::shared_ptr<VmTask> task;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = tasks_.find(id);
+    if (it == tasks_.end()) return;
+    task = it->second;
+  }
+  // Reap it when we are its parent; after a plugin restart init does that.
+  ::waitpid(task->record().supervisor_pid, nullptr, WNOHANG);
+  ExitResult result = LoadExitResult(task->record().state_dir);
+  log::Info("VM exited", {{"task_id", id},
+                          {"exit_code", result.exit_code},
+                          {"signal", result.signal},
+                          {"error", result.error}});
+  task->MarkExited(std::move(result));
+}
+
+absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConfig& task) {
+  const std::string& id = task.id();
+  if (id.empty()) return absl::InvalidArgumentError("task config has no id");
+  {
+    absl::MutexLock lock(&mu_);
+    if (tasks_.count(id) || starting_.count(id)) {
+      return absl::AlreadyExistsError(absl::StrCat("task ", id, " is already started"));
+    }
+    starting_[id] = true;
+  }
+  struct StartingGuard {
+    TaskManager* self;
+    std::string id;
+    ~StartingGuard() {
+      absl::MutexLock lock(&self->mu_);
+      self->starting_.erase(id);
+    }
+  } starting_guard{this, id};
+
+  absl::StatusOr<TaskConfig> config = DecodeTaskConfig(task.msgpack_driver_config());
+  if (!config.ok()) return config.status();
+  const PluginConfig plugin = config_();
+  absl::StatusOr<VmSpec> spec = PlanVm(*config, task, plugin, fingerprinter_->Emulators());
+  if (!spec.ok()) return spec.status();
+  absl::StatusOr<std::string> format = DetectImageFormat(spec->image_path);
+  if (!format.ok()) return format.status();
+  spec->image_format = *format;
+
+  const std::string root = StateRoot();
+  if (::mkdir(root.c_str(), 0700) != 0 && errno != EEXIST) return ErrnoStatus("cannot create " + root);
+  DriverStateRecord record;
+  record.state_dir = absl::StrCat(root, "/", TaskKey(id));
+  record.qmp_socket = record.state_dir + "/qmp.sock";
+  record.guest_agent = spec->guest_agent;
+  record.graceful_shutdown = spec->graceful_shutdown;
+  if (spec->guest_agent) record.guest_agent_socket = record.state_dir + "/qga.sock";
+  if (record.qmp_socket.size() >= 100) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "state_dir \"", root, "\" is too long: QMP socket path ", record.qmp_socket, " exceeds the unix socket limit"));
+  }
+  if (::mkdir(record.state_dir.c_str(), 0700) != 0) {
+    if (errno == EEXIST) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("task ", id, " already has a state directory ", record.state_dir, " (started twice?)"));
+    }
+    return ErrnoStatus("cannot create " + record.state_dir);
+  }
+  if (!task.user().empty()) {
+    // QEMU runs as the task's user and creates its sockets here.
+    const passwd* pw = ::getpwnam(task.user().c_str());
+    if (pw == nullptr) {
+      RemoveStateDir(record.state_dir);
+      return absl::InvalidArgumentError(absl::StrCat("task user \"", task.user(), "\" does not exist"));
+    }
+    if (::chown(record.state_dir.c_str(), pw->pw_uid, pw->pw_gid) != 0) {
+      absl::Status status = ErrnoStatus("cannot hand " + record.state_dir + " to user " + task.user());
+      RemoveStateDir(record.state_dir);
+      return status;
+    }
+  }
+
+  const std::vector<std::string> qemu_argv =
+      BuildQemuArgv(*spec, RuntimePaths{record.qmp_socket, record.guest_agent_socket});
+  const std::vector<std::string> argv = supervisor::SupervisorArgv(
+      plugin.supervisor_path.empty() ? options_.supervisor_path : plugin.supervisor_path, record.state_dir, task.stdout_path().empty() ? "/dev/null" : task.stdout_path(),
+      task.stderr_path().empty() ? "/dev/null" : task.stderr_path(), task.user(), qemu_argv);
+  log::Debug("starting VM", {{"task_id", id}, {"argv", qemu_argv}});
+
+  record.started_at = absl::Now();
+  absl::StatusOr<pid_t> supervisor = SpawnSupervisor(argv, record.state_dir);
+  if (!supervisor.ok()) {
+    RemoveStateDir(record.state_dir);
+    return supervisor.status();
+  }
+  record.supervisor_pid = *supervisor;
+  record.supervisor_start_ticks = ProcessStartTicks(*supervisor).value_or(0);
+  auto fail = [&](absl::Status status) {
+    KillSupervisor(record.supervisor_pid);
+    RemoveStateDir(record.state_dir);
+    return status;
+  };
+  absl::StatusOr<int> supervisor_pidfd = OpenVerifiedPidfd(record.supervisor_pid, 0);
+  if (!supervisor_pidfd.ok()) return fail(supervisor_pidfd.status());
+
+  // QEMU is up once its QMP socket answers; a supervisor that exits first
+  // means QEMU failed to start, and its record says why.
+  std::unique_ptr<QmpClient> qmp;
+  const absl::Time deadline = absl::Now() + options_.start_timeout;
+  while (qmp == nullptr) {
+    if (PidfdExited(*supervisor_pidfd)) {
+      ::close(*supervisor_pidfd);
+      ::waitpid(record.supervisor_pid, nullptr, 0);
+      const ExitResult exit = LoadExitResult(record.state_dir);
+      RemoveStateDir(record.state_dir);
+      return absl::FailedPreconditionError(absl::StrCat(
+          "QEMU failed to start: ", exit.error.empty() ? "it exited at once with code 0" : exit.error));
+    }
+    if (absl::Now() > deadline) {
+      ::close(*supervisor_pidfd);
+      return fail(absl::DeadlineExceededError(absl::StrCat(
+          "QEMU did not open its QMP socket within ", absl::FormatDuration(options_.start_timeout),
+          " (is the task's stdout FIFO being read?)")));
+    }
+    absl::StatusOr<std::unique_ptr<QmpClient>> client =
+        QmpClient::Connect(record.qmp_socket, absl::Milliseconds(100));
+    if (client.ok()) qmp = std::move(*client);
+  }
+
+  std::string pid_problem;
+  std::optional<pid_t> qemu_pid = supervisor::ReadQemuPid(record.state_dir, &pid_problem);
+  int qemu_pidfd = -1;
+  if (qemu_pid) {
+    record.qemu_pid = *qemu_pid;
+    record.qemu_start_ticks = ProcessStartTicks(*qemu_pid).value_or(0);
+    absl::StatusOr<int> fd = OpenVerifiedPidfd(*qemu_pid, record.qemu_start_ticks);
+    if (fd.ok()) qemu_pidfd = *fd;
+  }
+  if (qemu_pidfd < 0) {
+    ::close(*supervisor_pidfd);
+    return fail(absl::InternalError("QEMU answered on QMP but its pid could not be read: " + pid_problem));
+  }
+  absl::StatusOr<std::string> run_state = qmp->QueryStatus();
+  log::Info("VM started", {{"task_id", id},
+                           {"qemu_pid", record.qemu_pid},
+                           {"supervisor_pid", record.supervisor_pid},
+                           {"run_state", run_state.ok() ? *run_state : std::string(run_state.status().message())}});
+
+  driverpb::TaskHandle handle;
+  handle.set_version(1);
+  *handle.mutable_config() = task;
+  handle.set_state(driverpb::RUNNING);
+  handle.set_driver_state(record.Encode());
+  auto vm = std::make_shared<VmTask>(task, record, *supervisor_pidfd, qemu_pidfd, std::move(qmp));
+  if (absl::Status status = Track(vm); !status.ok()) {
+    {
+      absl::MutexLock lock(&mu_);
+      tasks_.erase(id);
+    }
+    vm.reset();
+    KillSupervisor(record.supervisor_pid);
+    RemoveStateDir(record.state_dir);
+    return status;
+  }
+  return handle;
+}
+
+absl::Status TaskManager::Recover(const driverpb::TaskHandle& handle) {
+  const std::string& id = handle.config().id();
+  if (id.empty()) return absl::InvalidArgumentError("task handle has no task id");
+  {
+    absl::MutexLock lock(&mu_);
+    if (tasks_.count(id)) return absl::OkStatus();
+  }
+  absl::StatusOr<DriverStateRecord> record = DriverStateRecord::Decode(handle.driver_state());
+  if (!record.ok()) return WithTaskPrefix(record.status(), id);
+  struct stat st;
+  if (::stat(record->state_dir.c_str(), &st) != 0) {
+    return absl::NotFoundError(absl::StrCat("task ", id, ": state directory ", record->state_dir, " is gone"));
+  }
+
+  int supervisor_pidfd = -1, qemu_pidfd = -1;
+  if (absl::StatusOr<int> fd = OpenVerifiedPidfd(record->supervisor_pid, record->supervisor_start_ticks); fd.ok()) {
+    supervisor_pidfd = *fd;
+  }
+  if (absl::StatusOr<int> fd = OpenVerifiedPidfd(record->qemu_pid, record->qemu_start_ticks); fd.ok()) {
+    qemu_pidfd = *fd;
+  }
+  auto vm = std::make_shared<VmTask>(handle.config(), *record, supervisor_pidfd, qemu_pidfd, nullptr);
+  if (supervisor_pidfd < 0) {
+    // The VM ended while the plugin was away; its supervisor left the record.
+    vm->MarkExited(LoadExitResult(record->state_dir));
+  }
+  log::Info("task recovered", {{"task_id", id},
+                               {"running", supervisor_pidfd >= 0},
+                               {"qemu_pid", record->qemu_pid}});
+  return Track(std::move(vm));
+}
+
+absl::StatusOr<std::optional<ExitResult>> TaskManager::Wait(const std::string& id, absl::Duration timeout) {
+  absl::StatusOr<std::shared_ptr<VmTask>> task = Find(id);
+  if (!task.ok()) return task.status();
+  return (*task)->WaitFor(timeout);
+}
+
+absl::Status TaskManager::Stop(const std::string& id, absl::Duration timeout, const std::string& signal) {
+  absl::StatusOr<std::shared_ptr<VmTask>> task = Find(id);
+  if (!task.ok()) return task.status();
+  absl::StatusOr<int> sig = ParseSignal(signal.empty() ? "SIGTERM" : signal);
+  if (!sig.ok()) return sig.status();
+  return (*task)->Stop(timeout, *sig);
+}
+
+absl::Status TaskManager::Destroy(const std::string& id, bool force) {
+  absl::StatusOr<std::shared_ptr<VmTask>> task = Find(id);
+  if (!task.ok()) {
+    // Destroying what is already gone is not an error for Nomad.
+    return task.status().code() == absl::StatusCode::kNotFound ? absl::OkStatus() : task.status();
+  }
+  if (!(*task)->result()) {
+    if (!force) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("task ", id, " is still running; stop it first or destroy with force"));
+    }
+    if (absl::Status status = (*task)->Stop(absl::ZeroDuration(), SIGKILL); !status.ok()) return status;
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    tasks_.erase(id);
+  }
+  RemoveStateDir((*task)->record().state_dir);
+  log::Debug("task destroyed", {{"task_id", id}});
+  return absl::OkStatus();
+}
+
+absl::StatusOr<driverpb::InspectTaskResponse> TaskManager::Inspect(const std::string& id) {
+  absl::StatusOr<std::shared_ptr<VmTask>> task = Find(id);
+  if (!task.ok()) return task.status();
+  const VmTask& vm = **task;
+  driverpb::InspectTaskResponse response;
+  driverpb::TaskStatus* status = response.mutable_task();
+  status->set_id(id);
+  status->set_name(vm.config().name());
+  status->mutable_started_at()->set_seconds(absl::ToUnixSeconds(vm.record().started_at));
+  const std::optional<ExitResult> result = vm.result();
+  status->set_state(result ? driverpb::EXITED : driverpb::RUNNING);
+  if (result) {
+    status->mutable_completed_at()->set_seconds(absl::ToUnixSeconds(result->completed_at));
+    status->mutable_result()->set_exit_code(result->exit_code);
+    status->mutable_result()->set_signal(result->signal);
+    status->mutable_result()->set_oom_killed(result->oom_killed);
+  }
+  auto& attrs = *response.mutable_driver()->mutable_attributes();
+  attrs["qemu_pid"] = std::to_string(vm.record().qemu_pid);
+  attrs["supervisor_pid"] = std::to_string(vm.record().supervisor_pid);
+  attrs["qmp_socket"] = vm.record().qmp_socket;
+  attrs["state_dir"] = vm.record().state_dir;
+  return response;
+}
+
+absl::Status TaskManager::Signal(const std::string& id, const std::string& signal) {
+  absl::StatusOr<std::shared_ptr<VmTask>> task = Find(id);
+  if (!task.ok()) return task.status();
+  if (ParseSignal(signal).value_or(0) == SIGPWR) return (*task)->RequestPowerdown();
+  absl::StatusOr<int> sig = ParseSignal(signal);
+  if (!sig.ok()) return sig.status();
+  return (*task)->Signal(*sig);
+}
+
+}  // namespace ndq

@@ -1,0 +1,356 @@
+// The VM lifecycle end to end: the real plugin binary launched as Nomad
+// launches it, the real supervisor, real QEMU under TCG booting the test guest.
+#include <signal.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "../support/plugin_harness.h"
+#include "../support/temp_dir.h"
+#include "../support/test_guest.h"
+#include "qemu_driver/process_watch.h"
+#include "qemu_driver/supervisor_protocol.h"
+#include "qemu_driver/vm_task.h"
+
+namespace ndq {
+namespace {
+
+using ::ndq::testing::AddGroupPort;
+using ::ndq::testing::AddTaskPort;
+using ::ndq::testing::FakeAlloc;
+using ::ndq::testing::FreePort;
+using ::ndq::testing::kGuestBootTimeout;
+using ::ndq::testing::PluginHarness;
+using ::ndq::testing::ReadFile;
+using ::ndq::testing::TempDir;
+using ::ndq::testing::TestGuestDir;
+using ::ndq::testing::WaitForFileToContain;
+using ::testing::HasSubstr;
+
+std::string Guest(const std::string& variant) {
+  absl::StatusOr<std::string> dir = TestGuestDir();
+  EXPECT_TRUE(dir.ok()) << dir.status();
+  return *dir + "/" + variant;
+}
+
+bool ProcessAlive(pid_t pid) { return pid > 0 && ::kill(pid, 0) == 0; }
+
+// Pids of processes whose command line mentions `needle` (e.g. a state dir).
+std::vector<pid_t> ProcessesMentioning(const std::string& needle) {
+  std::vector<pid_t> found;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::string cmdline = ReadFile(entry.path() / "cmdline");
+    std::replace(cmdline.begin(), cmdline.end(), '\0', ' ');
+    if (cmdline.find(needle) != std::string::npos) found.push_back(std::stoi(name));
+  }
+  return found;
+}
+
+bool WaitUntil(const std::function<bool()>& condition, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (!condition()) {
+    if (absl::Now() > deadline) return false;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  return true;
+}
+
+DriverStateRecord RecordOf(const driverpb::TaskHandle& handle) {
+  auto record = DriverStateRecord::Decode(handle.driver_state());
+  EXPECT_TRUE(record.ok()) << record.status();
+  return record.ok() ? *record : DriverStateRecord{};
+}
+
+std::string HttpGet(int port) {
+  auto out = RunCommand({"/usr/bin/curl", "-s", "--max-time", "5", "http://127.0.0.1:" + std::to_string(port) + "/"},
+                        absl::Seconds(10));
+  return out.ok() && out->exit_code == 0 ? out->output : "";
+}
+
+class VmLifecycleTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(TestGuestDir().ok()) << TestGuestDir().status();
+    state_dir_ = state_.path() + "/s";
+    harness_ = std::make_unique<PluginHarness>(state_dir_, plugin_config_);
+  }
+  void TearDown() override {
+    // Whatever a test left running is killed, and nothing may survive it.
+    for (pid_t pid : ProcessesMentioning(state_dir_)) ::kill(pid, SIGKILL);
+    harness_.reset();
+  }
+
+  // Starts `variant` with graceful shutdown and an http port; waits for boot.
+  driverpb::TaskHandle StartGuest(FakeAlloc& alloc, const std::string& variant, int http_port,
+                                  nlohmann::json extra = nlohmann::json::object()) {
+    nlohmann::json config = {{"image_path", "local/disk.qcow2"},
+                             {"accelerator", "tcg"},
+                             {"drive_interface", "virtio"},
+                             {"graceful_shutdown", true},
+                             {"port_map", {{{"http", 80}}}}};
+    for (const auto& [k, v] : extra.items()) config[k] = v;
+    alloc.AddOverlay(Guest(variant));
+    driverpb::TaskConfig task = alloc.Task(config);
+    AddTaskPort(&task, "http", http_port);
+    driverpb::TaskHandle handle;
+    const grpc::Status status = harness_->Start(task, &handle);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    EXPECT_TRUE(WaitForFileToContain(alloc.stdout_path(), "GUEST-READY", kGuestBootTimeout))
+        << "serial console:\n" << ReadFile(alloc.stdout_path());
+    return handle;
+  }
+
+  TempDir state_;
+  std::string state_dir_;
+  nlohmann::json plugin_config_ = nlohmann::json::object();
+  std::unique_ptr<PluginHarness> harness_;
+};
+
+TEST_F(VmLifecycleTest, ServesThroughPortMapAndStopsGracefully) {
+  FakeAlloc alloc("web");
+  const int port = FreePort();
+  const driverpb::TaskHandle handle = StartGuest(alloc, "guest.qcow2", port);
+  const std::string id = handle.config().id();
+  const DriverStateRecord record = RecordOf(handle);
+  EXPECT_EQ(handle.state(), driverpb::RUNNING);
+  EXPECT_TRUE(ProcessAlive(record.qemu_pid));
+
+  // The serial console is the task's stdout; the page comes through hostfwd.
+  EXPECT_THAT(ReadFile(alloc.stdout_path()), HasSubstr("GUEST-READY"));
+  EXPECT_THAT(HttpGet(port), HasSubstr("nomad-driver-qemu test guest"));
+
+  const grpc::Status stopped = harness_->Stop(id, absl::Seconds(20));
+  const absl::Time stop_returned = absl::Now();
+  ASSERT_TRUE(stopped.ok()) << stopped.error_message();
+  driverpb::WaitTaskResponse wait;
+  ASSERT_TRUE(harness_->Wait(id, &wait, absl::Seconds(5)).ok());
+  EXPECT_EQ(wait.result().exit_code(), 0) << wait.err();
+  EXPECT_EQ(wait.result().signal(), 0);
+  EXPECT_EQ(wait.err(), "");
+
+  // Stop returns within 1 s of the guest powering off.
+  std::string problem;
+  auto exit = supervisor::ReadExitRecord(record.state_dir, &problem);
+  ASSERT_TRUE(exit.has_value()) << problem;
+  EXPECT_LT(stop_returned - absl::FromUnixMillis(exit->exited_at_ms), absl::Seconds(1));
+
+  driverpb::InspectTaskResponse inspect;
+  ASSERT_TRUE(harness_->Inspect(id, &inspect).ok());
+  EXPECT_EQ(inspect.task().state(), driverpb::EXITED);
+
+  EXPECT_TRUE(harness_->Stop(id, absl::Seconds(5)).ok()) << "StopTask is idempotent";
+  ASSERT_TRUE(harness_->Destroy(id, false).ok());
+  EXPECT_FALSE(std::filesystem::exists(record.state_dir));
+  EXPECT_FALSE(ProcessAlive(record.qemu_pid));
+  EXPECT_FALSE(ProcessAlive(record.supervisor_pid));
+}
+
+TEST_F(VmLifecycleTest, GroupNetworkPortsAreForwardedToo) {
+  FakeAlloc alloc("web");
+  const int port = FreePort();
+  alloc.AddOverlay(Guest("guest.qcow2"));
+  driverpb::TaskConfig task = alloc.Task({{"image_path", "local/disk.qcow2"},
+                                          {"drive_interface", "virtio"},
+                                          {"port_map", {{{"www", 80}}}}});
+  AddGroupPort(&task, "www", port);
+  driverpb::TaskHandle handle;
+  ASSERT_TRUE(harness_->Start(task, &handle).ok());
+  ASSERT_TRUE(WaitForFileToContain(alloc.stdout_path(), "GUEST-READY", kGuestBootTimeout));
+  EXPECT_THAT(HttpGet(port), HasSubstr("nomad-driver-qemu test guest"));
+  ASSERT_TRUE(harness_->Stop(task.id(), absl::Seconds(5)).ok());
+}
+
+TEST_F(VmLifecycleTest, GuestIgnoringAcpiIsKilledAfterTheTimeout) {
+  FakeAlloc alloc("stubborn");
+  const driverpb::TaskHandle handle = StartGuest(alloc, "guest-noacpi.qcow2", FreePort());
+  const DriverStateRecord record = RecordOf(handle);
+  const absl::Duration kill_timeout = absl::Seconds(3);
+  const absl::Time start = absl::Now();
+  ASSERT_TRUE(harness_->Stop(handle.config().id(), kill_timeout).ok());
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_GE(took, kill_timeout);
+  EXPECT_LT(took, kill_timeout + absl::Seconds(1));
+  EXPECT_FALSE(ProcessAlive(record.qemu_pid));
+  EXPECT_TRUE(WaitUntil([&] { return !ProcessAlive(record.supervisor_pid); }, absl::Seconds(5)));
+  driverpb::WaitTaskResponse wait;
+  ASSERT_TRUE(harness_->Wait(handle.config().id(), &wait, absl::Seconds(5)).ok());
+  EXPECT_TRUE(ProcessesMentioning(state_dir_).empty());
+}
+
+TEST_F(VmLifecycleTest, VmsSurvivePluginCrashAndAreRecovered) {
+  FakeAlloc a("a"), b("b"), c("c");
+  const driverpb::TaskHandle ha = StartGuest(a, "guest.qcow2", FreePort());
+  const driverpb::TaskHandle hb = StartGuest(b, "guest.qcow2", FreePort());
+  // c powers itself off 2 s after it is ready: while the plugin is down.
+  const driverpb::TaskHandle hc = StartGuest(
+      c, "guest.qcow2", FreePort(), {{"args", {"-fw_cfg", "name=opt/guest/mode,string=selfoff", "-fw_cfg",
+                                              "name=opt/guest/selfoff,string=2"}}});
+
+  harness_->process().Signal(SIGKILL);
+  ASSERT_TRUE(harness_->process().WaitExit(absl::Seconds(5)).ok());
+  const DriverStateRecord rc = RecordOf(hc);
+  ASSERT_TRUE(WaitUntil([&] { return std::filesystem::exists(rc.state_dir + "/" + supervisor::kExitFile); },
+                        absl::Seconds(60)));
+  EXPECT_TRUE(ProcessAlive(RecordOf(ha).qemu_pid));
+  EXPECT_TRUE(ProcessAlive(RecordOf(hb).qemu_pid));
+
+  harness_->Restart();
+  for (const auto* h : {&ha, &hb, &hc}) {
+    const grpc::Status status = harness_->Recover(*h);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+  }
+  driverpb::WaitTaskResponse wait;
+  ASSERT_TRUE(harness_->Wait(hc.config().id(), &wait, absl::Seconds(5)).ok());
+  EXPECT_EQ(wait.result().exit_code(), 0) << wait.err();
+
+  for (const auto* h : {&ha, &hb}) {
+    ASSERT_TRUE(harness_->Stop(h->config().id(), absl::Seconds(20)).ok());
+    driverpb::WaitTaskResponse done;
+    ASSERT_TRUE(harness_->Wait(h->config().id(), &done, absl::Seconds(5)).ok());
+    EXPECT_EQ(done.result().exit_code(), 0) << done.err();
+    EXPECT_FALSE(ProcessAlive(RecordOf(*h).qemu_pid));
+  }
+}
+
+TEST_F(VmLifecycleTest, GuestKernelPanicIsAFailure) {
+  FakeAlloc alloc("panic");
+  const driverpb::TaskHandle handle = StartGuest(
+      alloc, "guest-panic.qcow2", FreePort(), {{"args", {"-device", "pvpanic", "-action", "panic=exit-failure"}}});
+  driverpb::WaitTaskResponse wait;
+  ASSERT_TRUE(harness_->Wait(handle.config().id(), &wait, absl::Seconds(60)).ok());
+  EXPECT_EQ(wait.result().exit_code(), 1);
+  EXPECT_THAT(wait.err(), HasSubstr("QEMU exited with code 1"));
+}
+
+TEST_F(VmLifecycleTest, KilledQemuIsReportedWithItsSignal) {
+  FakeAlloc alloc("victim");
+  const driverpb::TaskHandle handle = StartGuest(alloc, "guest.qcow2", FreePort());
+  ::kill(RecordOf(handle).qemu_pid, SIGKILL);
+  driverpb::WaitTaskResponse wait;
+  ASSERT_TRUE(harness_->Wait(handle.config().id(), &wait, absl::Seconds(10)).ok());
+  EXPECT_EQ(wait.result().signal(), SIGKILL);
+  EXPECT_EQ(wait.result().exit_code(), 128 + SIGKILL);
+  EXPECT_THAT(wait.err(), HasSubstr("killed by SIGKILL"));
+}
+
+TEST_F(VmLifecycleTest, SigpwrPowersTheGuestOffAndDestroyNeedsForce) {
+  FakeAlloc alloc("sig");
+  const driverpb::TaskHandle handle = StartGuest(alloc, "guest.qcow2", FreePort());
+  const std::string id = handle.config().id();
+  const grpc::Status refused = harness_->Destroy(id, false);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(refused.error_message(), HasSubstr("still running"));
+
+  ASSERT_TRUE(harness_->Signal(id, "SIGPWR").ok());
+  driverpb::WaitTaskResponse wait;
+  ASSERT_TRUE(harness_->Wait(id, &wait, absl::Seconds(20)).ok());
+  EXPECT_EQ(wait.result().exit_code(), 0);
+  EXPECT_EQ(harness_->Signal(id, "SIGTERM").error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  ASSERT_TRUE(harness_->Destroy(id, false).ok());
+}
+
+TEST_F(VmLifecycleTest, ForcedDestroyKillsARunningVm) {
+  FakeAlloc alloc("forced");
+  const driverpb::TaskHandle handle = StartGuest(alloc, "guest-noacpi.qcow2", FreePort());
+  const DriverStateRecord record = RecordOf(handle);
+  ASSERT_TRUE(harness_->Destroy(handle.config().id(), true).ok());
+  EXPECT_FALSE(ProcessAlive(record.qemu_pid));
+  EXPECT_FALSE(std::filesystem::exists(record.state_dir));
+}
+
+// Every bad input is refused with an error that names the problem, and leaves
+// no process, socket or state directory behind.
+class BadInputTest : public VmLifecycleTest {
+ protected:
+  void SetUp() override {
+    plugin_config_ = {{"image_paths", {allowed_.path()}}};
+    VmLifecycleTest::SetUp();
+    alloc_.AddOverlay(Guest("guest.qcow2"));
+  }
+
+  void ExpectRefused(const driverpb::TaskConfig& task, const std::string& message) {
+    const grpc::Status status = harness_->Start(task, nullptr);
+    EXPECT_FALSE(status.ok());
+    EXPECT_THAT(status.error_message(), HasSubstr(message));
+    EXPECT_TRUE(ProcessesMentioning(state_dir_).empty());
+    if (std::filesystem::exists(state_dir_)) {
+      EXPECT_TRUE(std::filesystem::is_empty(state_dir_)) << "state left behind in " << state_dir_;
+    }
+  }
+
+  nlohmann::json Config(nlohmann::json extra = nlohmann::json::object()) {
+    nlohmann::json config = {{"image_path", "local/disk.qcow2"}};
+    for (const auto& [k, v] : extra.items()) config[k] = v;
+    return config;
+  }
+
+  TempDir allowed_;
+  FakeAlloc alloc_{"bad"};
+};
+
+TEST_F(BadInputTest, MissingImage) {
+  ExpectRefused(alloc_.Task(Config({{"image_path", "local/nope.qcow2"}})), "does not exist");
+}
+
+TEST_F(BadInputTest, ImageOutsideTheAllowedPaths) {
+  TempDir elsewhere;
+  const std::string image = elsewhere / "x.qcow2";
+  std::filesystem::copy_file(Guest("guest.qcow2"), image);
+  ExpectRefused(alloc_.Task(Config({{"image_path", image}})), "image_path");
+}
+
+TEST_F(BadInputTest, SymlinkEscape) {
+  std::filesystem::create_symlink("/etc/shadow", alloc_.task_dir() + "/local/evil.img");
+  ExpectRefused(alloc_.Task(Config({{"image_path", "local/evil.img"}})), "/etc/shadow");
+}
+
+TEST_F(BadInputTest, DotDotEscape) {
+  ExpectRefused(alloc_.Task(Config({{"image_path", "../../../../../../etc/passwd"}})), "image_path");
+}
+
+TEST_F(BadInputTest, DisallowedArgument) {
+  harness_ = std::make_unique<PluginHarness>(
+      state_dir_, nlohmann::json{{"args_allowlist", {"-smp"}}, {"image_paths", {allowed_.path()}}});
+  ExpectRefused(alloc_.Task(Config({{"args", {"-smp", "1", "-device", "e1000"}}})), "-device");
+}
+
+TEST_F(BadInputTest, DisallowedEmulator) {
+  harness_ = std::make_unique<PluginHarness>(state_dir_, nlohmann::json{{"emulators_allowlist", {"aarch64"}}});
+  ExpectRefused(alloc_.Task(Config()), "x86_64");
+}
+
+TEST_F(BadInputTest, UnknownPortLabel) {
+  driverpb::TaskConfig task = alloc_.Task(Config({{"port_map", {{{"http", 80}}}}}));
+  AddTaskPort(&task, "ssh", FreePort());
+  ExpectRefused(task, "http");
+}
+
+TEST_F(BadInputTest, MemoryTooSmall) {
+  ExpectRefused(alloc_.Task(Config(), /*memory_mb=*/64), "memory");
+}
+
+TEST_F(BadInputTest, UnsupportedDriveInterface) {
+  ExpectRefused(alloc_.Task(Config({{"drive_interface", "nvme"}})), "drive_interface");
+}
+
+TEST_F(BadInputTest, QemuRefusingItsArguments) {
+  ExpectRefused(alloc_.Task(Config({{"args", {"-no-such-option"}}})), "-no-such-option");
+}
+
+TEST_F(BadInputTest, DuplicateTaskId) {
+  const driverpb::TaskConfig task = alloc_.Task(Config({{"drive_interface", "virtio"}}));
+  ASSERT_TRUE(harness_->Start(task, nullptr).ok());
+  const grpc::Status again = harness_->Start(task, nullptr);
+  EXPECT_FALSE(again.ok());
+  EXPECT_THAT(again.error_message(), HasSubstr("already started"));
+  ASSERT_TRUE(harness_->Stop(task.id(), absl::Seconds(1)).ok());
+  ASSERT_TRUE(harness_->Destroy(task.id(), false).ok());
+}
+
+}  // namespace
+}  // namespace ndq

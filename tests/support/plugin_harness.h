@@ -1,0 +1,196 @@
+// A plugin launched as Nomad launches it, configured with a private state
+// directory, plus builders for the TaskConfig messages Nomad sends.
+#pragma once
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <memory>
+#include <string>
+
+#include <gtest/gtest.h>
+
+#include "../support/temp_dir.h"
+#include "nomadplugin/driver_client.h"
+#include "nomadplugin/launcher.h"
+#include "qemu_driver/run_command.h"
+
+namespace ndq::testing {
+
+namespace driverpb = hashicorp::nomad::plugins::drivers::proto;
+
+// A TCP port on 127.0.0.1 that was free a moment ago.
+inline int FreePort() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  socklen_t len = sizeof addr;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+class PluginHarness {
+ public:
+  // `plugin_config` is the operator's plugin block as JSON; state_dir is ours.
+  explicit PluginHarness(const std::string& state_dir, nlohmann::json plugin_config = nlohmann::json::object())
+      : state_dir_(state_dir), plugin_config_(std::move(plugin_config)) {
+    plugin_config_["state_dir"] = state_dir_;
+    Restart();
+  }
+
+  // Starts a fresh plugin process (the old one, if any, is killed first).
+  void Restart() {
+    plugin_.reset();
+    client_.reset();
+    nomadplugin::LaunchOptions options;
+    options.binary = NDQ_PLUGIN_BINARY;
+    auto plugin = nomadplugin::PluginProcess::Launch(options);
+    ASSERT_TRUE(plugin.ok()) << plugin.status();
+    plugin_ = std::move(*plugin);
+    client_ = std::make_unique<nomadplugin::DriverClient>(plugin_->channel(), absl::Seconds(120));
+    const absl::Status status = client_->SetConfig(plugin_config_);
+    ASSERT_TRUE(status.ok()) << status;
+  }
+
+  nomadplugin::PluginProcess& process() { return *plugin_; }
+  nomadplugin::DriverClient& client() { return *client_; }
+  driverpb::Driver::Stub& driver() { return client_->driver(); }
+
+  grpc::Status Start(const driverpb::TaskConfig& task, driverpb::TaskHandle* handle) {
+    auto context = client_->NewContext();
+    driverpb::StartTaskRequest request;
+    *request.mutable_task() = task;
+    driverpb::StartTaskResponse response;
+    grpc::Status status = driver().StartTask(context.get(), request, &response);
+    if (handle != nullptr) *handle = response.handle();
+    return status;
+  }
+
+  grpc::Status Wait(const std::string& id, driverpb::WaitTaskResponse* response, absl::Duration timeout) {
+    auto context = client_->NewContext(timeout);
+    driverpb::WaitTaskRequest request;
+    request.set_task_id(id);
+    return driver().WaitTask(context.get(), request, response);
+  }
+
+  grpc::Status Stop(const std::string& id, absl::Duration timeout, const std::string& signal = "") {
+    auto context = client_->NewContext();
+    driverpb::StopTaskRequest request;
+    request.set_task_id(id);
+    request.mutable_timeout()->set_seconds(absl::ToInt64Seconds(timeout));
+    request.mutable_timeout()->set_nanos(
+        static_cast<int32_t>(absl::ToInt64Nanoseconds(timeout - absl::Seconds(absl::ToInt64Seconds(timeout)))));
+    request.set_signal(signal);
+    driverpb::StopTaskResponse response;
+    return driver().StopTask(context.get(), request, &response);
+  }
+
+  grpc::Status Destroy(const std::string& id, bool force) {
+    auto context = client_->NewContext();
+    driverpb::DestroyTaskRequest request;
+    request.set_task_id(id);
+    request.set_force(force);
+    driverpb::DestroyTaskResponse response;
+    return driver().DestroyTask(context.get(), request, &response);
+  }
+
+  grpc::Status Recover(const driverpb::TaskHandle& handle) {
+    auto context = client_->NewContext();
+    driverpb::RecoverTaskRequest request;
+    *request.mutable_handle() = handle;  // task_id left empty, as after an agent restart
+    driverpb::RecoverTaskResponse response;
+    return driver().RecoverTask(context.get(), request, &response);
+  }
+
+  grpc::Status Inspect(const std::string& id, driverpb::InspectTaskResponse* response) {
+    auto context = client_->NewContext();
+    driverpb::InspectTaskRequest request;
+    request.set_task_id(id);
+    return driver().InspectTask(context.get(), request, response);
+  }
+
+  grpc::Status Signal(const std::string& id, const std::string& signal) {
+    auto context = client_->NewContext();
+    driverpb::SignalTaskRequest request;
+    request.set_task_id(id);
+    request.set_signal(signal);
+    driverpb::SignalTaskResponse response;
+    return driver().SignalTask(context.get(), request, &response);
+  }
+
+ private:
+  std::string state_dir_;
+  nlohmann::json plugin_config_;
+  std::unique_ptr<nomadplugin::PluginProcess> plugin_;
+  std::unique_ptr<nomadplugin::DriverClient> client_;
+};
+
+// An allocation directory laid out as Nomad lays it out, with one task.
+class FakeAlloc {
+ public:
+  explicit FakeAlloc(const std::string& task_name) : task_name_(task_name) {
+    std::filesystem::create_directories(task_dir() + "/local");
+    std::filesystem::create_directories(dir_.path() + "/alloc/logs");
+  }
+  const std::string& alloc_dir() const { return dir_.path(); }
+  std::string task_dir() const { return dir_.path() + "/" + task_name_; }
+  std::string stdout_path() const { return dir_.path() + "/alloc/logs/" + task_name_ + ".stdout.0"; }
+  std::string stderr_path() const { return dir_.path() + "/alloc/logs/" + task_name_ + ".stderr.0"; }
+
+  // A copy-on-write disk in the task's local/ dir backed by `base`.
+  std::string AddOverlay(const std::string& base, const std::string& name = "disk.qcow2") {
+    const std::string path = task_dir() + "/local/" + name;
+    auto out = RunCommand({"/usr/bin/qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base, path},
+                          absl::Seconds(30));
+    EXPECT_TRUE(out.ok() && out->exit_code == 0) << (out.ok() ? out->output : std::string(out.status().message()));
+    return path;
+  }
+
+  // Nomad's TaskConfig for this task; `driver_config` is the job's config block.
+  driverpb::TaskConfig Task(const nlohmann::json& driver_config, int memory_mb = 256) const {
+    static int counter = 0;
+    driverpb::TaskConfig task;
+    const std::string alloc_id = "0f5e8a2c-6a4b-4c1e-9d7a-" + std::to_string(100000000000 + ++counter + ::getpid());
+    task.set_id(alloc_id + "/" + task_name_ + "/" + std::to_string(10000000 + counter));
+    task.set_name(task_name_);
+    task.set_alloc_id(alloc_id);
+    task.set_alloc_dir(dir_.path());
+    task.set_stdout_path(stdout_path());
+    task.set_stderr_path(stderr_path());
+    task.set_job_name("test");
+    task.set_task_group_name("group");
+    std::vector<uint8_t> msgpack = nlohmann::json::to_msgpack(driver_config);
+    task.set_msgpack_driver_config(std::string(msgpack.begin(), msgpack.end()));
+    task.mutable_resources()->mutable_allocated_resources()->mutable_memory()->set_memory_mb(memory_mb);
+    return task;
+  }
+
+ private:
+  TempDir dir_;
+  std::string task_name_;
+};
+
+// Adds a task-level (legacy) network port, as Nomad puts it in networks[0].
+inline void AddTaskPort(driverpb::TaskConfig* task, const std::string& label, int port) {
+  auto* resources = task->mutable_resources()->mutable_allocated_resources();
+  if (resources->networks_size() == 0) resources->add_networks()->set_ip("127.0.0.1");
+  auto* p = resources->mutable_networks(0)->add_dynamic_ports();
+  p->set_label(label);
+  p->set_value(port);
+}
+
+// Adds a group-network port, as Nomad puts it in resources.ports.
+inline void AddGroupPort(driverpb::TaskConfig* task, const std::string& label, int port, int to = 0) {
+  auto* p = task->mutable_resources()->add_ports();
+  p->set_label(label);
+  p->set_value(port);
+  p->set_to(to);
+  p->set_host_ip("127.0.0.1");
+}
+
+}  // namespace ndq::testing

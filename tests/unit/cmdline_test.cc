@@ -1,0 +1,498 @@
+#include "qemu_driver/cmdline.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/inotify.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <utility>
+
+#include "../support/temp_dir.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "qemu_driver/qmp_client.h"
+
+extern char** environ;
+
+namespace ndq {
+namespace {
+
+namespace fs = std::filesystem;
+using ::ndq::testing::TempDir;
+using ::testing::Contains;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::Not;
+using json = nlohmann::json;
+
+// A VmSpec as the golden tests and the direct tests start from.
+VmSpec BaseSpec() {
+  VmSpec spec;
+  spec.emulator = "x86_64";
+  spec.emulator_path = "/usr/bin/qemu-system-x86_64";
+  spec.machine_type = "pc";
+  spec.accelerator = "tcg";
+  spec.drive_interface = "ide";
+  spec.image_path = "/alloc/web/local/linux.img";
+  spec.memory_mb = 256;
+  spec.name = "web";
+  return spec;
+}
+
+const RuntimePaths kPaths{"/run/ndq/t/qmp.sock", "/run/ndq/t/qga.sock"};
+
+// The value after `option` in argv (first occurrence), or "" when absent.
+std::string ValueOf(const std::vector<std::string>& argv, const std::string& option) {
+  auto it = std::find(argv.begin(), argv.end(), option);
+  return it == argv.end() || it + 1 == argv.end() ? "" : *(it + 1);
+}
+
+// QEMU's QemuOpts reading of "k=v,k2=v2" (",," is a literal comma; a first
+// part without '=' is the implied key, reported here as key "").
+std::vector<std::pair<std::string, std::string>> ParseQemuOpts(const std::string& text) {
+  std::vector<std::pair<std::string, std::string>> out;
+  std::string part;
+  std::vector<std::string> parts;
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (text[i] == ',' && i + 1 < text.size() && text[i + 1] == ',') {
+      part += ',';
+      ++i;
+    } else if (text[i] == ',') {
+      parts.push_back(part);
+      part.clear();
+    } else {
+      part += text[i];
+    }
+  }
+  parts.push_back(part);
+  for (const std::string& p : parts) {
+    const size_t eq = p.find('=');
+    // Only the first key may be implied; QEMU does the same.
+    if (eq == std::string::npos) {
+      out.emplace_back(out.empty() ? "" : p, out.empty() ? p : "on");
+    } else {
+      out.emplace_back(p.substr(0, eq), p.substr(eq + 1));
+    }
+  }
+  return out;
+}
+
+std::vector<std::string> KeysOf(const std::string& text) {
+  std::vector<std::string> keys;
+  for (const auto& [key, value] : ParseQemuOpts(text)) keys.push_back(key);
+  return keys;
+}
+
+// --- direct tests -------------------------------------------------------------
+
+TEST(CmdlineEscape, DoublesEveryComma) {
+  EXPECT_EQ(EscapeQemuOptionValue(""), "");
+  EXPECT_EQ(EscapeQemuOptionValue("plain/path.img"), "plain/path.img");
+  EXPECT_EQ(EscapeQemuOptionValue("a,b"), "a,,b");
+  EXPECT_EQ(EscapeQemuOptionValue(",,"), ",,,,");
+  EXPECT_EQ(EscapeQemuOptionValue(",x,"), ",,x,,");
+}
+
+TEST(CmdlineBuildQemuArgv, ImagePathWithACommaCannotOpenASecondFile) {
+  VmSpec spec = BaseSpec();
+  spec.image_path = "/alloc/web/local/x.img,file=/etc/shadow";
+  const std::vector<std::string> argv = BuildQemuArgv(spec, kPaths);
+  const std::string drive = ValueOf(argv, "-drive");
+  EXPECT_EQ(drive, "file=/alloc/web/local/x.img,,file=/etc/shadow,if=ide,id=image0");
+  const auto opts = ParseQemuOpts(drive);
+  EXPECT_THAT(KeysOf(drive), ElementsAre("file", "if", "id"));
+  EXPECT_EQ(opts[0].second, "/alloc/web/local/x.img,file=/etc/shadow");
+}
+
+TEST(CmdlineBuildQemuArgv, EverySplicedValueKeepsItsKeys) {
+  VmSpec spec = BaseSpec();
+  spec.machine_type = "pc,accel=kvm";
+  spec.name = "web,debug-threads=on";
+  spec.image_path = "/a,if=none/x.img";
+  spec.image_format = "raw,file=/etc/shadow";
+  spec.guest_agent = true;
+  spec.dns_searches = {"a.example,hostfwd=tcp::22-:22"};
+  spec.port_forwards = {{"http", "tcp", "1.2.3.4", 8080, 80}};
+  const std::vector<std::string> argv = BuildQemuArgv(spec, RuntimePaths{"/r,x/qmp.sock", "/r,y/qga.sock"});
+  EXPECT_THAT(KeysOf(ValueOf(argv, "-machine")), ElementsAre("type", "accel"));
+  EXPECT_THAT(KeysOf(ValueOf(argv, "-name")), ElementsAre("guest"));
+  EXPECT_THAT(KeysOf(ValueOf(argv, "-drive")), ElementsAre("file", "if", "id", "format"));
+  EXPECT_THAT(KeysOf(ValueOf(argv, "-netdev")), ElementsAre("", "id", "dnssearch", "hostfwd"));
+  std::vector<std::vector<std::string>> chardevs;
+  for (size_t i = 0; i + 1 < argv.size(); ++i) {
+    if (argv[i] == "-chardev") chardevs.push_back(KeysOf(argv[i + 1]));
+  }
+  EXPECT_THAT(chardevs, ElementsAre(ElementsAre("", "id", "path", "server", "wait"),
+                                    ElementsAre("", "path", "server", "wait", "id")));
+  EXPECT_EQ(ParseQemuOpts(ValueOf(argv, "-name"))[0].second, "web,debug-threads=on");
+}
+
+TEST(CmdlineBuildQemuArgv, NameIsAnExplicitKeySoEqualsSignsAreHarmless) {
+  VmSpec spec = BaseSpec();
+  spec.name = "a=b";
+  EXPECT_EQ(ValueOf(BuildQemuArgv(spec, kPaths), "-name"), "guest=a=b");
+}
+
+TEST(CmdlineBuildQemuArgv, SmpFromCpusUnlessTheJobSetsIt) {
+  VmSpec spec = BaseSpec();
+  EXPECT_THAT(BuildQemuArgv(spec, kPaths), Not(Contains("-smp")));
+  spec.cpus = 3;
+  EXPECT_EQ(ValueOf(BuildQemuArgv(spec, kPaths), "-smp"), "3");
+  spec.args = {"--smp", "2"};
+  std::vector<std::string> argv = BuildQemuArgv(spec, kPaths);
+  EXPECT_THAT(argv, Not(Contains("-smp")));
+  EXPECT_EQ(ValueOf(argv, "--smp"), "2");
+  // "-smp" as another option's value is not the job setting -smp.
+  spec.args = {"-append", "-smp"};
+  argv = BuildQemuArgv(spec, kPaths);
+  EXPECT_EQ(std::count(argv.begin(), argv.end(), "-smp"), 2);
+  EXPECT_EQ(ValueOf(argv, "-smp"), "3");
+}
+
+TEST(CmdlineBuildQemuArgv, NetworkOnlyWithForwardsOrDnsSearches) {
+  VmSpec spec = BaseSpec();
+  spec.ignored_dns_servers = {"8.8.8.8"};
+  EXPECT_THAT(BuildQemuArgv(spec, kPaths), Not(Contains("-netdev")));
+  spec.dns_searches = {"example.com"};
+  EXPECT_EQ(ValueOf(BuildQemuArgv(spec, kPaths), "-netdev"), "user,id=user.0,dnssearch=example.com");
+  EXPECT_THAT(BuildQemuArgv(spec, kPaths), Not(Contains(HasSubstr("8.8.8.8"))));
+}
+
+TEST(CmdlineBuildQemuArgv, EnableKvmOnlyForKvm) {
+  VmSpec spec = BaseSpec();
+  EXPECT_THAT(BuildQemuArgv(spec, kPaths), Not(Contains("-enable-kvm")));
+  spec.accelerator = "kvm";
+  const std::vector<std::string> argv = BuildQemuArgv(spec, kPaths);
+  EXPECT_EQ(argv.back(), "-enable-kvm");
+  EXPECT_EQ(ValueOf(argv, "-machine"), "type=pc,accel=kvm");
+}
+
+TEST(CmdlineBuildQemuArgv, QmpOnlyWithASocketPath) {
+  const std::vector<std::string> argv = BuildQemuArgv(BaseSpec(), RuntimePaths{});
+  EXPECT_THAT(argv, Not(Contains("-chardev")));
+  EXPECT_THAT(argv, Not(Contains("-mon")));
+}
+
+TEST(CmdlineBuildQemuArgv, JobArgsAfterOursAndBeforeTheNetwork) {
+  VmSpec spec = BaseSpec();
+  spec.args = {"-netdev", "user,id=mine"};
+  spec.port_forwards = {{"ssh", "tcp", "", 2222, 22}};
+  const std::vector<std::string> argv = BuildQemuArgv(spec, kPaths);
+  const auto mine = std::find(argv.begin(), argv.end(), "user,id=mine");
+  const auto ours = std::find(argv.begin(), argv.end(), "user,id=user.0,hostfwd=tcp::2222-:22");
+  const auto mon = std::find(argv.begin(), argv.end(), "-mon");
+  ASSERT_NE(mine, argv.end());
+  ASSERT_NE(ours, argv.end());
+  EXPECT_LT(mon, mine);
+  EXPECT_LT(mine, ours);
+  EXPECT_EQ(argv.front(), "/usr/bin/qemu-system-x86_64");
+}
+
+// --- golden files -------------------------------------------------------------
+
+const std::string& GoldenDir() {
+  static const std::string dir = std::string(NDQ_SOURCE_DIR) + "/tests/unit/cmdline_golden";
+  return dir;
+}
+
+std::vector<std::string> GoldenCases() {
+  std::vector<std::string> names;
+  std::error_code error;
+  for (const auto& entry : fs::directory_iterator(GoldenDir(), error)) {
+    if (entry.path().extension() == ".json") names.push_back(entry.path().stem().string());
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// Strict: an unknown key is a typo in a golden file, not something to ignore.
+VmSpec SpecFromJson(const json& j) {
+  using Setter = std::function<void(VmSpec&, const json&)>;
+  static const auto* setters = new std::map<std::string, Setter>{
+      {"emulator", [](VmSpec& s, const json& v) { s.emulator = v.get<std::string>(); }},
+      {"emulator_path", [](VmSpec& s, const json& v) { s.emulator_path = v.get<std::string>(); }},
+      {"machine_type", [](VmSpec& s, const json& v) { s.machine_type = v.get<std::string>(); }},
+      {"accelerator", [](VmSpec& s, const json& v) { s.accelerator = v.get<std::string>(); }},
+      {"drive_interface", [](VmSpec& s, const json& v) { s.drive_interface = v.get<std::string>(); }},
+      {"image_path", [](VmSpec& s, const json& v) { s.image_path = v.get<std::string>(); }},
+      {"image_format", [](VmSpec& s, const json& v) { s.image_format = v.get<std::string>(); }},
+      {"memory_mb", [](VmSpec& s, const json& v) { s.memory_mb = v.get<int64_t>(); }},
+      {"memory_max_mb", [](VmSpec& s, const json& v) { s.memory_max_mb = v.get<int64_t>(); }},
+      {"cpus", [](VmSpec& s, const json& v) { s.cpus = v.get<int>(); }},
+      {"name", [](VmSpec& s, const json& v) { s.name = v.get<std::string>(); }},
+      {"graceful_shutdown", [](VmSpec& s, const json& v) { s.graceful_shutdown = v.get<bool>(); }},
+      {"guest_agent", [](VmSpec& s, const json& v) { s.guest_agent = v.get<bool>(); }},
+      {"args", [](VmSpec& s, const json& v) { s.args = v.get<std::vector<std::string>>(); }},
+      {"dns_searches", [](VmSpec& s, const json& v) { s.dns_searches = v.get<std::vector<std::string>>(); }},
+      {"ignored_dns_servers",
+       [](VmSpec& s, const json& v) { s.ignored_dns_servers = v.get<std::vector<std::string>>(); }},
+      {"port_forwards",
+       [](VmSpec& s, const json& v) {
+         for (const json& f : v) {
+           s.port_forwards.push_back(PortForward{f.at("label").get<std::string>(), f.at("protocol").get<std::string>(),
+                                                 f.at("host_ip").get<std::string>(), f.at("host_port").get<int>(),
+                                                 f.at("guest_port").get<int>()});
+         }
+       }},
+  };
+  VmSpec spec;
+  for (const auto& [key, value] : j.items()) {
+    const auto it = setters->find(key);
+    if (it == setters->end()) {
+      ADD_FAILURE() << "unknown VmSpec field in golden file: " << key;
+      continue;
+    }
+    it->second(spec, value);
+  }
+  return spec;
+}
+
+RuntimePaths PathsFromJson(const json& j) {
+  RuntimePaths p;
+  for (const auto& [key, v] : j.items()) {
+    if (key == "qmp_socket") {
+      p.qmp_socket = v.get<std::string>();
+    } else if (key == "guest_agent_socket") {
+      p.guest_agent_socket = v.get<std::string>();
+    } else {
+      ADD_FAILURE() << "unknown RuntimePaths field in golden file: " << key;
+    }
+  }
+  return p;
+}
+
+// A line diff (longest common subsequence): "  " same, "- " expected only,
+// "+ " actual only.
+std::string Diff(const std::vector<std::string>& expected, const std::vector<std::string>& actual) {
+  const size_t n = expected.size(), m = actual.size();
+  std::vector<std::vector<int>> lcs(n + 1, std::vector<int>(m + 1, 0));
+  for (size_t i = n; i-- > 0;) {
+    for (size_t j = m; j-- > 0;) {
+      lcs[i][j] = expected[i] == actual[j] ? lcs[i + 1][j + 1] + 1 : std::max(lcs[i + 1][j], lcs[i][j + 1]);
+    }
+  }
+  std::string out;
+  size_t i = 0, j = 0;
+  while (i < n || j < m) {
+    if (i < n && j < m && expected[i] == actual[j]) {
+      absl::StrAppend(&out, "  ", expected[i++], "\n");
+      ++j;
+    } else if (j < m && (i == n || lcs[i][j + 1] >= lcs[i + 1][j])) {
+      absl::StrAppend(&out, "+ ", actual[j++], "\n");
+    } else {
+      absl::StrAppend(&out, "- ", expected[i++], "\n");
+    }
+  }
+  return out;
+}
+
+class CmdlineGolden : public ::testing::TestWithParam<std::string> {};
+
+// NAME.json holds {"spec": VmSpec, "paths": RuntimePaths}; NAME.argv the
+// expected argv, one argument per line. NDQ_UPDATE_GOLDEN=1 rewrites the .argv
+// files from the current output (review the git diff afterwards).
+TEST_P(CmdlineGolden, MatchesArgvFile) {
+  const std::string base = GoldenDir() + "/" + GetParam();
+  const json input = json::parse(ReadFile(base + ".json"));
+  for (const auto& [key, unused] : input.items()) {
+    EXPECT_TRUE(key == "spec" || key == "paths" || key == "comment") << "unknown key " << key;
+  }
+  const std::vector<std::string> actual =
+      BuildQemuArgv(SpecFromJson(input.at("spec")), PathsFromJson(input.value("paths", json::object())));
+  if (const char* update = std::getenv("NDQ_UPDATE_GOLDEN"); update != nullptr && std::string(update) == "1") {
+    std::ofstream(base + ".argv") << absl::StrJoin(actual, "\n") << "\n";
+    GTEST_SKIP() << "rewrote " << base << ".argv";
+  }
+  const std::string text = ReadFile(base + ".argv");
+  ASSERT_FALSE(text.empty()) << base << ".argv is missing or empty";
+  std::vector<std::string> expected = absl::StrSplit(text, '\n');
+  if (!expected.empty() && expected.back().empty()) expected.pop_back();
+  EXPECT_EQ(expected, actual) << "argv differs from " << base << ".argv (- expected, + actual):\n"
+                              << Diff(expected, actual);
+}
+
+INSTANTIATE_TEST_SUITE_P(Files, CmdlineGolden, ::testing::ValuesIn(GoldenCases()),
+                         [](const ::testing::TestParamInfo<std::string>& info) { return info.param; });
+
+TEST(CmdlineGoldenFiles, CoverEveryFeature) {
+  const std::vector<std::string> cases = GoldenCases();
+  for (const char* name :
+       {"minimal_defaults", "kvm_with_cpus", "guest_agent", "port_forwards_task_network", "port_forwards_group_ports",
+        "dns_search", "args_with_smp", "commas_in_image_path", "format_set", "everything"}) {
+    EXPECT_THAT(cases, Contains(name));
+  }
+}
+
+TEST(CmdlineGoldenFiles, DiffIsReadable) {
+  EXPECT_EQ(Diff({"a", "b", "c"}, {"a", "x", "c", "d"}), "  a\n+ x\n- b\n  c\n+ d\n");
+}
+
+// --- the real QEMU ------------------------------------------------------------
+
+std::string FindOnPath(const std::string& name) {
+  const char* path = ::getenv("PATH");
+  for (absl::string_view dir : absl::StrSplit(path ? path : "/usr/bin:/bin", ':')) {
+    const std::string candidate = absl::StrCat(dir, "/", name);
+    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
+  }
+  return "";
+}
+
+int FreeTcpPort() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  int port = 0;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+    port = ntohs(addr.sin_port);
+  }
+  ::close(fd);
+  return port;
+}
+
+// Kills and reaps the process when the test ends, however it ends.
+struct ChildGuard {
+  pid_t pid = -1;
+  ~ChildGuard() {
+    if (pid > 0) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
+  }
+};
+
+// Waits without polling loops: inotify reports the socket's creation, a pidfd
+// QEMU's exit. Returns "" when `file` exists, else why not.
+std::string WaitForFileOrExit(const std::string& dir, const std::string& file, pid_t pid, absl::Duration timeout) {
+  const int inotify = ::inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
+  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  if (inotify < 0 || pidfd < 0) return "inotify/pidfd_open failed";
+  ::inotify_add_watch(inotify, dir.c_str(), IN_CREATE);
+  const absl::Time deadline = absl::Now() + timeout;
+  std::string result = "timed out";
+  while (true) {
+    if (fs::exists(file)) {
+      result = "";
+      break;
+    }
+    pollfd fds[2] = {{inotify, POLLIN, 0}, {pidfd, POLLIN, 0}};
+    const int64_t left = absl::ToInt64Milliseconds(deadline - absl::Now());
+    if (left <= 0) break;
+    if (::poll(fds, 2, static_cast<int>(left)) < 0 && errno != EINTR) {
+      result = "poll failed";
+      break;
+    }
+    if (fds[1].revents & POLLIN) {
+      result = fs::exists(file) ? "" : "QEMU exited";
+      break;
+    }
+    char events[4096];
+    while (::read(inotify, events, sizeof events) > 0) {
+    }
+  }
+  ::close(inotify);
+  ::close(pidfd);
+  return result;
+}
+
+// Our argv, run by the real binary: QEMU must accept every option, open the
+// image whose name has a comma (not a second file), and take the escaped
+// name and socket paths literally. -S keeps the guest from running.
+TEST(CmdlineQemu, RealQemuAcceptsTheArgv) {
+  const std::string qemu = FindOnPath("qemu-system-x86_64");
+  if (qemu.empty()) GTEST_SKIP() << "qemu-system-x86_64 is not installed";
+  TempDir tmp;
+  ASSERT_FALSE(tmp.path().empty());
+  const std::string dir = fs::canonical(tmp.path()).string();
+  const std::string image = dir + "/disk,file=other.img";
+  {
+    std::ofstream out(image, std::ios::binary);
+    out << std::string(1 << 20, '\0');  // 1 MiB raw disk
+  }
+  const int port = FreeTcpPort();
+  ASSERT_GT(port, 0);
+
+  VmSpec spec = BaseSpec();
+  spec.emulator_path = qemu;
+  spec.image_path = image;
+  spec.image_format = "raw";
+  spec.memory_mb = 128;
+  spec.cpus = 1;
+  spec.name = "ndq,e2e";
+  spec.guest_agent = true;
+  spec.args = {"-S"};
+  spec.port_forwards = {{"ssh", "tcp", "127.0.0.1", port, 22}};
+  spec.dns_searches = {"example.com"};
+  const RuntimePaths paths{dir + "/q,mp.sock", dir + "/qga,x.sock"};
+  const std::vector<std::string> argv = BuildQemuArgv(spec, paths);
+
+  const std::string log = dir + "/qemu.log";
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
+  std::vector<std::string> storage = argv;
+  std::vector<char*> cargv;
+  for (std::string& a : storage) cargv.push_back(a.data());
+  cargv.push_back(nullptr);
+  ChildGuard child;
+  const int rc = ::posix_spawn(&child.pid, qemu.c_str(), &actions, nullptr, cargv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  ASSERT_EQ(rc, 0) << "posix_spawn " << qemu;
+
+  const std::string waited = WaitForFileOrExit(dir, paths.qmp_socket, child.pid, absl::Seconds(60));
+  ASSERT_EQ(waited, "") << "argv: " << absl::StrJoin(argv, " ") << "\nQEMU output:\n" << ReadFile(log);
+
+  absl::StatusOr<std::unique_ptr<QmpClient>> qmp = QmpClient::Connect(paths.qmp_socket, absl::Seconds(30));
+  ASSERT_TRUE(qmp.ok()) << qmp.status() << "\nQEMU output:\n" << ReadFile(log);
+  absl::StatusOr<json> blocks = (*qmp)->Execute("query-block");
+  ASSERT_TRUE(blocks.ok()) << blocks.status();
+  std::vector<std::string> files;
+  for (const json& block : *blocks) {
+    if (block.contains("inserted")) files.push_back(block["inserted"].value("file", ""));
+  }
+  EXPECT_THAT(files, ElementsAre(image));
+  absl::StatusOr<json> name = (*qmp)->Execute("query-name");
+  ASSERT_TRUE(name.ok()) << name.status();
+  EXPECT_EQ(name->value("name", ""), "ndq,e2e");
+  absl::StatusOr<std::string> status = (*qmp)->QueryStatus();
+  ASSERT_TRUE(status.ok()) << status.status();
+  EXPECT_EQ(*status, "prelaunch");
+  absl::StatusOr<json> usernet = (*qmp)->Execute("human-monitor-command", {{"command-line", "info usernet"}});
+  ASSERT_TRUE(usernet.ok()) << usernet.status();
+  EXPECT_THAT(usernet->get<std::string>(), HasSubstr(absl::StrCat("127.0.0.1 ", port)));
+  EXPECT_TRUE(fs::exists(paths.guest_agent_socket));
+}
+
+}  // namespace
+}  // namespace ndq

@@ -1,0 +1,420 @@
+#include "qemu_driver/vm_spec.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "../support/temp_dir.h"
+
+namespace ndq {
+namespace {
+
+namespace driverpb = hashicorp::nomad::plugins::drivers::proto;
+namespace fs = std::filesystem;
+using ::ndq::testing::TempDir;
+using ::testing::AllOf;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+using ::testing::Not;
+
+// A task "web" in a real allocation directory with its image at
+// local/linux.img, 256 MB and no network: the smallest valid start.
+class PlanVm : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_FALSE(tmp_.path().empty());
+    root_ = fs::canonical(tmp_.path()).string();
+    alloc_ = root_ + "/alloc";
+    image_ = alloc_ + "/web/local/linux.img";
+    fs::create_directories(alloc_ + "/web/local");
+    std::ofstream(image_) << "disk";
+    task_.set_id("f00d/web/0123abcd");
+    task_.set_name("web");
+    task_.set_alloc_dir(alloc_);
+    task_.mutable_resources()->mutable_allocated_resources()->mutable_memory()->set_memory_mb(256);
+    config_.image_path = "local/linux.img";
+  }
+
+  absl::StatusOr<VmSpec> Plan() const { return ndq::PlanVm(config_, task_, plugin_, emulators_); }
+
+  // The error text of a plan expected to fail.
+  std::string Problems() const {
+    absl::StatusOr<VmSpec> spec = Plan();
+    EXPECT_FALSE(spec.ok());
+    if (spec.ok()) return "";
+    EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument);
+    return std::string(spec.status().message());
+  }
+
+  driverpb::NetworkResource* TaskNetwork(const std::string& ip) {
+    driverpb::NetworkResource* network = task_.mutable_resources()->mutable_allocated_resources()->add_networks();
+    network->set_ip(ip);
+    return network;
+  }
+  void AddGroupPort(const std::string& label, int host_port, int to, const std::string& host_ip) {
+    driverpb::PortMapping* mapping = task_.mutable_resources()->add_ports();
+    mapping->set_label(label);
+    mapping->set_value(host_port);
+    mapping->set_to(to);
+    mapping->set_host_ip(host_ip);
+  }
+
+  TempDir tmp_;
+  std::string root_, alloc_, image_;
+  TaskConfig config_;
+  driverpb::TaskConfig task_;
+  PluginConfig plugin_;
+  std::map<std::string, std::string> emulators_ = {{"x86_64", "/usr/bin/qemu-system-x86_64"},
+                                                   {"aarch64", "/opt/qemu/bin/qemu-system-aarch64"}};
+};
+
+TEST_F(PlanVm, MinimalConfigGetsNomadsDefaults) {
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->emulator, "x86_64");
+  EXPECT_EQ(spec->emulator_path, "/usr/bin/qemu-system-x86_64");
+  EXPECT_EQ(spec->machine_type, "pc");
+  EXPECT_EQ(spec->accelerator, "tcg");
+  EXPECT_EQ(spec->drive_interface, "ide");
+  EXPECT_EQ(spec->image_path, image_);
+  EXPECT_EQ(spec->image_format, "");
+  EXPECT_EQ(spec->memory_mb, 256);
+  EXPECT_EQ(spec->memory_max_mb, 0);
+  EXPECT_EQ(spec->cpus, 0);
+  EXPECT_EQ(spec->name, "web");
+  EXPECT_FALSE(spec->graceful_shutdown);
+  EXPECT_FALSE(spec->guest_agent);
+  EXPECT_THAT(spec->args, IsEmpty());
+  EXPECT_THAT(spec->port_forwards, IsEmpty());
+  EXPECT_THAT(spec->dns_searches, IsEmpty());
+  EXPECT_THAT(spec->ignored_dns_servers, IsEmpty());
+}
+
+TEST_F(PlanVm, EmptyStringsMeanDefaultsAsInNomad) {
+  config_.emulator = "";
+  config_.accelerator = "";
+  config_.machine_type = "";
+  config_.drive_interface = "";
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->emulator, "x86_64");
+  EXPECT_EQ(spec->accelerator, "tcg");
+  EXPECT_EQ(spec->machine_type, "pc");
+  EXPECT_EQ(spec->drive_interface, "ide");
+}
+
+TEST_F(PlanVm, EveryOptionSet) {
+  config_.emulator = "qemu-system-aarch64";  // the full name Nomad 1.11.1 wanted
+  config_.machine_type = "virt";
+  config_.accelerator = "kvm";
+  config_.drive_interface = "virtio";
+  config_.graceful_shutdown = true;
+  config_.guest_agent = true;
+  config_.args = {"-device", "virtio-rng-pci"};
+  task_.mutable_resources()->mutable_allocated_resources()->mutable_memory()->set_memory_max_mb(1024);
+  task_.mutable_resources()->mutable_linux_resources()->set_cpuset_cpus("2-3");
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->emulator, "aarch64");
+  EXPECT_EQ(spec->emulator_path, "/opt/qemu/bin/qemu-system-aarch64");
+  EXPECT_EQ(spec->machine_type, "virt");
+  EXPECT_EQ(spec->accelerator, "kvm");
+  EXPECT_EQ(spec->drive_interface, "virtio");
+  EXPECT_TRUE(spec->graceful_shutdown);
+  EXPECT_TRUE(spec->guest_agent);
+  EXPECT_EQ(spec->args, config_.args);
+  EXPECT_EQ(spec->memory_max_mb, 1024);
+  EXPECT_EQ(spec->cpus, 2);
+}
+
+TEST_F(PlanVm, EveryDriveInterfaceOfNomad) {
+  for (const char* iface : {"ide", "scsi", "sd", "mtd", "floppy", "pflash", "virtio", "none"}) {
+    config_.drive_interface = iface;
+    absl::StatusOr<VmSpec> spec = Plan();
+    ASSERT_TRUE(spec.ok()) << iface << ": " << spec.status();
+    EXPECT_EQ(spec->drive_interface, iface);
+  }
+}
+
+// --- image ------------------------------------------------------------------
+
+TEST_F(PlanVm, ImageSourceIsNotSupportedYet) {
+  config_.image_path.reset();
+  config_.image_source = "https://example.com/linux.qcow2";
+  config_.checksum = "sha256:00";
+  EXPECT_THAT(Problems(), HasSubstr("\"image_source\": image_source is not supported yet"));
+}
+
+TEST_F(PlanVm, ExactlyOneImageOption) {
+  config_.image_source = "https://example.com/linux.qcow2";
+  EXPECT_THAT(Problems(), HasSubstr("set exactly one of \"image_path\" and \"image_source\""));
+  config_.image_path.reset();
+  config_.image_source.reset();
+  EXPECT_THAT(Problems(), HasSubstr("\"image_path\" must be set"));
+}
+
+TEST_F(PlanVm, ChecksumDoesNotApplyToImagePath) {
+  config_.checksum = "sha256:00";
+  EXPECT_THAT(Problems(), HasSubstr("\"checksum\": only checks image_source"));
+}
+
+TEST_F(PlanVm, ImagePathIsResolvedFromTheTaskDir) {
+  fs::create_symlink("linux.img", alloc_ + "/web/local/current.img");
+  config_.image_path = "./local/current.img";
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->image_path, image_);
+}
+
+TEST_F(PlanVm, ImagePathOutsideIsRefused) {
+  fs::create_symlink("/etc/shadow", alloc_ + "/web/local/evil.img");
+  config_.image_path = "local/evil.img";
+  EXPECT_THAT(Problems(),
+              AllOf(HasSubstr("\"image_path\": \"local/evil.img\" resolves to \"/etc/shadow\""), HasSubstr("outside")));
+  config_.image_path = "/etc/passwd";
+  EXPECT_THAT(Problems(), HasSubstr("\"/etc/passwd\" resolves to \"/etc/passwd\""));
+  config_.image_path = "local/missing.img";
+  EXPECT_THAT(Problems(), HasSubstr("\"local/missing.img\" does not exist"));
+}
+
+TEST_F(PlanVm, ImagePathInThePluginsImagePaths) {
+  fs::create_directories(root_ + "/images");
+  std::ofstream(root_ + "/images/base.img") << "disk";
+  config_.image_path = root_ + "/images/base.img";
+  EXPECT_THAT(Problems(), HasSubstr("outside"));
+  plugin_.image_paths = {root_ + "/images"};
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->image_path, root_ + "/images/base.img");
+}
+
+// --- emulator, accelerator, machine ------------------------------------------
+
+TEST_F(PlanVm, EmulatorMustBeAllowed) {
+  plugin_.emulators_allowlist = {"x86_64"};
+  config_.emulator = "aarch64";
+  EXPECT_THAT(Problems(), HasSubstr("\"emulator\": \"aarch64\" is not in the plugin's emulators_allowlist"));
+  config_.emulator = "qemu-system-x86_64";
+  EXPECT_TRUE(Plan().ok());
+}
+
+TEST_F(PlanVm, EmulatorMustBeInstalled) {
+  config_.emulator = "riscv64";
+  EXPECT_THAT(Problems(), AllOf(HasSubstr("\"emulator\": \"riscv64\" (qemu-system-riscv64) was not found"),
+                                HasSubstr("available: \"aarch64\", \"x86_64\"")));
+  emulators_.clear();
+  config_.emulator.reset();
+  EXPECT_THAT(Problems(), HasSubstr("no qemu-system-* binary was found"));
+}
+
+TEST_F(PlanVm, AcceleratorMustBeKnown) {
+  config_.accelerator = "hvf";
+  EXPECT_THAT(Problems(), HasSubstr("task config \"accelerator\": \"hvf\" is not supported; use one of tcg, kvm"));
+}
+
+TEST_F(PlanVm, DriveInterfaceMustBeKnown) {
+  config_.drive_interface = "nvme";
+  EXPECT_THAT(Problems(), HasSubstr("task config \"drive_interface\": \"nvme\" is not supported; use one of ide, "
+                                    "scsi, sd, mtd, floppy, pflash, virtio, none"));
+}
+
+TEST_F(PlanVm, MachineTypeIsANameOnly) {
+  config_.machine_type = "pc,accel=kvm";
+  EXPECT_THAT(Problems(), HasSubstr("\"machine_type\": \"pc,accel=kvm\" must be a machine name only (no commas)"));
+  config_.machine_type = "  ";
+  EXPECT_THAT(Problems(), HasSubstr("\"machine_type\" must not be blank"));
+  config_.machine_type = "q35";
+  EXPECT_TRUE(Plan().ok());
+}
+
+// --- resources ------------------------------------------------------------
+
+TEST_F(PlanVm, MemoryBoundsOfNomad) {
+  auto* memory = task_.mutable_resources()->mutable_allocated_resources()->mutable_memory();
+  for (int64_t ok : {128, 4000000}) {
+    memory->set_memory_mb(ok);
+    absl::StatusOr<VmSpec> spec = Plan();
+    ASSERT_TRUE(spec.ok()) << ok;
+    EXPECT_EQ(spec->memory_mb, ok);
+  }
+  for (int64_t bad : {0, 127, 4000001}) {
+    memory->set_memory_mb(bad);
+    EXPECT_THAT(Problems(), HasSubstr(absl::StrCat("\"memory\": ", bad,
+                                                   " MB is out of range; a VM needs 128 to "
+                                                   "4000000 MB")));
+  }
+}
+
+TEST_F(PlanVm, CpusFromTheCpuset) {
+  task_.mutable_resources()->mutable_linux_resources()->set_cpuset_cpus("0-3,8,10-11");
+  EXPECT_EQ(Plan()->cpus, 7);
+  task_.mutable_resources()->mutable_linux_resources()->set_cpuset_cpus("0-");
+  EXPECT_THAT(Problems(), HasSubstr("task resources \"cpuset_cpus\": \"0-\" in \"0-\" is not a CPU number"));
+}
+
+TEST(VmSpecCpuset, Counts) {
+  EXPECT_EQ(CountCpuset("").value(), 0);
+  EXPECT_EQ(CountCpuset("5").value(), 1);
+  EXPECT_EQ(CountCpuset("0-3").value(), 4);
+  EXPECT_EQ(CountCpuset("0-3,8,10-11").value(), 7);
+  EXPECT_EQ(CountCpuset("3,1,2").value(), 3);
+  EXPECT_EQ(CountCpuset("0-3,2").value(), 4);
+  EXPECT_EQ(CountCpuset("1,1").value(), 1);
+  EXPECT_EQ(CountCpuset("0-5,2-8").value(), 9);
+  EXPECT_EQ(CountCpuset(" 0-1, 4 ").value(), 3);
+  EXPECT_EQ(CountCpuset("7-7").value(), 1);
+}
+
+TEST(VmSpecCpuset, RejectsWhatIsNotACpuList) {
+  for (const char* bad : {"a", "3-1", "-1", "1-", ",", "1,,2", "+1", "1 -2", "0-99999", "1-2-3", "0x1"}) {
+    absl::StatusOr<int> count = CountCpuset(bad);
+    EXPECT_FALSE(count.ok()) << bad << " counted " << count.value_or(-1);
+  }
+}
+
+// --- args -------------------------------------------------------------------
+
+TEST_F(PlanVm, ArgsAreCheckedAgainstTheAllowlist) {
+  config_.args = {"-smp", "2", "/etc/shadow"};
+  plugin_.args_allowlist = {"-smp"};
+  EXPECT_THAT(Problems(), AllOf(HasSubstr("task config \"args\""), HasSubstr("\"/etc/shadow\" is not an option")));
+  config_.args = {"-smp", "2"};
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok());
+  EXPECT_EQ(spec->args, config_.args);
+}
+
+// --- ports ------------------------------------------------------------------
+
+TEST_F(PlanVm, PortMapFromTheTaskNetwork) {
+  driverpb::NetworkResource* network = TaskNetwork("10.0.0.5");
+  auto* ssh = network->add_reserved_ports();
+  ssh->set_label("ssh");
+  ssh->set_value(22000);
+  auto* http = network->add_dynamic_ports();
+  http->set_label("http");
+  http->set_value(25000);
+  config_.port_map = {{"ssh", 22}, {"http", 80}};
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_THAT(
+      spec->port_forwards,
+      ElementsAre(PortForward{"http", "tcp", "10.0.0.5", 25000, 80}, PortForward{"http", "udp", "10.0.0.5", 25000, 80},
+                  PortForward{"ssh", "tcp", "10.0.0.5", 22000, 22}, PortForward{"ssh", "udp", "10.0.0.5", 22000, 22}));
+}
+
+// Nomad's own driver finds no ports here and fails with "Unknown port label".
+TEST_F(PlanVm, PortMapFromGroupNetworkPorts) {
+  AddGroupPort("http", 25001, 80, "192.168.1.2");
+  config_.port_map = {{"http", 8080}};
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_THAT(spec->port_forwards, ElementsAre(PortForward{"http", "tcp", "192.168.1.2", 25001, 8080},
+                                               PortForward{"http", "udp", "192.168.1.2", 25001, 8080}));
+}
+
+TEST_F(PlanVm, PortMapFromBothPlacesTaskNetworkFirst) {
+  auto* ssh = TaskNetwork("10.0.0.5")->add_reserved_ports();
+  ssh->set_label("ssh");
+  ssh->set_value(22000);
+  AddGroupPort("ssh", 23000, 22, "10.0.0.9");
+  AddGroupPort("db", 26000, 5432, "10.0.0.9");
+  config_.port_map = {{"ssh", 22}, {"db", 5432}};
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_THAT(
+      spec->port_forwards,
+      ElementsAre(PortForward{"db", "tcp", "10.0.0.9", 26000, 5432}, PortForward{"db", "udp", "10.0.0.9", 26000, 5432},
+                  PortForward{"ssh", "tcp", "10.0.0.5", 22000, 22}, PortForward{"ssh", "udp", "10.0.0.5", 22000, 22}));
+}
+
+TEST_F(PlanVm, PortWithoutHostAddressBindsAll) {
+  AddGroupPort("http", 25001, 0, "");
+  config_.port_map = {{"http", 80}};
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->port_forwards[0].host_ip, "");
+}
+
+TEST_F(PlanVm, UnknownPortLabelListsTheKnownOnes) {
+  auto* ssh = TaskNetwork("10.0.0.5")->add_reserved_ports();
+  ssh->set_label("ssh");
+  ssh->set_value(22000);
+  AddGroupPort("http", 25001, 80, "10.0.0.5");
+  config_.port_map = {{"web", 80}};
+  EXPECT_THAT(Problems(), HasSubstr("task config \"port_map\": unknown port label \"web\"; the task's ports are "
+                                    "\"http\", \"ssh\""));
+}
+
+TEST_F(PlanVm, PortMapWithoutAnyPorts) {
+  config_.port_map = {{"web", 80}};
+  EXPECT_THAT(Problems(), HasSubstr("unknown port label \"web\"; the task has no ports"));
+}
+
+TEST_F(PlanVm, GuestPortMustBeAPort) {
+  AddGroupPort("http", 25001, 80, "10.0.0.5");
+  for (int64_t bad : {0, -1, 65536, 70000}) {
+    config_.port_map = {{"http", bad}};
+    EXPECT_THAT(Problems(),
+                HasSubstr(absl::StrCat("port \"http\" maps to guest port ", bad, ", which is not in 1..65535")));
+  }
+  config_.port_map = {{"http", 65535}};
+  EXPECT_TRUE(Plan().ok());
+}
+
+TEST_F(PlanVm, Ipv6HostAddressIsRefused) {
+  AddGroupPort("http", 25001, 80, "fd00::5");
+  config_.port_map = {{"http", 80}};
+  EXPECT_THAT(Problems(), AllOf(HasSubstr("port \"http\" is allocated on \"fd00::5\""), HasSubstr("IPv4 only")));
+}
+
+// --- dns ------------------------------------------------------------------
+
+TEST_F(PlanVm, DnsSearchesAreKeptServersReportedAsIgnored) {
+  task_.mutable_dns()->add_servers("8.8.8.8");
+  task_.mutable_dns()->add_servers("1.1.1.1");
+  task_.mutable_dns()->add_searches("service.consul");
+  task_.mutable_dns()->add_searches("example.com");
+  task_.mutable_dns()->add_options("ndots:2");
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_THAT(spec->dns_searches, ElementsAre("service.consul", "example.com"));
+  EXPECT_THAT(spec->ignored_dns_servers, ElementsAre("8.8.8.8", "1.1.1.1"));
+}
+
+TEST_F(PlanVm, DnsSearchMustBeADomainName) {
+  task_.mutable_dns()->add_searches("a.example,hostfwd=tcp::22-:22");
+  EXPECT_THAT(Problems(), HasSubstr("task dns \"searches\": \"a.example,hostfwd=tcp::22-:22\" is not a domain name"));
+  task_.mutable_dns()->set_searches(0, "");
+  EXPECT_THAT(Problems(), HasSubstr("\"\" is not a domain name"));
+}
+
+// --- all together -----------------------------------------------------------
+
+TEST_F(PlanVm, EveryProblemInOneError) {
+  config_.image_path = "/etc/passwd";
+  config_.emulator = "mips";
+  config_.accelerator = "xen";
+  config_.machine_type = "pc,x=y";
+  config_.drive_interface = "nvme";
+  config_.args = {"/etc/shadow"};
+  config_.port_map = {{"web", 80}};
+  plugin_.args_allowlist = {"-smp"};
+  task_.mutable_resources()->mutable_allocated_resources()->mutable_memory()->set_memory_mb(64);
+  task_.mutable_resources()->mutable_linux_resources()->set_cpuset_cpus("x");
+  task_.mutable_dns()->add_searches("bad,search");
+  const std::string problems = Problems();
+  for (const char* option :
+       {"\"image_path\"", "\"emulator\"", "\"accelerator\"", "\"machine_type\"", "\"drive_interface\"", "\"args\"",
+        "\"port_map\"", "\"memory\"", "\"cpuset_cpus\"", "\"searches\""}) {
+    EXPECT_THAT(problems, HasSubstr(option));
+  }
+  EXPECT_THAT(problems, Not(HasSubstr("\"image_source\"")));
+}
+
+}  // namespace
+}  // namespace ndq
