@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/build.sh build
-guest_dir="$(bash tests/fixtures/build-test-guest.sh | head -n1 | xargs dirname)"
+guest_images="$(bash tests/fixtures/build-test-guest.sh)"
+guest_dir="$(dirname "$(echo "$guest_images" | head -n1)")"
 
 demo="$(mktemp -d /tmp/ndq-demo.XXXXXX)"
 trap 'rm -rf "$demo"' EXIT
