@@ -15,7 +15,9 @@ trap 'rm -rf "$demo"' EXIT
 mkdir -p "$demo/alloc/web/local"
 # The task's disk: a copy-on-write overlay on the cached test guest.
 qemu-img create -q -f qcow2 -F qcow2 -b "$guest_dir/guest.qcow2" "$demo/alloc/web/local/disk.qcow2"
-printf '{"emulators_allowlist": ["x86_64"], "state_dir": "%s/state"}\n' "$demo" >"$demo/plugin.json"
+# The overlay's backing file lives in the guest cache: allow that directory.
+printf '{"emulators_allowlist": ["x86_64"], "image_paths": ["%s"], "state_dir": "%s/state"}\n' \
+  "$guest_dir" "$demo" >"$demo/plugin.json"
 
 echo "== what the plugin tells Nomad (PluginInfo, Capabilities)"
 build/bin/qemu-driverctl info | python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({k: d[k] for k in ("plugin_info", "capabilities")}, indent=2))'

@@ -20,7 +20,9 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "nomadplugin/hclog.h"
+#include "qemu_driver/allowlist.h"
 #include "qemu_driver/cmdline.h"
+#include "qemu_driver/image_probe.h"
 #include "qemu_driver/run_command.h"
 #include "qemu_driver/signals.h"
 #include "qemu_driver/supervisor_protocol.h"
@@ -43,35 +45,6 @@ std::string TaskKey(const std::string& id) {
     hash *= 1099511628211ull;
   }
   return absl::StrFormat("%016x", hash);
-}
-
-std::string FindOnPath(const std::string& name) {
-  const char* path = std::getenv("PATH");
-  for (absl::string_view dir : absl::StrSplit(path != nullptr ? path : "", ':', absl::SkipEmpty())) {
-    const std::string candidate = absl::StrCat(dir, "/", name);
-    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
-  }
-  return "";
-}
-
-// The image's format as qemu-img sees it, so QEMU is told rather than left to
-// probe: a probed raw image whose guest writes a qcow2 header could otherwise
-// make QEMU open any host file as its backing file on the next start.
-absl::StatusOr<std::string> DetectImageFormat(const std::string& image) {
-  const std::string qemu_img = FindOnPath("qemu-img");
-  if (qemu_img.empty()) return absl::FailedPreconditionError("qemu-img is not on PATH (package qemu-utils)");
-  absl::StatusOr<CommandResult> out =
-      RunCommand({qemu_img, "info", "--output=json", "-U", image}, absl::Seconds(30));
-  if (!out.ok()) return out.status();
-  if (out->exit_code != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("task config \"image_path\": qemu-img cannot read ", image, ": ", out->output));
-  }
-  const nlohmann::json info = nlohmann::json::parse(out->output, nullptr, false);
-  if (!info.is_object() || !info.contains("format")) {
-    return absl::InternalError(absl::StrCat("qemu-img info gave no format for ", image));
-  }
-  return info["format"].get<std::string>();
 }
 
 absl::Status ErrnoStatus(const std::string& what) {
@@ -121,6 +94,10 @@ void KillSupervisor(pid_t pid) {
   int status;
   while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
+}
+
+absl::Status WithField(const absl::Status& status, const char* field) {
+  return absl::Status(status.code(), absl::StrCat("task config \"", field, "\": ", status.message()));
 }
 
 absl::Status WithTaskPrefix(const absl::Status& status, const std::string& id) {
@@ -207,9 +184,19 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
   const PluginConfig plugin = config_();
   absl::StatusOr<VmSpec> spec = PlanVm(*config, task, plugin, fingerprinter_->Emulators());
   if (!spec.ok()) return spec.status();
-  absl::StatusOr<std::string> format = DetectImageFormat(spec->image_path);
-  if (!format.ok()) return format.status();
-  spec->image_format = *format;
+  // QEMU is told the format rather than left to probe it, and every file the
+  // image pulls in (its backing chain) must pass the same allowlist.
+  absl::StatusOr<ImageInfo> image = ProbeImage(spec->image_path);
+  if (!image.ok()) return WithField(image.status(), "image_path");
+  spec->image_format = image->format;
+  for (const std::string& backing : image->backing) {
+    absl::StatusOr<std::string> allowed =
+        ResolveImagePath(backing, task.alloc_dir() + "/" + task.name(), task.alloc_dir(), plugin.image_paths);
+    if (!allowed.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("task config \"image_path\": its backing file is refused: ", allowed.status().message()));
+    }
+  }
 
   const std::string root = StateRoot();
   if (::mkdir(root.c_str(), 0700) != 0 && errno != EEXIST) return ErrnoStatus("cannot create " + root);

@@ -21,4 +21,7 @@ struct CommandResult {
 absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv, absl::Duration timeout);
 
 
+// The first executable `name` in the directories of $PATH; empty when none.
+std::string FindOnPath(const std::string& name);
+
 }  // namespace ndq

@@ -76,6 +76,9 @@ class VmLifecycleTest : public ::testing::Test {
  protected:
   void SetUp() override {
     ASSERT_TRUE(TestGuestDir().ok()) << TestGuestDir().status();
+    // Task disks are overlays on the cached guest images: their backing files
+    // must be in an allowed directory.
+    plugin_config_["image_paths"].push_back(*TestGuestDir());
     state_dir_ = state_.path() + "/s";
     harness_ = std::make_unique<PluginHarness>(state_dir_, plugin_config_);
   }
@@ -107,7 +110,7 @@ class VmLifecycleTest : public ::testing::Test {
 
   TempDir state_;
   std::string state_dir_;
-  nlohmann::json plugin_config_ = nlohmann::json::object();
+  nlohmann::json plugin_config_ = {{"image_paths", nlohmann::json::array()}};
   std::unique_ptr<PluginHarness> harness_;
 };
 
@@ -309,18 +312,30 @@ TEST_F(BadInputTest, SymlinkEscape) {
   ExpectRefused(alloc_.Task(Config({{"image_path", "local/evil.img"}})), "/etc/shadow");
 }
 
+TEST_F(BadInputTest, BackingFileOutsideTheAllowedPaths) {
+  // A disk in the task dir whose backing file is a host file: reading the
+  // guest's disk would read that file.
+  const std::string evil = alloc_.task_dir() + "/local/evil.qcow2";
+  auto out = RunCommand({"/usr/bin/qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", "/etc/shadow",
+                         evil, "1M"},
+                        absl::Seconds(30));
+  ASSERT_TRUE(out.ok() && out->exit_code == 0);
+  ExpectRefused(alloc_.Task(Config({{"image_path", "local/evil.qcow2"}})), "backing file is refused");
+}
+
 TEST_F(BadInputTest, DotDotEscape) {
   ExpectRefused(alloc_.Task(Config({{"image_path", "../../../../../../etc/passwd"}})), "image_path");
 }
 
 TEST_F(BadInputTest, DisallowedArgument) {
-  harness_ = std::make_unique<PluginHarness>(
-      state_dir_, nlohmann::json{{"args_allowlist", {"-smp"}}, {"image_paths", {allowed_.path()}}});
+  plugin_config_["args_allowlist"] = {"-smp"};
+  harness_ = std::make_unique<PluginHarness>(state_dir_, plugin_config_);
   ExpectRefused(alloc_.Task(Config({{"args", {"-smp", "1", "-device", "e1000"}}})), "-device");
 }
 
 TEST_F(BadInputTest, DisallowedEmulator) {
-  harness_ = std::make_unique<PluginHarness>(state_dir_, nlohmann::json{{"emulators_allowlist", {"aarch64"}}});
+  plugin_config_["emulators_allowlist"] = {"aarch64"};
+  harness_ = std::make_unique<PluginHarness>(state_dir_, plugin_config_);
   ExpectRefused(alloc_.Task(Config()), "x86_64");
 }
 
