@@ -5,6 +5,7 @@
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/inotify.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -59,6 +60,38 @@ absl::Status SignalPidfd(int pidfd, int signal) {
 bool PidfdExited(int pidfd) {
   pollfd pfd = {pidfd, POLLIN, 0};
   return ::poll(&pfd, 1, 0) == 1;
+}
+
+absl::Status WaitForPathOrExit(const std::string& dir, const std::string& name, int pidfd, absl::Time deadline) {
+  const int inotify = ::inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
+  if (inotify < 0) return absl::InternalError(absl::StrCat("inotify_init1: ", std::strerror(errno)));
+  const std::string path = dir + "/" + name;
+  absl::Status result = absl::DeadlineExceededError(absl::StrCat(path, " did not appear in time"));
+  // Watch first, then look: a file created in between is still seen.
+  if (::inotify_add_watch(inotify, dir.c_str(), IN_CREATE | IN_MOVED_TO) < 0) {
+    result = absl::InternalError(absl::StrCat("inotify_add_watch ", dir, ": ", std::strerror(errno)));
+  } else {
+    while (true) {
+      if (::access(path.c_str(), F_OK) == 0) {
+        result = absl::OkStatus();
+        break;
+      }
+      const absl::Duration left = deadline - absl::Now();
+      if (left <= absl::ZeroDuration()) break;
+      pollfd fds[2] = {{inotify, POLLIN, 0}, {pidfd, POLLIN, 0}};
+      const int ready = ::poll(fds, 2, static_cast<int>(absl::ToInt64Milliseconds(left)) + 1);
+      if (ready < 0 && errno != EINTR) break;
+      if (fds[1].revents != 0 && ::access(path.c_str(), F_OK) != 0) {
+        result = absl::FailedPreconditionError("the process exited first");
+        break;
+      }
+      char events[4096];
+      while (::read(inotify, events, sizeof events) > 0) {
+      }
+    }
+  }
+  ::close(inotify);
+  return result;
 }
 
 ExitWatcher::ExitWatcher() {

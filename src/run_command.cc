@@ -39,31 +39,14 @@ absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv, a
   posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
   posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
   posix_spawn_file_actions_adddup2(&actions, out[1], STDERR_FILENO);
-  // The plugin blocks SIGTERM and ignores SIGINT/SIGPIPE for itself; children
-  // must start with the defaults, or they could not be stopped normally.
-  posix_spawnattr_t attr;
-  posix_spawnattr_init(&attr);
-  sigset_t none, defaults;
-  sigemptyset(&none);
-  sigemptyset(&defaults);
-  for (int sig : {SIGTERM, SIGINT, SIGPIPE, SIGHUP}) sigaddset(&defaults, sig);
-  posix_spawnattr_setsigmask(&attr, &none);
-  posix_spawnattr_setsigdefault(&attr, &defaults);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
-
-  std::vector<std::string> storage = argv;
-  std::vector<char*> args;
-  for (std::string& a : storage) args.push_back(a.data());
-  args.push_back(nullptr);
-  pid_t pid = -1;
-  const int rc = ::posix_spawn(&pid, argv[0].c_str(), &actions, &attr, args.data(), environ);
+  absl::StatusOr<pid_t> spawned = SpawnWithDefaultSignals(argv, &actions);
   posix_spawn_file_actions_destroy(&actions);
-  posix_spawnattr_destroy(&attr);
   ::close(out[1]);
-  if (rc != 0) {
+  if (!spawned.ok()) {
     ::close(out[0]);
-    return absl::NotFoundError(absl::StrCat("cannot run ", argv[0], ": ", std::strerror(rc)));
+    return spawned.status();
   }
+  const pid_t pid = *spawned;
 
   CommandResult result;
   const absl::Time deadline = absl::Now() + timeout;
@@ -94,6 +77,27 @@ absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv, a
   if (WIFEXITED(status)) result.exit_code = WEXITSTATUS(status);
   if (WIFSIGNALED(status)) result.signal = WTERMSIG(status);
   return result;
+}
+
+absl::StatusOr<pid_t> SpawnWithDefaultSignals(const std::vector<std::string>& argv,
+                                              const posix_spawn_file_actions_t* actions, short extra_flags) {
+  posix_spawnattr_t attr;
+  posix_spawnattr_init(&attr);
+  sigset_t none, defaults;
+  sigemptyset(&none);
+  sigfillset(&defaults);
+  posix_spawnattr_setsigmask(&attr, &none);
+  posix_spawnattr_setsigdefault(&attr, &defaults);
+  posix_spawnattr_setflags(&attr, static_cast<short>(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | extra_flags));
+  std::vector<std::string> storage = argv;
+  std::vector<char*> args;
+  for (std::string& a : storage) args.push_back(a.data());
+  args.push_back(nullptr);
+  pid_t pid = -1;
+  const int rc = ::posix_spawn(&pid, argv[0].c_str(), actions, &attr, args.data(), environ);
+  posix_spawnattr_destroy(&attr);
+  if (rc != 0) return absl::NotFoundError(absl::StrCat("cannot run ", argv[0], ": ", std::strerror(rc)));
+  return pid;
 }
 
 std::string FindOnPath(const std::string& name) {

@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <filesystem>
 
 #include <nlohmann/json.hpp>
@@ -36,6 +37,8 @@ namespace {
 
 namespace log = nomadplugin::hclog;
 
+constexpr char kQmpSocketName[] = "qmp.sock";
+
 // A short, stable directory name for a task ID, so socket paths stay far
 // below the 108-byte unix socket limit whatever Nomad's data_dir is.
 std::string TaskKey(const std::string& id) {
@@ -60,25 +63,10 @@ absl::StatusOr<pid_t> SpawnSupervisor(const std::vector<std::string>& argv, cons
   posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
   posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
   posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
-  posix_spawnattr_t attr;
-  posix_spawnattr_init(&attr);
-  sigset_t none, defaults;
-  sigemptyset(&none);
-  sigfillset(&defaults);
-  posix_spawnattr_setsigmask(&attr, &none);
-  posix_spawnattr_setsigdefault(&attr, &defaults);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSID);
-  std::vector<std::string> storage = argv;
-  std::vector<char*> args;
-  for (std::string& a : storage) args.push_back(a.data());
-  args.push_back(nullptr);
-  pid_t pid = -1;
-  const int rc = ::posix_spawn(&pid, argv[0].c_str(), &actions, &attr, args.data(), environ);
+  absl::StatusOr<pid_t> pid = SpawnWithDefaultSignals(argv, &actions, POSIX_SPAWN_SETSID);
   posix_spawn_file_actions_destroy(&actions);
-  posix_spawnattr_destroy(&attr);
-  if (rc != 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("cannot start the VM supervisor ", argv[0], ": ", std::strerror(rc)));
+  if (!pid.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat("cannot start the VM supervisor: ", pid.status().message()));
   }
   return pid;
 }
@@ -202,7 +190,7 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
   if (::mkdir(root.c_str(), 0700) != 0 && errno != EEXIST) return ErrnoStatus("cannot create " + root);
   DriverStateRecord record;
   record.state_dir = absl::StrCat(root, "/", TaskKey(id));
-  record.qmp_socket = record.state_dir + "/qmp.sock";
+  record.qmp_socket = record.state_dir + "/" + kQmpSocketName;
   record.guest_agent = spec->guest_agent;
   record.graceful_shutdown = spec->graceful_shutdown;
   if (spec->guest_agent) record.guest_agent_socket = record.state_dir + "/qga.sock";
@@ -258,7 +246,15 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
   // means QEMU failed to start, and its record says why.
   std::unique_ptr<QmpClient> qmp;
   const absl::Time deadline = absl::Now() + options_.start_timeout;
-  while (qmp == nullptr) {
+  absl::Status socket = WaitForPathOrExit(record.state_dir, kQmpSocketName, *supervisor_pidfd, deadline);
+  if (socket.ok()) {
+    // The socket exists from bind(); Connect retries the instant until listen().
+    absl::StatusOr<std::unique_ptr<QmpClient>> client =
+        QmpClient::Connect(record.qmp_socket, std::max(deadline - absl::Now(), absl::Seconds(1)));
+    if (client.ok()) qmp = std::move(*client);
+    else socket = client.status();
+  }
+  if (qmp == nullptr) {
     if (PidfdExited(*supervisor_pidfd)) {
       ::close(*supervisor_pidfd);
       ::waitpid(record.supervisor_pid, nullptr, 0);
@@ -267,15 +263,10 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
       return absl::FailedPreconditionError(absl::StrCat(
           "QEMU failed to start: ", exit.error.empty() ? "it exited at once with code 0" : exit.error));
     }
-    if (absl::Now() > deadline) {
-      ::close(*supervisor_pidfd);
-      return fail(absl::DeadlineExceededError(absl::StrCat(
-          "QEMU did not open its QMP socket within ", absl::FormatDuration(options_.start_timeout),
-          " (is the task's stdout FIFO being read?)")));
-    }
-    absl::StatusOr<std::unique_ptr<QmpClient>> client =
-        QmpClient::Connect(record.qmp_socket, absl::Milliseconds(100));
-    if (client.ok()) qmp = std::move(*client);
+    ::close(*supervisor_pidfd);
+    return fail(absl::DeadlineExceededError(absl::StrCat(
+        "QEMU did not answer on its QMP socket within ", absl::FormatDuration(options_.start_timeout), " (",
+        socket.message(), "; is the task's stdout FIFO being read?)")));
   }
 
   std::string pid_problem;

@@ -9,11 +9,13 @@
 #include <functional>
 #include <map>
 #include <optional>
+#include <string>
 #include <thread>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 
 namespace ndq {
 
@@ -30,6 +32,10 @@ absl::Status SignalPidfd(int pidfd, int signal);
 
 // True once the process behind `pidfd` has exited.
 bool PidfdExited(int pidfd);
+
+// Waits for `dir`/`name` to appear (inotify, no polling), or for the process
+// behind `pidfd` to exit first (FailedPrecondition), or `deadline` (DeadlineExceeded).
+absl::Status WaitForPathOrExit(const std::string& dir, const std::string& name, int pidfd, absl::Time deadline);
 
 class ExitWatcher {
  public:

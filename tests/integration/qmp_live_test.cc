@@ -24,6 +24,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "../support/test_guest.h"
 #include "qemu_driver/qmp_client.h"
 #include "qemu_driver/run_command.h"
 
@@ -41,30 +42,7 @@ void Measure(const std::string& what, absl::Duration d) {
   ::testing::Test::RecordProperty(what, absl::StrCat(absl::ToDoubleMilliseconds(d), "ms"));
 }
 
-// Runs the fixture builder once per test binary; it only prints paths when its
-// cache is current. Returns the image directory.
-absl::StatusOr<std::string> TestGuestDir() {
-  static const absl::StatusOr<std::string> dir = []() -> absl::StatusOr<std::string> {
-    std::string out;
-    if (const char* env = std::getenv("TEST_GUEST_DIR"); env != nullptr && *env != '\0') {
-      out = env;
-    } else {
-      const char* home = std::getenv("HOME");
-      out = absl::StrCat(home != nullptr && *home != '\0' ? home : "/tmp", "/.cache/nomad-driver-qemu/test-guest");
-    }
-    const std::string script = absl::StrCat(NDQ_SOURCE_DIR, "/tests/fixtures/build-test-guest.sh");
-    absl::StatusOr<CommandResult> built = RunCommand({script, out}, absl::Minutes(15));
-    if (!built.ok()) return built.status();
-    if (built->exit_code != 0) {
-      return absl::InternalError(absl::StrCat(script, " failed (exit ", built->exit_code, "):\n", built->output));
-    }
-    if (!std::filesystem::exists(out + "/guest.qcow2")) {
-      return absl::InternalError(absl::StrCat(script, " left no guest.qcow2 in ", out, ":\n", built->output));
-    }
-    return out;
-  }();
-  return dir;
-}
+using ::ndq::testing::TestGuestDir;
 
 class TempDir {
  public:
