@@ -153,6 +153,20 @@ TEST_F(VmLifecycleTest, ServesThroughPortMapAndStopsGracefully) {
   EXPECT_FALSE(ProcessAlive(record.supervisor_pid));
 }
 
+TEST_F(VmLifecycleTest, GracefulStopGoesThroughTheGuestAgentWhenEnabled) {
+  FakeAlloc alloc("agent");
+  const driverpb::TaskHandle handle = StartGuest(alloc, "guest.qcow2", FreePort(), {{"guest_agent", true}});
+  ASSERT_FALSE(RecordOf(handle).guest_agent_socket.empty());
+  ASSERT_TRUE(harness_->Stop(handle.config().id(), absl::Seconds(20)).ok());
+  driverpb::WaitTaskResponse wait;
+  ASSERT_TRUE(harness_->Wait(handle.config().id(), &wait, absl::Seconds(5)).ok());
+  EXPECT_EQ(wait.result().exit_code(), 0) << wait.err();
+  EXPECT_TRUE(harness_->process().WaitForStderrLine(
+      [](const std::string& line) { return line.find("guest agent asked to power off") != std::string::npos; },
+      absl::Seconds(5)))
+      << "the stop must have used the guest agent, not ACPI";
+}
+
 TEST_F(VmLifecycleTest, GroupNetworkPortsAreForwardedToo) {
   FakeAlloc alloc("web");
   const int port = FreePort();

@@ -66,3 +66,26 @@ TEST(PluginConfig, ImagePathsMustBeAbsolute) {
 
 }  // namespace
 }  // namespace ndq
+
+namespace ndq {
+namespace {
+
+TEST(PluginConfig, StateDirAndSupervisorPath) {
+  MsgpackWriter w;
+  w.Map(2).Str("state_dir").Str("/run/ndq").Str("supervisor_path").Str("/usr/libexec/nomad-qemu-supervisor");
+  const absl::StatusOr<PluginConfig> config = DecodePluginConfig(w.bytes());
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->state_dir, "/run/ndq");
+  EXPECT_EQ(config->supervisor_path, "/usr/libexec/nomad-qemu-supervisor");
+}
+
+TEST(PluginConfig, StateDirMustLeaveRoomForSockets) {
+  MsgpackWriter w;
+  w.Map(2).Str("state_dir").Str("/" + std::string(90, 'x')).Str("supervisor_path").Str("bin/sup");
+  const std::string message(DecodePluginConfig(w.bytes()).status().message());
+  EXPECT_THAT(message, HasSubstr("\"state_dir\" is longer than 80 characters"));
+  EXPECT_THAT(message, HasSubstr("\"supervisor_path\" must be an absolute path"));
+}
+
+}  // namespace
+}  // namespace ndq
