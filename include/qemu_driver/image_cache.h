@@ -1,0 +1,60 @@
+// The shared image cache: downloaded images stored once by checksum, shared by
+// every task on the node, read-only, with one download per image however many
+// tasks (in this process or another) ask for it at once.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+
+namespace ndq {
+
+struct CachedImage {
+  std::string path;
+  bool hit = false;  // already cached: no download happened for this call
+  int64_t bytes = 0;
+};
+
+class ImageCache {
+ public:
+  // Fetches `source` into `dest` atomically (a partial or unverified file is
+  // never left at `dest`) and returns the bytes written.
+  using Downloader = std::function<absl::StatusOr<int64_t>(const std::string& source, const std::string& dest)>;
+
+  explicit ImageCache(std::string dir);
+
+  // The cached file for `key` (e.g. "sha256-<hex>"), downloaded from the first
+  // source that works when absent. Callers asking for the same key at once
+  // share one download; another process doing the same waits on a file lock.
+  absl::StatusOr<CachedImage> Acquire(const std::string& key, const std::vector<std::string>& sources,
+                                      const Downloader& download);
+
+  // Removes least recently used images, never one in `in_use` (paths), until
+  // the cache holds at most `max_bytes`. Returns the paths removed.
+  absl::StatusOr<std::vector<std::string>> Evict(int64_t max_bytes, const std::set<std::string>& in_use);
+
+  std::string PathFor(const std::string& key) const { return dir_ + "/" + key; }
+  const std::string& dir() const { return dir_; }
+
+ private:
+  struct Flight {
+    bool done = false;
+    absl::StatusOr<CachedImage> result = absl::UnknownError("download did not finish");
+  };
+  absl::StatusOr<CachedImage> Fill(const std::string& key, const std::vector<std::string>& sources,
+                                   const Downloader& download);
+
+  const std::string dir_;
+  absl::Mutex mu_;
+  std::map<std::string, std::shared_ptr<Flight>> flights_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace ndq

@@ -1,0 +1,160 @@
+#include "qemu_driver/image_cache.h"
+
+#include <sys/stat.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "../support/temp_dir.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+
+namespace ndq {
+namespace {
+
+using ::ndq::testing::TempDir;
+using ::testing::HasSubstr;
+
+// A real transfer: copies a local file to a temporary name, then renames it
+// into place, counting how often it ran.
+struct CopyDownloader {
+  std::atomic<int> calls{0};
+  absl::Notification* hold = nullptr;  // when set, each copy waits for it
+  ImageCache::Downloader Get() {
+    return [this](const std::string& source, const std::string& dest) -> absl::StatusOr<int64_t> {
+      ++calls;
+      if (hold != nullptr) hold->WaitForNotificationWithTimeout(absl::Seconds(10));
+      std::error_code error;
+      std::filesystem::copy_file(source, dest + ".part", std::filesystem::copy_options::overwrite_existing, error);
+      if (error) return absl::NotFoundError(error.message());
+      std::filesystem::rename(dest + ".part", dest);
+      return static_cast<int64_t>(std::filesystem::file_size(dest));
+    };
+  }
+};
+
+std::string MakeFile(const TempDir& dir, const std::string& name, size_t bytes) {
+  std::ofstream(dir / name) << std::string(bytes, 'x');
+  return dir / name;
+}
+
+TEST(ImageCache, MissThenHitAndReadOnly) {
+  TempDir src, cache_dir;
+  const std::string image = MakeFile(src, "a.img", 1000);
+  ImageCache cache(cache_dir / "c");
+  CopyDownloader downloader;
+  auto first = cache.Acquire("sha256-aa", {image}, downloader.Get());
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_FALSE(first->hit);
+  EXPECT_EQ(first->bytes, 1000);
+  auto second = cache.Acquire("sha256-aa", {image}, downloader.Get());
+  ASSERT_TRUE(second.ok());
+  EXPECT_TRUE(second->hit);
+  EXPECT_EQ(second->path, first->path);
+  EXPECT_EQ(downloader.calls, 1);
+  struct stat st;
+  ASSERT_EQ(::stat(first->path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0444u);
+}
+
+TEST(ImageCache, ConcurrentCallersShareOneDownload) {
+  TempDir src, cache_dir;
+  const std::string image = MakeFile(src, "a.img", 1 << 20);
+  ImageCache cache(cache_dir.path());
+  CopyDownloader downloader;
+  absl::Notification release;
+  downloader.hold = &release;
+  std::vector<std::thread> threads;
+  std::atomic<int> ok{0};
+  for (int i = 0; i < 5; ++i) {
+    threads.emplace_back([&] {
+      if (cache.Acquire("sha256-bb", {image}, downloader.Get()).ok()) ++ok;
+    });
+  }
+  // Let every caller arrive while the one download is held open.
+  absl::SleepFor(absl::Milliseconds(200));
+  release.Notify();
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(ok, 5);
+  EXPECT_EQ(downloader.calls, 1);
+}
+
+TEST(ImageCache, TwoCachesOnOneDirectoryAreSerializedByTheFileLock) {
+  TempDir src, cache_dir;
+  const std::string image = MakeFile(src, "a.img", 1 << 20);
+  // Two instances stand for two plugin processes: separate in-process state,
+  // one directory; flock excludes across open files, as across processes.
+  ImageCache a(cache_dir.path()), b(cache_dir.path());
+  CopyDownloader downloader;
+  absl::Notification release;
+  downloader.hold = &release;
+  std::thread ta([&] { EXPECT_TRUE(a.Acquire("sha256-cc", {image}, downloader.Get()).ok()); });
+  std::thread tb([&] { EXPECT_TRUE(b.Acquire("sha256-cc", {image}, downloader.Get()).ok()); });
+  absl::SleepFor(absl::Milliseconds(200));
+  release.Notify();
+  ta.join();
+  tb.join();
+  EXPECT_EQ(downloader.calls, 1);
+}
+
+TEST(ImageCache, MirrorsAreTriedInOrder) {
+  TempDir src, cache_dir;
+  const std::string image = MakeFile(src, "a.img", 10);
+  ImageCache cache(cache_dir.path());
+  CopyDownloader downloader;
+  auto got = cache.Acquire("sha256-dd", {src / "missing.img", image}, downloader.Get());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(downloader.calls, 2);
+}
+
+TEST(ImageCache, AllSourcesFailingLeavesNothing) {
+  TempDir src, cache_dir;
+  ImageCache cache(cache_dir.path());
+  CopyDownloader downloader;
+  auto got = cache.Acquire("sha256-ee", {src / "x", src / "y"}, downloader.Get());
+  ASSERT_FALSE(got.ok());
+  EXPECT_THAT(std::string(got.status().message()), HasSubstr(src / "x"));
+  EXPECT_THAT(std::string(got.status().message()), HasSubstr(src / "y"));
+  EXPECT_FALSE(std::filesystem::exists(cache.PathFor("sha256-ee")));
+}
+
+TEST(ImageCache, RejectsKeysThatAreNotPlainNames) {
+  TempDir cache_dir;
+  ImageCache cache(cache_dir.path());
+  CopyDownloader downloader;
+  EXPECT_FALSE(cache.Acquire("../etc", {"x"}, downloader.Get()).ok());
+  EXPECT_FALSE(cache.Acquire(".hidden", {"x"}, downloader.Get()).ok());
+}
+
+TEST(ImageCache, EvictionRemovesLeastRecentlyUsedButNeverImagesInUse) {
+  TempDir src, cache_dir;
+  ImageCache cache(cache_dir.path());
+  CopyDownloader downloader;
+  std::vector<std::string> paths;
+  for (const char* key : {"sha256-01", "sha256-02", "sha256-03"}) {
+    auto got = cache.Acquire(key, {MakeFile(src, key, 1000)}, downloader.Get());
+    ASSERT_TRUE(got.ok());
+    paths.push_back(got->path);
+  }
+  // Oldest use first: 01, then 02, then 03.
+  const auto now = std::filesystem::file_time_type::clock::now();
+  for (size_t i = 0; i < paths.size(); ++i) {
+    std::filesystem::last_write_time(paths[i], now - std::chrono::hours(10 - static_cast<int>(i)));
+  }
+  auto removed = cache.Evict(/*max_bytes=*/1000, /*in_use=*/{paths[0]});
+  ASSERT_TRUE(removed.ok()) << removed.status();
+  EXPECT_EQ(*removed, (std::vector<std::string>{paths[1], paths[2]}));
+  EXPECT_TRUE(std::filesystem::exists(paths[0])) << "in use: kept although least recently used";
+  // A cache hit refreshes the use time.
+  auto hit = cache.Acquire("sha256-01", {}, downloader.Get());
+  ASSERT_TRUE(hit.ok());
+  EXPECT_TRUE(hit->hit);
+}
+
+}  // namespace
+}  // namespace ndq
