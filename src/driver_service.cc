@@ -163,10 +163,23 @@ grpc::Status DriverService::Fingerprint(grpc::ServerContext* context, const driv
 }
 
 grpc::Status DriverService::TaskEvents(grpc::ServerContext* context, const driverpb::TaskEventsRequest*,
-                                       grpc::ServerWriter<driverpb::DriverTaskEvent>*) {
-  // Nomad holds this stream open for the plugin's lifetime; no task produces events yet.
-  while (lifecycle_->SleepInStream(context, absl::Hours(1)) == nomadplugin::Lifecycle::Wake::kTimeout) {
+                                       grpc::ServerWriter<driverpb::DriverTaskEvent>* writer) {
+  // Nomad holds this stream open for the plugin's lifetime.
+  std::shared_ptr<EventBus::Subscription> subscription = events_->Subscribe();
+  while (!context->IsCancelled() && !lifecycle_->ShutdownRequested()) {
+    std::optional<TaskEvent> event = subscription->Next(nomadplugin::Lifecycle::kCancelCheckInterval);
+    if (!event) continue;
+    driverpb::DriverTaskEvent out;
+    out.set_task_id(event->task_id);
+    out.set_alloc_id(event->alloc_id);
+    out.set_task_name(event->task_name);
+    out.set_message(event->message);
+    out.mutable_timestamp()->set_seconds(absl::ToUnixSeconds(event->time));
+    out.mutable_timestamp()->set_nanos(static_cast<int32_t>(absl::ToUnixNanos(event->time) % 1000000000));
+    for (const auto& [key, value] : event->annotations) (*out.mutable_annotations())[key] = value;
+    if (!writer->Write(out)) break;
   }
+  events_->Unsubscribe(subscription);
   return grpc::Status::OK;
 }
 

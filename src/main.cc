@@ -51,9 +51,10 @@ int main(int argc, char** argv) {
   ndq::BasePluginService base(&settings);
   ndq::TaskManagerOptions task_options;
   task_options.supervisor_path = ndq::DefaultSupervisorPath();
+  ndq::EventBus events;
   ndq::TaskManager tasks(
-      task_options, [&settings] { return settings.plugin_config(); }, &fingerprinter);
-  ndq::DriverService driver(&settings, &fingerprinter, &tasks, &lifecycle);
+      task_options, [&settings] { return settings.plugin_config(); }, &fingerprinter, &events);
+  ndq::DriverService driver(&settings, &fingerprinter, &tasks, &events, &lifecycle);
 
   nomadplugin::ServeOptions options;
   options.plugin_name = "nomad-driver-qemu";

@@ -2,6 +2,12 @@
 
 #include "nomadplugin/config_reader.h"
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+
 namespace ndq {
 
 namespace hs = nomadplugin::hclspec;
@@ -14,7 +20,33 @@ nomadplugin::hclspec::Spec PluginConfigSpec() {
       {"image_cache_dir", hs::Attr("image_cache_dir", "string")},
       {"state_dir", hs::Attr("state_dir", "string")},
       {"supervisor_path", hs::Attr("supervisor_path", "string")},
+      {"allow_unverified_images", hs::Attr("allow_unverified_images", "bool")},
+      {"max_image_size", hs::Attr("max_image_size", "string")},
+      {"image_cache_max_size", hs::Attr("image_cache_max_size", "string")},
+      {"ca_file", hs::Attr("ca_file", "string")},
   });
+}
+
+absl::StatusOr<int64_t> ParseSize(const std::string& text) {
+  absl::string_view rest = absl::StripAsciiWhitespace(text);
+  const size_t end = rest.find_first_not_of("0123456789.");
+  double number = 0;
+  if (end == 0 || !absl::SimpleAtod(rest.substr(0, end), &number) || number < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("\"", text, "\" is not a size (e.g. 20G, 512M)"));
+  }
+  std::string unit = absl::AsciiStrToUpper(end == absl::string_view::npos ? "" : rest.substr(end));
+  if (absl::EndsWith(unit, "IB")) unit.resize(unit.size() - 2);
+  else if (unit.size() > 1 && absl::EndsWith(unit, "B")) unit.pop_back();
+  double scale = 1;
+  if (unit == "" || unit == "B") scale = 1;
+  else if (unit == "K") scale = 1024.0;
+  else if (unit == "M") scale = 1024.0 * 1024;
+  else if (unit == "G") scale = 1024.0 * 1024 * 1024;
+  else if (unit == "T") scale = 1024.0 * 1024 * 1024 * 1024;
+  else return absl::InvalidArgumentError(absl::StrCat("\"", text, "\" has an unknown size unit (use K, M, G or T)"));
+  const double bytes = number * scale;
+  if (bytes > 9.0e18) return absl::InvalidArgumentError(absl::StrCat("\"", text, "\" is too large"));
+  return static_cast<int64_t>(bytes);
 }
 
 absl::StatusOr<PluginConfig> DecodePluginConfig(const std::string& msgpack) {
@@ -28,6 +60,16 @@ absl::StatusOr<PluginConfig> DecodePluginConfig(const std::string& msgpack) {
   config.image_cache_dir = reader->String("image_cache_dir").value_or("");
   config.state_dir = reader->String("state_dir").value_or("");
   config.supervisor_path = reader->String("supervisor_path").value_or("");
+  config.allow_unverified_images = reader->Bool("allow_unverified_images").value_or(false);
+  config.ca_file = reader->String("ca_file").value_or("");
+  for (const auto& [field, target] : {std::pair<const char*, int64_t*>{"max_image_size", &config.max_image_size},
+                                      {"image_cache_max_size", &config.image_cache_max_size}}) {
+    if (std::optional<std::string> text = reader->String(field)) {
+      absl::StatusOr<int64_t> bytes = ParseSize(*text);
+      if (bytes.ok()) *target = *bytes;
+      else reader->AddProblem(field, std::string(bytes.status().message()));
+    }
+  }
   // Leaves room for "/<16 hex>/qmp.sock" under the 108-byte unix socket limit.
   constexpr size_t kMaxStateDir = 80;
   if (config.state_dir.size() > kMaxStateDir) {
@@ -35,7 +77,8 @@ absl::StatusOr<PluginConfig> DecodePluginConfig(const std::string& msgpack) {
   }
   for (const auto& [field, value] : {std::pair<const char*, const std::string*>{"image_cache_dir", &config.image_cache_dir},
                                      {"state_dir", &config.state_dir},
-                                     {"supervisor_path", &config.supervisor_path}}) {
+                                     {"supervisor_path", &config.supervisor_path},
+                                     {"ca_file", &config.ca_file}}) {
     if (!value->empty() && (*value)[0] != '/') {
       reader->AddProblem(field, "must be an absolute path, got \"" + *value + "\"");
     }

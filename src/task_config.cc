@@ -12,7 +12,11 @@ nomadplugin::hclspec::Spec TaskConfigSpec() {
   return hs::Object({
       {"image_path", hs::Attr("image_path", "string")},
       {"image_source", hs::Attr("image_source", "string")},
+      {"image_sources", hs::Attr("image_sources", "list(string)")},
       {"checksum", hs::Attr("checksum", "string")},
+      {"checksum_url", hs::Attr("checksum_url", "string")},
+      {"image_format", hs::Attr("image_format", "string")},
+      {"disk_size", hs::Attr("disk_size", "string")},
       {"emulator", hs::Attr("emulator", "string")},
       {"machine_type", hs::Attr("machine_type", "string")},
       {"drive_interface", hs::Attr("drive_interface", "string")},
@@ -37,7 +41,11 @@ absl::StatusOr<TaskConfig> DecodeTaskConfig(const std::string& msgpack, bool rej
   TaskConfig config;
   config.image_path = reader->String("image_path");
   config.image_source = reader->String("image_source");
+  config.image_sources = reader->StringList("image_sources").value_or(std::vector<std::string>{});
   config.checksum = reader->String("checksum");
+  config.checksum_url = reader->String("checksum_url");
+  config.image_format = reader->String("image_format");
+  config.disk_size = reader->String("disk_size");
   config.emulator = reader->String("emulator");
   config.machine_type = reader->String("machine_type");
   config.drive_interface = reader->String("drive_interface");

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <algorithm>
 #include <filesystem>
+#include <set>
 
 #include <nlohmann/json.hpp>
 
@@ -27,6 +28,7 @@
 #include "qemu_driver/run_command.h"
 #include "qemu_driver/signals.h"
 #include "qemu_driver/supervisor_protocol.h"
+#include "qemu_driver/task_disk.h"
 #include "qemu_driver/task_config.h"
 #include "qemu_driver/vm_spec.h"
 
@@ -101,8 +103,46 @@ std::string DefaultSupervisorPath() {
   return (self.parent_path() / "nomad-qemu-supervisor").string();
 }
 
-TaskManager::TaskManager(TaskManagerOptions options, ConfigSource config, Fingerprinter* fingerprinter)
-    : options_(std::move(options)), config_(std::move(config)), fingerprinter_(fingerprinter) {}
+TaskManager::TaskManager(TaskManagerOptions options, ConfigSource config, Fingerprinter* fingerprinter,
+                         EventBus* events)
+    : options_(std::move(options)), config_(std::move(config)), fingerprinter_(fingerprinter), events_(events) {}
+
+void TaskManager::Emit(const driverpb::TaskConfig& task, const std::string& message,
+                       const std::map<std::string, std::string>& annotations) {
+  events_->Publish(TaskEvent{task.id(), task.alloc_id(), task.name(), message, annotations, absl::Now()});
+}
+
+std::string TaskManager::CacheDir() const {
+  const PluginConfig config = config_();
+  if (!config.image_cache_dir.empty()) return config.image_cache_dir;
+  if (::geteuid() == 0) return "/var/cache/nomad-driver-qemu/images";
+  const char* tmp = std::getenv("TMPDIR");
+  return absl::StrCat(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp", "/nomad-driver-qemu-", ::geteuid(), "-images");
+}
+
+ImageCache& TaskManager::CacheAt(const std::string& dir) {
+  absl::MutexLock lock(&mu_);
+  std::unique_ptr<ImageCache>& cache = caches_[dir];
+  if (cache == nullptr) cache = std::make_unique<ImageCache>(dir);
+  return *cache;
+}
+
+void TaskManager::EvictImages(const PluginConfig& plugin) {
+  if (plugin.image_cache_max_size <= 0) return;
+  std::set<std::string> in_use;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [id, task] : tasks_) {
+      if (!task->record().cached_image.empty() && !task->result()) in_use.insert(task->record().cached_image);
+    }
+  }
+  absl::StatusOr<std::vector<std::string>> removed = CacheAt(CacheDir()).Evict(plugin.image_cache_max_size, in_use);
+  if (!removed.ok()) {
+    log::Warn("image cache eviction failed", {{"error", std::string(removed.status().message())}});
+  } else if (!removed->empty()) {
+    log::Info("evicted images from the cache", {{"images", *removed}});
+  }
+}
 
 std::string TaskManager::StateRoot() const {
   const PluginConfig config = config_();
@@ -145,6 +185,9 @@ void TaskManager::OnSupervisorExit(const std::string& id) {
                           {"exit_code", result.exit_code},
                           {"signal", result.signal},
                           {"error", result.error}});
+  std::map<std::string, std::string> annotations = {{"exit_code", std::to_string(result.exit_code)},
+                                                     {"signal", std::to_string(result.signal)}};
+  Emit(task->config(), result.error.empty() ? "VM powered off" : "VM exited: " + result.error, annotations);
   task->MarkExited(std::move(result));
 }
 
@@ -170,16 +213,49 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
   absl::StatusOr<TaskConfig> config = DecodeTaskConfig(task.msgpack_driver_config());
   if (!config.ok()) return config.status();
   const PluginConfig plugin = config_();
+  absl::StatusOr<std::vector<std::string>> sources = ImageSources(*config, plugin);
+  if (!sources.ok()) return sources.status();
+
+  // A downloaded image becomes a per-task overlay, removed again if the start fails.
+  std::string overlay, cached_image;
+  struct OverlayGuard {
+    std::string* path;
+    bool keep = false;
+    ~OverlayGuard() {
+      if (!keep && !path->empty()) ::unlink(path->c_str());
+    }
+  } overlay_guard{&overlay};
+  std::vector<std::string> allowed_dirs = plugin.image_paths;
+  if (!sources->empty()) {
+    const std::string cache_dir = CacheDir();
+    const std::string task_dir = task.alloc_dir() + "/" + task.name();
+    absl::StatusOr<TaskDisk> disk =
+        PrepareTaskDisk(*config, *sources, task_dir, plugin, CacheAt(cache_dir),
+                        [&](const std::string& message, const std::map<std::string, std::string>& annotations) {
+                          Emit(task, message, annotations);
+                        });
+    if (!disk.ok()) return disk.status();
+    overlay = disk->overlay;
+    cached_image = disk->cached_image;
+    config->image_path = disk->overlay;
+    config->image_source.reset();
+    config->image_sources.clear();
+    config->checksum.reset();
+    config->checksum_url.reset();
+    config->disk_size.reset();
+    config->image_format.reset();
+    allowed_dirs.push_back(cache_dir);
+  }
   absl::StatusOr<VmSpec> spec = PlanVm(*config, task, plugin, fingerprinter_->Emulators());
   if (!spec.ok()) return spec.status();
   // QEMU is told the format rather than left to probe it, and every file the
   // image pulls in (its backing chain) must pass the same allowlist.
   absl::StatusOr<ImageInfo> image = ProbeImage(spec->image_path);
   if (!image.ok()) return WithField(image.status(), "image_path");
-  spec->image_format = image->format;
+  if (spec->image_format.empty()) spec->image_format = image->format;
   for (const std::string& backing : image->backing) {
     absl::StatusOr<std::string> allowed =
-        ResolveImagePath(backing, task.alloc_dir() + "/" + task.name(), task.alloc_dir(), plugin.image_paths);
+        ResolveImagePath(backing, task.alloc_dir() + "/" + task.name(), task.alloc_dir(), allowed_dirs);
     if (!allowed.ok()) {
       return absl::InvalidArgumentError(
           absl::StrCat("task config \"image_path\": its backing file is refused: ", allowed.status().message()));
@@ -193,6 +269,7 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
   record.qmp_socket = record.state_dir + "/" + kQmpSocketName;
   record.guest_agent = spec->guest_agent;
   record.graceful_shutdown = spec->graceful_shutdown;
+  record.cached_image = cached_image;
   if (spec->guest_agent) record.guest_agent_socket = record.state_dir + "/qga.sock";
   if (record.qmp_socket.size() >= 100) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -294,6 +371,9 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
   handle.set_state(driverpb::RUNNING);
   handle.set_driver_state(record.Encode());
   auto vm = std::make_shared<VmTask>(task, record, *supervisor_pidfd, qemu_pidfd, std::move(qmp));
+  vm->SetEventSink([this, task](const std::string& message, const std::map<std::string, std::string>& annotations) {
+    Emit(task, message, annotations);
+  });
   if (absl::Status status = Track(vm); !status.ok()) {
     {
       absl::MutexLock lock(&mu_);
@@ -304,6 +384,10 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
     RemoveStateDir(record.state_dir);
     return status;
   }
+  overlay_guard.keep = true;
+  Emit(task, absl::StrCat("Started QEMU (pid ", record.qemu_pid, ")"),
+       {{"qemu_pid", std::to_string(record.qemu_pid)}, {"supervisor_pid", std::to_string(record.supervisor_pid)}});
+  EvictImages(plugin);
   return handle;
 }
 
@@ -329,10 +413,16 @@ absl::Status TaskManager::Recover(const driverpb::TaskHandle& handle) {
     qemu_pidfd = *fd;
   }
   auto vm = std::make_shared<VmTask>(handle.config(), *record, supervisor_pidfd, qemu_pidfd, nullptr);
+  const driverpb::TaskConfig task = handle.config();
+  vm->SetEventSink([this, task](const std::string& message, const std::map<std::string, std::string>& annotations) {
+    Emit(task, message, annotations);
+  });
   if (supervisor_pidfd < 0) {
     // The VM ended while the plugin was away; its supervisor left the record.
     vm->MarkExited(LoadExitResult(record->state_dir));
   }
+  Emit(task, supervisor_pidfd >= 0 ? "Reattached to the running VM after a plugin restart"
+                                    : "The VM exited while the plugin was not running");
   log::Info("task recovered", {{"task_id", id},
                                {"running", supervisor_pidfd >= 0},
                                {"qemu_pid", record->qemu_pid}});

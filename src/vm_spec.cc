@@ -137,13 +137,13 @@ void PlanImage(const TaskConfig& config, const driverpb::TaskConfig& task, const
     problems.push_back("task config: set exactly one of \"image_path\" and \"image_source\", not both");
     return;
   }
-  if (config.image_source.has_value()) {
-    problems.push_back(
-        "task config \"image_source\": image_source is not supported yet; put the image in the allocation "
-        "(for example with an artifact block) and set image_path");
+  if (config.image_source.has_value() || !config.image_sources.empty()) {
+    // Downloads become a per-task overlay (task_disk) before planning; a
+    // source left here was not prepared.
+    problems.push_back("task config \"image_source\": the image was not prepared before planning");
     return;
   }
-  if (config.checksum.has_value()) {
+  if (config.checksum.has_value() || config.checksum_url.has_value()) {
     problems.push_back("task config \"checksum\": only checks image_source downloads; it is not used with image_path");
   }
   if (!config.image_path.has_value()) {
@@ -158,6 +158,7 @@ void PlanImage(const TaskConfig& config, const driverpb::TaskConfig& task, const
     return;
   }
   spec.image_path = *resolved;
+  if (config.image_format.has_value()) spec.image_format = *config.image_format;
 }
 
 void PlanEmulator(const TaskConfig& config, const PluginConfig& plugin,

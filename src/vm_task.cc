@@ -27,6 +27,7 @@ std::string DriverStateRecord::Encode() const {
       {"qemu_start_ticks", qemu_start_ticks},
       {"graceful_shutdown", graceful_shutdown},
       {"guest_agent", guest_agent},
+      {"cached_image", cached_image},
       {"started_at_unix_ms", absl::ToUnixMillis(started_at)},
   };
   return json.dump();
@@ -50,6 +51,7 @@ absl::StatusOr<DriverStateRecord> DriverStateRecord::Decode(const std::string& b
     r.qemu_start_ticks = json.value("qemu_start_ticks", uint64_t{0});
     r.graceful_shutdown = json.value("graceful_shutdown", false);
     r.guest_agent = json.value("guest_agent", false);
+    r.cached_image = json.value("cached_image", "");
     r.started_at = absl::FromUnixMillis(json.value("started_at_unix_ms", int64_t{0}));
   } catch (const nlohmann::json::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat("driver state is incomplete: ", e.what()));
@@ -132,6 +134,7 @@ absl::Status VmTask::RequestPowerdown() {
     absl::Status status = agent.ok() ? (*agent)->Shutdown("powerdown") : agent.status();
     if (status.ok()) {
       log::Info("guest agent asked to power off", {{"task_id", id()}});
+      emit_("Asked the guest agent to shut down", {});
       return status;
     }
     log::Warn("guest agent shutdown failed, pressing the ACPI power button instead",
@@ -140,7 +143,10 @@ absl::Status VmTask::RequestPowerdown() {
   absl::StatusOr<QmpClient*> qmp = Qmp();
   if (!qmp.ok()) return qmp.status();
   absl::Status status = (*qmp)->SystemPowerdown();
-  if (status.ok()) log::Info("ACPI power button pressed", {{"task_id", id()}});
+  if (status.ok()) {
+    log::Info("ACPI power button pressed", {{"task_id", id()}});
+    emit_("Sent ACPI powerdown (power button)", {});
+  }
   return status;
 }
 
@@ -160,13 +166,18 @@ absl::Status VmTask::Stop(absl::Duration timeout, int signal) {
     }
     log::Info("VM still running after graceful shutdown timeout, sending signal",
               {{"task_id", id()}, {"signal", SignalName(signal)}});
+    emit_(absl::StrCat("Guest did not power off within ", absl::FormatDuration(timeout), "; sending ",
+                       SignalName(signal)),
+          {{"signal", SignalName(signal)}});
     Signal(signal).IgnoreError();
     if (WaitFor(kKillGrace)) return absl::OkStatus();
   } else {
+    emit_(absl::StrCat("Sent ", SignalName(signal), " to QEMU"), {{"signal", SignalName(signal)}});
     Signal(signal).IgnoreError();
     if (WaitFor(timeout)) return absl::OkStatus();
   }
   log::Warn("VM did not stop, killing QEMU", {{"task_id", id()}});
+  emit_("VM did not stop; killing QEMU with SIGKILL", {{"signal", "SIGKILL"}});
   Signal(SIGKILL).IgnoreError();
   // The supervisor records the exit right after QEMU dies.
   if (WaitFor(absl::Seconds(10))) return absl::OkStatus();

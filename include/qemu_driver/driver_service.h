@@ -67,9 +67,9 @@ class DriverService final : public driverpb::Driver::Service {
   // How often the host is looked at for changes (cheap: directory listing and stat).
   static constexpr absl::Duration kChangeCheckPeriod = absl::Seconds(1);
 
-  DriverService(DriverSettings* settings, Fingerprinter* fingerprinter, TaskManager* tasks,
+  DriverService(DriverSettings* settings, Fingerprinter* fingerprinter, TaskManager* tasks, EventBus* events,
                 nomadplugin::Lifecycle* lifecycle)
-      : settings_(settings), fingerprinter_(fingerprinter), tasks_(tasks), lifecycle_(lifecycle) {}
+      : settings_(settings), fingerprinter_(fingerprinter), tasks_(tasks), events_(events), lifecycle_(lifecycle) {}
 
   grpc::Status Init(grpc::ServerContext*, const driverpb::InitRequest*, driverpb::InitResponse*) override;
   grpc::Status TaskConfigSchema(grpc::ServerContext*, const driverpb::TaskConfigSchemaRequest*,
@@ -109,6 +109,7 @@ class DriverService final : public driverpb::Driver::Service {
   DriverSettings* settings_;
   Fingerprinter* fingerprinter_;
   TaskManager* tasks_;
+  EventBus* events_;
   nomadplugin::Lifecycle* lifecycle_;
 };
 

@@ -27,7 +27,18 @@ struct PluginConfig {
   std::string state_dir;
   // The nomad-qemu-supervisor binary; empty: next to the plugin binary.
   std::string supervisor_path;
+  // Accept image_source without a checksum (not recommended).
+  bool allow_unverified_images = false;
+  // Largest image a download may be, in bytes; 0: no limit.
+  int64_t max_image_size = 0;
+  // Evict least recently used images no task uses beyond this; 0: no limit.
+  int64_t image_cache_max_size = 0;
+  // An extra CA certificate (PEM) trusted for https image downloads.
+  std::string ca_file;
 };
+
+// "20G", "512M", "1.5T", "1048576": bytes (binary units, as qemu-img takes them).
+absl::StatusOr<int64_t> ParseSize(const std::string& text);
 
 // The hclspec Nomad parses the plugin block against.
 nomadplugin::hclspec::Spec PluginConfigSpec();

@@ -17,7 +17,15 @@ namespace ndq {
 struct TaskConfig {
   std::optional<std::string> image_path;
   std::optional<std::string> image_source;
+  // Mirrors of the same file, tried in order (image_source, if set, first).
+  std::vector<std::string> image_sources;
   std::optional<std::string> checksum;
+  // A sha256sum-style (GNU or BSD) file holding the checksum of image_source.
+  std::optional<std::string> checksum_url;
+  // Format of the image ("qcow2", "raw", ...); probed when unset.
+  std::optional<std::string> image_format;
+  // Size to grow the task's disk to, e.g. "20G".
+  std::optional<std::string> disk_size;
   std::optional<std::string> emulator;
   std::optional<std::string> machine_type;
   std::optional<std::string> drive_interface;

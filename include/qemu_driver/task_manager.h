@@ -12,7 +12,9 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "nomad/driver.pb.h"
+#include "qemu_driver/event_bus.h"
 #include "qemu_driver/fingerprint.h"
+#include "qemu_driver/image_cache.h"
 #include "qemu_driver/plugin_config.h"
 #include "qemu_driver/process_watch.h"
 #include "qemu_driver/vm_task.h"
@@ -36,7 +38,7 @@ inline constexpr char kPowerdownSignal[] = "SIGPWR";
 class TaskManager {
  public:
   using ConfigSource = std::function<PluginConfig()>;
-  TaskManager(TaskManagerOptions options, ConfigSource config, Fingerprinter* fingerprinter);
+  TaskManager(TaskManagerOptions options, ConfigSource config, Fingerprinter* fingerprinter, EventBus* events);
 
   // Runs the task's VM; returns Nomad's TaskHandle once QEMU answers on QMP.
   // On failure nothing is left behind: no process, socket or state directory.
@@ -52,22 +54,32 @@ class TaskManager {
 
   // Where per-task state lives: the plugin's state_dir or a default.
   std::string StateRoot() const;
+  // Where downloaded images are cached: image_cache_dir or a default.
+  std::string CacheDir() const;
 
  private:
   absl::StatusOr<std::shared_ptr<VmTask>> Find(const std::string& id);
   // Registers the task and starts watching its supervisor.
   absl::Status Track(std::shared_ptr<VmTask> task);
   void OnSupervisorExit(const std::string& id);
+  void Emit(const driverpb::TaskConfig& task, const std::string& message,
+            const std::map<std::string, std::string>& annotations = {});
+  ImageCache& CacheAt(const std::string& dir);
+  // Keeps the image cache under image_cache_max_size, sparing images in use.
+  void EvictImages(const PluginConfig& plugin);
 
   const TaskManagerOptions options_;
   const ConfigSource config_;
   Fingerprinter* const fingerprinter_;
+  EventBus* const events_;
   ExitWatcher watcher_;
 
   absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<VmTask>> tasks_ ABSL_GUARDED_BY(mu_);
   // IDs whose StartTask is under way, so a duplicate is refused at once.
   std::map<std::string, bool> starting_ ABSL_GUARDED_BY(mu_);
+  // One cache object per directory, so single-flight spans every task.
+  std::map<std::string, std::unique_ptr<ImageCache>> caches_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace ndq

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -34,6 +35,7 @@ struct DriverStateRecord {
   uint64_t qemu_start_ticks = 0;
   bool graceful_shutdown = false;
   bool guest_agent = false;
+  std::string cached_image;  // the shared image the task's disk is backed by, if any
   absl::Time started_at = absl::UnixEpoch();
 
   std::string Encode() const;
@@ -51,6 +53,9 @@ struct ExitResult {
 // Reads what the supervisor recorded in `state_dir` into Nomad's terms: a
 // signal death is exit code 128+N as Nomad's executor reports it.
 ExitResult LoadExitResult(const std::string& state_dir);
+
+// Where a task's events go: (message, annotations).
+using TaskEventSink = std::function<void(const std::string&, const std::map<std::string, std::string>&)>;
 
 class VmTask {
  public:
@@ -82,6 +87,8 @@ class VmTask {
   // Asks the guest to power off (guest agent first when enabled, else ACPI).
   absl::Status RequestPowerdown();
 
+  void SetEventSink(TaskEventSink sink) { emit_ = std::move(sink); }
+
   // How long QEMU gets after the stop signal before SIGKILL.
   static constexpr absl::Duration kKillGrace = absl::Seconds(3);
 
@@ -93,6 +100,7 @@ class VmTask {
   const DriverStateRecord record_;
   const int supervisor_pidfd_;
   const int qemu_pidfd_;
+  TaskEventSink emit_ = [](const std::string&, const std::map<std::string, std::string>&) {};
 
   // Serializes control operations (stop, signal, QMP use).
   absl::Mutex control_mu_;

@@ -31,6 +31,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "qemu_driver/run_command.h"
+#include "../support/http_test_server.h"
 #include "../support/temp_dir.h"
 
 namespace ndq {
@@ -39,63 +40,7 @@ namespace {
 using ::testing::HasSubstr;
 namespace fs = std::filesystem;
 
-const char kServerScript[] = NDQ_SOURCE_DIR "/tests/support/http_test_server.py";
-
-// The test server as a child process; killed (and reaped) by the destructor.
-class TestServer {
- public:
-  ~TestServer() { Stop(); }
-
-  ::testing::AssertionResult Start(const std::vector<std::string>& args) {
-    int out[2];
-    if (::pipe2(out, O_CLOEXEC) != 0) return ::testing::AssertionFailure() << "pipe failed";
-    std::vector<std::string> argv = {"/usr/bin/python3", kServerScript};
-    argv.insert(argv.end(), args.begin(), args.end());
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
-    absl::StatusOr<pid_t> pid = SpawnWithDefaultSignals(argv, &actions);
-    posix_spawn_file_actions_destroy(&actions);
-    ::close(out[1]);
-    if (!pid.ok()) {
-      ::close(out[0]);
-      return ::testing::AssertionFailure() << pid.status();
-    }
-    pid_ = *pid;
-    // The first stdout line is the port; wait for it with a deadline.
-    std::string line;
-    const absl::Time deadline = absl::Now() + absl::Seconds(20);
-    while (line.find('\n') == std::string::npos) {
-      const int64_t left = absl::ToInt64Milliseconds(deadline - absl::Now());
-      if (left <= 0) break;
-      pollfd pfd = {out[0], POLLIN, 0};
-      if (::poll(&pfd, 1, static_cast<int>(left)) <= 0) continue;
-      char buf[64];
-      const ssize_t n = ::read(out[0], buf, sizeof buf);
-      if (n <= 0) break;
-      line.append(buf, static_cast<size_t>(n));
-    }
-    ::close(out[0]);
-    if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(line), &port_) || port_ <= 0) {
-      return ::testing::AssertionFailure() << "test server printed no port: \"" << line << "\"";
-    }
-    return ::testing::AssertionSuccess();
-  }
-
-  void Stop() {
-    if (pid_ > 0) {
-      ::kill(pid_, SIGKILL);
-      ::waitpid(pid_, nullptr, 0);
-      pid_ = -1;
-    }
-  }
-
-  int port() const { return port_; }
-
- private:
-  pid_t pid_ = -1;
-  int port_ = 0;
-};
+using TestServer = ::ndq::testing::HttpTestServer;
 
 size_t AppendToString(char* data, size_t size, size_t n, void* user) {
   static_cast<std::string*>(user)->append(data, size * n);

@@ -89,3 +89,35 @@ TEST(PluginConfig, StateDirMustLeaveRoomForSockets) {
 
 }  // namespace
 }  // namespace ndq
+
+namespace ndq {
+namespace {
+
+TEST(ParseSize, UnitsAreBinaryAsInQemuImg) {
+  EXPECT_EQ(*ParseSize("20G"), 20ll << 30);
+  EXPECT_EQ(*ParseSize("512M"), 512ll << 20);
+  EXPECT_EQ(*ParseSize("1.5T"), 3ll << 39);
+  EXPECT_EQ(*ParseSize("1048576"), 1048576);
+  EXPECT_EQ(*ParseSize("4GiB"), 4ll << 30);
+  EXPECT_FALSE(ParseSize("20 apples").ok());
+  EXPECT_FALSE(ParseSize("G").ok());
+  EXPECT_FALSE(ParseSize("-5G").ok());
+}
+
+TEST(PluginConfig, ImageDownloadOptions) {
+  MsgpackWriter w;
+  w.Map(4).Str("allow_unverified_images").Bool(true).Str("max_image_size").Str("10G").Str("image_cache_max_size")
+      .Str("50G").Str("ca_file").Str("/etc/ssl/extra.pem");
+  const absl::StatusOr<PluginConfig> config = DecodePluginConfig(w.bytes());
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_TRUE(config->allow_unverified_images);
+  EXPECT_EQ(config->max_image_size, 10ll << 30);
+  EXPECT_EQ(config->image_cache_max_size, 50ll << 30);
+  EXPECT_EQ(config->ca_file, "/etc/ssl/extra.pem");
+  MsgpackWriter bad;
+  bad.Map(1).Str("max_image_size").Str("lots");
+  EXPECT_THAT(std::string(DecodePluginConfig(bad.bytes()).status().message()), HasSubstr("\"max_image_size\""));
+}
+
+}  // namespace
+}  // namespace ndq

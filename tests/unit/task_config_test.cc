@@ -18,7 +18,8 @@ TEST(TaskConfig, SchemaCoversNomadsQemuOptions) {
       {"image_path", "string"},      {"emulator", "string"},        {"machine_type", "string"},
       {"drive_interface", "string"}, {"accelerator", "string"},     {"graceful_shutdown", "bool"},
       {"guest_agent", "bool"},       {"args", "list(string)"},      {"port_map", "list(map(number))"},
-      {"image_source", "string"},    {"checksum", "string"},
+      {"image_source", "string"},    {"checksum", "string"},      {"image_sources", "list(string)"},
+      {"checksum_url", "string"},    {"image_format", "string"},  {"disk_size", "string"},
   };
   const auto spec = TaskConfigSpec();
   const auto& attrs = spec.object().attributes();
@@ -32,8 +33,12 @@ TEST(TaskConfig, SchemaCoversNomadsQemuOptions) {
 
 std::string FullConfig() {
   MsgpackWriter w;
-  w.Map(11);
+  w.Map(15);
   w.Str("image_path").Str("local/linux.img");
+  w.Str("image_sources").Nil();
+  w.Str("checksum_url").Nil();
+  w.Str("image_format").Str("qcow2");
+  w.Str("disk_size").Str("20G");
   w.Str("image_source").Nil();
   w.Str("checksum").Nil();
   w.Str("emulator").Str("x86_64");
@@ -60,6 +65,9 @@ TEST(TaskConfig, DecodesEveryOption) {
   EXPECT_FALSE(c->guest_agent);
   EXPECT_EQ(c->args, (std::vector<std::string>{"-smp", "2"}));
   EXPECT_EQ(c->port_map, (std::map<std::string, int64_t>{{"http", 80}, {"ssh", 22}}));
+  EXPECT_EQ(c->image_format, "qcow2");
+  EXPECT_EQ(c->disk_size, "20G");
+  EXPECT_TRUE(c->image_sources.empty());
 }
 
 TEST(TaskConfig, UnsetOptionsKeepDefaults) {

@@ -142,11 +142,11 @@ TEST_F(PlanVm, EveryDriveInterfaceOfNomad) {
 
 // --- image ------------------------------------------------------------------
 
-TEST_F(PlanVm, ImageSourceIsNotSupportedYet) {
+TEST_F(PlanVm, AnUnpreparedImageSourceIsRefused) {
   config_.image_path.reset();
   config_.image_source = "https://example.com/linux.qcow2";
   config_.checksum = "sha256:00";
-  EXPECT_THAT(Problems(), HasSubstr("\"image_source\": image_source is not supported yet"));
+  EXPECT_THAT(Problems(), HasSubstr("\"image_source\": the image was not prepared before planning"));
 }
 
 TEST_F(PlanVm, ExactlyOneImageOption) {

@@ -1,0 +1,39 @@
+// Turns a task's image_source into a disk of its own: the checksum (given, or
+// read from checksum_url), the image from the shared cache (downloaded and
+// verified once), and a qcow2 overlay in the task dir backed by it, grown to
+// disk_size. The cached image is never written to.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "qemu_driver/image_cache.h"
+#include "qemu_driver/plugin_config.h"
+#include "qemu_driver/task_config.h"
+
+namespace ndq {
+
+struct TaskDisk {
+  std::string overlay;       // the task's disk, in its task dir
+  std::string cached_image;  // the shared, read-only backing image
+  std::string format;        // of the cached image
+  bool cache_hit = false;
+};
+
+// Checks the image options of `config` without any I/O: exactly one of
+// image_path and image_source(s), URL schemes, checksum form, a checksum
+// required unless the operator allows unverified images, disk_size. Returns
+// the list of sources in order ({} when image_path is used).
+absl::StatusOr<std::vector<std::string>> ImageSources(const TaskConfig& config, const PluginConfig& plugin);
+
+// Progress and milestones for the task's event stream: (message, annotations).
+using DiskEventSink = std::function<void(const std::string&, const std::map<std::string, std::string>&)>;
+
+absl::StatusOr<TaskDisk> PrepareTaskDisk(const TaskConfig& config, const std::vector<std::string>& sources,
+                                         const std::string& task_dir, const PluginConfig& plugin, ImageCache& cache,
+                                         const DiskEventSink& events);
+
+}  // namespace ndq

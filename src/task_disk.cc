@@ -1,0 +1,174 @@
+#include "qemu_driver/task_disk.h"
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "qemu_driver/checksum.h"
+#include "qemu_driver/fetcher.h"
+#include "qemu_driver/image_probe.h"
+#include "qemu_driver/run_command.h"
+
+namespace ndq {
+namespace {
+
+bool SupportedSource(const std::string& source) {
+  if (absl::StartsWith(source, "http://") || absl::StartsWith(source, "https://") ||
+      absl::StartsWith(source, "file://")) {
+    return true;
+  }
+  return !absl::StrContains(source, "://") && !source.empty() && source[0] == '/';
+}
+
+std::string BaseName(const std::string& url) {
+  std::string path = url.substr(0, url.find_first_of("?#"));
+  return path.substr(path.rfind('/') + 1);
+}
+
+FetchOptions OptionsFor(const PluginConfig& plugin) {
+  FetchOptions options;
+  options.max_bytes = plugin.max_image_size;
+  options.ca_file = plugin.ca_file;
+  return options;
+}
+
+// The checksum file's entry for the image's file name.
+absl::StatusOr<Checksum> ChecksumFromUrl(const std::string& checksum_url, const std::string& image_url,
+                                         const PluginConfig& plugin, const std::string& scratch_dir) {
+  const std::string dest = scratch_dir + "/.checksum-" + std::to_string(::getpid()) + "-" +
+                           std::to_string(reinterpret_cast<uintptr_t>(&dest));
+  FetchOptions options = OptionsFor(plugin);
+  options.max_bytes = 1 << 20;
+  absl::StatusOr<FetchResult> fetched = FetchVerified(checksum_url, std::nullopt, dest, options);
+  if (!fetched.ok()) {
+    return absl::Status(fetched.status().code(), absl::StrCat("task config \"checksum_url\": ", fetched.status().message()));
+  }
+  std::ifstream in(dest);
+  std::stringstream content;
+  content << in.rdbuf();
+  std::filesystem::remove(dest);
+  absl::StatusOr<Checksum> checksum = ChecksumFromFile(content.str(), BaseName(image_url), "");
+  if (!checksum.ok()) {
+    return absl::Status(checksum.status().code(), absl::StrCat("task config \"checksum_url\": ", checksum.status().message()));
+  }
+  return checksum;
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<std::string>> ImageSources(const TaskConfig& config, const PluginConfig& plugin) {
+  std::vector<std::string> sources;
+  if (config.image_source) sources.push_back(*config.image_source);
+  sources.insert(sources.end(), config.image_sources.begin(), config.image_sources.end());
+  if (sources.empty()) {
+    if (config.disk_size) return absl::InvalidArgumentError("task config \"disk_size\": only applies to image_source");
+    return sources;
+  }
+  if (config.image_path) {
+    return absl::InvalidArgumentError("task config: set exactly one of \"image_path\" and \"image_source\", not both");
+  }
+  for (const std::string& source : sources) {
+    if (!SupportedSource(source)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "task config \"image_source\": unsupported URL \"", source, "\" (use http://, https://, file:// or an absolute path)"));
+    }
+  }
+  if (config.checksum && config.checksum_url) {
+    return absl::InvalidArgumentError("task config: set one of \"checksum\" and \"checksum_url\", not both");
+  }
+  if (config.checksum) {
+    absl::StatusOr<Checksum> parsed = ParseChecksum(*config.checksum);
+    if (!parsed.ok()) return absl::InvalidArgumentError(absl::StrCat("task config \"checksum\": ", parsed.status().message()));
+  } else if (!config.checksum_url && !plugin.allow_unverified_images) {
+    return absl::InvalidArgumentError(
+        "task config \"checksum\": required for image_source (or checksum_url); the plugin config does not set "
+        "allow_unverified_images");
+  }
+  if (config.checksum_url && !SupportedSource(*config.checksum_url)) {
+    return absl::InvalidArgumentError(absl::StrCat("task config \"checksum_url\": unsupported URL \"", *config.checksum_url, "\""));
+  }
+  if (config.disk_size) {
+    absl::StatusOr<int64_t> size = ParseSize(*config.disk_size);
+    if (!size.ok()) return absl::InvalidArgumentError(absl::StrCat("task config \"disk_size\": ", size.status().message()));
+  }
+  return sources;
+}
+
+absl::StatusOr<TaskDisk> PrepareTaskDisk(const TaskConfig& config, const std::vector<std::string>& sources,
+                                         const std::string& task_dir, const PluginConfig& plugin, ImageCache& cache,
+                                         const DiskEventSink& events) {
+  std::optional<Checksum> checksum;
+  if (config.checksum) {
+    checksum = *ParseChecksum(*config.checksum);
+  } else if (config.checksum_url) {
+    absl::StatusOr<Checksum> fetched = ChecksumFromUrl(*config.checksum_url, sources.front(), plugin, task_dir);
+    if (!fetched.ok()) return fetched.status();
+    checksum = *fetched;
+  }
+  // Verified images are shared by content; unverified ones only by URL.
+  std::string key;
+  if (checksum) {
+    key = absl::StrCat(checksum->type, "-", checksum->hex);
+  } else {
+    Hasher hasher = *Hasher::Create("sha256");
+    hasher.Update(sources.front().data(), sources.front().size());
+    key = "url-" + hasher.FinalHex();
+  }
+
+  FetchOptions options = OptionsFor(plugin);
+  ImageCache::Downloader download = [&](const std::string& source,
+                                        const std::string& dest) -> absl::StatusOr<int64_t> {
+    events("Downloading image", {{"source", source}});
+    FetchOptions with_progress = options;
+    with_progress.progress_interval = absl::Seconds(5);
+    with_progress.progress = [&](int64_t done, int64_t total, double rate) {
+      events(absl::StrFormat("Downloading image: %s", total > 0 ? absl::StrFormat("%.0f%%", 100.0 * done / total) : "?"),
+             {{"bytes", std::to_string(done)},
+              {"total_bytes", std::to_string(total)},
+              {"bytes_per_second", absl::StrFormat("%.0f", rate)}});
+    };
+    absl::StatusOr<FetchResult> result = FetchVerified(source, checksum, dest, with_progress);
+    if (!result.ok()) return result.status();
+    events("Image downloaded and verified",
+           {{"bytes", std::to_string(result->bytes)}, {"seconds", absl::StrFormat("%.2f", absl::ToDoubleSeconds(result->took))}});
+    return result->bytes;
+  };
+  absl::StatusOr<CachedImage> cached = cache.Acquire(key, sources, download);
+  if (!cached.ok()) {
+    return absl::Status(cached.status().code(), absl::StrCat("task config \"image_source\": ", cached.status().message()));
+  }
+  if (cached->hit) events("Image cache hit", {{"image", cached->path}});
+
+  TaskDisk disk;
+  disk.cached_image = cached->path;
+  disk.cache_hit = cached->hit;
+  if (config.image_format) {
+    disk.format = *config.image_format;
+  } else {
+    absl::StatusOr<ImageInfo> info = ProbeImage(cached->path);
+    if (!info.ok()) return info.status();
+    disk.format = info->format;
+  }
+  disk.overlay = task_dir + "/image-overlay.qcow2";
+  const std::string qemu_img = FindOnPath("qemu-img");
+  if (qemu_img.empty()) return absl::FailedPreconditionError("qemu-img is not on PATH (package qemu-utils)");
+  std::vector<std::string> argv = {qemu_img, "create", "-q", "-f", "qcow2", "-F", disk.format, "-b", cached->path,
+                                   disk.overlay};
+  if (config.disk_size) argv.push_back(std::to_string(*ParseSize(*config.disk_size)));
+  absl::StatusOr<CommandResult> created = RunCommand(argv, absl::Seconds(60));
+  if (!created.ok() || created->exit_code != 0) {
+    std::filesystem::remove(disk.overlay);
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cannot create the task's disk on ", cached->path, ": ",
+        created.ok() ? created->output : std::string(created.status().message())));
+  }
+  events("Task disk created", {{"overlay", disk.overlay}, {"backing", cached->path}});
+  return disk;
+}
+
+}  // namespace ndq

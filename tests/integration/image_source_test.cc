@@ -1,0 +1,244 @@
+// Tasks started from image_source: a real HTTP server on loopback, the shared
+// cache, per-task overlays, and real QEMU booting what was downloaded.
+#include <signal.h>
+#include <sys/stat.h>
+
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "../support/http_test_server.h"
+#include "../support/plugin_harness.h"
+#include "../support/temp_dir.h"
+#include "../support/test_guest.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "qemu_driver/checksum.h"
+
+namespace ndq {
+namespace {
+
+using ::ndq::testing::AddTaskPort;
+using ::ndq::testing::FakeAlloc;
+using ::ndq::testing::FreePort;
+using ::ndq::testing::HttpTestServer;
+using ::ndq::testing::kGuestBootTimeout;
+using ::ndq::testing::PluginHarness;
+using ::ndq::testing::ReadFile;
+using ::ndq::testing::TempDir;
+using ::ndq::testing::TestGuestDir;
+using ::ndq::testing::WaitForFileToContain;
+using ::testing::HasSubstr;
+namespace fs = std::filesystem;
+namespace driverpb = hashicorp::nomad::plugins::drivers::proto;
+
+std::string Sha256Of(const std::string& path) {
+  absl::StatusOr<Hasher> hasher = Hasher::Create("sha256");
+  std::ifstream in(path, std::ios::binary);
+  std::vector<char> buf(1 << 20);
+  while (in.read(buf.data(), static_cast<std::streamsize>(buf.size())) || in.gcount() > 0) {
+    hasher->Update(buf.data(), static_cast<size_t>(in.gcount()));
+  }
+  return hasher->FinalHex();
+}
+
+std::string HttpGet(const std::string& url) {
+  auto out = RunCommand({"/usr/bin/curl", "-s", "--max-time", "5", url}, absl::Seconds(10));
+  return out.ok() && out->exit_code == 0 ? out->output : "";
+}
+
+// Collects every TaskEvents message the plugin sends.
+class EventRecorder {
+ public:
+  explicit EventRecorder(nomadplugin::DriverClient& client)
+      : context_(client.NewContext(absl::InfiniteDuration())),
+        reader_(client.driver().TaskEvents(context_.get(), {})),
+        thread_([this] {
+          driverpb::DriverTaskEvent event;
+          while (reader_->Read(&event)) {
+            absl::MutexLock lock(&mu_);
+            messages_.push_back(event.task_id() + ": " + event.message());
+          }
+        }) {}
+  ~EventRecorder() {
+    context_->TryCancel();
+    thread_.join();
+  }
+  bool WaitFor(const std::string& needle, absl::Duration timeout) {
+    absl::MutexLock lock(&mu_);
+    auto seen = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      for (const auto& m : messages_) {
+        if (m.find(needle) != std::string::npos) return true;
+      }
+      return false;
+    };
+    return mu_.AwaitWithTimeout(absl::Condition(&seen), timeout);
+  }
+  std::string All() {
+    absl::MutexLock lock(&mu_);
+    return absl::StrJoin(messages_, "\n");
+  }
+
+ private:
+  std::unique_ptr<grpc::ClientContext> context_;
+  std::unique_ptr<grpc::ClientReader<driverpb::DriverTaskEvent>> reader_;
+  absl::Mutex mu_;
+  std::vector<std::string> messages_ ABSL_GUARDED_BY(mu_);
+  std::thread thread_;
+};
+
+class ImageSourceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(TestGuestDir().ok()) << TestGuestDir().status();
+    fs::copy_file(*TestGuestDir() + "/guest.qcow2", served_ / "guest.qcow2");
+    fs::copy_file(*TestGuestDir() + "/guest-noacpi.qcow2", served_ / "other.qcow2");
+    digest_ = Sha256Of(served_ / "guest.qcow2");
+    std::ofstream(served_ / "SHA256SUMS") << digest_ << "  guest.qcow2\n"
+                                          << Sha256Of(served_ / "other.qcow2") << "  other.qcow2\n";
+    ASSERT_TRUE(server_.Start({"--root", served_.path()}));
+    base_ = absl::StrCat("http://127.0.0.1:", server_.port());
+    plugin_config_ = {{"image_cache_dir", cache_.path()}};
+    Launch();
+  }
+  void TearDown() override {
+    harness_.reset();
+    server_.Stop();
+  }
+  void Launch() { harness_ = std::make_unique<PluginHarness>(state_.path() + "/s", plugin_config_); }
+
+  nlohmann::json Config(nlohmann::json extra) {
+    nlohmann::json config = {{"drive_interface", "virtio"}, {"graceful_shutdown", true}};
+    for (const auto& [k, v] : extra.items()) config[k] = v;
+    return config;
+  }
+
+  int FullGets(const std::string& path) {
+    int n = 0;
+    for (absl::string_view line : absl::StrSplit(HttpGet(base_ + "/_log"), '\n', absl::SkipEmpty())) {
+      const nlohmann::json entry = nlohmann::json::parse(std::string(line));
+      if (entry["method"] == "GET" && entry["path"] == path && entry.value("range", "").empty()) ++n;
+    }
+    return n;
+  }
+
+  void ExpectRefused(const nlohmann::json& config, const std::string& message) {
+    FakeAlloc alloc("bad");
+    const grpc::Status status = harness_->Start(alloc.Task(config), nullptr);
+    EXPECT_FALSE(status.ok());
+    EXPECT_THAT(status.error_message(), HasSubstr(message));
+    EXPECT_FALSE(fs::exists(alloc.task_dir() + "/image-overlay.qcow2"));
+  }
+
+  TempDir served_, cache_, state_;
+  HttpTestServer server_;
+  std::string base_, digest_;
+  nlohmann::json plugin_config_;
+  std::unique_ptr<PluginHarness> harness_;
+};
+
+TEST_F(ImageSourceTest, BootsFromAVerifiedDownloadThroughAnOverlay) {
+  EventRecorder events(harness_->client());
+  FakeAlloc alloc("web");
+  const int port = FreePort();
+  driverpb::TaskConfig task = alloc.Task(Config({{"image_source", base_ + "/guest.qcow2"},
+                                                 {"checksum", "sha256:" + digest_},
+                                                 {"disk_size", "1G"},
+                                                 {"port_map", {{{"http", 80}}}}}));
+  AddTaskPort(&task, "http", port);
+  const grpc::Status started = harness_->Start(task, nullptr);
+  ASSERT_TRUE(started.ok()) << started.error_message();
+  ASSERT_TRUE(WaitForFileToContain(alloc.stdout_path(), "GUEST-READY", kGuestBootTimeout));
+  EXPECT_THAT(HttpGet("http://127.0.0.1:" + std::to_string(port) + "/"), HasSubstr("test guest"));
+
+  // The cached image is shared and read-only; the task writes to its overlay, grown to disk_size.
+  const std::string cached = cache_ / ("sha256-" + digest_);
+  struct stat st;
+  ASSERT_EQ(::stat(cached.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0222, 0u);
+  EXPECT_EQ(Sha256Of(cached), digest_);
+  const std::string overlay = alloc.task_dir() + "/image-overlay.qcow2";
+  auto info = RunCommand({"/usr/bin/qemu-img", "info", "-U", "--output=json", overlay}, absl::Seconds(10));
+  ASSERT_TRUE(info.ok());
+  const nlohmann::json overlay_info = nlohmann::json::parse(info->output);
+  EXPECT_EQ(overlay_info["virtual-size"], 1024ll * 1024 * 1024);
+  EXPECT_EQ(overlay_info["full-backing-filename"], cached);
+
+  for (const char* milestone : {"Downloading image", "Image downloaded and verified", "Task disk created",
+                                "Started QEMU"}) {
+    EXPECT_TRUE(events.WaitFor(milestone, absl::Seconds(5))) << milestone << " not in:\n" << events.All();
+  }
+  ASSERT_TRUE(harness_->Stop(task.id(), absl::Seconds(20)).ok());
+  EXPECT_TRUE(events.WaitFor("Sent ACPI powerdown", absl::Seconds(5))) << events.All();
+  EXPECT_TRUE(events.WaitFor("VM powered off", absl::Seconds(5))) << events.All();
+}
+
+TEST_F(ImageSourceTest, WrongChecksumLeavesNothingBehind) {
+  const std::string wrong(64, 'a');
+  ExpectRefused(Config({{"image_source", base_ + "/guest.qcow2"}, {"checksum", "sha256:" + wrong}}), wrong);
+  FakeAlloc alloc("bad2");
+  const grpc::Status status = harness_->Start(
+      alloc.Task(Config({{"image_source", base_ + "/guest.qcow2"}, {"checksum", "sha256:" + wrong}})), nullptr);
+  EXPECT_THAT(status.error_message(), HasSubstr(digest_)) << "the actual digest is named too";
+  for (const auto& entry : fs::directory_iterator(cache_.path())) {
+    EXPECT_EQ(entry.path().filename().string()[0], '.') << "left in the cache: " << entry.path();
+  }
+}
+
+TEST_F(ImageSourceTest, FiveTasksAtOnceShareOneDownload) {
+  std::vector<std::unique_ptr<FakeAlloc>> allocs;
+  std::vector<driverpb::TaskConfig> tasks;
+  for (int i = 0; i < 5; ++i) {
+    allocs.push_back(std::make_unique<FakeAlloc>("vm" + std::to_string(i)));
+    tasks.push_back(allocs.back()->Task(
+        Config({{"image_source", base_ + "/guest.qcow2"}, {"checksum_url", base_ + "/SHA256SUMS"}})));
+  }
+  std::vector<std::thread> threads;
+  std::vector<grpc::Status> results(5);
+  for (int i = 0; i < 5; ++i) threads.emplace_back([&, i] { results[i] = harness_->Start(tasks[i], nullptr); });
+  for (auto& t : threads) t.join();
+  for (const auto& status : results) ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(FullGets("/guest.qcow2"), 1);
+  for (const auto& alloc : allocs) {
+    EXPECT_TRUE(WaitForFileToContain(alloc->stdout_path(), "GUEST-READY", kGuestBootTimeout));
+  }
+  for (const auto& task : tasks) EXPECT_TRUE(harness_->Stop(task.id(), absl::Seconds(20)).ok());
+}
+
+TEST_F(ImageSourceTest, EvictionSparesImagesInUse) {
+  plugin_config_["image_cache_max_size"] = "1K";
+  Launch();
+  FakeAlloc a("a"), b("b"), c("c");
+  const auto task_a = a.Task(Config({{"image_source", base_ + "/guest.qcow2"}, {"checksum", digest_}}));
+  const auto task_b = b.Task(Config({{"image_source", base_ + "/other.qcow2"}, {"checksum_url", base_ + "/SHA256SUMS"}}));
+  ASSERT_TRUE(harness_->Start(task_a, nullptr).ok());
+  ASSERT_TRUE(harness_->Start(task_b, nullptr).ok());
+  const std::string image_a = cache_ / ("sha256-" + digest_);
+  EXPECT_TRUE(fs::exists(image_a)) << "over the limit, but in use";
+  ASSERT_TRUE(harness_->Stop(task_a.id(), absl::Seconds(1), "SIGKILL").ok());
+  ASSERT_TRUE(harness_->Destroy(task_a.id(), false).ok());
+  // The next start evicts what no running task uses.
+  ASSERT_TRUE(harness_->Start(c.Task(Config({{"image_source", base_ + "/other.qcow2"},
+                                             {"checksum_url", base_ + "/SHA256SUMS"}})),
+                              nullptr)
+                  .ok());
+  EXPECT_FALSE(fs::exists(image_a));
+}
+
+TEST_F(ImageSourceTest, BadImageOptionsAreRefusedClearly) {
+  const std::string url = base_ + "/guest.qcow2";
+  ExpectRefused(Config({{"image_source", url}, {"checksum", "crc32:1234"}}), "unknown checksum type \"crc32\"");
+  ExpectRefused(Config({{"image_source", url}, {"checksum", "sha256:xyz"}}), "hexadecimal");
+  ExpectRefused(Config({{"image_source", url}, {"image_path", "local/a.img"}, {"checksum", digest_}}),
+                "exactly one of \"image_path\" and \"image_source\"");
+  ExpectRefused(Config({{"image_source", "ftp://example.com/a.img"}, {"checksum", digest_}}), "unsupported URL");
+  ExpectRefused(Config({{"image_source", url}, {"checksum", digest_}, {"disk_size", "20 apples"}}), "disk_size");
+  ExpectRefused(Config({{"image_source", url}}), "allow_unverified_images");
+  ExpectRefused(Config({{"image_source", base_ + "/missing.qcow2"}, {"checksum", digest_}}), "404");
+}
+
+}  // namespace
+}  // namespace ndq
