@@ -228,6 +228,20 @@ TEST_F(ImageSourceTest, EvictionSparesImagesInUse) {
   EXPECT_FALSE(fs::exists(image_a));
 }
 
+TEST_F(ImageSourceTest, LocalFilesGoThroughTheCacheToo) {
+  FakeAlloc a("a"), b("b");
+  const nlohmann::json config =
+      Config({{"image_source", "file://" + (served_ / "guest.qcow2")}, {"checksum", digest_}, {"args", {"-S"}}});
+  const auto task_a = a.Task(config);
+  const auto task_b = b.Task(config);
+  ASSERT_TRUE(harness_->Start(task_a, nullptr).ok());
+  EventRecorder events(harness_->client());
+  ASSERT_TRUE(harness_->Start(task_b, nullptr).ok());
+  EXPECT_TRUE(fs::exists(cache_ / ("sha256-" + digest_)));
+  EXPECT_TRUE(events.WaitFor("Image cache hit", absl::Seconds(5))) << events.All();
+  for (const auto* task : {&task_a, &task_b}) ASSERT_TRUE(harness_->Destroy(task->id(), true).ok());
+}
+
 TEST_F(ImageSourceTest, BadImageOptionsAreRefusedClearly) {
   const std::string url = base_ + "/guest.qcow2";
   ExpectRefused(Config({{"image_source", url}, {"checksum", "crc32:1234"}}), "unknown checksum type \"crc32\"");
