@@ -5,6 +5,7 @@
 #include "nomadplugin/hclog.h"
 #include "google_rpc/status.pb.h"
 #include "nomad/structs.pb.h"
+#include "qemu_driver/stats.h"
 #include "qemu_driver/task_config.h"
 
 namespace ndq {
@@ -13,10 +14,6 @@ const char kPluginVersion[] = NDQ_VERSION;
 
 namespace {
 
-grpc::Status NotYet(const char* rpc) {
-  return grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                      std::string(rpc) + " is not implemented yet in nomad-driver-qemu " + kPluginVersion);
-}
 
 constexpr char kExecUnsupported[] =
     "exec is not supported by the qemu driver: the task is a virtual machine, with no process on the host "
@@ -250,9 +247,28 @@ grpc::Status DriverService::InspectTask(grpc::ServerContext*, const driverpb::In
   return grpc::Status::OK;
 }
 
-grpc::Status DriverService::TaskStats(grpc::ServerContext*, const driverpb::TaskStatsRequest*,
-                                      grpc::ServerWriter<driverpb::TaskStatsResponse>*) {
-  return NotYet("TaskStats");
+grpc::Status DriverService::TaskStats(grpc::ServerContext* context, const driverpb::TaskStatsRequest* request,
+                                      grpc::ServerWriter<driverpb::TaskStatsResponse>* writer) {
+  absl::Duration interval = absl::Seconds(request->collection_interval().seconds()) +
+                            absl::Nanoseconds(request->collection_interval().nanos());
+  if (interval <= absl::ZeroDuration()) interval = absl::Seconds(1);
+  StatsSampler sampler;
+  while (true) {
+    absl::StatusOr<driverpb::InspectTaskResponse> task = tasks_->Inspect(request->task_id());
+    if (!task.ok()) return ToGrpc(task.status());
+    if (task->task().state() == driverpb::EXITED) return grpc::Status::OK;
+    const auto& attrs = task->driver().attributes();
+    std::vector<pid_t> pids;
+    for (const char* key : {"qemu_pid", "supervisor_pid"}) {
+      if (auto it = attrs.find(key); it != attrs.end()) pids.push_back(std::stoi(it->second));
+    }
+    driverpb::TaskStatsResponse response;
+    *response.mutable_stats() = sampler.Sample(request->task_id(), pids);
+    if (!writer->Write(response)) return grpc::Status::OK;
+    if (lifecycle_->SleepInStream(context, interval) != nomadplugin::Lifecycle::Wake::kTimeout) {
+      return grpc::Status::OK;
+    }
+  }
 }
 
 grpc::Status DriverService::SignalTask(grpc::ServerContext*, const driverpb::SignalTaskRequest* request,

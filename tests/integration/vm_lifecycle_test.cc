@@ -167,6 +167,48 @@ TEST_F(VmLifecycleTest, GracefulStopGoesThroughTheGuestAgentWhenEnabled) {
       << "the stop must have used the guest agent, not ACPI";
 }
 
+// Percent of one core used by the VM over `samples` one-second intervals
+// (the last sample), and the stream's RSS; the stream ends when the VM exits.
+struct StatsSeen {
+  double percent = -1;
+  uint64_t rss = 0;
+  double total_ticks = 0;
+};
+
+StatsSeen ReadStats(PluginHarness& harness, const std::string& id, int samples) {
+  auto context = harness.client().NewContext(absl::Seconds(60));
+  driverpb::TaskStatsRequest request;
+  request.set_task_id(id);
+  request.mutable_collection_interval()->set_seconds(1);
+  auto reader = harness.driver().TaskStats(context.get(), request);
+  StatsSeen seen;
+  driverpb::TaskStatsResponse response;
+  for (int i = 0; i < samples && reader->Read(&response); ++i) {
+    seen.percent = response.stats().agg_resource_usage().cpu().percent();
+    seen.total_ticks = response.stats().agg_resource_usage().cpu().total_ticks();
+    seen.rss = response.stats().agg_resource_usage().memory().rss();
+  }
+  context->TryCancel();
+  reader->Finish();
+  return seen;
+}
+
+TEST_F(VmLifecycleTest, StatsShowABusyVcpuAsAboutOneCore) {
+  FakeAlloc busy("busy"), idle("idle");
+  const driverpb::TaskHandle busy_handle = StartGuest(busy, "guest-busy.qcow2", FreePort());
+  const driverpb::TaskHandle idle_handle = StartGuest(idle, "guest.qcow2", FreePort());
+  const StatsSeen hot = ReadStats(*harness_, busy_handle.config().id(), 3);
+  const StatsSeen cold = ReadStats(*harness_, idle_handle.config().id(), 3);
+  EXPECT_GT(hot.percent, 60) << "a TCG guest spinning one vCPU";
+  EXPECT_LT(hot.percent, 140);
+  EXPECT_LT(cold.percent, 40);
+  EXPECT_GT(hot.total_ticks, 0);
+  EXPECT_GT(hot.rss, 20u << 20);
+  ASSERT_TRUE(harness_->Stop(busy_handle.config().id(), absl::Seconds(20)).ok());
+  // A stream on an exited task ends at once.
+  EXPECT_EQ(ReadStats(*harness_, busy_handle.config().id(), 1).percent, -1);
+}
+
 TEST_F(VmLifecycleTest, GroupNetworkPortsAreForwardedToo) {
   FakeAlloc alloc("web");
   const int port = FreePort();

@@ -1,0 +1,91 @@
+#include "qemu_driver/stats.h"
+
+#include "absl/time/clock.h"
+
+#include <unistd.h>
+
+#include <fstream>
+#include <sstream>
+#include <string>
+
+namespace ndq {
+namespace {
+
+namespace driverpb = hashicorp::nomad::plugins::drivers::proto;
+
+void FillUsage(driverpb::TaskResourceUsage* usage, double user_pct, double system_pct, uint64_t rss) {
+  auto* cpu = usage->mutable_cpu();
+  cpu->set_user_mode(user_pct);
+  cpu->set_system_mode(system_pct);
+  cpu->set_percent(user_pct + system_pct);
+  cpu->set_total_ticks((user_pct + system_pct) / 100.0 * CoreMhz());
+  for (auto field : {driverpb::CPUUsage::USER_MODE, driverpb::CPUUsage::SYSTEM_MODE, driverpb::CPUUsage::PERCENT,
+                     driverpb::CPUUsage::TOTAL_TICKS}) {
+    cpu->add_measured_fields(field);
+  }
+  usage->mutable_memory()->set_rss(rss);
+  usage->mutable_memory()->add_measured_fields(driverpb::MemoryUsage::RSS);
+}
+
+}  // namespace
+
+std::optional<ProcessSample> ReadProcessSample(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const size_t close = stat.rfind(')');
+  if (close == std::string::npos) return std::nullopt;
+  std::istringstream fields(stat.substr(close + 2));
+  std::string field;
+  double utime = 0, stime = 0, rss_pages = 0;
+  // Fields from 3 (state): utime is 14, stime 15, rss 24.
+  for (int i = 3; i <= 24 && fields >> field; ++i) {
+    if (i == 14) utime = std::stod(field);
+    if (i == 15) stime = std::stod(field);
+    if (i == 24) rss_pages = std::stod(field);
+  }
+  const double ns_per_tick = 1e9 / static_cast<double>(::sysconf(_SC_CLK_TCK));
+  return ProcessSample{utime * ns_per_tick, stime * ns_per_tick,
+                       static_cast<uint64_t>(rss_pages) * static_cast<uint64_t>(::sysconf(_SC_PAGESIZE))};
+}
+
+double CoreMhz() {
+  static const double mhz = [] {
+    std::ifstream in("/proc/cpuinfo");
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line.rfind("cpu MHz", 0) == 0) return std::stod(line.substr(line.find(':') + 1));
+    }
+    return 1000.0;
+  }();
+  return mhz;
+}
+
+driverpb::TaskStats StatsSampler::Sample(const std::string& task_id, const std::vector<pid_t>& pids) {
+  driverpb::TaskStats stats;
+  stats.set_id(task_id);
+  const absl::Time now = absl::Now();
+  stats.mutable_timestamp()->set_seconds(absl::ToUnixSeconds(now));
+  double user_total = 0, system_total = 0;
+  uint64_t rss_total = 0;
+  for (pid_t pid : pids) {
+    std::optional<ProcessSample> sample = ReadProcessSample(pid);
+    if (!sample) continue;
+    double user_pct = 0, system_pct = 0;
+    if (auto it = previous_.find(pid); it != previous_.end()) {
+      const double wall_ns = absl::ToDoubleNanoseconds(now - it->second.at);
+      if (wall_ns > 0) {
+        user_pct = (sample->user_ns - it->second.sample.user_ns) / wall_ns * 100.0;
+        system_pct = (sample->system_ns - it->second.sample.system_ns) / wall_ns * 100.0;
+      }
+    }
+    previous_[pid] = Previous{*sample, now};
+    FillUsage(&(*stats.mutable_resource_usage_by_pid())[std::to_string(pid)], user_pct, system_pct, sample->rss_bytes);
+    user_total += user_pct;
+    system_total += system_pct;
+    rss_total += sample->rss_bytes;
+  }
+  FillUsage(stats.mutable_agg_resource_usage(), user_total, system_total, rss_total);
+  return stats;
+}
+
+}  // namespace ndq
