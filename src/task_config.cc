@@ -21,6 +21,8 @@ nomadplugin::hclspec::Spec TaskConfigSpec() {
       {"machine_type", hs::Attr("machine_type", "string")},
       {"drive_interface", hs::Attr("drive_interface", "string")},
       {"accelerator", hs::Attr("accelerator", "string")},
+      {"cpus", hs::Attr("cpus", "number")},
+      {"instance_type", hs::Attr("instance_type", "string")},
       {"graceful_shutdown", hs::Attr("graceful_shutdown", "bool")},
       {"guest_agent", hs::Attr("guest_agent", "bool")},
       {"args", hs::Attr("args", "list(string)")},
@@ -50,6 +52,8 @@ absl::StatusOr<TaskConfig> DecodeTaskConfig(const std::string& msgpack, bool rej
   config.machine_type = reader->String("machine_type");
   config.drive_interface = reader->String("drive_interface");
   config.accelerator = reader->String("accelerator");
+  config.cpus = reader->Integer("cpus");
+  config.instance_type = reader->String("instance_type");
   config.graceful_shutdown = reader->Bool("graceful_shutdown").value_or(false);
   config.guest_agent = reader->Bool("guest_agent").value_or(false);
   config.args = reader->StringList("args").value_or(std::vector<std::string>{});

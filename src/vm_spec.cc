@@ -222,6 +222,44 @@ void PlanResources(const driverpb::Resources& resources, VmSpec& spec, std::vect
   }
 }
 
+// cpus and instance_type, for users coming from pycloudlib and Packer: they
+// size the VM within what Nomad reserved for the task.
+void PlanSize(const TaskConfig& config, VmSpec& spec, std::vector<std::string>& problems) {
+  constexpr int64_t kMaxCpus = 288;  // QEMU 7.2's limit for x86 q35; pc allows fewer
+  if (config.cpus && config.instance_type) {
+    problems.push_back("task config: set one of \"cpus\" and \"instance_type\", not both");
+    return;
+  }
+  if (config.cpus) {
+    if (*config.cpus < 1 || *config.cpus > kMaxCpus) {
+      problems.push_back(absl::StrCat("task config \"cpus\": ", *config.cpus, " is out of range; use 1 to ", kMaxCpus));
+    } else {
+      spec.cpus = static_cast<int>(*config.cpus);
+    }
+  }
+  if (!config.instance_type) return;
+  const std::string& type = *config.instance_type;
+  int64_t cpus = 0, memory = 0;
+  const size_t m = type.find('m');
+  if (type.size() < 4 || type[0] != 'c' || m == std::string::npos ||
+      !absl::SimpleAtoi(absl::string_view(type).substr(1, m - 1), &cpus) ||
+      !absl::SimpleAtoi(absl::string_view(type).substr(m + 1), &memory)) {
+    problems.push_back(absl::StrCat("task config \"instance_type\": ", Quoted(type),
+                                    " is not of the form c<cpus>m<memory MB>, e.g. c2m1024"));
+    return;
+  }
+  if (cpus < 1 || cpus > kMaxCpus) {
+    problems.push_back(absl::StrCat("task config \"instance_type\": ", cpus, " CPUs is out of range; use 1 to ", kMaxCpus));
+  }
+  const int64_t reserved = std::max(spec.memory_mb, spec.memory_max_mb);
+  if (memory < kMinMemoryMb || memory > reserved) {
+    problems.push_back(absl::StrCat("task config \"instance_type\": ", memory, " MB of memory must be at least ",
+                                    kMinMemoryMb, " and at most the task's reserved memory (", reserved, " MB)"));
+  }
+  spec.cpus = static_cast<int>(cpus);
+  spec.memory_mb = memory;
+}
+
 // What QEMU's user network can do with the task's dns block, measured with
 // QEMU 7.2.22 / libslirp 4.7.0 by speaking DHCP and DNS to it as a guest:
 //  - dnssearch= puts the domains in the DHCP offer (option 119): honoured.
@@ -287,6 +325,7 @@ absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config, const driverpb::TaskConf
   PlanEmulator(config, plugin, emulators, spec, problems);
   PlanMachine(config, spec, problems);
   PlanResources(task.resources(), spec, problems);
+  PlanSize(config, spec, problems);
   if (absl::Status args = CheckArgsAllowed(config.args, plugin.args_allowlist); !args.ok()) {
     problems.push_back(std::string(args.message()));
   }

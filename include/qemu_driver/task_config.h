@@ -30,6 +30,10 @@ struct TaskConfig {
   std::optional<std::string> machine_type;
   std::optional<std::string> drive_interface;
   std::optional<std::string> accelerator;
+  // vCPUs, overriding the count of the task's reserved cores.
+  std::optional<int64_t> cpus;
+  // pycloudlib-style size, "c<cpus>m<memory MB>", e.g. "c2m1024".
+  std::optional<std::string> instance_type;
   bool graceful_shutdown = false;
   bool guest_agent = false;
   std::vector<std::string> args;

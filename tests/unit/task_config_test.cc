@@ -20,6 +20,7 @@ TEST(TaskConfig, SchemaCoversNomadsQemuOptions) {
       {"guest_agent", "bool"},       {"args", "list(string)"},      {"port_map", "list(map(number))"},
       {"image_source", "string"},    {"checksum", "string"},      {"image_sources", "list(string)"},
       {"checksum_url", "string"},    {"image_format", "string"},  {"disk_size", "string"},
+      {"cpus", "number"},            {"instance_type", "string"},
   };
   const auto spec = TaskConfigSpec();
   const auto& attrs = spec.object().attributes();

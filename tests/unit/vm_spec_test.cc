@@ -416,5 +416,42 @@ TEST_F(PlanVm, EveryProblemInOneError) {
   EXPECT_THAT(problems, Not(HasSubstr("\"image_source\"")));
 }
 
+TEST_F(PlanVm, CpusOverridesTheReservedCores) {
+  task_.mutable_resources()->mutable_linux_resources()->set_cpuset_cpus("0-3");
+  config_.cpus = 2;
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->cpus, 2);
+}
+
+TEST_F(PlanVm, CpusMustBePositive) {
+  config_.cpus = 0;
+  EXPECT_THAT(Problems(), HasSubstr("\"cpus\": 0 is out of range"));
+  config_.cpus = -3;
+  EXPECT_THAT(Problems(), HasSubstr("\"cpus\": -3 is out of range"));
+}
+
+TEST_F(PlanVm, InstanceTypeSizesTheVmWithinTheReservation) {
+  task_.mutable_resources()->mutable_allocated_resources()->mutable_memory()->set_memory_mb(2048);
+  config_.instance_type = "c2m1024";
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->cpus, 2);
+  EXPECT_EQ(spec->memory_mb, 1024);
+
+  config_.instance_type = "c2m4096";
+  EXPECT_THAT(Problems(), HasSubstr("at most the task's reserved memory (2048 MB)"));
+}
+
+TEST_F(PlanVm, MalformedInstanceTypesAreRefused) {
+  for (const char* bad : {"c2", "m1024", "2c1024m", "cXm1024", "c2m", "c0m1024"}) {
+    config_.instance_type = bad;
+    EXPECT_THAT(Problems(), HasSubstr("\"instance_type\"")) << bad;
+  }
+  config_.instance_type = "c1m512";
+  config_.cpus = 1;
+  EXPECT_THAT(Problems(), HasSubstr("one of \"cpus\" and \"instance_type\""));
+}
+
 }  // namespace
 }  // namespace ndq
