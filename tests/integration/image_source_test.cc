@@ -105,6 +105,8 @@ class ImageSourceTest : public ::testing::Test {
     Launch();
   }
   void TearDown() override {
+    // VMs a test left running must not outlive it.
+    ::ndq::testing::KillVmsUnder(state_.path());
     harness_.reset();
     server_.Stop();
   }

@@ -24,6 +24,7 @@ using ::ndq::testing::FakeAlloc;
 using ::ndq::testing::FreePort;
 using ::ndq::testing::kGuestBootTimeout;
 using ::ndq::testing::PluginHarness;
+using ::ndq::testing::ProcessesMentioning;
 using ::ndq::testing::ReadFile;
 using ::ndq::testing::TempDir;
 using ::ndq::testing::TestGuestDir;
@@ -37,19 +38,6 @@ std::string Guest(const std::string& variant) {
 }
 
 bool ProcessAlive(pid_t pid) { return pid > 0 && ::kill(pid, 0) == 0; }
-
-// Pids of processes whose command line mentions `needle` (e.g. a state dir).
-std::vector<pid_t> ProcessesMentioning(const std::string& needle) {
-  std::vector<pid_t> found;
-  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
-    const std::string name = entry.path().filename();
-    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::string cmdline = ReadFile(entry.path() / "cmdline");
-    std::replace(cmdline.begin(), cmdline.end(), '\0', ' ');
-    if (cmdline.find(needle) != std::string::npos) found.push_back(std::stoi(name));
-  }
-  return found;
-}
 
 bool WaitUntil(const std::function<bool()>& condition, absl::Duration timeout) {
   const absl::Time deadline = absl::Now() + timeout;
@@ -84,7 +72,7 @@ class VmLifecycleTest : public ::testing::Test {
   }
   void TearDown() override {
     // Whatever a test left running is killed, and nothing may survive it.
-    for (pid_t pid : ProcessesMentioning(state_dir_)) ::kill(pid, SIGKILL);
+    ::ndq::testing::KillVmsUnder(state_dir_);
     harness_.reset();
   }
 
