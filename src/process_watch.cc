@@ -19,19 +19,22 @@
 
 namespace ndq {
 
-std::optional<uint64_t> ProcessStartTicks(pid_t pid) {
+std::optional<std::vector<std::string>> ReadProcStat(pid_t pid) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
   std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   // The command name (field 2) may contain spaces and parentheses: skip past the last ')'.
   const size_t close = stat.rfind(')');
   if (close == std::string::npos) return std::nullopt;
-  std::istringstream fields(stat.substr(close + 2));
-  std::string field;
-  // Fields from 3 (state) onwards; starttime is field 22.
-  for (int i = 3; i <= 22; ++i) {
-    if (!(fields >> field)) return std::nullopt;
-  }
-  return std::stoull(field);
+  std::vector<std::string> fields = {"", std::to_string(pid), stat.substr(0, close + 1)};
+  std::istringstream rest(stat.substr(close + 2));
+  for (std::string field; rest >> field;) fields.push_back(field);
+  return fields;
+}
+
+std::optional<uint64_t> ProcessStartTicks(pid_t pid) {
+  std::optional<std::vector<std::string>> fields = ReadProcStat(pid);
+  if (!fields || fields->size() <= 22) return std::nullopt;
+  return std::stoull((*fields)[22]);
 }
 
 absl::StatusOr<int> OpenVerifiedPidfd(pid_t pid, uint64_t start_ticks) {

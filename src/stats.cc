@@ -1,6 +1,7 @@
 #include "qemu_driver/stats.h"
 
 #include "absl/time/clock.h"
+#include "qemu_driver/process_watch.h"
 
 #include <unistd.h>
 
@@ -30,19 +31,12 @@ void FillUsage(driverpb::TaskResourceUsage* usage, double user_pct, double syste
 }  // namespace
 
 std::optional<ProcessSample> ReadProcessSample(pid_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  const size_t close = stat.rfind(')');
-  if (close == std::string::npos) return std::nullopt;
-  std::istringstream fields(stat.substr(close + 2));
-  std::string field;
-  double utime = 0, stime = 0, rss_pages = 0;
-  // Fields from 3 (state): utime is 14, stime 15, rss 24.
-  for (int i = 3; i <= 24 && fields >> field; ++i) {
-    if (i == 14) utime = std::stod(field);
-    if (i == 15) stime = std::stod(field);
-    if (i == 24) rss_pages = std::stod(field);
-  }
+  std::optional<std::vector<std::string>> fields = ReadProcStat(pid);
+  if (!fields || fields->size() <= 24) return std::nullopt;
+  // utime is field 14, stime 15, rss (pages) 24.
+  const double utime = std::stod((*fields)[14]);
+  const double stime = std::stod((*fields)[15]);
+  const double rss_pages = std::stod((*fields)[24]);
   const double ns_per_tick = 1e9 / static_cast<double>(::sysconf(_SC_CLK_TCK));
   return ProcessSample{utime * ns_per_tick, stime * ns_per_tick,
                        static_cast<uint64_t>(rss_pages) * static_cast<uint64_t>(::sysconf(_SC_PAGESIZE))};

@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
@@ -18,6 +19,10 @@
 #include "absl/time/time.h"
 
 namespace ndq {
+
+// The fields of /proc/PID/stat, numbered as in proc(5): fields[1] is the pid,
+// fields[3] the state, fields[22] the start time. nullopt when the process is gone.
+std::optional<std::vector<std::string>> ReadProcStat(pid_t pid);
 
 // The process's start time in clock ticks since boot (/proc/PID/stat field 22),
 // which together with the pid names one process for the machine's uptime.
