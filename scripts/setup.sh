@@ -8,6 +8,8 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   libcurl4-openssl-dev libssl-dev nlohmann-json3-dev libspdlog-dev libgtest-dev libgmock-dev
   qemu-system-x86 qemu-utils
+  # network namespace tests (ip netns, veth)
+  iproute2
   # the test guest (tests/fixtures/build-test-guest.sh)
   busybox-static syslinux syslinux-common mtools dosfstools cpio
 )

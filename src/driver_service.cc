@@ -5,6 +5,7 @@
 #include "nomadplugin/hclog.h"
 #include "google_rpc/status.pb.h"
 #include "nomad/structs.pb.h"
+#include "absl/strings/str_join.h"
 #include "qemu_driver/stats.h"
 #include "qemu_driver/task_config.h"
 
@@ -91,6 +92,18 @@ grpc::Status BasePluginService::SetConfig(grpc::ServerContext*, const basepb::Se
   return grpc::Status::OK;
 }
 
+// driver.qemu.cgroups: "v1" or "v2" when VMs get limits, else "unavailable"
+// with the reason, so operators can constrain jobs to isolated nodes.
+void AddIsolationAttributes(const CgroupSupport& support, Fingerprint& fingerprint) {
+  if (support.usable) {
+    fingerprint.attributes["driver.qemu.cgroups"] = std::string(CgroupVersionName(support.version));
+    fingerprint.attributes["driver.qemu.cgroups.controllers"] = absl::StrJoin(support.controllers, ",");
+  } else {
+    fingerprint.attributes["driver.qemu.cgroups"] = std::string("unavailable");
+    fingerprint.attributes["driver.qemu.cgroups.reason"] = support.problem;
+  }
+}
+
 driverpb::FingerprintResponse ToProto(const Fingerprint& fingerprint) {
   driverpb::FingerprintResponse out;
   switch (fingerprint.health) {
@@ -117,6 +130,8 @@ driverpb::DriverCapabilities Capabilities() {
   // container-style paths (NOMAD_TASK_DIR=/local) that mean nothing on the host.
   caps.set_fs_isolation(driverpb::DriverCapabilities::NONE);
   caps.add_network_isolation_modes(driverpb::NetworkIsolationSpec::HOST);
+  // Bridge networking: Nomad makes the namespace, QEMU joins it.
+  caps.add_network_isolation_modes(driverpb::NetworkIsolationSpec::GROUP);
   caps.set_must_create_network(false);
   caps.set_mount_configs(driverpb::DriverCapabilities::NO_MOUNTS);
   return caps;
@@ -144,6 +159,7 @@ grpc::Status DriverService::Fingerprint(grpc::ServerContext* context, const driv
   absl::Time last_sent;
   while (true) {
     ndq::Fingerprint current = fingerprinter_->Probe(settings_->plugin_config().emulators_allowlist);
+    AddIsolationAttributes(tasks_->Isolation(), current);
     const absl::Time now = absl::Now();
     if (!last || current != *last || now - last_sent >= kFingerprintPeriod) {
       if (last && current != *last) {
@@ -254,16 +270,13 @@ grpc::Status DriverService::TaskStats(grpc::ServerContext* context, const driver
   if (interval <= absl::ZeroDuration()) interval = absl::Seconds(1);
   StatsSampler sampler;
   while (true) {
-    absl::StatusOr<driverpb::InspectTaskResponse> task = tasks_->Inspect(request->task_id());
+    absl::StatusOr<std::shared_ptr<const VmTask>> task = tasks_->Get(request->task_id());
     if (!task.ok()) return ToGrpc(task.status());
-    if (task->task().state() == driverpb::EXITED) return grpc::Status::OK;
-    const auto& attrs = task->driver().attributes();
-    std::vector<pid_t> pids;
-    for (const char* key : {"qemu_pid", "supervisor_pid"}) {
-      if (auto it = attrs.find(key); it != attrs.end()) pids.push_back(std::stoi(it->second));
-    }
+    if ((*task)->result()) return grpc::Status::OK;
+    const DriverStateRecord& record = (*task)->record();
     driverpb::TaskStatsResponse response;
-    *response.mutable_stats() = sampler.Sample(request->task_id(), pids);
+    *response.mutable_stats() =
+        sampler.Sample(request->task_id(), {record.qemu_pid, record.supervisor_pid}, &record.cgroup);
     if (!writer->Write(response)) return grpc::Status::OK;
     if (lifecycle_->SleepInStream(context, interval) != nomadplugin::Lifecycle::Wake::kTimeout) {
       return grpc::Status::OK;

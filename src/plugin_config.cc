@@ -24,6 +24,9 @@ nomadplugin::hclspec::Spec PluginConfigSpec() {
       {"max_image_size", hs::Attr("max_image_size", "string")},
       {"image_cache_max_size", hs::Attr("image_cache_max_size", "string")},
       {"ca_file", hs::Attr("ca_file", "string")},
+      {"cgroup_parent", hs::Default(hs::Attr("cgroup_parent", "string"), hs::Literal("\"nomad\""))},
+      {"memory_overhead", hs::Default(hs::Attr("memory_overhead", "string"), hs::Literal("\"128MiB\""))},
+      {"pids_limit", hs::Default(hs::Attr("pids_limit", "number"), hs::Literal("1024"))},
   });
 }
 
@@ -62,8 +65,18 @@ absl::StatusOr<PluginConfig> DecodePluginConfig(const std::string& msgpack) {
   config.supervisor_path = reader->String("supervisor_path").value_or("");
   config.allow_unverified_images = reader->Bool("allow_unverified_images").value_or(false);
   config.ca_file = reader->String("ca_file").value_or("");
+  config.cgroup_parent = reader->String("cgroup_parent").value_or(config.cgroup_parent);
+  if (config.cgroup_parent.empty() || config.cgroup_parent[0] == '/' || absl::StrContains(config.cgroup_parent, "..")) {
+    reader->AddProblem("cgroup_parent", "must be a relative cgroup path such as \"nomad\" (no leading / or ..), got \"" +
+                                            config.cgroup_parent + "\"");
+  }
+  if (std::optional<int64_t> pids = reader->Integer("pids_limit")) {
+    if (*pids < 0) reader->AddProblem("pids_limit", "must be 0 (no limit) or more");
+    else config.pids_limit = *pids;
+  }
   for (const auto& [field, target] : {std::pair<const char*, int64_t*>{"max_image_size", &config.max_image_size},
-                                      {"image_cache_max_size", &config.image_cache_max_size}}) {
+                                      {"image_cache_max_size", &config.image_cache_max_size},
+                                      {"memory_overhead", &config.memory_overhead}}) {
     if (std::optional<std::string> text = reader->String(field)) {
       absl::StatusOr<int64_t> bytes = ParseSize(*text);
       if (bytes.ok()) *target = *bytes;

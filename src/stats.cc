@@ -14,16 +14,20 @@ namespace {
 
 namespace driverpb = hashicorp::nomad::plugins::drivers::proto;
 
-void FillUsage(driverpb::TaskResourceUsage* usage, double user_pct, double system_pct, uint64_t rss) {
+void FillCpu(driverpb::TaskResourceUsage* usage, double user_pct, double system_pct, double total_pct) {
   auto* cpu = usage->mutable_cpu();
   cpu->set_user_mode(user_pct);
   cpu->set_system_mode(system_pct);
-  cpu->set_percent(user_pct + system_pct);
-  cpu->set_total_ticks((user_pct + system_pct) / 100.0 * CoreMhz());
+  cpu->set_percent(total_pct);
+  cpu->set_total_ticks(total_pct / 100.0 * CoreMhz());
   for (auto field : {driverpb::CPUUsage::USER_MODE, driverpb::CPUUsage::SYSTEM_MODE, driverpb::CPUUsage::PERCENT,
                      driverpb::CPUUsage::TOTAL_TICKS}) {
     cpu->add_measured_fields(field);
   }
+}
+
+void FillUsage(driverpb::TaskResourceUsage* usage, double user_pct, double system_pct, uint64_t rss) {
+  FillCpu(usage, user_pct, system_pct, user_pct + system_pct);
   usage->mutable_memory()->set_rss(rss);
   usage->mutable_memory()->add_measured_fields(driverpb::MemoryUsage::RSS);
 }
@@ -54,7 +58,42 @@ double CoreMhz() {
   return mhz;
 }
 
-driverpb::TaskStats StatsSampler::Sample(const std::string& task_id, const std::vector<pid_t>& pids) {
+// Percent of one core used between two cumulative nanosecond counters.
+double PercentOf(const std::optional<uint64_t>& now, const std::optional<uint64_t>& before, double wall_ns) {
+  if (!now || !before || wall_ns <= 0 || *now < *before) return 0;
+  return static_cast<double>(*now - *before) / wall_ns * 100.0;
+}
+
+// The cgroup's view: everything QEMU (and anything it started) used.
+void FillFromCgroup(driverpb::TaskResourceUsage* usage, const CgroupUsage& now, const std::optional<CgroupUsage>& before,
+                    double wall_ns) {
+  if (now.cpu_total_ns) {
+    const CgroupUsage none;
+    const CgroupUsage& prev = before ? *before : none;
+    FillCpu(usage, PercentOf(now.cpu_user_ns, prev.cpu_user_ns, wall_ns),
+            PercentOf(now.cpu_system_ns, prev.cpu_system_ns, wall_ns), PercentOf(now.cpu_total_ns, prev.cpu_total_ns, wall_ns));
+  }
+  auto* memory = usage->mutable_memory();
+  memory->clear_measured_fields();
+  const std::pair<const std::optional<uint64_t>*, driverpb::MemoryUsage::Fields> fields[] = {
+      {&now.memory_rss, driverpb::MemoryUsage::RSS},         {&now.memory_cache, driverpb::MemoryUsage::CACHE},
+      {&now.memory_usage, driverpb::MemoryUsage::USAGE},     {&now.memory_max_usage, driverpb::MemoryUsage::MAX_USAGE},
+      {&now.memory_swap, driverpb::MemoryUsage::SWAP}};
+  for (const auto& [value, field] : fields) {
+    if (!*value) continue;
+    switch (field) {
+      case driverpb::MemoryUsage::RSS: memory->set_rss(**value); break;
+      case driverpb::MemoryUsage::CACHE: memory->set_cache(**value); break;
+      case driverpb::MemoryUsage::USAGE: memory->set_usage(**value); break;
+      case driverpb::MemoryUsage::MAX_USAGE: memory->set_max_usage(**value); break;
+      default: memory->set_swap(**value); break;
+    }
+    memory->add_measured_fields(field);
+  }
+}
+
+driverpb::TaskStats StatsSampler::Sample(const std::string& task_id, const std::vector<pid_t>& pids,
+                                         const TaskCgroup* cgroup) {
   driverpb::TaskStats stats;
   stats.set_id(task_id);
   const absl::Time now = absl::Now();
@@ -79,6 +118,13 @@ driverpb::TaskStats StatsSampler::Sample(const std::string& task_id, const std::
     rss_total += sample->rss_bytes;
   }
   FillUsage(stats.mutable_agg_resource_usage(), user_total, system_total, rss_total);
+  if (cgroup != nullptr && cgroup->version != CgroupVersion::kNone) {
+    const CgroupUsage usage = ReadCgroupUsage(*cgroup);
+    const double wall_ns = previous_cgroup_ ? absl::ToDoubleNanoseconds(now - previous_cgroup_at_) : 0;
+    FillFromCgroup(stats.mutable_agg_resource_usage(), usage, previous_cgroup_, wall_ns);
+    previous_cgroup_ = usage;
+    previous_cgroup_at_ = now;
+  }
   return stats;
 }
 

@@ -140,12 +140,21 @@ std::optional<pid_t> ReadQemuPid(const std::string& state_dir, std::string* erro
 
 std::vector<std::string> SupervisorArgv(const std::string& supervisor_path, const std::string& state_dir,
                                         const std::string& stdout_path, const std::string& stderr_path,
-                                        const std::string& user, const std::vector<std::string>& qemu_argv) {
+                                        const std::string& user, const std::vector<std::string>& qemu_argv,
+                                        const Placement& placement) {
   std::vector<std::string> argv = {supervisor_path, kArgStateDir, state_dir, kArgStdout, stdout_path,
                                    kArgStderr,      stderr_path};
   if (!user.empty()) {
     argv.push_back(kArgUser);
     argv.push_back(user);
+  }
+  for (const std::string& procs : placement.cgroup_procs) {
+    argv.push_back(kArgCgroup);
+    argv.push_back(procs);
+  }
+  if (!placement.netns.empty()) {
+    argv.push_back(kArgNetns);
+    argv.push_back(placement.netns);
   }
   argv.push_back(kArgEndOfOptions);
   argv.insert(argv.end(), qemu_argv.begin(), qemu_argv.end());

@@ -4,6 +4,9 @@
 #include <pwd.h>
 #include <signal.h>
 #include <spawn.h>
+#include <linux/nsfs.h>
+#include <sched.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -88,6 +91,56 @@ void KillSupervisor(pid_t pid) {
 
 absl::Status WithField(const absl::Status& status, const char* field) {
   return absl::Status(status.code(), absl::StrCat("task config \"", field, "\": ", status.message()));
+}
+
+// The VM's cgroup name: Nomad's own "<alloc>.<task>" on v1, so the cgroup
+// Nomad made for the task is the one we fill; the task key otherwise.
+std::string CgroupName(const driverpb::TaskConfig& task) {
+  const std::string name = absl::StrCat(task.alloc_id(), ".", task.name());
+  const bool plain = !task.alloc_id().empty() && !task.name().empty() && name.size() < 200 &&
+                     std::all_of(name.begin(), name.end(), [](char c) { return c != '/' && c != '\n' && c != '\0'; });
+  return plain ? name : TaskKey(task.id());
+}
+
+// Memory: the job's memory_max is the whole process's cap when set; else the
+// task's memory plus QEMU's own overhead, so a guest using all of its RAM is
+// never killed for QEMU's bookkeeping. CPU shares and reserved cores as Nomad
+// gave them.
+CgroupLimits PlanCgroupLimits(const driverpb::TaskConfig& task, const PluginConfig& plugin) {
+  const driverpb::Resources& resources = task.resources();
+  const driverpb::AllocatedMemoryResources& memory = resources.allocated_resources().memory();
+  CgroupLimits limits;
+  constexpr int64_t kMiB = 1 << 20;
+  if (memory.memory_max_mb() > 0) {
+    limits.memory_bytes = memory.memory_max_mb() * kMiB;
+    limits.memory_soft_bytes = std::min(limits.memory_bytes, memory.memory_mb() * kMiB + plugin.memory_overhead);
+  } else if (memory.memory_mb() > 0) {
+    limits.memory_bytes = memory.memory_mb() * kMiB + plugin.memory_overhead;
+  }
+  limits.cpu_shares = resources.linux_resources().cpu_shares() > 0 ? resources.linux_resources().cpu_shares()
+                                                                    : resources.allocated_resources().cpu().cpu_shares();
+  limits.cpuset = resources.linux_resources().cpuset_cpus();
+  limits.pids_max = plugin.pids_limit;
+  return limits;
+}
+
+// The network namespace the task must run in (Nomad's group network, e.g.
+// bridge mode); empty for the host's. Checked before anything starts.
+absl::StatusOr<std::string> TaskNetns(const driverpb::TaskConfig& task) {
+  const driverpb::NetworkIsolationSpec& spec = task.network_isolation_spec();
+  if (spec.mode() == driverpb::NetworkIsolationSpec::HOST || spec.path().empty()) return std::string();
+  const std::string& path = spec.path();
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("task network namespace \"", path, "\" cannot be opened: ", std::strerror(errno)));
+  }
+  const int type = ::ioctl(fd, NS_GET_NSTYPE);
+  ::close(fd);
+  if (type != CLONE_NEWNET) {
+    return absl::InvalidArgumentError(absl::StrCat("task network namespace \"", path, "\" is not a network namespace"));
+  }
+  return path;
 }
 
 absl::Status WithTaskPrefix(const absl::Status& status, const std::string& id) {
@@ -180,7 +233,8 @@ void TaskManager::OnSupervisorExit(const std::string& id) {
   }
   // Reap it when we are its parent; after a plugin restart init does that.
   ::waitpid(task->record().supervisor_pid, nullptr, WNOHANG);
-  ExitResult result = LoadExitResult(task->record().state_dir);
+  task->DrainQmpEvents(absl::Seconds(1));  // QEMU's last events (SHUTDOWN) are relayed before the exit
+  ExitResult result = ExitOf(task->record());
   log::Info("VM exited", {{"task_id", id},
                           {"exit_code", result.exit_code},
                           {"signal", result.signal},
@@ -189,6 +243,56 @@ void TaskManager::OnSupervisorExit(const std::string& id) {
                                                      {"signal", std::to_string(result.signal)}};
   Emit(task->config(), result.error.empty() ? "VM powered off" : "VM exited: " + result.error, annotations);
   task->MarkExited(std::move(result));
+}
+
+ExitResult TaskManager::ExitOf(const DriverStateRecord& record) {
+  ExitResult result = LoadExitResult(record.state_dir);
+  // A SIGKILL with the cgroup's OOM counter up: the memory limit ended the VM.
+  if (result.signal == SIGKILL && CgroupOomKills(record.cgroup) > 0) {
+    result.oom_killed = true;
+    result.error = absl::StrCat("QEMU was killed by the kernel's OOM killer: the VM reached its cgroup memory limit of ",
+                                record.memory_limit_bytes >> 20, " MiB");
+  }
+  return result;
+}
+
+void TaskManager::EmitIsolation(const driverpb::TaskConfig& task, const VmSpec& spec, const PluginConfig& plugin,
+                                const CgroupLimits& limits, const DriverStateRecord& record, const std::string& netns) {
+  if (!netns.empty()) Emit(task, "QEMU runs in the allocation's network namespace " + netns, {{"netns", netns}});
+  if (record.cgroup.version == CgroupVersion::kNone) return;
+  std::map<std::string, std::string> annotations = {
+      {"cgroup", record.cgroup.Dir("memory")},
+      {"memory_limit_bytes", std::to_string(limits.memory_bytes)},
+      {"cpu_shares", std::to_string(limits.cpu_shares)}};
+  if (!limits.cpuset.empty()) annotations["cpuset"] = limits.cpuset;
+  Emit(task,
+       absl::StrCat("VM isolated in cgroup (", CgroupVersionName(record.cgroup.version), "): memory limit ",
+                    limits.memory_bytes >> 20, " MiB, cpu shares ", limits.cpu_shares,
+                    limits.cpuset.empty() ? "" : ", cpuset " + limits.cpuset),
+       annotations);
+  const int64_t needed = spec.memory_mb * (1 << 20) + plugin.memory_overhead;
+  if (limits.memory_bytes > 0 && limits.memory_bytes < needed) {
+    Emit(task, absl::StrCat("memory_max of ", limits.memory_bytes >> 20, " MiB leaves QEMU less than its ",
+                            plugin.memory_overhead >> 20, " MiB overhead above the guest's ", spec.memory_mb,
+                            " MiB of RAM; the VM is OOM-killed if the guest uses all of it"),
+         {{"memory_limit_bytes", std::to_string(limits.memory_bytes)}});
+  }
+}
+
+CgroupSupport TaskManager::Isolation() {
+  const std::string parent = config_().cgroup_parent;
+  const CgroupSupport support = cgroups_.Support(parent);
+  absl::MutexLock lock(&mu_);
+  if (!support.usable && reported_isolation_.insert(parent).second) {
+    log::Warn("VMs run without cgroup resource limits", {{"reason", support.problem}});
+  }
+  return support;
+}
+
+absl::StatusOr<std::shared_ptr<const VmTask>> TaskManager::Get(const std::string& id) {
+  absl::StatusOr<std::shared_ptr<VmTask>> task = Find(id);
+  if (!task.ok()) return task.status();
+  return std::shared_ptr<const VmTask>(*task);
 }
 
 absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConfig& task) {
@@ -215,6 +319,8 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
   const PluginConfig plugin = config_();
   absl::StatusOr<std::vector<std::string>> sources = ImageSources(*config, plugin);
   if (!sources.ok()) return sources.status();
+  absl::StatusOr<std::string> netns = TaskNetns(task);
+  if (!netns.ok()) return netns.status();
 
   // A downloaded image becomes a per-task overlay, removed again if the start fails.
   std::string overlay, cached_image;
@@ -296,24 +402,43 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
     }
   }
 
+  const CgroupLimits limits = PlanCgroupLimits(task, plugin);
+  absl::StatusOr<std::optional<TaskCgroup>> cgroup =
+      cgroups_.Create(plugin.cgroup_parent, CgroupName(task), task.resources().linux_resources().cpuset_cgroup(), limits);
+  if (!cgroup.ok()) {
+    RemoveStateDir(record.state_dir);
+    return cgroup.status();
+  }
+  if (*cgroup) {
+    record.cgroup = **cgroup;
+    record.memory_limit_bytes = limits.memory_bytes;
+  }
+  // Everything made for the task so far, undone when the start fails.
+  auto remove_task_files = [&record] {
+    RemoveTaskCgroup(record.cgroup);
+    RemoveStateDir(record.state_dir);
+  };
+
   const std::vector<std::string> qemu_argv =
       BuildQemuArgv(*spec, RuntimePaths{record.qmp_socket, record.guest_agent_socket});
   const std::vector<std::string> argv = supervisor::SupervisorArgv(
-      plugin.supervisor_path.empty() ? options_.supervisor_path : plugin.supervisor_path, record.state_dir, task.stdout_path().empty() ? "/dev/null" : task.stdout_path(),
-      task.stderr_path().empty() ? "/dev/null" : task.stderr_path(), task.user(), qemu_argv);
+      plugin.supervisor_path.empty() ? options_.supervisor_path : plugin.supervisor_path, record.state_dir,
+      task.stdout_path().empty() ? "/dev/null" : task.stdout_path(),
+      task.stderr_path().empty() ? "/dev/null" : task.stderr_path(), task.user(), qemu_argv,
+      supervisor::Placement{record.cgroup.ProcsFiles(), *netns});
   log::Debug("starting VM", {{"task_id", id}, {"argv", qemu_argv}});
 
   record.started_at = absl::Now();
   absl::StatusOr<pid_t> supervisor = SpawnSupervisor(argv, record.state_dir);
   if (!supervisor.ok()) {
-    RemoveStateDir(record.state_dir);
+    remove_task_files();
     return supervisor.status();
   }
   record.supervisor_pid = *supervisor;
   record.supervisor_start_ticks = ProcessStartTicks(*supervisor).value_or(0);
   auto fail = [&](absl::Status status) {
     KillSupervisor(record.supervisor_pid);
-    RemoveStateDir(record.state_dir);
+    remove_task_files();
     return status;
   };
   absl::StatusOr<int> supervisor_pidfd = OpenVerifiedPidfd(record.supervisor_pid, 0);
@@ -335,8 +460,8 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
     if (PidfdExited(*supervisor_pidfd)) {
       ::close(*supervisor_pidfd);
       ::waitpid(record.supervisor_pid, nullptr, 0);
-      const ExitResult exit = LoadExitResult(record.state_dir);
-      RemoveStateDir(record.state_dir);
+      const ExitResult exit = ExitOf(record);
+      remove_task_files();
       return absl::FailedPreconditionError(absl::StrCat(
           "QEMU failed to start: ", exit.error.empty() ? "it exited at once with code 0" : exit.error));
     }
@@ -346,7 +471,11 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
         socket.message(), "; is the task's stdout FIFO being read?)")));
   }
 
-  std::string pid_problem;
+  // The supervisor records the pid right after exec succeeds, but a loaded
+  // machine may run QEMU up to its QMP socket before the supervisor runs again.
+  absl::Status pid_file =
+      WaitForPathOrExit(record.state_dir, supervisor::kPidFile, *supervisor_pidfd, absl::Now() + absl::Seconds(10));
+  std::string pid_problem = pid_file.ok() ? "" : std::string(pid_file.message());
   std::optional<pid_t> qemu_pid = supervisor::ReadQemuPid(record.state_dir, &pid_problem);
   int qemu_pidfd = -1;
   if (qemu_pid) {
@@ -381,12 +510,13 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
     }
     vm.reset();
     KillSupervisor(record.supervisor_pid);
-    RemoveStateDir(record.state_dir);
+    remove_task_files();
     return status;
   }
   overlay_guard.keep = true;
   Emit(task, absl::StrCat("Started QEMU (pid ", record.qemu_pid, ")"),
        {{"qemu_pid", std::to_string(record.qemu_pid)}, {"supervisor_pid", std::to_string(record.supervisor_pid)}});
+  EmitIsolation(task, *spec, plugin, limits, record, *netns);
   EvictImages(plugin);
   return handle;
 }
@@ -419,7 +549,7 @@ absl::Status TaskManager::Recover(const driverpb::TaskHandle& handle) {
   });
   if (supervisor_pidfd < 0) {
     // The VM ended while the plugin was away; its supervisor left the record.
-    vm->MarkExited(LoadExitResult(record->state_dir));
+    vm->MarkExited(ExitOf(*record));
   }
   Emit(task, supervisor_pidfd >= 0 ? "Reattached to the running VM after a plugin restart"
                                     : "The VM exited while the plugin was not running");
@@ -460,6 +590,7 @@ absl::Status TaskManager::Destroy(const std::string& id, bool force) {
     absl::MutexLock lock(&mu_);
     tasks_.erase(id);
   }
+  RemoveTaskCgroup((*task)->record().cgroup);
   RemoveStateDir((*task)->record().state_dir);
   log::Debug("task destroyed", {{"task_id", id}});
   return absl::OkStatus();
@@ -494,6 +625,8 @@ absl::Status TaskManager::Signal(const std::string& id, const std::string& signa
   absl::StatusOr<std::shared_ptr<VmTask>> task = Find(id);
   if (!task.ok()) return task.status();
   if (ParseSignal(signal).value_or(0) == SIGPWR) return (*task)->RequestPowerdown();
+  if (ParseSignal(signal).value_or(0) == SIGTSTP) return (*task)->Pause();
+  if (ParseSignal(signal).value_or(0) == SIGCONT) return (*task)->Resume();
   absl::StatusOr<int> sig = ParseSignal(signal);
   if (!sig.ok()) return sig.status();
   return (*task)->Signal(*sig);

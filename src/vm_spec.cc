@@ -74,7 +74,11 @@ struct HostPort {
 // looks, so its port_map silently fails with group networks) and group-level
 // network blocks in resources.ports. Both are read; networks[0] wins when a
 // label is in both, as it would in Nomad's driver.
-std::map<std::string, HostPort> AllocatedPorts(const driverpb::Resources& resources) {
+//
+// Inside the allocation's own network namespace (bridge mode) traffic for a
+// group port arrives at the namespace's address on the port's `to` (Nomad's
+// port mapping), so QEMU listens there, on every address of the namespace.
+std::map<std::string, HostPort> AllocatedPorts(const driverpb::Resources& resources, bool in_group_netns) {
   std::map<std::string, HostPort> ports;
   const auto& networks = resources.allocated_resources().networks();
   if (!networks.empty()) {
@@ -84,15 +88,18 @@ std::map<std::string, HostPort> AllocatedPorts(const driverpb::Resources& resour
     }
   }
   for (const driverpb::PortMapping& mapping : resources.ports()) {
-    ports.emplace(mapping.label(), HostPort{mapping.host_ip(), mapping.value()});
+    if (in_group_netns) ports.emplace(mapping.label(), HostPort{"", mapping.to() > 0 ? mapping.to() : mapping.value()});
+    else ports.emplace(mapping.label(), HostPort{mapping.host_ip(), mapping.value()});
   }
   return ports;
 }
 
-void PlanPortForwards(const TaskConfig& config, const driverpb::Resources& resources, VmSpec& spec,
+void PlanPortForwards(const TaskConfig& config, const driverpb::TaskConfig& task, VmSpec& spec,
                       std::vector<std::string>& problems) {
   if (config.port_map.empty()) return;
-  const std::map<std::string, HostPort> allocated = AllocatedPorts(resources);
+  const driverpb::NetworkIsolationSpec& isolation = task.network_isolation_spec();
+  const bool in_group_netns = isolation.mode() != driverpb::NetworkIsolationSpec::HOST && !isolation.path().empty();
+  const std::map<std::string, HostPort> allocated = AllocatedPorts(task.resources(), in_group_netns);
   std::vector<std::string> known;
   for (const auto& [label, unused] : allocated) known.push_back(label);
   const std::string prefix = "task config \"port_map\": ";
@@ -330,7 +337,7 @@ absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config, const driverpb::TaskConf
     problems.push_back(std::string(args.message()));
   }
   spec.args = config.args;
-  PlanPortForwards(config, task.resources(), spec, problems);
+  PlanPortForwards(config, task, spec, problems);
   PlanDns(task, spec, problems);
   spec.name = task.name();
   spec.graceful_shutdown = config.graceful_shutdown;

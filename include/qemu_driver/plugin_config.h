@@ -35,6 +35,15 @@ struct PluginConfig {
   int64_t image_cache_max_size = 0;
   // An extra CA certificate (PEM) trusted for https image downloads.
   std::string ca_file;
+  // The cgroup under which each VM gets its own (per controller on cgroup v1).
+  // "nomad" matches Nomad's own v1 layout, so a task's cgroup Nomad made is reused.
+  std::string cgroup_parent = "nomad";
+  // Memory QEMU itself needs beyond the guest's RAM (device emulation, TCG's
+  // translation cache, page tables); added to the task's memory for the
+  // cgroup limit unless the job sets memory_max.
+  int64_t memory_overhead = 128ll << 20;
+  // Most processes and threads one VM's cgroup may hold; 0: no limit.
+  int64_t pids_limit = 1024;
 };
 
 // "20G", "512M", "1.5T", "1048576": bytes (binary units, as qemu-img takes them).

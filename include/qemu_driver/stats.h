@@ -1,5 +1,6 @@
-// Resource usage of a VM's processes (QEMU and its supervisor) from /proc,
-// in the form Nomad's TaskStats expects.
+// Resource usage of a VM in the form Nomad's TaskStats expects: per process
+// (QEMU and its supervisor) from /proc, and in aggregate from the VM's cgroup
+// when it has one (else the sum of the processes).
 #pragma once
 
 #include <sys/types.h>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "absl/time/time.h"
+#include "qemu_driver/cgroups.h"
 #include "nomad/driver.pb.h"
 
 namespace ndq {
@@ -29,8 +31,10 @@ double CoreMhz();
 // since the previous call (100 = one core busy), RSS now.
 class StatsSampler {
  public:
+  // `cgroup` may be null or of version kNone: no cgroup.
   hashicorp::nomad::plugins::drivers::proto::TaskStats Sample(const std::string& task_id,
-                                                              const std::vector<pid_t>& pids);
+                                                              const std::vector<pid_t>& pids,
+                                                              const TaskCgroup* cgroup = nullptr);
 
  private:
   struct Previous {
@@ -38,6 +42,8 @@ class StatsSampler {
     absl::Time at;
   };
   std::map<pid_t, Previous> previous_;
+  std::optional<CgroupUsage> previous_cgroup_;
+  absl::Time previous_cgroup_at_;
 };
 
 }  // namespace ndq

@@ -26,11 +26,18 @@ inline constexpr char kLogFile[] = "supervisor.log";    // the supervisor's stdo
 inline constexpr char kTempSuffix[] = ".tmp";
 
 // Command line:
-//   nomad-qemu-supervisor --state-dir DIR --stdout PATH --stderr PATH [--user NAME] -- QEMU ARGS...
+//   nomad-qemu-supervisor --state-dir DIR --stdout PATH --stderr PATH [--user NAME]
+//                         [--cgroup PROCS_FILE]... [--netns PATH] -- QEMU ARGS...
+// QEMU's child joins each --cgroup (a cgroup.procs file) and the network
+// namespace --netns (e.g. /var/run/netns/NAME) before exec, and before it
+// drops privileges for --user.
 inline constexpr char kArgStateDir[] = "--state-dir";
 inline constexpr char kArgStdout[] = "--stdout";
 inline constexpr char kArgStderr[] = "--stderr";
 inline constexpr char kArgUser[] = "--user";
+inline constexpr char kArgCgroup[] = "--cgroup";
+inline constexpr char kArgNetns[] = "--netns";
+inline constexpr int kMaxCgroups = 8;  // one per v1 controller is five
 inline constexpr char kArgEndOfOptions[] = "--";
 
 // The supervisor's own exit status.
@@ -69,10 +76,17 @@ std::optional<ExitRecord> ReadExitRecord(const std::string& state_dir, std::stri
 // Reads DIR/qemu.pid, with the same nullopt/*error convention as ReadExitRecord.
 std::optional<pid_t> ReadQemuPid(const std::string& state_dir, std::string* error);
 
+// Where QEMU is placed before it runs.
+struct Placement {
+  std::vector<std::string> cgroup_procs;  // at most kMaxCgroups
+  std::string netns;                      // empty: the supervisor's own
+};
+
 // The supervisor's argv (argv[0] = supervisor_path). An empty `user` runs QEMU
 // as the supervisor's own user.
 std::vector<std::string> SupervisorArgv(const std::string& supervisor_path, const std::string& state_dir,
                                         const std::string& stdout_path, const std::string& stderr_path,
-                                        const std::string& user, const std::vector<std::string>& qemu_argv);
+                                        const std::string& user, const std::vector<std::string>& qemu_argv,
+                                        const Placement& placement = {});
 
 }  // namespace ndq::supervisor

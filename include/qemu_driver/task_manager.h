@@ -5,6 +5,7 @@
 
 #include <functional>
 #include <map>
+#include <set>
 #include <memory>
 #include <string>
 
@@ -12,11 +13,13 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "nomad/driver.pb.h"
+#include "qemu_driver/cgroups.h"
 #include "qemu_driver/event_bus.h"
 #include "qemu_driver/fingerprint.h"
 #include "qemu_driver/image_cache.h"
 #include "qemu_driver/plugin_config.h"
 #include "qemu_driver/process_watch.h"
+#include "qemu_driver/vm_spec.h"
 #include "qemu_driver/vm_task.h"
 
 namespace ndq {
@@ -52,6 +55,13 @@ class TaskManager {
   absl::StatusOr<driverpb::InspectTaskResponse> Inspect(const std::string& id);
   absl::Status Signal(const std::string& id, const std::string& signal);
 
+  // A task's VM, for reading its stats.
+  absl::StatusOr<std::shared_ptr<const VmTask>> Get(const std::string& id);
+
+  // Whether VMs get cgroup limits here; the first time it is not so, says
+  // why in the log.
+  CgroupSupport Isolation();
+
   // Where per-task state lives: the plugin's state_dir or a default.
   std::string StateRoot() const;
   // Where downloaded images are cached: image_cache_dir or a default.
@@ -64,6 +74,11 @@ class TaskManager {
   void OnSupervisorExit(const std::string& id);
   void Emit(const driverpb::TaskConfig& task, const std::string& message,
             const std::map<std::string, std::string>& annotations = {});
+  // Tells the operator where the VM runs and under which limits.
+  void EmitIsolation(const driverpb::TaskConfig& task, const VmSpec& spec, const PluginConfig& plugin,
+                     const CgroupLimits& limits, const DriverStateRecord& record, const std::string& netns);
+  // The supervisor's exit record, plus whether the cgroup's OOM killer ended it.
+  static ExitResult ExitOf(const DriverStateRecord& record);
   ImageCache& CacheAt(const std::string& dir);
   // Keeps the image cache under image_cache_max_size, sparing images in use.
   void EvictImages(const PluginConfig& plugin);
@@ -73,6 +88,7 @@ class TaskManager {
   Fingerprinter* const fingerprinter_;
   EventBus* const events_;
   ExitWatcher watcher_;
+  CgroupManager cgroups_{DetectCgroupMounts()};
 
   absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<VmTask>> tasks_ ABSL_GUARDED_BY(mu_);
@@ -80,6 +96,8 @@ class TaskManager {
   std::map<std::string, bool> starting_ ABSL_GUARDED_BY(mu_);
   // One cache object per directory, so single-flight spans every task.
   std::map<std::string, std::unique_ptr<ImageCache>> caches_ ABSL_GUARDED_BY(mu_);
+  // cgroup parents whose missing isolation has been logged.
+  std::set<std::string> reported_isolation_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace ndq

@@ -10,12 +10,14 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "nomad/driver.pb.h"
+#include "qemu_driver/cgroups.h"
 #include "qemu_driver/qmp_client.h"
 
 namespace ndq {
@@ -36,6 +38,8 @@ struct DriverStateRecord {
   bool graceful_shutdown = false;
   bool guest_agent = false;
   std::string cached_image;  // the shared image the task's disk is backed by, if any
+  TaskCgroup cgroup;         // version kNone: the VM runs without cgroup isolation
+  int64_t memory_limit_bytes = 0;  // the cgroup's hard memory limit; 0: none
   absl::Time started_at = absl::UnixEpoch();
 
   std::string Encode() const;
@@ -56,6 +60,21 @@ ExitResult LoadExitResult(const std::string& state_dir);
 
 // Where a task's events go: (message, annotations).
 using TaskEventSink = std::function<void(const std::string&, const std::map<std::string, std::string>&)>;
+
+// A task event worth showing the operator.
+struct TaskEventText {
+  std::string message;
+  std::map<std::string, std::string> annotations;
+};
+
+// The task event for one of QEMU's asynchronous QMP events, nullopt for those
+// not relayed: RESET "Guest reset (guest-initiated, reason: guest-reset)",
+// STOP "VM paused", RESUME "VM resumed", SHUTDOWN "Guest powered off (reason:
+// guest-shutdown)" or, when the host asked, "QEMU is shutting the VM down
+// (host-initiated, reason: host-signal)", GUEST_PANICKED "Guest kernel panicked
+// (action: poweroff)". POWERDOWN is not relayed: the driver reports its own
+// power-button presses. Annotations: "qmp_event" and the event's data fields.
+std::optional<TaskEventText> DescribeQmpEvent(const QmpEvent& event);
 
 class VmTask {
  public:
@@ -85,26 +104,56 @@ class VmTask {
   // Delivers `signal` to QEMU itself.
   absl::Status Signal(int signal);
   // Asks the guest to power off (guest agent first when enabled, else ACPI).
+  // A VM paused through QMP is resumed first, so the guest can act on it.
   absl::Status RequestPowerdown();
+  // Pauses the vCPUs (QMP stop); QEMU itself keeps running and answering.
+  absl::Status Pause();
+  // Continues QEMU's process (SIGCONT, in case it was SIGSTOPped) and the
+  // vCPUs (QMP cont).
+  absl::Status Resume();
 
-  void SetEventSink(TaskEventSink sink) { emit_ = std::move(sink); }
+  // Where the task's events go from now on, including QEMU's QMP events
+  // (see DescribeQmpEvent). Without a QMP session (a task recovered after a
+  // plugin restart) one is opened on a background thread, so the relay
+  // resumes without delaying the caller.
+  void SetEventSink(TaskEventSink sink);
+
+  // Waits up to `timeout` for QEMU's QMP session to end, so that every event
+  // QEMU sent before it exited has been relayed. Returns at once without a
+  // session. For the exit event, which must come after them.
+  void DrainQmpEvents(absl::Duration timeout);
 
   // How long QEMU gets after the stop signal before SIGKILL.
   static constexpr absl::Duration kKillGrace = absl::Seconds(3);
 
  private:
-  // The QMP session, reconnected when needed (after a plugin restart).
-  absl::StatusOr<QmpClient*> Qmp() ABSL_EXCLUSIVE_LOCKS_REQUIRED(control_mu_);
+  // The QMP session, reconnected when needed (after a plugin restart); every
+  // new session relays QEMU's events.
+  absl::StatusOr<std::shared_ptr<QmpClient>> Qmp(absl::Duration connect_timeout = absl::Seconds(2))
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(control_mu_);
+  void RelayQmpEvent(const QmpEvent& event);
+  void Emit(const std::string& message, const std::map<std::string, std::string>& annotations = {});
+  // Resumes a VM paused through QMP; true when it was paused.
+  bool ResumeIfPaused(QmpClient& qmp) ABSL_EXCLUSIVE_LOCKS_REQUIRED(control_mu_);
 
   const driverpb::TaskConfig config_;
   const DriverStateRecord record_;
   const int supervisor_pidfd_;
   const int qemu_pidfd_;
-  TaskEventSink emit_ = [](const std::string&, const std::map<std::string, std::string>&) {};
 
-  // Serializes control operations (stop, signal, QMP use).
+  // Held while an event is handed to the sink (a leaf: the sink never calls
+  // back into the task). QMP reader threads take it inside their handler.
+  absl::Mutex sink_mu_;
+  TaskEventSink emit_ ABSL_GUARDED_BY(sink_mu_) = [](const std::string&, const std::map<std::string, std::string>&) {};
+
+  // Serializes control operations (stop, signal, QMP use). Taken before
+  // qmp_mu_ and sink_mu_.
   absl::Mutex control_mu_;
-  std::unique_ptr<QmpClient> qmp_ ABSL_GUARDED_BY(control_mu_);
+  // Guards only the pointer, so DrainQmpEvents never waits for a control operation.
+  absl::Mutex qmp_mu_;
+  std::shared_ptr<QmpClient> qmp_ ABSL_GUARDED_BY(qmp_mu_);
+  // Opens the QMP session of a recovered task (see SetEventSink).
+  std::thread connect_thread_ ABSL_GUARDED_BY(sink_mu_);
 
   mutable absl::Mutex mu_;
   std::optional<ExitResult> result_ ABSL_GUARDED_BY(mu_);

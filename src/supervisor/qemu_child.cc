@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <pwd.h>
+#include <sched.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -18,7 +19,7 @@ namespace {
 
 // What the child reports through its close-on-exec pipe when it cannot exec:
 // the step that failed and errno. A successful exec closes the pipe unwritten.
-enum class Step : int { kStdin, kRedirect, kGroups, kSetgid, kSetuid, kDeathSignal, kExec };
+enum class Step : int { kStdin, kRedirect, kCgroup, kNetns, kGroups, kSetgid, kSetuid, kDeathSignal, kExec };
 
 struct ChildFailure {
   Step step;
@@ -29,6 +30,8 @@ const char* StepName(Step step) {
   switch (step) {
     case Step::kStdin: return "open /dev/null as stdin";
     case Step::kRedirect: return "redirect stdout/stderr";
+    case Step::kCgroup: return "join the VM's cgroup";
+    case Step::kNetns: return "enter the network namespace";
     case Step::kGroups: return "initgroups";
     case Step::kSetgid: return "setgid";
     case Step::kSetuid: return "setuid";
@@ -36,6 +39,20 @@ const char* StepName(Step step) {
     case Step::kExec: return "exec";
   }
   return "?";
+}
+
+// Decimal text of a pid without stdio (only async-signal-safe calls may run
+// between fork and exec).
+int FormatPid(pid_t pid, char (&out)[16]) {
+  char reversed[16];
+  int n = 0;
+  auto value = static_cast<unsigned long>(pid);
+  do {
+    reversed[n++] = static_cast<char>('0' + value % 10);
+    value /= 10;
+  } while (value != 0 && n < 15);
+  for (int i = 0; i < n; ++i) out[i] = reversed[n - 1 - i];
+  return n;
 }
 
 [[noreturn]] void FailInChild(int report_fd, Step step, int err) {
@@ -67,6 +84,19 @@ const char* StepName(Step step) {
     FailInChild(report_fd, Step::kRedirect, errno);
   }
   ::close(null_fd);
+
+  // Before exec, so all of QEMU's memory is charged to its cgroup; before
+  // dropping privileges, which both need.
+  if (s.cgroup_count > 0) {
+    char pid_text[16];
+    const int len = FormatPid(::getpid(), pid_text);
+    for (int i = 0; i < s.cgroup_count; ++i) {
+      if (::write(s.cgroup_fds[i], pid_text, static_cast<size_t>(len)) != len) {
+        FailInChild(report_fd, Step::kCgroup, errno);
+      }
+    }
+  }
+  if (s.netns_fd >= 0 && ::setns(s.netns_fd, CLONE_NEWNET) != 0) FailInChild(report_fd, Step::kNetns, errno);
 
   if (s.run_as.name != nullptr) {
     if (::initgroups(s.run_as.name, s.run_as.gid) != 0) FailInChild(report_fd, Step::kGroups, errno);

@@ -4,6 +4,7 @@
 #include <sys/types.h>
 
 #include "error_text.h"
+#include "qemu_driver/supervisor_protocol.h"
 
 namespace ndq::supervisor {
 
@@ -23,10 +24,14 @@ struct ChildSetup {
   int stdout_fd = -1;           // becomes QEMU's stdout as is
   int stderr_fd = -1;           // becomes QEMU's stderr (the supervisor's pipe)
   RunAs run_as;
+  int cgroup_fds[kMaxCgroups] = {};  // cgroup.procs files, opened for writing
+  int cgroup_count = 0;
+  int netns_fd = -1;                 // a network namespace to enter; -1: stay
 };
 
 // Forks and execs QEMU: stdin /dev/null, default signal dispositions, an empty
-// signal mask, and SIGKILL when the supervisor dies. Returns the pid once the
+// signal mask, in its cgroups and network namespace, and SIGKILL when the
+// supervisor dies. Returns the pid once the
 // exec succeeded; on failure returns -1 with *error set and the child reaped.
 pid_t StartQemu(const ChildSetup& setup, ErrorText* error);
 

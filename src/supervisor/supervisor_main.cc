@@ -30,7 +30,8 @@ namespace ndq::supervisor {
 namespace {
 
 constexpr char kUsage[] =
-    "usage: nomad-qemu-supervisor --state-dir DIR --stdout PATH --stderr PATH [--user NAME] -- QEMU [ARGS...]\n";
+    "usage: nomad-qemu-supervisor --state-dir DIR --stdout PATH --stderr PATH [--user NAME]\n"
+    "                             [--cgroup PROCS_FILE]... [--netns PATH] -- QEMU [ARGS...]\n";
 // After QEMU is gone, a process it left behind may still hold the stderr pipe
 // and keep writing; stop draining after this much.
 constexpr size_t kMaxDrainBytes = 1 << 20;
@@ -42,6 +43,9 @@ struct Options {
   const char* stdout_path = nullptr;
   const char* stderr_path = nullptr;
   const char* user = nullptr;
+  const char* cgroups[kMaxCgroups] = {};
+  int cgroup_count = 0;
+  const char* netns = nullptr;
   char** qemu_argv = nullptr;  // NULL-terminated: the tail of our own argv
 };
 
@@ -62,10 +66,17 @@ bool ParseArgs(int argc, char** argv, Options* opts, ErrorText* error) {
       opts->qemu_argv = argv + i + 1;
       break;
     }
+    const bool cgroup = std::strcmp(arg, kArgCgroup) == 0;
+    if (cgroup && opts->cgroup_count == kMaxCgroups) {
+      error->Set("more than %d %s arguments", kMaxCgroups, kArgCgroup);
+      return false;
+    }
     const char** slot = std::strcmp(arg, kArgStateDir) == 0 ? &opts->state_dir
                         : std::strcmp(arg, kArgStdout) == 0 ? &opts->stdout_path
                         : std::strcmp(arg, kArgStderr) == 0 ? &opts->stderr_path
                         : std::strcmp(arg, kArgUser) == 0   ? &opts->user
+                        : std::strcmp(arg, kArgNetns) == 0  ? &opts->netns
+                        : cgroup                            ? &opts->cgroups[opts->cgroup_count++]
                                                             : nullptr;
     if (slot == nullptr) {
       error->Set("unknown argument \"%s\"", arg);
@@ -259,6 +270,23 @@ int Run(int argc, char** argv) {
   if (opts.user != nullptr && !ResolveUser(opts.user, &setup.run_as, &error)) {
     return CouldNotRun(dir_fd, started_at_ms, error);
   }
+  // Opened here so a missing namespace or cgroup is reported as such, not
+  // as a failed step in the child.
+  for (int i = 0; i < opts.cgroup_count; ++i) {
+    setup.cgroup_fds[i] = ::open(opts.cgroups[i], O_WRONLY | O_CLOEXEC);
+    if (setup.cgroup_fds[i] < 0) {
+      error.Set("cgroup %s: %s", opts.cgroups[i], std::strerror(errno));
+      return CouldNotRun(dir_fd, started_at_ms, error);
+    }
+    setup.cgroup_count = i + 1;
+  }
+  if (opts.netns != nullptr) {
+    setup.netns_fd = ::open(opts.netns, O_RDONLY | O_CLOEXEC);
+    if (setup.netns_fd < 0) {
+      error.Set("network namespace %s: %s", opts.netns, std::strerror(errno));
+      return CouldNotRun(dir_fd, started_at_ms, error);
+    }
+  }
   setup.stdout_fd = OpenOutput("stdout", opts.stdout_path, signal_fd, &error);
   if (setup.stdout_fd < 0) return CouldNotRun(dir_fd, started_at_ms, error);
   const int stderr_out = OpenOutput("stderr", opts.stderr_path, signal_fd, &error);
@@ -275,6 +303,8 @@ int Run(int argc, char** argv) {
   // Only QEMU writes these; holding them would delay EOF for the log readers.
   ::close(setup.stdout_fd);
   ::close(stderr_pipe[1]);
+  for (int i = 0; i < setup.cgroup_count; ++i) ::close(setup.cgroup_fds[i]);
+  if (setup.netns_fd >= 0) ::close(setup.netns_fd);
   if (qemu < 0) return CouldNotRun(dir_fd, started_at_ms, error);
 
   char pid_text[16];

@@ -10,6 +10,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "../support/event_recorder.h"
 #include "../support/http_test_server.h"
 #include "../support/plugin_harness.h"
 #include "../support/temp_dir.h"
@@ -22,6 +23,7 @@ namespace ndq {
 namespace {
 
 using ::ndq::testing::AddTaskPort;
+using ::ndq::testing::EventRecorder;
 using ::ndq::testing::FakeAlloc;
 using ::ndq::testing::FreePort;
 using ::ndq::testing::HttpTestServer;
@@ -49,46 +51,6 @@ std::string HttpGet(const std::string& url) {
   auto out = RunCommand({"/usr/bin/curl", "-s", "--max-time", "5", url}, absl::Seconds(10));
   return out.ok() && out->exit_code == 0 ? out->output : "";
 }
-
-// Collects every TaskEvents message the plugin sends.
-class EventRecorder {
- public:
-  explicit EventRecorder(nomadplugin::DriverClient& client)
-      : context_(client.NewContext(absl::InfiniteDuration())),
-        reader_(client.driver().TaskEvents(context_.get(), {})),
-        thread_([this] {
-          driverpb::DriverTaskEvent event;
-          while (reader_->Read(&event)) {
-            absl::MutexLock lock(&mu_);
-            messages_.push_back(event.task_id() + ": " + event.message());
-          }
-        }) {}
-  ~EventRecorder() {
-    context_->TryCancel();
-    thread_.join();
-  }
-  bool WaitFor(const std::string& needle, absl::Duration timeout) {
-    absl::MutexLock lock(&mu_);
-    auto seen = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      for (const auto& m : messages_) {
-        if (m.find(needle) != std::string::npos) return true;
-      }
-      return false;
-    };
-    return mu_.AwaitWithTimeout(absl::Condition(&seen), timeout);
-  }
-  std::string All() {
-    absl::MutexLock lock(&mu_);
-    return absl::StrJoin(messages_, "\n");
-  }
-
- private:
-  std::unique_ptr<grpc::ClientContext> context_;
-  std::unique_ptr<grpc::ClientReader<driverpb::DriverTaskEvent>> reader_;
-  absl::Mutex mu_;
-  std::vector<std::string> messages_ ABSL_GUARDED_BY(mu_);
-  std::thread thread_;
-};
 
 class ImageSourceTest : public ::testing::Test {
  protected:

@@ -13,6 +13,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstring>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
@@ -438,6 +440,39 @@ TEST_F(SupervisorTest, RunsQemuAsTheGivenUser) {
   EXPECT_EQ(ReadFile(Out()), "65534\n65534\n65534\n");
 }
 
+TEST_F(SupervisorTest, QemuJoinsItsCgroupsAndNetworkNamespaceBeforeExec) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root for cgroups and namespaces";
+  // A real v1 memory cgroup (this host's hierarchy) and a fresh network
+  // namespace, compared by inode with what the child sees.
+  const std::string cgroup = "/sys/fs/cgroup/memory/ndq-supervisor-test-" + std::to_string(::getpid());
+  if (::mkdir(cgroup.c_str(), 0755) != 0) GTEST_SKIP() << "no writable v1 memory hierarchy: " << std::strerror(errno);
+  const std::string netns = "ndq-supervisor-test-" + std::to_string(::getpid());
+  ASSERT_EQ(std::system(("ip netns add " + netns).c_str()), 0);
+  struct stat ns {};
+  ASSERT_EQ(::stat(("/var/run/netns/" + netns).c_str(), &ns), 0);
+  Placement placement{{cgroup + "/cgroup.procs"}, "/var/run/netns/" + netns};
+  const pid_t sup = Spawn(SupervisorArgv(kSupervisor, state_.path(), Out(), Err(), "",
+                                         Shell("grep memory: /proc/self/cgroup; readlink /proc/self/ns/net"), placement));
+  ExpectSupervisorExit(sup, kExitOk);
+  ::rmdir(cgroup.c_str());
+  EXPECT_EQ(std::system(("ip netns del " + netns).c_str()), 0);
+  EXPECT_EQ(Record().exit_code, 0) << Record().error;
+  EXPECT_THAT(ReadFile(Out()), HasSubstr(cgroup.substr(std::strlen("/sys/fs/cgroup/memory")) + "\n"));
+  EXPECT_THAT(ReadFile(Out()), HasSubstr("net:[" + std::to_string(ns.st_ino) + "]\n"));
+}
+
+TEST_F(SupervisorTest, MissingNamespaceOrCgroupIsRecordedWithoutStartingQemu) {
+  Placement no_netns{{}, "/var/run/netns/ndq-no-such-namespace"};
+  pid_t sup = Spawn(SupervisorArgv(kSupervisor, state_.path(), Out(), Err(), "", Shell("echo ran"), no_netns));
+  ExpectSupervisorExit(sup, kExitCouldNotRun);
+  EXPECT_EQ(Record().error, "network namespace /var/run/netns/ndq-no-such-namespace: No such file or directory");
+  Placement no_cgroup{{"/sys/fs/cgroup/memory/ndq-no-such-cgroup/cgroup.procs"}, ""};
+  sup = Spawn(SupervisorArgv(kSupervisor, state_.path(), Out(), Err(), "", Shell("echo ran"), no_cgroup));
+  ExpectSupervisorExit(sup, kExitCouldNotRun);
+  EXPECT_THAT(Record().error, HasSubstr("cgroup /sys/fs/cgroup/memory/ndq-no-such-cgroup/cgroup.procs: "));
+  EXPECT_EQ(ReadFile(Out()), "") << "QEMU must not have run";
+}
+
 TEST_F(SupervisorTest, UnopenableOutputIsRecorded) {
   const pid_t sup =
       Spawn(SupervisorArgv(kSupervisor, state_.path(), Out(), logs_ / "missing-dir/stderr", "", Shell("exit 0")));
@@ -662,6 +697,11 @@ TEST(SupervisorProtocol, BuildsTheDocumentedArgv) {
   EXPECT_THAT(SupervisorArgv("/bin/sup", "/state", "/out", "/err", "vm", {"/usr/bin/qemu"}),
               ElementsAre("/bin/sup", "--state-dir", "/state", "--stdout", "/out", "--stderr", "/err", "--user", "vm",
                           "--", "/usr/bin/qemu"));
+  EXPECT_THAT(SupervisorArgv("/bin/sup", "/state", "/out", "/err", "", {"/usr/bin/qemu"},
+                             Placement{{"/cg/memory/x/cgroup.procs", "/cg/cpu/x/cgroup.procs"}, "/var/run/netns/a"}),
+              ElementsAre("/bin/sup", "--state-dir", "/state", "--stdout", "/out", "--stderr", "/err", "--cgroup",
+                          "/cg/memory/x/cgroup.procs", "--cgroup", "/cg/cpu/x/cgroup.procs", "--netns",
+                          "/var/run/netns/a", "--", "/usr/bin/qemu"));
 }
 
 TEST(SupervisorProtocol, ParsesARecordAndIgnoresUnknownFields) {

@@ -328,6 +328,7 @@ class BadInputTest : public VmLifecycleTest {
     if (std::filesystem::exists(state_dir_)) {
       EXPECT_TRUE(std::filesystem::is_empty(state_dir_)) << "state left behind in " << state_dir_;
     }
+    EXPECT_THAT(::ndq::testing::CgroupsUnder(harness_->cgroup_parent()), ::testing::IsEmpty()) << "cgroups left behind";
   }
 
   nlohmann::json Config(nlohmann::json extra = nlohmann::json::object()) {

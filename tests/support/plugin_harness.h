@@ -57,14 +57,70 @@ inline void KillVmsUnder(const std::string& state_dir) {
   for (pid_t pid : ProcessesMentioning(state_dir)) ::kill(pid, SIGKILL);
 }
 
+// The cgroup hierarchies' roots: /sys/fs/cgroup (v2) and each v1 controller's.
+inline std::vector<std::string> CgroupRoots() {
+  std::vector<std::string> roots = {"/sys/fs/cgroup"};
+  std::error_code ignored;
+  for (const auto& entry : std::filesystem::directory_iterator("/sys/fs/cgroup", ignored)) {
+    if (entry.is_directory(ignored)) roots.push_back(entry.path());
+  }
+  return roots;
+}
+
+// Every VM cgroup under `parent`, on any hierarchy.
+inline std::vector<std::string> CgroupsUnder(const std::string& parent) {
+  std::vector<std::string> found;
+  std::error_code ignored;
+  for (const std::string& root : CgroupRoots()) {
+    for (const auto& entry : std::filesystem::directory_iterator(root + "/" + parent, ignored)) {
+      if (entry.is_directory(ignored)) found.push_back(entry.path());
+    }
+  }
+  return found;
+}
+
+// Removes the cgroup `parent` and every VM cgroup under it, on each mounted
+// cgroup hierarchy, killing what is still inside.
+inline void RemoveCgroupTree(const std::string& parent) {
+  std::error_code ignored;
+  std::vector<std::string> dirs = CgroupsUnder(parent);
+  for (const std::string& root : CgroupRoots()) {
+    if (std::filesystem::is_directory(root + "/" + parent, ignored)) dirs.push_back(root + "/" + parent);
+  }
+  {
+    for (const std::string& dir : dirs) {
+      for (int attempt = 0; attempt < 200 && ::rmdir(dir.c_str()) != 0 && errno == EBUSY; ++attempt) {
+        std::ifstream procs(dir + "/cgroup.procs");
+        for (pid_t pid; procs >> pid;) ::kill(pid, SIGKILL);
+        ::usleep(10000);
+      }
+    }
+  }
+}
+
 class PluginHarness {
  public:
   // `plugin_config` is the operator's plugin block as JSON; state_dir is ours.
+  // VMs get their cgroups under a parent of their own (unless the config
+  // names one), removed with the harness.
   explicit PluginHarness(const std::string& state_dir, nlohmann::json plugin_config = nlohmann::json::object())
       : state_dir_(state_dir), plugin_config_(std::move(plugin_config)) {
     plugin_config_["state_dir"] = state_dir_;
+    if (!plugin_config_.contains("cgroup_parent")) {
+      static int harnesses = 0;
+      plugin_config_["cgroup_parent"] = "ndq-test-" + std::to_string(::getpid()) + "-" + std::to_string(++harnesses);
+    }
     Restart();
   }
+  ~PluginHarness() {
+    plugin_.reset();
+    client_.reset();
+    KillVmsUnder(state_dir_);
+    RemoveCgroupTree(plugin_config_["cgroup_parent"].get<std::string>());
+  }
+  PluginHarness(const PluginHarness&) = delete;
+  PluginHarness& operator=(const PluginHarness&) = delete;
+  const std::string& cgroup_parent() const { return plugin_config_["cgroup_parent"].get_ref<const std::string&>(); }
 
   // Starts a fresh plugin process (the old one, if any, is killed first).
   void Restart() {

@@ -119,5 +119,33 @@ TEST(PluginConfig, ImageDownloadOptions) {
   EXPECT_THAT(std::string(DecodePluginConfig(bad.bytes()).status().message()), HasSubstr("\"max_image_size\""));
 }
 
+TEST(PluginConfig, IsolationOptions) {
+  const absl::StatusOr<PluginConfig> defaults = DecodePluginConfig(MsgpackWriter().Map(0).bytes());
+  ASSERT_TRUE(defaults.ok());
+  EXPECT_EQ(defaults->cgroup_parent, "nomad");
+  EXPECT_EQ(defaults->memory_overhead, 128ll << 20);
+  EXPECT_EQ(defaults->pids_limit, 1024);
+
+  MsgpackWriter w;
+  w.Map(3).Str("cgroup_parent").Str("vms").Str("memory_overhead").Str("64MiB").Str("pids_limit").Uint16(4096);
+  const absl::StatusOr<PluginConfig> config = DecodePluginConfig(w.bytes());
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->cgroup_parent, "vms");
+  EXPECT_EQ(config->memory_overhead, 64ll << 20);
+  EXPECT_EQ(config->pids_limit, 4096);
+
+  for (const char* parent : {"/sys/fs/cgroup/x", "../escape", ""}) {
+    MsgpackWriter bad;
+    bad.Map(1).Str("cgroup_parent").Str(parent);
+    EXPECT_THAT(std::string(DecodePluginConfig(bad.bytes()).status().message()), HasSubstr("\"cgroup_parent\"")) << parent;
+  }
+  MsgpackWriter negative;
+  negative.Map(1).Str("pids_limit").Int8(-1);
+  EXPECT_THAT(std::string(DecodePluginConfig(negative.bytes()).status().message()), HasSubstr("\"pids_limit\""));
+  MsgpackWriter overhead;
+  overhead.Map(1).Str("memory_overhead").Str("a little");
+  EXPECT_THAT(std::string(DecodePluginConfig(overhead.bytes()).status().message()), HasSubstr("\"memory_overhead\""));
+}
+
 }  // namespace
 }  // namespace ndq

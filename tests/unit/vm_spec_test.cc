@@ -317,6 +317,21 @@ TEST_F(PlanVm, PortMapFromGroupNetworkPorts) {
                                                PortForward{"http", "udp", "192.168.1.2", 25001, 8080}));
 }
 
+// Bridge mode: QEMU runs inside the allocation's namespace, where Nomad's
+// port mapping delivers traffic to the port's `to` on the namespace's address.
+TEST_F(PlanVm, InTheGroupNamespacePortsListenOnTheirTo) {
+  AddGroupPort("http", 25001, 8080, "192.168.1.2");
+  AddGroupPort("dns", 25002, 0, "192.168.1.2");
+  task_.mutable_network_isolation_spec()->set_mode(driverpb::NetworkIsolationSpec::GROUP);
+  task_.mutable_network_isolation_spec()->set_path("/var/run/netns/alloc");
+  config_.port_map = {{"http", 80}, {"dns", 53}};
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_THAT(spec->port_forwards,
+              ElementsAre(PortForward{"dns", "tcp", "", 25002, 53}, PortForward{"dns", "udp", "", 25002, 53},
+                          PortForward{"http", "tcp", "", 8080, 80}, PortForward{"http", "udp", "", 8080, 80}));
+}
+
 TEST_F(PlanVm, PortMapFromBothPlacesTaskNetworkFirst) {
   auto* ssh = TaskNetwork("10.0.0.5")->add_reserved_ports();
   ssh->set_label("ssh");
