@@ -26,13 +26,14 @@ bool Lifecycle::WaitForShutdown(absl::Duration timeout) const {
   return mu_.AwaitWithTimeout(absl::Condition(&shutdown_), timeout);
 }
 
-Lifecycle::Wake Lifecycle::SleepInStream(grpc::ServerContext* context, absl::Duration timeout) const {
+Lifecycle::Wake Lifecycle::SleepInStream(grpc::ServerContext* context, absl::Duration timeout,
+                                         absl::Duration cancel_check) const {
   const absl::Time deadline = absl::Now() + timeout;
   while (true) {
     if (context != nullptr && context->IsCancelled()) return Wake::kCancelled;
     const absl::Duration left = deadline - absl::Now();
     if (left <= absl::ZeroDuration()) return Wake::kTimeout;
-    if (WaitForShutdown(std::min(left, kCancelCheckInterval))) return Wake::kShutdown;
+    if (WaitForShutdown(std::min(left, cancel_check))) return Wake::kShutdown;
   }
 }
 

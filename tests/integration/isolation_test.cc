@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include "../support/event_recorder.h"
+#include "../support/guest_task.h"
 #include "../support/plugin_harness.h"
 #include "../support/temp_dir.h"
 #include "../support/test_guest.h"
@@ -99,11 +100,8 @@ class IsolationTest : public ::testing::Test {
 
   driverpb::TaskConfig GuestTask(FakeAlloc& alloc, const std::string& variant, nlohmann::json extra = {},
                                  int memory_mb = 256) {
-    nlohmann::json config = {{"image_path", "local/disk.qcow2"},
-                             {"accelerator", "tcg"},
-                             {"drive_interface", "virtio"},
-                             {"graceful_shutdown", true}};
-    for (const auto& [k, v] : extra.items()) config[k] = v;
+    nlohmann::json config = ::ndq::testing::GuestConfig(extra);
+    if (!extra.contains("port_map")) config.erase("port_map");
     alloc.AddOverlay(Guest(variant));
     return alloc.Task(config, memory_mb);
   }
@@ -196,6 +194,18 @@ TEST_F(IsolationTest, QemuRunsInACgroupWithTheTaskLimitsRemovedOnDestroy) {
   EXPECT_GE(cpu.percent(), 0);
   EXPECT_LT(cpu.percent(), 150);
   EXPECT_EQ(second.stats().resource_usage_by_pid().size(), 2u) << "QEMU and its supervisor";
+  // The cgroup's CPU counters only grow while the guest runs.
+  const CgroupUsage before = ReadCgroupUsage(cgroup);
+  ASSERT_TRUE(before.cpu_total_ns.has_value());
+  std::optional<uint64_t> later;
+  for (const absl::Time deadline = absl::Now() + absl::Seconds(10); absl::Now() < deadline;) {
+    later = ReadCgroupUsage(cgroup).cpu_total_ns;
+    if (later && *later > *before.cpu_total_ns) break;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  ASSERT_TRUE(later.has_value());
+  EXPECT_GT(*later, *before.cpu_total_ns);
+  EXPECT_GE(*ReadCgroupUsage(cgroup).cpu_total_ns, *later);
 
   ASSERT_TRUE(harness_->Stop(task.id(), absl::Seconds(20)).ok());
   for (const auto& [controller, dir] : cgroup.dirs) EXPECT_TRUE(std::filesystem::exists(dir)) << "kept until destroy";

@@ -8,6 +8,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "../support/guest_task.h"
 #include "../support/plugin_harness.h"
 #include "../support/temp_dir.h"
 #include "../support/test_guest.h"
@@ -79,21 +80,7 @@ class VmLifecycleTest : public ::testing::Test {
   // Starts `variant` with graceful shutdown and an http port; waits for boot.
   driverpb::TaskHandle StartGuest(FakeAlloc& alloc, const std::string& variant, int http_port,
                                   nlohmann::json extra = nlohmann::json::object()) {
-    nlohmann::json config = {{"image_path", "local/disk.qcow2"},
-                             {"accelerator", "tcg"},
-                             {"drive_interface", "virtio"},
-                             {"graceful_shutdown", true},
-                             {"port_map", {{{"http", 80}}}}};
-    for (const auto& [k, v] : extra.items()) config[k] = v;
-    alloc.AddOverlay(Guest(variant));
-    driverpb::TaskConfig task = alloc.Task(config);
-    AddTaskPort(&task, "http", http_port);
-    driverpb::TaskHandle handle;
-    const grpc::Status status = harness_->Start(task, &handle);
-    EXPECT_TRUE(status.ok()) << status.error_message();
-    EXPECT_TRUE(WaitForFileToContain(alloc.stdout_path(), "GUEST-READY", kGuestBootTimeout))
-        << "serial console:\n" << ReadFile(alloc.stdout_path());
-    return handle;
+    return ::ndq::testing::StartTestGuest(*harness_, alloc, Guest(variant), http_port, extra);
   }
 
   TempDir state_;

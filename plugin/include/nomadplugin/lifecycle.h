@@ -26,9 +26,11 @@ class Lifecycle {
   bool WaitForShutdown(absl::Duration timeout) const;
 
   enum class Wake { kShutdown, kCancelled, kTimeout };
-  // For streaming handlers: sleeps up to `timeout`, waking early on shutdown or
-  // when the client cancels the call.
-  Wake SleepInStream(grpc::ServerContext* context, absl::Duration timeout) const;
+  // For streaming handlers: sleeps up to `timeout`, waking early on shutdown
+  // (at once) or when the client cancels the call (noticed within
+  // `cancel_check`: the sync API has no cancellation callback, so it polls).
+  Wake SleepInStream(grpc::ServerContext* context, absl::Duration timeout,
+                     absl::Duration cancel_check = kCancelCheckInterval) const;
 
  private:
   mutable absl::Mutex mu_;
