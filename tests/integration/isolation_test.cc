@@ -25,6 +25,7 @@ using ::ndq::testing::AddTaskPort;
 using ::ndq::testing::CgroupsUnder;
 using ::ndq::testing::EventRecorder;
 using ::ndq::testing::FakeAlloc;
+using ::ndq::testing::Guest;
 using ::ndq::testing::FreePort;
 using ::ndq::testing::kGuestBootTimeout;
 using ::ndq::testing::PluginHarness;
@@ -39,8 +40,6 @@ using ::testing::IsEmpty;
 using ::testing::Not;
 
 constexpr int64_t kMiB = 1 << 20;
-
-std::string Guest(const std::string& variant) { return *TestGuestDir() + "/" + variant; }
 
 std::string Trimmed(const std::string& path) {
   std::string text = ReadFile(path);

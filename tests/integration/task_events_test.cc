@@ -30,6 +30,11 @@ using ::ndq::testing::AwaitSubscribed;
 using ::ndq::testing::CheckInOrder;
 using ::ndq::testing::EventRecorder;
 using ::ndq::testing::FakeAlloc;
+using ::ndq::testing::Guest;
+using ::ndq::testing::HttpGet;
+using ::ndq::testing::ProcessAlive;
+using ::ndq::testing::RecordOf;
+using ::ndq::testing::WaitUntil;
 using ::ndq::testing::FreePort;
 using ::ndq::testing::kGuestBootTimeout;
 using ::ndq::testing::PluginHarness;
@@ -44,34 +49,6 @@ using ::testing::Not;
 
 // Events follow what they report within this; generous for a loaded 2-core machine.
 constexpr absl::Duration kEventTimeout = absl::Seconds(30);
-
-std::string Guest(const std::string& variant) {
-  absl::StatusOr<std::string> dir = TestGuestDir();
-  EXPECT_TRUE(dir.ok()) << dir.status();
-  return *dir + "/" + variant;
-}
-
-bool WaitUntil(const std::function<bool()>& condition, absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
-  while (!condition()) {
-    if (absl::Now() > deadline) return false;
-    absl::SleepFor(absl::Milliseconds(20));
-  }
-  return true;
-}
-
-DriverStateRecord RecordOf(const driverpb::TaskHandle& handle) {
-  auto record = DriverStateRecord::Decode(handle.driver_state());
-  EXPECT_TRUE(record.ok()) << record.status();
-  return record.ok() ? *record : DriverStateRecord{};
-}
-
-std::string HttpGet(int port, int max_seconds = 5) {
-  auto out = RunCommand({"/usr/bin/curl", "-s", "--max-time", std::to_string(max_seconds),
-                         "http://127.0.0.1:" + std::to_string(port) + "/"},
-                        absl::Seconds(max_seconds + 5));
-  return out.ok() && out->exit_code == 0 ? out->output : "";
-}
 
 // The process state letter from /proc/PID/stat ("S", "R", "T" for stopped...).
 std::string ProcessState(pid_t pid) {

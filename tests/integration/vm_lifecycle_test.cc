@@ -22,6 +22,11 @@ namespace {
 using ::ndq::testing::AddGroupPort;
 using ::ndq::testing::AddTaskPort;
 using ::ndq::testing::FakeAlloc;
+using ::ndq::testing::Guest;
+using ::ndq::testing::HttpGet;
+using ::ndq::testing::ProcessAlive;
+using ::ndq::testing::RecordOf;
+using ::ndq::testing::WaitUntil;
 using ::ndq::testing::FreePort;
 using ::ndq::testing::kGuestBootTimeout;
 using ::ndq::testing::PluginHarness;
@@ -31,35 +36,6 @@ using ::ndq::testing::TempDir;
 using ::ndq::testing::TestGuestDir;
 using ::ndq::testing::WaitForFileToContain;
 using ::testing::HasSubstr;
-
-std::string Guest(const std::string& variant) {
-  absl::StatusOr<std::string> dir = TestGuestDir();
-  EXPECT_TRUE(dir.ok()) << dir.status();
-  return *dir + "/" + variant;
-}
-
-bool ProcessAlive(pid_t pid) { return pid > 0 && ::kill(pid, 0) == 0; }
-
-bool WaitUntil(const std::function<bool()>& condition, absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
-  while (!condition()) {
-    if (absl::Now() > deadline) return false;
-    absl::SleepFor(absl::Milliseconds(20));
-  }
-  return true;
-}
-
-DriverStateRecord RecordOf(const driverpb::TaskHandle& handle) {
-  auto record = DriverStateRecord::Decode(handle.driver_state());
-  EXPECT_TRUE(record.ok()) << record.status();
-  return record.ok() ? *record : DriverStateRecord{};
-}
-
-std::string HttpGet(int port) {
-  auto out = RunCommand({"/usr/bin/curl", "-s", "--max-time", "5", "http://127.0.0.1:" + std::to_string(port) + "/"},
-                        absl::Seconds(10));
-  return out.ok() && out->exit_code == 0 ? out->output : "";
-}
 
 class VmLifecycleTest : public ::testing::Test {
  protected:

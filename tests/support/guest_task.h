@@ -1,15 +1,54 @@
 // Booting the test guest through the plugin, as the integration tests do.
 #pragma once
 
+#include <signal.h>
+
+#include <functional>
 #include <string>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "absl/time/clock.h"
 #include "plugin_harness.h"
+#include "qemu_driver/vm_task.h"
 #include "test_guest.h"
 
 namespace ndq::testing {
+
+// The cached image of a test guest variant, e.g. "guest-busy.qcow2".
+inline std::string Guest(const std::string& variant) {
+  absl::StatusOr<std::string> dir = TestGuestDir();
+  EXPECT_TRUE(dir.ok()) << dir.status();
+  return dir.ok() ? *dir + "/" + variant : variant;
+}
+
+inline bool ProcessAlive(pid_t pid) { return pid > 0 && ::kill(pid, 0) == 0; }
+
+// Polls `condition` until it holds (true) or `timeout` passes (false).
+inline bool WaitUntil(const std::function<bool()>& condition, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (!condition()) {
+    if (absl::Now() > deadline) return false;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  return true;
+}
+
+// The driver state inside a TaskHandle.
+inline DriverStateRecord RecordOf(const driverpb::TaskHandle& handle) {
+  auto record = DriverStateRecord::Decode(handle.driver_state());
+  EXPECT_TRUE(record.ok()) << record.status();
+  return record.ok() ? *record : DriverStateRecord{};
+}
+
+// The page at http://127.0.0.1:PORT/, or "" when it cannot be fetched.
+inline std::string HttpGet(int port, int max_seconds = 5) {
+  auto out = RunCommand({"/usr/bin/curl", "-s", "--max-time", std::to_string(max_seconds),
+                         "http://127.0.0.1:" + std::to_string(port) + "/"},
+                        absl::Seconds(max_seconds + 5));
+  return out.ok() && out->exit_code == 0 ? out->output : "";
+}
 
 // The job config the tests boot the guest with: TCG, the task's overlay on a
 // virtio disk, graceful shutdown, port "http" to the guest's web server.
