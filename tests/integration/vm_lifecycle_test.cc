@@ -357,6 +357,17 @@ TEST_F(BadInputTest, MemoryTooSmall) {
   ExpectRefused(alloc_.Task(Config(), /*memory_mb=*/64), "memory");
 }
 
+TEST_F(BadInputTest, ZeroOrNegativeCpus) {
+  ExpectRefused(alloc_.Task(Config({{"cpus", 0}})), "task config \"cpus\": 0 is out of range");
+  ExpectRefused(alloc_.Task(Config({{"cpus", -2}})), "task config \"cpus\": -2 is out of range");
+}
+
+TEST_F(BadInputTest, MalformedInstanceType) {
+  ExpectRefused(alloc_.Task(Config({{"instance_type", "large"}})), "is not of the form c<cpus>m<memory MB>");
+  ExpectRefused(alloc_.Task(Config({{"instance_type", "c2m4096"}}), /*memory_mb=*/1024),
+                "at most the task's reserved memory (1024 MB)");
+}
+
 TEST_F(BadInputTest, UnsupportedDriveInterface) {
   ExpectRefused(alloc_.Task(Config({{"drive_interface", "nvme"}})), "drive_interface");
 }
