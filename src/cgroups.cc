@@ -15,26 +15,13 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
+#include "qemu_driver/small_file.h"
 
 namespace ndq {
 namespace {
 
-// Reads a small kernel file in one call; cgroup files are a few hundred bytes
-// and are read once per stats sample, so this stays cheap.
-std::optional<std::string> ReadSmall(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return std::nullopt;
-  std::string out;
-  char buf[4096];
-  ssize_t n;
-  while ((n = ::read(fd, buf, sizeof buf)) > 0) out.append(buf, static_cast<size_t>(n));
-  ::close(fd);
-  if (n < 0) return std::nullopt;
-  return out;
-}
-
 std::optional<uint64_t> ReadNumber(const std::string& path) {
-  std::optional<std::string> text = ReadSmall(path);
+  std::optional<std::string> text = ReadSmallFile(path);
   uint64_t value;
   if (!text || !absl::SimpleAtoi(absl::StripAsciiWhitespace(*text), &value)) return std::nullopt;
   return value;
@@ -89,19 +76,19 @@ std::string Parent(const std::string& dir) { return dir.substr(0, dir.rfind('/')
 absl::Status InheritCpuset(const std::string& dir, const std::string& cpus) {
   auto unset = [](const std::optional<std::string>& v) { return !v || absl::StripAsciiWhitespace(*v).empty(); };
   auto from_parent = [&dir](const char* file) {
-    return std::string(absl::StripAsciiWhitespace(ReadSmall(Parent(dir) + "/" + file).value_or("")));
+    return std::string(absl::StripAsciiWhitespace(ReadSmallFile(Parent(dir) + "/" + file).value_or("")));
   };
-  if (unset(ReadSmall(dir + "/cpuset.mems"))) {
+  if (unset(ReadSmallFile(dir + "/cpuset.mems"))) {
     if (absl::Status status = WriteFile(dir, "cpuset.mems", from_parent("cpuset.mems")); !status.ok()) return status;
   }
   if (!cpus.empty()) return WriteFile(dir, "cpuset.cpus", cpus);
-  if (unset(ReadSmall(dir + "/cpuset.cpus"))) return WriteFile(dir, "cpuset.cpus", from_parent("cpuset.cpus"));
+  if (unset(ReadSmallFile(dir + "/cpuset.cpus"))) return WriteFile(dir, "cpuset.cpus", from_parent("cpuset.cpus"));
   return absl::OkStatus();
 }
 
 std::vector<std::string> V2Controllers(const std::string& file) {
   std::vector<std::string> out;
-  for (absl::string_view name : absl::StrSplit(ReadSmall(file).value_or(""), absl::ByAnyChar(" \n"), absl::SkipEmpty())) {
+  for (absl::string_view name : absl::StrSplit(ReadSmallFile(file).value_or(""), absl::ByAnyChar(" \n"), absl::SkipEmpty())) {
     const auto& ours = CgroupManager::Controllers();
     if (std::find(ours.begin(), ours.end(), name) != ours.end()) out.emplace_back(name);
   }
@@ -145,7 +132,7 @@ CgroupMounts ParseCgroupMounts(absl::string_view mountinfo) {
   return mounts;
 }
 
-CgroupMounts DetectCgroupMounts() { return ParseCgroupMounts(ReadSmall("/proc/self/mountinfo").value_or("")); }
+CgroupMounts DetectCgroupMounts() { return ParseCgroupMounts(ReadSmallFile("/proc/self/mountinfo").value_or("")); }
 
 int64_t CpuSharesToWeight(int64_t shares) {
   if (shares <= 0) return 0;
@@ -173,14 +160,14 @@ CgroupUsage ReadCgroupUsage(const TaskCgroup& cgroup) {
     if (!memory.empty()) {
       usage.memory_usage = ReadNumber(memory + "/memory.usage_in_bytes");
       usage.memory_max_usage = ReadNumber(memory + "/memory.max_usage_in_bytes");
-      const std::optional<std::string> stat = ReadSmall(memory + "/memory.stat");
+      const std::optional<std::string> stat = ReadSmallFile(memory + "/memory.stat");
       usage.memory_rss = KeyedValue(stat, "total_rss");
       usage.memory_cache = KeyedValue(stat, "total_cache");
       usage.memory_swap = KeyedValue(stat, "total_swap");  // only with swap accounting
     }
     if (const std::string cpuacct = cgroup.Dir("cpuacct"); !cpuacct.empty()) {
       usage.cpu_total_ns = ReadNumber(cpuacct + "/cpuacct.usage");
-      const std::optional<std::string> stat = ReadSmall(cpuacct + "/cpuacct.stat");
+      const std::optional<std::string> stat = ReadSmallFile(cpuacct + "/cpuacct.stat");
       const double ns_per_tick = 1e9 / static_cast<double>(::sysconf(_SC_CLK_TCK));
       if (auto user = KeyedValue(stat, "user")) usage.cpu_user_ns = static_cast<uint64_t>(*user * ns_per_tick);
       if (auto system = KeyedValue(stat, "system")) usage.cpu_system_ns = static_cast<uint64_t>(*system * ns_per_tick);
@@ -191,12 +178,12 @@ CgroupUsage ReadCgroupUsage(const TaskCgroup& cgroup) {
       usage.memory_usage = ReadNumber(memory + "/memory.current");
       usage.memory_max_usage = ReadNumber(memory + "/memory.peak");  // Linux 5.19+
       usage.memory_swap = ReadNumber(memory + "/memory.swap.current");
-      const std::optional<std::string> stat = ReadSmall(memory + "/memory.stat");
+      const std::optional<std::string> stat = ReadSmallFile(memory + "/memory.stat");
       usage.memory_rss = KeyedValue(stat, "anon");
       usage.memory_cache = KeyedValue(stat, "file");
     }
     // cpu.stat is there even without the cpu controller.
-    const std::optional<std::string> stat = ReadSmall(dir + "/cpu.stat");
+    const std::optional<std::string> stat = ReadSmallFile(dir + "/cpu.stat");
     if (auto v = KeyedValue(stat, "usage_usec")) usage.cpu_total_ns = *v * 1000;
     if (auto v = KeyedValue(stat, "user_usec")) usage.cpu_user_ns = *v * 1000;
     if (auto v = KeyedValue(stat, "system_usec")) usage.cpu_system_ns = *v * 1000;
@@ -207,8 +194,8 @@ CgroupUsage ReadCgroupUsage(const TaskCgroup& cgroup) {
 uint64_t CgroupOomKills(const TaskCgroup& cgroup) {
   const std::string memory = cgroup.Dir("memory");
   if (memory.empty()) return 0;
-  if (cgroup.version == CgroupVersion::kV1) return KeyedValue(ReadSmall(memory + "/memory.oom_control"), "oom_kill").value_or(0);
-  return KeyedValue(ReadSmall(memory + "/memory.events"), "oom_kill").value_or(0);
+  if (cgroup.version == CgroupVersion::kV1) return KeyedValue(ReadSmallFile(memory + "/memory.oom_control"), "oom_kill").value_or(0);
+  return KeyedValue(ReadSmallFile(memory + "/memory.events"), "oom_kill").value_or(0);
 }
 
 void RemoveTaskCgroup(const TaskCgroup& cgroup) {
@@ -218,7 +205,7 @@ void RemoveTaskCgroup(const TaskCgroup& cgroup) {
     const absl::Time deadline = absl::Now() + absl::Seconds(2);
     while (::rmdir(dir.c_str()) != 0 && errno == EBUSY && absl::Now() < deadline) {
       for (absl::string_view pid_text :
-           absl::StrSplit(ReadSmall(dir + "/cgroup.procs").value_or(""), '\n', absl::SkipEmpty())) {
+           absl::StrSplit(ReadSmallFile(dir + "/cgroup.procs").value_or(""), '\n', absl::SkipEmpty())) {
         pid_t pid;
         if (absl::SimpleAtoi(pid_text, &pid) && pid > 0) ::kill(pid, SIGKILL);
       }

@@ -11,17 +11,16 @@
 
 #include <cerrno>
 #include <cstring>
-#include <fstream>
 #include <sstream>
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "qemu_driver/small_file.h"
 
 namespace ndq {
 
 std::optional<std::vector<std::string>> ReadProcStat(pid_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string stat = ReadSmallFile("/proc/" + std::to_string(pid) + "/stat").value_or("");
   // The command name (field 2) may contain spaces and parentheses: skip past the last ')'.
   const size_t close = stat.rfind(')');
   if (close == std::string::npos) return std::nullopt;

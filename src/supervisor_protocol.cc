@@ -9,43 +9,12 @@
 
 #include <nlohmann/json.hpp>
 
+#include "qemu_driver/small_file.h"
+
 namespace ndq::supervisor {
 namespace {
 
 using nlohmann::json;
-
-// exit.json is at most a few tens of KiB; anything far larger is not ours.
-constexpr size_t kMaxRecordFile = 1 << 20;
-
-// Reads a whole small file. nullopt with *error empty when it does not exist.
-std::optional<std::string> ReadSmallFile(const std::string& path, std::string* error) {
-  error->clear();
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    if (errno != ENOENT) *error = "open " + path + ": " + std::strerror(errno);
-    return std::nullopt;
-  }
-  std::string data;
-  char buf[8192];
-  for (;;) {
-    const ssize_t n = ::read(fd, buf, sizeof buf);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      *error = "read " + path + ": " + std::strerror(errno);
-      ::close(fd);
-      return std::nullopt;
-    }
-    if (n == 0) break;
-    data.append(buf, static_cast<size_t>(n));
-    if (data.size() > kMaxRecordFile) {
-      *error = path + " is larger than " + std::to_string(kMaxRecordFile) + " bytes";
-      ::close(fd);
-      return std::nullopt;
-    }
-  }
-  ::close(fd);
-  return data;
-}
 
 bool GetInt64(const json& obj, const char* key, int64_t* out, std::string* error) {
   const auto it = obj.find(key);
