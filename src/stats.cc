@@ -75,21 +75,18 @@ void FillFromCgroup(driverpb::TaskResourceUsage* usage, const CgroupUsage& now, 
   }
   auto* memory = usage->mutable_memory();
   memory->clear_measured_fields();
-  const std::pair<const std::optional<uint64_t>*, driverpb::MemoryUsage::Fields> fields[] = {
-      {&now.memory_rss, driverpb::MemoryUsage::RSS},         {&now.memory_cache, driverpb::MemoryUsage::CACHE},
-      {&now.memory_usage, driverpb::MemoryUsage::USAGE},     {&now.memory_max_usage, driverpb::MemoryUsage::MAX_USAGE},
-      {&now.memory_swap, driverpb::MemoryUsage::SWAP}};
-  for (const auto& [value, field] : fields) {
-    if (!*value) continue;
-    switch (field) {
-      case driverpb::MemoryUsage::RSS: memory->set_rss(**value); break;
-      case driverpb::MemoryUsage::CACHE: memory->set_cache(**value); break;
-      case driverpb::MemoryUsage::USAGE: memory->set_usage(**value); break;
-      case driverpb::MemoryUsage::MAX_USAGE: memory->set_max_usage(**value); break;
-      default: memory->set_swap(**value); break;
-    }
+  // Only what the cgroup gives is set and listed as measured.
+  auto put = [memory](const std::optional<uint64_t>& value, void (driverpb::MemoryUsage::*set)(uint64_t),
+                      driverpb::MemoryUsage::Fields field) {
+    if (!value) return;
+    (memory->*set)(*value);
     memory->add_measured_fields(field);
-  }
+  };
+  put(now.memory_rss, &driverpb::MemoryUsage::set_rss, driverpb::MemoryUsage::RSS);
+  put(now.memory_cache, &driverpb::MemoryUsage::set_cache, driverpb::MemoryUsage::CACHE);
+  put(now.memory_usage, &driverpb::MemoryUsage::set_usage, driverpb::MemoryUsage::USAGE);
+  put(now.memory_max_usage, &driverpb::MemoryUsage::set_max_usage, driverpb::MemoryUsage::MAX_USAGE);
+  put(now.memory_swap, &driverpb::MemoryUsage::set_swap, driverpb::MemoryUsage::SWAP);
 }
 
 driverpb::TaskStats StatsSampler::Sample(const std::string& task_id, const std::vector<pid_t>& pids,

@@ -475,8 +475,9 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
   // machine may run QEMU up to its QMP socket before the supervisor runs again.
   absl::Status pid_file =
       WaitForPathOrExit(record.state_dir, supervisor::kPidFile, *supervisor_pidfd, absl::Now() + absl::Seconds(10));
-  std::string pid_problem = pid_file.ok() ? "" : std::string(pid_file.message());
-  std::optional<pid_t> qemu_pid = supervisor::ReadQemuPid(record.state_dir, &pid_problem);
+  std::string pid_problem(pid_file.message());
+  std::optional<pid_t> qemu_pid;
+  if (pid_file.ok()) qemu_pid = supervisor::ReadQemuPid(record.state_dir, &pid_problem);
   int qemu_pidfd = -1;
   if (qemu_pid) {
     record.qemu_pid = *qemu_pid;
@@ -624,12 +625,15 @@ absl::StatusOr<driverpb::InspectTaskResponse> TaskManager::Inspect(const std::st
 absl::Status TaskManager::Signal(const std::string& id, const std::string& signal) {
   absl::StatusOr<std::shared_ptr<VmTask>> task = Find(id);
   if (!task.ok()) return task.status();
-  if (ParseSignal(signal).value_or(0) == SIGPWR) return (*task)->RequestPowerdown();
-  if (ParseSignal(signal).value_or(0) == SIGTSTP) return (*task)->Pause();
-  if (ParseSignal(signal).value_or(0) == SIGCONT) return (*task)->Resume();
   absl::StatusOr<int> sig = ParseSignal(signal);
   if (!sig.ok()) return sig.status();
-  return (*task)->Signal(*sig);
+  // These ask the VM rather than QEMU's process (see README, signals).
+  switch (*sig) {
+    case SIGPWR: return (*task)->RequestPowerdown();
+    case SIGTSTP: return (*task)->Pause();
+    case SIGCONT: return (*task)->Resume();
+    default: return (*task)->Signal(*sig);
+  }
 }
 
 }  // namespace ndq
