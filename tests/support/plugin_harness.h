@@ -19,6 +19,7 @@
 #include "../support/temp_dir.h"
 #include "nomadplugin/driver_client.h"
 #include "nomadplugin/launcher.h"
+#include "qemu_driver/cgroups.h"
 #include "qemu_driver/run_command.h"
 
 namespace ndq::testing {
@@ -83,19 +84,13 @@ inline std::vector<std::string> CgroupsUnder(const std::string& parent) {
 // cgroup hierarchy, killing what is still inside.
 inline void RemoveCgroupTree(const std::string& parent) {
   std::error_code ignored;
-  std::vector<std::string> dirs = CgroupsUnder(parent);
+  // The driver's own removal (kill what is left, rmdir), children first.
+  TaskCgroup tree;
+  tree.created = CgroupsUnder(parent);
   for (const std::string& root : CgroupRoots()) {
-    if (std::filesystem::is_directory(root + "/" + parent, ignored)) dirs.push_back(root + "/" + parent);
+    if (std::filesystem::is_directory(root + "/" + parent, ignored)) tree.created.push_back(root + "/" + parent);
   }
-  {
-    for (const std::string& dir : dirs) {
-      for (int attempt = 0; attempt < 200 && ::rmdir(dir.c_str()) != 0 && errno == EBUSY; ++attempt) {
-        std::ifstream procs(dir + "/cgroup.procs");
-        for (pid_t pid; procs >> pid;) ::kill(pid, SIGKILL);
-        ::usleep(10000);
-      }
-    }
-  }
+  RemoveTaskCgroup(tree);
 }
 
 class PluginHarness {
