@@ -179,6 +179,8 @@ grpc::Status DriverService::TaskEvents(grpc::ServerContext* context, const drive
                                        grpc::ServerWriter<driverpb::DriverTaskEvent>* writer) {
   // Nomad holds this stream open for the plugin's lifetime.
   std::shared_ptr<EventBus::Subscription> subscription = events_->Subscribe();
+  // The headers tell the client that every event from now on reaches it.
+  writer->SendInitialMetadata();
   while (!context->IsCancelled() && !lifecycle_->ShutdownRequested()) {
     std::optional<TaskEvent> event = subscription->Next(nomadplugin::Lifecycle::kCancelCheckInterval);
     if (!event) continue;

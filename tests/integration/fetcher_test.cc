@@ -33,10 +33,12 @@
 #include "qemu_driver/run_command.h"
 #include "../support/http_test_server.h"
 #include "../support/temp_dir.h"
+#include "../support/test_guest.h"
 
 namespace ndq {
 namespace {
 
+using ::ndq::testing::ReadFile;
 using ::testing::HasSubstr;
 namespace fs = std::filesystem;
 
@@ -58,13 +60,6 @@ std::string HttpGet(const std::string& url) {
   curl_easy_perform(c);
   curl_easy_cleanup(c);
   return body;
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
 }
 
 void WriteFile(const std::string& path, const std::string& data) {

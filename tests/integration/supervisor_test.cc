@@ -31,10 +31,12 @@
 #include <gtest/gtest.h>
 
 #include "../support/temp_dir.h"
+#include "../support/test_guest.h"
 
 namespace ndq::supervisor {
 namespace {
 
+using ::ndq::testing::ReadFile;
 using ::ndq::testing::TempDir;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
@@ -75,13 +77,6 @@ bool WaitFor(const std::function<bool()>& done, Clock::duration timeout = kTimeo
     ::usleep(5000);
   }
   return true;
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream out;
-  out << in.rdbuf();
-  return out.str();
 }
 
 bool Exists(const std::string& path) { return ::access(path.c_str(), F_OK) == 0; }

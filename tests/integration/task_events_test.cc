@@ -26,7 +26,6 @@ namespace ndq {
 namespace {
 
 using ::ndq::testing::AddTaskPort;
-using ::ndq::testing::AwaitSubscribed;
 using ::ndq::testing::CheckInOrder;
 using ::ndq::testing::EventRecorder;
 using ::ndq::testing::FakeAlloc;
@@ -79,33 +78,6 @@ class TaskEventsTest : public ::testing::Test {
     harness_.reset();
   }
 
-  // Makes the plugin publish one event for a fresh task id: recovering the
-  // handle of a "VM" whose supervisor is gone ("The VM exited while the plugin
-  // was not running"), then destroying it. No process is involved.
-  std::string PublishMarker() {
-    static int counter = 0;
-    const std::string id = absl::StrCat("marker-", ::getpid(), "-", ++counter);
-    DriverStateRecord record;
-    record.state_dir = markers_ / id;
-    record.qmp_socket = record.state_dir + "/qmp.sock";
-    std::filesystem::create_directories(record.state_dir);
-    driverpb::TaskHandle handle;
-    handle.set_version(1);
-    handle.mutable_config()->set_id(id);
-    handle.mutable_config()->set_name("marker");
-    handle.mutable_config()->set_alloc_id("marker");
-    handle.set_driver_state(record.Encode());
-    const grpc::Status recovered = harness_->Recover(handle);
-    EXPECT_TRUE(recovered.ok()) << recovered.error_message();
-    EXPECT_TRUE(harness_->Destroy(id, false).ok());
-    return id;
-  }
-
-  // Waits until the recorders' streams are subscribed in the plugin.
-  void Subscribe(const std::vector<EventRecorder*>& recorders) {
-    ASSERT_TRUE(AwaitSubscribed(recorders, [this] { return PublishMarker(); }, absl::Seconds(30)));
-  }
-
   // Starts `variant` with graceful shutdown and an http port; waits for boot.
   driverpb::TaskHandle StartGuest(FakeAlloc& alloc, const std::string& variant, int http_port,
                                   nlohmann::json extra = nlohmann::json::object()) {
@@ -119,7 +91,7 @@ class TaskEventsTest : public ::testing::Test {
     return inspect.task().state();
   }
 
-  TempDir state_, markers_;
+  TempDir state_;
   std::string state_dir_;
   nlohmann::json plugin_config_ = {{"image_paths", nlohmann::json::array()}};
   std::unique_ptr<PluginHarness> harness_;
@@ -127,7 +99,6 @@ class TaskEventsTest : public ::testing::Test {
 
 TEST_F(TaskEventsTest, GracefulStopIsReportedInOrder) {
   EventRecorder events(harness_->client());
-  Subscribe({&events});
   FakeAlloc alloc("web");
   const driverpb::TaskHandle handle = StartGuest(alloc, "guest.qcow2", FreePort());
   const std::string id = handle.config().id();
@@ -156,7 +127,6 @@ TEST_F(TaskEventsTest, GracefulStopIsReportedInOrder) {
 
 TEST_F(TaskEventsTest, EscalationIsReportedInOrder) {
   EventRecorder events(harness_->client());
-  Subscribe({&events});
   FakeAlloc alloc("stubborn");
   const driverpb::TaskHandle handle = StartGuest(alloc, "guest-noacpi.qcow2", FreePort());
   const std::string id = handle.config().id();
@@ -176,7 +146,6 @@ TEST_F(TaskEventsTest, EscalationIsReportedInOrder) {
 
 TEST_F(TaskEventsTest, SigtstpPausesTheVmAndSigcontResumesIt) {
   EventRecorder events(harness_->client());
-  Subscribe({&events});
   FakeAlloc alloc("pausable");
   const int port = FreePort();
   const driverpb::TaskHandle handle = StartGuest(alloc, "guest.qcow2", port);
@@ -220,7 +189,6 @@ TEST_F(TaskEventsTest, SigtstpPausesTheVmAndSigcontResumesIt) {
 
 TEST_F(TaskEventsTest, GuestRebootIsReportedAndTheVmKeepsRunning) {
   EventRecorder events(harness_->client());
-  Subscribe({&events});
   FakeAlloc alloc("rebooter");
   const int port = FreePort();
   const driverpb::TaskHandle handle = StartGuest(
@@ -254,7 +222,6 @@ TEST_F(TaskEventsTest, GuestRebootIsReportedAndTheVmKeepsRunning) {
 TEST_F(TaskEventsTest, EverySubscriberGetsEveryEventInTheSameOrder) {
   EventRecorder first(harness_->client());
   EventRecorder second(harness_->client());
-  Subscribe({&first, &second});
   FakeAlloc alloc("shared");
   const driverpb::TaskHandle handle = StartGuest(alloc, "guest.qcow2", FreePort());
   const std::string id = handle.config().id();
@@ -269,22 +236,18 @@ TEST_F(TaskEventsTest, EverySubscriberGetsEveryEventInTheSameOrder) {
   EXPECT_EQ(CheckInOrder(seen, {"Started QEMU", "VM paused", "VM resumed", "Sent ACPI powerdown",
                                 "Guest powered off", "VM powered off"}),
             "");
-  // Both streams carry the same events of every task, in the same order,
-  // from the moment both were subscribed (the last marker on).
-  auto since_last_marker = [](const std::vector<RecordedEvent>& all) {
+  // Both streams were subscribed before anything happened, so they carry the
+  // same events of every task, in the same order.
+  auto lines = [](const std::vector<RecordedEvent>& all) {
     std::vector<std::string> out;
-    for (const RecordedEvent& e : all) {
-      if (absl::StartsWith(e.task_id, "marker-")) out.clear();
-      out.push_back(e.task_id + ": " + e.message);
-    }
+    for (const RecordedEvent& e : all) out.push_back(e.task_id + ": " + e.message);
     return out;
   };
-  EXPECT_EQ(since_last_marker(first.Events()), since_last_marker(second.Events()));
+  EXPECT_EQ(lines(first.Events()), lines(second.Events()));
 }
 
 TEST_F(TaskEventsTest, GuestPanicIsReported) {
   EventRecorder events(harness_->client());
-  Subscribe({&events});
   FakeAlloc alloc("panic");
   const driverpb::TaskHandle handle = StartGuest(
       alloc, "guest-panic.qcow2", FreePort(), {{"args", {"-device", "pvpanic", "-action", "panic=exit-failure"}}});
@@ -309,7 +272,6 @@ TEST_F(TaskEventsTest, QemuEventsAreRelayedAgainAfterAPluginRestart) {
   ASSERT_TRUE(harness_->process().WaitExit(absl::Seconds(5)).ok());
   harness_->Restart();
   EventRecorder events(harness_->client());
-  Subscribe({&events});
   ASSERT_TRUE(harness_->Recover(handle).ok());
   ASSERT_TRUE(events.WaitFor(id, "Reattached to the running VM", kEventTimeout)) << events.All();
   // The relay reconnects on its own, without any request for this task.

@@ -25,12 +25,15 @@ struct RecordedEvent {
   std::map<std::string, std::string> annotations;
 };
 
-// Collects every TaskEvents message the plugin sends on one stream.
+// Collects every TaskEvents message the plugin sends on one stream. The
+// constructor returns once the plugin has subscribed the stream (it sends the
+// stream's headers right after subscribing), so every event published after
+// that reaches this recorder.
 class EventRecorder {
  public:
   explicit EventRecorder(nomadplugin::DriverClient& client)
       : context_(client.NewContext(absl::InfiniteDuration())),
-        reader_(client.driver().TaskEvents(context_.get(), {})),
+        reader_(Subscribe(client, context_.get())),
         thread_([this] {
           hashicorp::nomad::plugins::drivers::proto::DriverTaskEvent event;
           while (reader_->Read(&event)) {
@@ -87,6 +90,13 @@ class EventRecorder {
   }
 
  private:
+  using Reader = grpc::ClientReader<hashicorp::nomad::plugins::drivers::proto::DriverTaskEvent>;
+  static std::unique_ptr<Reader> Subscribe(nomadplugin::DriverClient& client, grpc::ClientContext* context) {
+    std::unique_ptr<Reader> reader = client.driver().TaskEvents(context, {});
+    reader->WaitForInitialMetadata();  // returns early too if the call fails
+    return reader;
+  }
+
   bool WaitUntil(const std::function<bool(const RecordedEvent&)>& match, absl::Duration timeout, int count = 1) {
     absl::MutexLock lock(&mu_);
     auto seen = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -100,7 +110,7 @@ class EventRecorder {
   }
 
   std::unique_ptr<grpc::ClientContext> context_;
-  std::unique_ptr<grpc::ClientReader<hashicorp::nomad::plugins::drivers::proto::DriverTaskEvent>> reader_;
+  std::unique_ptr<Reader> reader_;
   absl::Mutex mu_;
   std::vector<RecordedEvent> events_ ABSL_GUARDED_BY(mu_);
   std::thread thread_;
@@ -119,25 +129,6 @@ inline std::string CheckInOrder(const std::vector<std::string>& messages, const 
     ++at;
   }
   return "";
-}
-
-// A recorder's stream is subscribed inside the plugin some time after it is
-// opened, and only events published after that reach it. This waits until
-// every recorder is subscribed: `publish` makes the plugin publish an event
-// for a fresh task and returns that task's id; it is repeated until every
-// recorder has received one such event, or `timeout` passed (false).
-inline bool AwaitSubscribed(const std::vector<EventRecorder*>& recorders, const std::function<std::string()>& publish,
-                            absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
-  while (absl::Now() < deadline) {
-    const std::string id = publish();
-    bool all = true;
-    for (EventRecorder* recorder : recorders) {
-      all = recorder->WaitFor(id, "", absl::Seconds(1)) && all;
-    }
-    if (all) return true;
-  }
-  return false;
 }
 
 }  // namespace ndq::testing

@@ -10,17 +10,20 @@
 
 #include <algorithm>
 #include <filesystem>
-#include <fstream>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include <gtest/gtest.h>
+
+#include "absl/strings/numbers.h"
 
 #include "../support/temp_dir.h"
 #include "nomadplugin/driver_client.h"
 #include "nomadplugin/launcher.h"
 #include "qemu_driver/cgroups.h"
 #include "qemu_driver/run_command.h"
+#include "qemu_driver/small_file.h"
 
 namespace ndq::testing {
 
@@ -40,15 +43,20 @@ inline int FreePort() {
 }
 
 // Pids of processes whose command line mentions `needle` (e.g. a state dir).
+// Processes come and go while this scans (the tests start and kill them all
+// the time): one that is gone before its cmdline is read is skipped, and
+// nothing here throws.
 inline std::vector<pid_t> ProcessesMentioning(const std::string& needle) {
   std::vector<pid_t> found;
-  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
-    const std::string name = entry.path().filename();
-    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::ifstream in(entry.path() / "cmdline");
-    std::string cmdline((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    std::replace(cmdline.begin(), cmdline.end(), '\0', ' ');
-    if (cmdline.find(needle) != std::string::npos) found.push_back(std::stoi(name));
+  std::error_code ec;
+  for (std::filesystem::directory_iterator it("/proc", ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename();
+    int pid = 0;
+    if (!absl::SimpleAtoi(name, &pid) || pid <= 0) continue;
+    std::optional<std::string> cmdline = ReadSmallFile("/proc/" + name + "/cmdline");
+    if (!cmdline) continue;  // gone, or not ours to read
+    std::replace(cmdline->begin(), cmdline->end(), '\0', ' ');
+    if (cmdline->find(needle) != std::string::npos) found.push_back(pid);
   }
   return found;
 }

@@ -3,14 +3,13 @@
 #pragma once
 
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "qemu_driver/run_command.h"
+#include "qemu_driver/small_file.h"
 
 namespace ndq::testing {
 
@@ -42,11 +41,10 @@ inline absl::StatusOr<std::string> TestGuestDir() {
   return dir;
 }
 
+// The file's content, "" when it cannot be read (e.g. a /proc entry of a
+// process that has just exited). Never throws.
 inline std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream content;
-  content << in.rdbuf();
-  return content.str();
+  return ReadSmallFile(path, nullptr, size_t{256} << 20).value_or("");
 }
 
 // Waits until `path` contains `needle`; false at the deadline.
