@@ -3,9 +3,15 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/openat2.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <iterator>
 #include <memory>
 #include <set>
@@ -124,56 +130,81 @@ bool ArgsUseOption(const std::vector<std::string>& args, const std::string& name
   return false;
 }
 
-absl::StatusOr<std::string> ResolveImagePath(const std::string& image_path, const std::string& task_dir,
-                                             const std::string& alloc_dir,
-                                             const std::vector<std::string>& allowed_dirs) {
-  const std::string prefix = "task config \"image_path\": ";
-  if (image_path.empty()) return absl::InvalidArgumentError(prefix + "must not be empty");
+absl::StatusOr<AdmittedFile> AdmitFile(const std::string& field, const std::string& path, const AdmissionScope& scope,
+                                       FileAccess access) {
+  const std::string prefix = absl::StrCat("task config ", Quoted(field), ": ");
+  if (path.empty()) return absl::InvalidArgumentError(prefix + "must not be empty");
+  if (path.find('\0') != std::string::npos) return absl::InvalidArgumentError(prefix + "contains a NUL byte");
   // QEMU runs with the task dir as its working directory, so that is what a
   // relative path means to it.
-  const std::string absolute = image_path[0] == '/' ? image_path : absl::StrCat(task_dir, "/", image_path);
-  int error = 0;
-  const std::string resolved = RealPath(absolute, &error);
-  if (error == ENOENT || error == ENOTDIR) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(prefix, Quoted(image_path), " does not exist (looked for ", Quoted(absolute), ")"));
-  }
-  if (error != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(prefix, Quoted(image_path), " cannot be resolved (", Quoted(absolute), "): ", ::strerror(error)));
-  }
+  const std::string absolute = path[0] == '/' ? path : absl::StrCat(scope.task_dir, "/", path);
 
   std::vector<std::string> roots;
-  if (!alloc_dir.empty()) {
-    const std::string real_alloc = RealPath(alloc_dir, &error);
+  int error = 0;
+  if (!scope.alloc_dir.empty()) {
+    const std::string real_alloc = RealPath(scope.alloc_dir, &error);
     if (error == 0) roots.push_back(real_alloc);
   }
-  for (const std::string& dir : allowed_dirs) {
+  for (const std::string& dir : scope.allowed_dirs) {
     if (dir.empty()) continue;
     // A directory that does not exist (yet) contains nothing.
     const std::string real_dir = RealPath(dir, &error);
     if (error == 0) roots.push_back(real_dir);
   }
-  const bool inside =
-      std::any_of(roots.begin(), roots.end(), [&](const std::string& root) { return IsInside(resolved, root); });
-  if (!inside) {
-    return absl::PermissionDeniedError(absl::StrCat(
-        prefix, Quoted(image_path), " resolves to ", Quoted(resolved), ", which is outside the allocation directory ",
-        Quoted(alloc_dir), " and the plugin's image_paths (",
-        allowed_dirs.empty() ? std::string("none configured") : QuotedList(allowed_dirs), ")"));
-  }
+  auto inside = [&roots](const std::string& real) {
+    return std::any_of(roots.begin(), roots.end(), [&](const std::string& root) { return IsInside(real, root); });
+  };
+  // Missing, looping, or outside: one answer, so that a job learns nothing
+  // about the host's files by trying paths or planting symlinks.
+  const absl::Status refused = absl::PermissionDeniedError(absl::StrCat(
+      prefix, Quoted(path), " (", Quoted(absolute), ") is not an existing file inside the allocation directory ",
+      Quoted(scope.alloc_dir), " or the plugin's image_paths (",
+      scope.allowed_dirs.empty() ? std::string("none configured") : QuotedList(scope.allowed_dirs), ")"));
 
-  // Checked after the location, so nothing is revealed about files outside.
-  struct stat st;
-  if (::stat(resolved.c_str(), &st) != 0) {
+  const std::string resolved = RealPath(absolute, &error);
+  if (error != 0 || !inside(resolved)) return refused;
+
+  // Opened only now, after the location check (opening some device files has
+  // effects of its own), and with no symlink followed on the way, so a path
+  // component swapped for a link since realpath() fails the open.
+  open_how how{};
+  how.flags = O_CLOEXEC | O_NOCTTY | O_NONBLOCK | (access == FileAccess::kReadOnly ? O_RDONLY : O_RDWR);
+  how.resolve = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+  auto open_resolved = [&resolved, &how] {
+    return static_cast<int>(::syscall(SYS_openat2, AT_FDCWD, resolved.c_str(), &how, sizeof how));
+  };
+  UniqueFd fd(open_resolved());
+  bool writable = access != FileAccess::kReadOnly;
+  if (!fd.valid() && writable && (errno == EROFS || errno == EACCES || errno == ETXTBSY || errno == EPERM)) {
+    how.flags = (how.flags & ~O_ACCMODE) | O_RDONLY;
+    fd.reset(open_resolved());
+    writable = false;
+  }
+  if (!fd.valid()) {
+    if (errno == ELOOP || errno == ENOENT || errno == ENOTDIR || errno == EXDEV) return refused;  // changed under us
     return absl::InvalidArgumentError(
-        absl::StrCat(prefix, Quoted(image_path), " resolves to ", Quoted(resolved), ": ", ::strerror(errno)));
+        absl::StrCat(prefix, Quoted(path), " resolves to ", Quoted(resolved), " but cannot be opened: ",
+                     ::strerror(errno)));
+  }
+  // What was opened, by the kernel's account; a mount or rename race between
+  // realpath() and the open must not leave it outside.
+  std::array<char, PATH_MAX> opened{};
+  const std::string self = absl::StrCat("/proc/self/fd/", fd.get());
+  const ssize_t n = ::readlink(self.c_str(), opened.data(), opened.size() - 1);
+  if (n <= 0 || !inside(std::string(opened.data(), static_cast<size_t>(n)))) return refused;
+
+  struct stat st;
+  if (::fstat(fd.get(), &st) != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(prefix, Quoted(path), " resolves to ", Quoted(resolved), ": ", ::strerror(errno)));
   }
   if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
-    return absl::InvalidArgumentError(absl::StrCat(prefix, Quoted(image_path), " resolves to ", Quoted(resolved),
+    return absl::InvalidArgumentError(absl::StrCat(prefix, Quoted(path), " resolves to ", Quoted(resolved),
                                                    ", which is not a regular file or block device"));
   }
-  return resolved;
+  const int flags = ::fcntl(fd.get(), F_GETFL);
+  if (flags >= 0) ::fcntl(fd.get(), F_SETFL, flags & ~O_NONBLOCK);
+  return AdmittedFile{resolved, std::move(fd), writable};
 }
 
 absl::Status CheckArgsAllowed(const std::vector<std::string>& args, const std::vector<std::string>& allowlist) {

@@ -17,6 +17,50 @@ namespace ndq {
 // path=DIR/q,,s.sock creates the socket "q,s.sock".
 std::string EscapeQemuOptionValue(const std::string& value) { return absl::StrReplaceAll(value, {{",", ",,"}}); }
 
+namespace {
+
+// The QEMU node name of disk layer `i` (0 is the image the guest sees).
+std::string DiskNodeName(size_t i) { return i == 0 ? "image0" : absl::StrCat("image0-b", i); }
+
+// Each disk layer is an fd set QEMU got from the driver (-add-fd), a file
+// node reading it (/dev/fdset/N) and a format node on top, with the backing
+// chain linked explicitly, so QEMU never opens an image by name. Defined
+// bottom-up, as a node must exist before another names it.
+void AppendDisk(const VmSpec& spec, std::vector<std::string>& argv) {
+  const auto esc = EscapeQemuOptionValue;
+  for (size_t i = spec.disk.size(); i-- > 0;) {
+    const DiskNode& node = spec.disk[i];
+    const std::string set = absl::StrCat(i + 1);
+    const std::string name = DiskNodeName(i);
+    const std::string read_only = node.read_only ? ",read-only=on" : "";
+    std::string format = absl::StrCat("driver=", esc(node.format), ",node-name=", name, ",file=", name, "-file");
+    if (i + 1 < spec.disk.size()) absl::StrAppend(&format, ",backing=", DiskNodeName(i + 1));
+    absl::StrAppend(&format, read_only);
+    argv.insert(argv.end(), {"-add-fd", absl::StrCat("fd=", node.fd, ",set=", set), "-blockdev",
+                             absl::StrCat("driver=file,node-name=", name, "-file,filename=/dev/fdset/", set, read_only),
+                             "-blockdev", format});
+  }
+  if (spec.disk.empty()) return;
+  // What -drive if=X would have attached, as devices taking the node.
+  const std::string& iface = spec.drive_interface;
+  if (iface == "ide") {
+    argv.insert(argv.end(), {"-device", "ide-hd,drive=image0"});
+  } else if (iface == "virtio") {
+    argv.insert(argv.end(), {"-device", "virtio-blk,drive=image0"});
+  } else if (iface == "scsi") {
+    argv.insert(argv.end(), {"-device", "lsi53c895a,id=scsi0", "-device", "scsi-hd,drive=image0,bus=scsi0.0"});
+  } else if (iface == "floppy") {
+    argv.insert(argv.end(), {"-device", "floppy,drive=image0"});
+  } else if (iface == "sd") {
+    argv.insert(argv.end(), {"-device", "sd-card,drive=image0"});
+  } else if (iface == "pflash") {
+    argv.insert(argv.end(), {"-machine", "pflash0=image0"});
+  }
+  // "none": the job attaches image0 itself through args (-device ...,drive=image0).
+}
+
+}  // namespace
+
 std::vector<std::string> BuildQemuArgv(const VmSpec& spec, const RuntimePaths& paths) {
   const auto esc = EscapeQemuOptionValue;
   std::vector<std::string> argv = {
@@ -33,11 +77,14 @@ std::vector<std::string> BuildQemuArgv(const VmSpec& spec, const RuntimePaths& p
   if (spec.cpus > 0 && !ArgsUseOption(spec.args, "smp")) {
     argv.insert(argv.end(), {"-smp", absl::StrCat(spec.cpus)});
   }
-  // The image path is absolute (resolved), so QEMU cannot read a protocol
-  // prefix such as "nbd:" or "json:" into it; only commas need care.
-  std::string drive = absl::StrCat("file=", esc(spec.image_path), ",if=", esc(spec.drive_interface), ",id=image0");
-  if (!spec.image_format.empty()) absl::StrAppend(&drive, ",format=", esc(spec.image_format));
-  argv.insert(argv.end(), {"-drive", drive, "-nographic"});
+  AppendDisk(spec, argv);
+  argv.push_back("-nographic");
+  if (spec.sandbox) {
+    // QEMU's seccomp filter: no obsolete syscalls, no setuid/setgid or
+    // capability changes, no fork/exec, no scheduler or affinity changes.
+    argv.insert(argv.end(),
+                {"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"});
+  }
 
   // -chardev + -mon rather than "-qmp unix:PATH,...": in that short form PATH
   // is an implied key, so a path containing '=' is misread (measured: "Invalid

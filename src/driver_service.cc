@@ -214,9 +214,12 @@ grpc::Status DriverService::RecoverTask(grpc::ServerContext*, const driverpb::Re
   return ToGrpc(status);
 }
 
-grpc::Status DriverService::StartTask(grpc::ServerContext*, const driverpb::StartTaskRequest* request,
+grpc::Status DriverService::StartTask(grpc::ServerContext* context, const driverpb::StartTaskRequest* request,
                                       driverpb::StartTaskResponse* response) {
-  absl::StatusOr<driverpb::TaskHandle> handle = tasks_->Start(request->task());
+  // A start Nomad gave up on (or one the plugin's shutdown interrupts) must
+  // not leave a VM that nobody holds.
+  absl::StatusOr<driverpb::TaskHandle> handle = tasks_->Start(
+      request->task(), [this, context] { return context->IsCancelled() || lifecycle_->ShutdownRequested(); });
   if (!handle.ok()) {
     nomadplugin::hclog::Error("task start failed",
                               {{"task_id", request->task().id()}, {"error", std::string(handle.status().message())}});

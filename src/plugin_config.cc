@@ -1,5 +1,7 @@
 #include "qemu_driver/plugin_config.h"
 
+#include <pwd.h>
+
 #include "nomadplugin/config_reader.h"
 
 #include "absl/strings/ascii.h"
@@ -27,6 +29,8 @@ nomadplugin::hclspec::Spec PluginConfigSpec() {
       {"cgroup_parent", hs::Default(hs::Attr("cgroup_parent", "string"), hs::Literal("\"nomad\""))},
       {"memory_overhead", hs::Default(hs::Attr("memory_overhead", "string"), hs::Literal("\"128MiB\""))},
       {"pids_limit", hs::Default(hs::Attr("pids_limit", "number"), hs::Literal("1024"))},
+      {"sandbox", hs::Default(hs::Attr("sandbox", "bool"), hs::Literal("true"))},
+      {"qemu_user", hs::Attr("qemu_user", "string")},
   });
 }
 
@@ -65,6 +69,18 @@ absl::StatusOr<PluginConfig> DecodePluginConfig(const std::string& msgpack) {
   config.supervisor_path = reader->String("supervisor_path").value_or("");
   config.allow_unverified_images = reader->Bool("allow_unverified_images").value_or(false);
   config.ca_file = reader->String("ca_file").value_or("");
+  config.sandbox = reader->Bool("sandbox").value_or(true);
+  config.qemu_user = reader->String("qemu_user").value_or("");
+  if (!config.qemu_user.empty()) {
+    passwd entry{};
+    passwd* found = nullptr;
+    char buf[4096];
+    if (::getpwnam_r(config.qemu_user.c_str(), &entry, buf, sizeof buf, &found) != 0 || found == nullptr) {
+      reader->AddProblem("qemu_user", "user \"" + config.qemu_user + "\" does not exist on this host");
+    } else if (found->pw_uid == 0) {
+      reader->AddProblem("qemu_user", "\"" + config.qemu_user + "\" is root; name an unprivileged user");
+    }
+  }
   config.cgroup_parent = reader->String("cgroup_parent").value_or(config.cgroup_parent);
   if (config.cgroup_parent.empty() || config.cgroup_parent[0] == '/' || absl::StrContains(config.cgroup_parent, "..")) {
     reader->AddProblem("cgroup_parent", "must be a relative cgroup path such as \"nomad\" (no leading / or ..), got \"" +
@@ -83,10 +99,10 @@ absl::StatusOr<PluginConfig> DecodePluginConfig(const std::string& msgpack) {
       else reader->AddProblem(field, std::string(bytes.status().message()));
     }
   }
-  // Leaves room for "/<16 hex>/qmp.sock" under the 108-byte unix socket limit.
-  constexpr size_t kMaxStateDir = 80;
+  // Leaves room for "/<16 hex>/run/qmp.sock" under the 108-byte unix socket limit.
+  constexpr size_t kMaxStateDir = 70;
   if (config.state_dir.size() > kMaxStateDir) {
-    reader->AddProblem("state_dir", "is longer than 80 characters, too long for the VMs' unix sockets");
+    reader->AddProblem("state_dir", "is longer than 70 characters, too long for the VMs' unix sockets");
   }
   for (const auto& [field, value] : {std::pair<const char*, const std::string*>{"image_cache_dir", &config.image_cache_dir},
                                      {"state_dir", &config.state_dir},

@@ -125,6 +125,10 @@ std::vector<std::string> SupervisorArgv(const std::string& supervisor_path, cons
     argv.push_back(kArgNetns);
     argv.push_back(placement.netns);
   }
+  if (placement.passed_fds > 0) {
+    argv.push_back(kArgPassFds);
+    argv.push_back(std::to_string(placement.passed_fds));
+  }
   argv.push_back(kArgEndOfOptions);
   argv.insert(argv.end(), qemu_argv.begin(), qemu_argv.end());
   return argv;

@@ -26,6 +26,8 @@
 #include "absl/strings/str_split.h"
 #include "nomadplugin/hclog.h"
 #include "qemu_driver/allowlist.h"
+#include "qemu_driver/rollback.h"
+#include "qemu_driver/unique_fd.h"
 #include "qemu_driver/cmdline.h"
 #include "qemu_driver/image_probe.h"
 #include "qemu_driver/run_command.h"
@@ -43,6 +45,10 @@ namespace {
 namespace log = nomadplugin::hclog;
 
 constexpr char kQmpSocketName[] = "qmp.sock";
+// The one directory of a VM's state that QEMU's user may write: its sockets.
+constexpr char kRunDirName[] = "run";
+// How often a start that waits looks whether its caller gave up.
+constexpr absl::Duration kCancelCheckInterval = absl::Milliseconds(250);
 
 // A short, stable directory name for a task ID, so socket paths stay far
 // below the 108-byte unix socket limit whatever Nomad's data_dir is.
@@ -60,14 +66,27 @@ absl::Status ErrnoStatus(const std::string& what) {
 }
 
 // Starts the supervisor detached from our signal state; its own output goes
-// to supervisor.log in the state directory.
-absl::StatusOr<pid_t> SpawnSupervisor(const std::vector<std::string>& argv, const std::string& state_dir) {
+// to supervisor.log in the state directory (opened without following links),
+// and `image_fds` become its fds 3, 4, ... for QEMU (--pass-fds).
+absl::StatusOr<pid_t> SpawnSupervisor(const std::vector<std::string>& argv, int state_fd,
+                                      const std::vector<int>& image_fds) {
+  UniqueFd log(::openat(state_fd, supervisor::kLogFile, O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0600));
+  if (!log.valid()) return ErrnoStatus(absl::StrCat("cannot open ", supervisor::kLogFile));
+  // Moved above the target numbers first, so no dup2 below overwrites a
+  // source that is still to be moved.
+  std::vector<UniqueFd> high;
+  for (int fd : image_fds) {
+    high.emplace_back(::fcntl(fd, F_DUPFD_CLOEXEC, supervisor::kFirstPassedFd + supervisor::kMaxPassedFds));
+    if (!high.back().valid()) return ErrnoStatus("cannot duplicate an image descriptor");
+  }
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
-  const std::string log_path = state_dir + "/" + supervisor::kLogFile;
   posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
-  posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
+  posix_spawn_file_actions_adddup2(&actions, log.get(), STDOUT_FILENO);
+  posix_spawn_file_actions_adddup2(&actions, log.get(), STDERR_FILENO);
+  for (size_t i = 0; i < high.size(); ++i) {
+    posix_spawn_file_actions_adddup2(&actions, high[i].get(), supervisor::kFirstPassedFd + static_cast<int>(i));
+  }
   absl::StatusOr<pid_t> pid = SpawnWithDefaultSignals(argv, &actions, POSIX_SPAWN_SETSID);
   posix_spawn_file_actions_destroy(&actions);
   if (!pid.ok()) {
@@ -87,10 +106,6 @@ void KillSupervisor(pid_t pid) {
   int status;
   while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
-}
-
-absl::Status WithField(const absl::Status& status, const char* field) {
-  return absl::Status(status.code(), absl::StrCat("task config \"", field, "\": ", status.message()));
 }
 
 // The VM's cgroup name: Nomad's own "<alloc>.<task>" on v1, so the cgroup
@@ -295,7 +310,8 @@ absl::StatusOr<std::shared_ptr<const VmTask>> TaskManager::Get(const std::string
   return std::shared_ptr<const VmTask>(*task);
 }
 
-absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConfig& task) {
+absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConfig& task,
+                                                        const std::function<bool()>& cancelled) {
   const std::string& id = task.id();
   if (id.empty()) return absl::InvalidArgumentError("task config has no id");
   {
@@ -305,14 +321,16 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
     }
     starting_[id] = true;
   }
-  struct StartingGuard {
-    TaskManager* self;
-    std::string id;
-    ~StartingGuard() {
-      absl::MutexLock lock(&self->mu_);
-      self->starting_.erase(id);
-    }
-  } starting_guard{this, id};
+  Rollback starting_mark;  // released last, whatever happens
+  starting_mark.Push([this, id] {
+    absl::MutexLock lock(&mu_);
+    starting_.erase(id);
+  });
+  // Everything made for the task, undone in reverse if the start fails.
+  Rollback rollback;
+  auto gave_up = [&cancelled]() { return cancelled && cancelled(); };
+  const absl::Status caller_left =
+      absl::CancelledError("StartTask was cancelled (the caller gave up or the plugin is shutting down)");
 
   absl::StatusOr<TaskConfig> config = DecodeTaskConfig(task.msgpack_driver_config());
   if (!config.ok()) return config.status();
@@ -322,27 +340,21 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
   absl::StatusOr<std::string> netns = TaskNetns(task);
   if (!netns.ok()) return netns.status();
 
-  // A downloaded image becomes a per-task overlay, removed again if the start fails.
-  std::string overlay, cached_image;
-  struct OverlayGuard {
-    std::string* path;
-    bool keep = false;
-    ~OverlayGuard() {
-      if (!keep && !path->empty()) ::unlink(path->c_str());
-    }
-  } overlay_guard{&overlay};
-  std::vector<std::string> allowed_dirs = plugin.image_paths;
+  const std::string task_dir = task.alloc_dir() + "/" + task.name();
+  AdmissionScope scope{task_dir, task.alloc_dir(), plugin.image_paths};
+  std::string image_field = "image_path", cached_image;
   if (!sources->empty()) {
-    const std::string cache_dir = CacheDir();
-    const std::string task_dir = task.alloc_dir() + "/" + task.name();
+    // A downloaded image becomes a per-task overlay backed by the cached copy.
     absl::StatusOr<TaskDisk> disk =
-        PrepareTaskDisk(*config, *sources, task_dir, plugin, CacheAt(cache_dir),
+        PrepareTaskDisk(*config, *sources, task_dir, plugin, CacheAt(CacheDir()),
                         [&](const std::string& message, const std::map<std::string, std::string>& annotations) {
                           Emit(task, message, annotations);
                         });
     if (!disk.ok()) return disk.status();
-    overlay = disk->overlay;
+    const std::string overlay = disk->overlay;
+    rollback.Push([overlay] { ::unlink(overlay.c_str()); });
     cached_image = disk->cached_image;
+    image_field = "image_source";
     config->image_path = disk->overlay;
     config->image_source.reset();
     config->image_sources.clear();
@@ -350,105 +362,113 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
     config->checksum_url.reset();
     config->disk_size.reset();
     config->image_format.reset();
-    allowed_dirs.push_back(cache_dir);
+    // The overlay's backing file is that one cached image, nothing else there.
+    scope.allowed_dirs.push_back(cached_image);
   }
+  if (gave_up()) return caller_left;
   absl::StatusOr<VmSpec> spec = PlanVm(*config, task, plugin, fingerprinter_->Emulators());
   if (!spec.ok()) return spec.status();
-  // QEMU is told the format rather than left to probe it, and every file the
-  // image pulls in (its backing chain) must pass the same allowlist.
-  absl::StatusOr<ImageInfo> image = ProbeImage(spec->image_path);
-  if (!image.ok()) return WithField(image.status(), "image_path");
-  if (spec->image_format.empty()) spec->image_format = image->format;
-  for (const std::string& backing : image->backing) {
-    absl::StatusOr<std::string> allowed =
-        ResolveImagePath(backing, task.alloc_dir() + "/" + task.name(), task.alloc_dir(), allowed_dirs);
-    if (!allowed.ok()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("task config \"image_path\": its backing file is refused: ", allowed.status().message()));
-    }
+
+  // The image and every file its chain pulls in are admitted and opened here;
+  // QEMU gets the open files, never the paths.
+  absl::StatusOr<AdmittedFile> top =
+      AdmitFile(image_field, spec->image_path, scope, FileAccess::kReadWriteIfPossible);
+  if (!top.ok()) return top.status();
+  absl::StatusOr<std::vector<DiskLayer>> layers = OpenImageChain(*std::move(top), spec->image_format, image_field, scope);
+  if (!layers.ok()) return layers.status();
+  if (static_cast<int>(layers->size()) > supervisor::kMaxPassedFds) {
+    return absl::InvalidArgumentError(absl::StrCat("task config \"", image_field, "\": the image has too many layers"));
+  }
+  for (size_t i = 0; i < layers->size(); ++i) {
+    spec->disk.push_back(DiskNode{(*layers)[i].format, !(*layers)[i].writable,
+                                  supervisor::kFirstPassedFd + static_cast<int>(i)});
   }
 
+  // The state directory is root's (0711: QEMU's user may pass, not list or
+  // write); QEMU's sockets go in run/, the one place its user may write.
   const std::string root = StateRoot();
-  if (::mkdir(root.c_str(), 0700) != 0 && errno != EEXIST) return ErrnoStatus("cannot create " + root);
+  if (::mkdir(root.c_str(), 0711) != 0 && errno != EEXIST) return ErrnoStatus("cannot create " + root);
   DriverStateRecord record;
   record.state_dir = absl::StrCat(root, "/", TaskKey(id));
-  record.qmp_socket = record.state_dir + "/" + kQmpSocketName;
+  const std::string run_dir = record.state_dir + "/" + kRunDirName;
+  record.qmp_socket = run_dir + "/" + kQmpSocketName;
   record.guest_agent = spec->guest_agent;
   record.graceful_shutdown = spec->graceful_shutdown;
   record.cached_image = cached_image;
-  if (spec->guest_agent) record.guest_agent_socket = record.state_dir + "/qga.sock";
+  if (spec->guest_agent) record.guest_agent_socket = run_dir + "/qga.sock";
   if (record.qmp_socket.size() >= 100) {
     return absl::FailedPreconditionError(absl::StrCat(
         "state_dir \"", root, "\" is too long: QMP socket path ", record.qmp_socket, " exceeds the unix socket limit"));
   }
-  if (::mkdir(record.state_dir.c_str(), 0700) != 0) {
+  const std::string qemu_user = task.user().empty() ? plugin.qemu_user : task.user();
+  const passwd* pw = nullptr;
+  if (!qemu_user.empty()) {
+    pw = ::getpwnam(qemu_user.c_str());
+    if (pw == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(task.user().empty() ? "plugin config \"qemu_user\"" : "task user",
+                                                     " \"", qemu_user, "\" does not exist"));
+    }
+  }
+  if (::mkdir(record.state_dir.c_str(), 0711) != 0) {
     if (errno == EEXIST) {
       return absl::AlreadyExistsError(
           absl::StrCat("task ", id, " already has a state directory ", record.state_dir, " (started twice?)"));
     }
     return ErrnoStatus("cannot create " + record.state_dir);
   }
-  if (!task.user().empty()) {
-    // QEMU runs as the task's user and creates its sockets here.
-    const passwd* pw = ::getpwnam(task.user().c_str());
-    if (pw == nullptr) {
-      RemoveStateDir(record.state_dir);
-      return absl::InvalidArgumentError(absl::StrCat("task user \"", task.user(), "\" does not exist"));
-    }
-    if (::chown(record.state_dir.c_str(), pw->pw_uid, pw->pw_gid) != 0) {
-      absl::Status status = ErrnoStatus("cannot hand " + record.state_dir + " to user " + task.user());
-      RemoveStateDir(record.state_dir);
-      return status;
-    }
+  rollback.Push([dir = record.state_dir] { RemoveStateDir(dir); });
+  UniqueFd state_fd(::open(record.state_dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  if (!state_fd.valid()) return ErrnoStatus("cannot open " + record.state_dir);
+  if (::mkdirat(state_fd.get(), kRunDirName, 0700) != 0) return ErrnoStatus("cannot create " + run_dir);
+  if (pw != nullptr && ::fchownat(state_fd.get(), kRunDirName, pw->pw_uid, pw->pw_gid, AT_SYMLINK_NOFOLLOW) != 0) {
+    return ErrnoStatus("cannot hand " + run_dir + " to user " + qemu_user);
   }
 
   const CgroupLimits limits = PlanCgroupLimits(task, plugin);
   absl::StatusOr<std::optional<TaskCgroup>> cgroup =
       cgroups_.Create(plugin.cgroup_parent, CgroupName(task), task.resources().linux_resources().cpuset_cgroup(), limits);
-  if (!cgroup.ok()) {
-    RemoveStateDir(record.state_dir);
-    return cgroup.status();
-  }
+  if (!cgroup.ok()) return cgroup.status();
   if (*cgroup) {
     record.cgroup = **cgroup;
     record.memory_limit_bytes = limits.memory_bytes;
+    rollback.Push([made = record.cgroup] { RemoveTaskCgroup(made); });
   }
-  // Everything made for the task so far, undone when the start fails.
-  auto remove_task_files = [&record] {
-    RemoveTaskCgroup(record.cgroup);
-    RemoveStateDir(record.state_dir);
-  };
 
   const std::vector<std::string> qemu_argv =
       BuildQemuArgv(*spec, RuntimePaths{record.qmp_socket, record.guest_agent_socket});
+  supervisor::Placement placement{record.cgroup.ProcsFiles(), *netns, static_cast<int>(layers->size())};
   const std::vector<std::string> argv = supervisor::SupervisorArgv(
       plugin.supervisor_path.empty() ? options_.supervisor_path : plugin.supervisor_path, record.state_dir,
       task.stdout_path().empty() ? "/dev/null" : task.stdout_path(),
-      task.stderr_path().empty() ? "/dev/null" : task.stderr_path(), task.user(), qemu_argv,
-      supervisor::Placement{record.cgroup.ProcsFiles(), *netns});
+      task.stderr_path().empty() ? "/dev/null" : task.stderr_path(), qemu_user, qemu_argv, placement);
   log::Debug("starting VM", {{"task_id", id}, {"argv", qemu_argv}});
+  if (gave_up()) return caller_left;
 
   record.started_at = absl::Now();
-  absl::StatusOr<pid_t> supervisor = SpawnSupervisor(argv, record.state_dir);
-  if (!supervisor.ok()) {
-    remove_task_files();
-    return supervisor.status();
-  }
+  std::vector<int> image_fds;
+  for (const DiskLayer& layer : *layers) image_fds.push_back(layer.fd.get());
+  absl::StatusOr<pid_t> supervisor = SpawnSupervisor(argv, state_fd.get(), image_fds);
+  if (!supervisor.ok()) return supervisor.status();
+  layers->clear();  // QEMU holds them now; ours would only keep the files open
   record.supervisor_pid = *supervisor;
+  rollback.Push([pid = record.supervisor_pid] { KillSupervisor(pid); });
   record.supervisor_start_ticks = ProcessStartTicks(*supervisor).value_or(0);
-  auto fail = [&](absl::Status status) {
-    KillSupervisor(record.supervisor_pid);
-    remove_task_files();
-    return status;
-  };
-  absl::StatusOr<int> supervisor_pidfd = OpenVerifiedPidfd(record.supervisor_pid, 0);
-  if (!supervisor_pidfd.ok()) return fail(supervisor_pidfd.status());
+  absl::StatusOr<int> opened_pidfd = OpenVerifiedPidfd(record.supervisor_pid, 0);
+  if (!opened_pidfd.ok()) return opened_pidfd.status();
+  UniqueFd supervisor_pidfd(*opened_pidfd);
 
   // QEMU is up once its QMP socket answers; a supervisor that exits first
-  // means QEMU failed to start, and its record says why.
+  // means QEMU failed to start, and its record says why. Waited in slices so
+  // a caller that gives up is noticed.
   std::unique_ptr<QmpClient> qmp;
   const absl::Time deadline = absl::Now() + options_.start_timeout;
-  absl::Status socket = WaitForPathOrExit(record.state_dir, kQmpSocketName, *supervisor_pidfd, deadline);
+  absl::Status socket = absl::DeadlineExceededError("no QMP socket yet");
+  while (!gave_up() && absl::Now() < deadline) {
+    socket = WaitForPathOrExit(run_dir, kQmpSocketName, supervisor_pidfd.get(),
+                               std::min(deadline, absl::Now() + kCancelCheckInterval));
+    if (socket.code() != absl::StatusCode::kDeadlineExceeded) break;
+  }
+  if (gave_up()) return caller_left;
   if (socket.ok()) {
     // The socket exists from bind(); Connect retries the instant until listen().
     absl::StatusOr<std::unique_ptr<QmpClient>> client =
@@ -457,64 +477,57 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
     else socket = client.status();
   }
   if (qmp == nullptr) {
-    if (PidfdExited(*supervisor_pidfd)) {
-      ::close(*supervisor_pidfd);
+    if (PidfdExited(supervisor_pidfd.get())) {
       ::waitpid(record.supervisor_pid, nullptr, 0);
       const ExitResult exit = ExitOf(record);
-      remove_task_files();
       return absl::FailedPreconditionError(absl::StrCat(
           "QEMU failed to start: ", exit.error.empty() ? "it exited at once with code 0" : exit.error));
     }
-    ::close(*supervisor_pidfd);
-    return fail(absl::DeadlineExceededError(absl::StrCat(
+    return absl::DeadlineExceededError(absl::StrCat(
         "QEMU did not answer on its QMP socket within ", absl::FormatDuration(options_.start_timeout), " (",
-        socket.message(), "; is the task's stdout FIFO being read?)")));
+        socket.message(), "; is the task's stdout FIFO being read?)"));
   }
 
   // The supervisor records the pid right after exec succeeds, but a loaded
   // machine may run QEMU up to its QMP socket before the supervisor runs again.
-  absl::Status pid_file =
-      WaitForPathOrExit(record.state_dir, supervisor::kPidFile, *supervisor_pidfd, absl::Now() + absl::Seconds(10));
+  absl::Status pid_file = WaitForPathOrExit(record.state_dir, supervisor::kPidFile, supervisor_pidfd.get(),
+                                            absl::Now() + absl::Seconds(10));
   std::string pid_problem(pid_file.message());
   std::optional<pid_t> qemu_pid;
   if (pid_file.ok()) qemu_pid = supervisor::ReadQemuPid(record.state_dir, &pid_problem);
-  int qemu_pidfd = -1;
+  UniqueFd qemu_pidfd;
   if (qemu_pid) {
     record.qemu_pid = *qemu_pid;
     record.qemu_start_ticks = ProcessStartTicks(*qemu_pid).value_or(0);
     absl::StatusOr<int> fd = OpenVerifiedPidfd(*qemu_pid, record.qemu_start_ticks);
-    if (fd.ok()) qemu_pidfd = *fd;
+    if (fd.ok()) qemu_pidfd.reset(*fd);
   }
-  if (qemu_pidfd < 0) {
-    ::close(*supervisor_pidfd);
-    return fail(absl::InternalError("QEMU answered on QMP but its pid could not be read: " + pid_problem));
+  if (!qemu_pidfd.valid()) {
+    return absl::InternalError("QEMU answered on QMP but its pid could not be read: " + pid_problem);
   }
   absl::StatusOr<std::string> run_state = qmp->QueryStatus();
-  log::Info("VM started", {{"task_id", id},
-                           {"qemu_pid", record.qemu_pid},
-                           {"supervisor_pid", record.supervisor_pid},
-                           {"run_state", run_state.ok() ? *run_state : std::string(run_state.status().message())}});
+  // The last point to give up: after this the VM is registered and Nomad holds it.
+  if (gave_up()) return caller_left;
 
   driverpb::TaskHandle handle;
   handle.set_version(1);
   *handle.mutable_config() = task;
   handle.set_state(driverpb::RUNNING);
   handle.set_driver_state(record.Encode());
-  auto vm = std::make_shared<VmTask>(task, record, *supervisor_pidfd, qemu_pidfd, std::move(qmp));
+  auto vm = std::make_shared<VmTask>(task, record, supervisor_pidfd.release(), qemu_pidfd.release(), std::move(qmp));
   vm->SetEventSink([this, task](const std::string& message, const std::map<std::string, std::string>& annotations) {
     Emit(task, message, annotations);
   });
   if (absl::Status status = Track(vm); !status.ok()) {
-    {
-      absl::MutexLock lock(&mu_);
-      tasks_.erase(id);
-    }
-    vm.reset();
-    KillSupervisor(record.supervisor_pid);
-    remove_task_files();
+    absl::MutexLock lock(&mu_);
+    tasks_.erase(id);
     return status;
   }
-  overlay_guard.keep = true;
+  rollback.Commit();  // the VM owns what was made now
+  log::Info("VM started", {{"task_id", id},
+                           {"qemu_pid", record.qemu_pid},
+                           {"supervisor_pid", record.supervisor_pid},
+                           {"run_state", run_state.ok() ? *run_state : std::string(run_state.status().message())}});
   Emit(task, absl::StrCat("Started QEMU (pid ", record.qemu_pid, ")"),
        {{"qemu_pid", std::to_string(record.qemu_pid)}, {"supervisor_pid", std::to_string(record.supervisor_pid)}});
   EmitIsolation(task, *spec, plugin, limits, record, *netns);

@@ -138,7 +138,7 @@ void PlanPortForwards(const TaskConfig& config, const driverpb::TaskConfig& task
   }
 }
 
-void PlanImage(const TaskConfig& config, const driverpb::TaskConfig& task, const PluginConfig& plugin, VmSpec& spec,
+void PlanImage(const TaskConfig& config, VmSpec& spec,
                std::vector<std::string>& problems) {
   if (config.image_path.has_value() && config.image_source.has_value()) {
     problems.push_back("task config: set exactly one of \"image_path\" and \"image_source\", not both");
@@ -157,14 +157,12 @@ void PlanImage(const TaskConfig& config, const driverpb::TaskConfig& task, const
     problems.push_back("task config \"image_path\" must be set");
     return;
   }
-  const std::string task_dir = absl::StrCat(task.alloc_dir(), "/", task.name());
-  absl::StatusOr<std::string> resolved =
-      ResolveImagePath(*config.image_path, task_dir, task.alloc_dir(), plugin.image_paths);
-  if (!resolved.ok()) {
-    problems.push_back(std::string(resolved.status().message()));
+  if (config.image_path->empty()) {
+    problems.push_back("task config \"image_path\": must not be empty");
     return;
   }
-  spec.image_path = *resolved;
+  // Admitted and opened at start (AdmitFile), where the file is handed to QEMU.
+  spec.image_path = *config.image_path;
   if (config.image_format.has_value()) spec.image_format = *config.image_format;
 }
 
@@ -210,6 +208,12 @@ void PlanMachine(const TaskConfig& config, VmSpec& spec, std::vector<std::string
   if (std::find(DriveInterfaces().begin(), DriveInterfaces().end(), spec.drive_interface) == DriveInterfaces().end()) {
     problems.push_back(absl::StrCat("task config \"drive_interface\": ", Quoted(spec.drive_interface),
                                     " is not supported; use one of ", absl::StrJoin(DriveInterfaces(), ", ")));
+  } else if (spec.drive_interface == "mtd") {
+    // Boards attach mtd drives by index (-drive if=mtd); no -device takes a
+    // node, so the driver cannot hand QEMU an opened image there.
+    problems.push_back(
+        "task config \"drive_interface\": \"mtd\" cannot take the image the driver opens for QEMU; use \"none\" "
+        "and attach it with args if the plugin's args_allowlist permits");
   }
 }
 
@@ -328,7 +332,7 @@ absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config, const driverpb::TaskConf
                               const std::map<std::string, std::string>& emulators) {
   VmSpec spec;
   std::vector<std::string> problems;
-  PlanImage(config, task, plugin, spec, problems);
+  PlanImage(config, spec, problems);
   PlanEmulator(config, plugin, emulators, spec, problems);
   PlanMachine(config, spec, problems);
   PlanResources(task.resources(), spec, problems);
@@ -342,6 +346,7 @@ absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config, const driverpb::TaskConf
   spec.name = task.name();
   spec.graceful_shutdown = config.graceful_shutdown;
   spec.guest_agent = config.guest_agent;
+  spec.sandbox = plugin.sandbox;
   if (!problems.empty()) return absl::InvalidArgumentError(absl::StrJoin(problems, "; "));
   return spec;
 }

@@ -8,17 +8,40 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "qemu_driver/unique_fd.h"
 
 namespace ndq {
 
-// The real path of the task's `image_path`: relative paths are taken from the
-// task dir (QEMU's working directory), then every symlink and `..` is resolved.
-// It must exist, be a regular file or block device, and lie inside `alloc_dir`
-// or one of `allowed_dirs` (whole path components: /srv/images2 is not inside
-// /srv/images). Errors name image_path, the given path and where it resolved.
-absl::StatusOr<std::string> ResolveImagePath(const std::string& image_path, const std::string& task_dir,
-                                             const std::string& alloc_dir,
-                                             const std::vector<std::string>& allowed_dirs);
+// Where a task's files may come from: its task dir (relative paths are taken
+// from there, QEMU's working directory), its allocation dir, and the
+// operator's directories (image_paths).
+struct AdmissionScope {
+  std::string task_dir;
+  std::string alloc_dir;
+  std::vector<std::string> allowed_dirs;
+};
+
+// A file a task may use, opened by the driver. QEMU gets `fd` rather than the
+// path, so what was checked is what it reads.
+struct AdmittedFile {
+  std::string path;  // real path: no symlinks, no ".."
+  UniqueFd fd;       // O_CLOEXEC; read-write when asked and possible
+  bool writable = false;
+};
+
+enum class FileAccess { kReadOnly, kReadWriteIfPossible };
+
+// The one admission path for every file a task config names (`field` is its
+// option name, for messages). The path is resolved (symlinks, "..") and must
+// lie inside the scope (whole path components: /srv/images2 is not inside
+// /srv/images; an allowed entry may also name one file); only then is it
+// opened, without following any symlink, so a swap between check and open
+// fails instead of escaping; the open file's own path is checked again. It
+// must be a regular file or block device. A path that is missing, loops, or
+// resolves outside gets one and the same answer, which reveals nothing about
+// files outside the scope.
+absl::StatusOr<AdmittedFile> AdmitFile(const std::string& field, const std::string& path, const AdmissionScope& scope,
+                                       FileAccess access);
 
 // With an empty allowlist everything passes (Nomad's behaviour). Otherwise
 // every option (`-opt` or `--opt`; allowlist entries in either form) must be

@@ -22,8 +22,10 @@ std::string EscapeQemuOptionValue(const std::string& value);
 // argv[0] is spec.emulator_path. Nomad's driver layout, plus QMP, -smp and
 // bound port forwards:
 //   <emulator> -machine type=<machine>,accel=<accel> -name guest=<name>
-//   -m <MB>M [-smp <cpus>] -drive file=<image>,if=<iface>,id=image0[,format=<fmt>]
-//   -nographic [-chardev ...qmp0 -mon chardev=qmp0,mode=control]
+//   -m <MB>M [-smp <cpus>]
+//   [-add-fd fd=<n>,set=<k> -blockdev <file node> -blockdev <format node>]... (bottom layer first)
+//   [-device <disk device for drive_interface>,drive=image0]
+//   -nographic [-sandbox on,...] [-chardev ...qmp0 -mon chardev=qmp0,mode=control]
 //   [guest agent channel] <args...> [-netdev user,... -device virtio-net,...]
 //   [-enable-kvm]
 std::vector<std::string> BuildQemuArgv(const VmSpec& spec, const RuntimePaths& paths);

@@ -7,6 +7,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "qemu_driver/allowlist.h"
+#include "qemu_driver/unique_fd.h"
 
 namespace ndq {
 
@@ -20,5 +22,21 @@ struct ImageInfo {
 // given as protocols ("json:", "nbd://") and qcow2 external data files are
 // refused: they would let an image reach outside the allowed directories.
 absl::StatusOr<ImageInfo> ProbeImage(const std::string& path);
+
+// One file of a disk: the image itself or one of its backing files, open.
+struct DiskLayer {
+  std::string path;    // real path, for messages and the driver state
+  std::string format;  // QEMU block driver: "qcow2", "raw", ...
+  UniqueFd fd;
+  bool writable = false;  // only the top layer is ever written
+};
+
+// The disk QEMU gets: `top` (admitted for `field`) and every backing file it
+// names, each admitted through the same scope and opened, nearest first. The
+// chain is read from the open files, so nothing is probed by path twice.
+// `top_format` overrides the probed format of the top layer (image_format);
+// a raw top has no backing chain. Backing files are opened read-only.
+absl::StatusOr<std::vector<DiskLayer>> OpenImageChain(AdmittedFile top, const std::string& top_format,
+                                                      const std::string& field, const AdmissionScope& scope);
 
 }  // namespace ndq

@@ -44,6 +44,12 @@ struct PluginConfig {
   int64_t memory_overhead = 128ll << 20;
   // Most processes and threads one VM's cgroup may hold; 0: no limit.
   int64_t pids_limit = 1024;
+  // Run QEMU under its seccomp sandbox (-sandbox on with obsolete,
+  // elevateprivileges, spawn and resourcecontrol denied).
+  bool sandbox = true;
+  // The unprivileged user every VM's QEMU runs as when the task sets no
+  // `user`; empty: QEMU runs as the plugin's user.
+  std::string qemu_user;
 };
 
 // "20G", "512M", "1.5T", "1048576": bytes (binary units, as qemu-img takes them).

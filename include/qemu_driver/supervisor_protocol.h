@@ -27,7 +27,10 @@ inline constexpr char kTempSuffix[] = ".tmp";
 
 // Command line:
 //   nomad-qemu-supervisor --state-dir DIR --stdout PATH --stderr PATH [--user NAME]
-//                         [--cgroup PROCS_FILE]... [--netns PATH] -- QEMU ARGS...
+//                         [--cgroup PROCS_FILE]... [--netns PATH] [--pass-fds N] -- QEMU ARGS...
+// --pass-fds N: fds 3 .. 3+N-1, open when the supervisor starts, reach QEMU
+// as they are (the disk images the plugin admitted and opened); every other
+// inherited fd is closed.
 // QEMU's child joins each --cgroup (a cgroup.procs file) and the network
 // namespace --netns (e.g. /var/run/netns/NAME) before exec, and before it
 // drops privileges for --user.
@@ -37,6 +40,9 @@ inline constexpr char kArgStderr[] = "--stderr";
 inline constexpr char kArgUser[] = "--user";
 inline constexpr char kArgCgroup[] = "--cgroup";
 inline constexpr char kArgNetns[] = "--netns";
+inline constexpr char kArgPassFds[] = "--pass-fds";
+inline constexpr int kFirstPassedFd = 3;
+inline constexpr int kMaxPassedFds = 32;
 inline constexpr int kMaxCgroups = 8;  // one per v1 controller is five
 inline constexpr char kArgEndOfOptions[] = "--";
 
@@ -80,6 +86,7 @@ std::optional<pid_t> ReadQemuPid(const std::string& state_dir, std::string* erro
 struct Placement {
   std::vector<std::string> cgroup_procs;  // at most kMaxCgroups
   std::string netns;                      // empty: the supervisor's own
+  int passed_fds = 0;                     // fds kFirstPassedFd.. handed to QEMU
 };
 
 // The supervisor's argv (argv[0] = supervisor_path). An empty `user` runs QEMU

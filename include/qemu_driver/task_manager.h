@@ -45,7 +45,10 @@ class TaskManager {
 
   // Runs the task's VM; returns Nomad's TaskHandle once QEMU answers on QMP.
   // On failure nothing is left behind: no process, socket or state directory.
-  absl::StatusOr<driverpb::TaskHandle> Start(const driverpb::TaskConfig& task);
+  // `cancelled` (may be empty) is asked while the start waits; once it says
+  // true the start stops, undoes what it made and returns Cancelled.
+  absl::StatusOr<driverpb::TaskHandle> Start(const driverpb::TaskConfig& task,
+                                             const std::function<bool()>& cancelled = {});
   // Re-attaches to a VM from its handle (a task we still track is fine too).
   absl::Status Recover(const driverpb::TaskHandle& handle);
   // The exit once known; nullopt while still running after `timeout`.

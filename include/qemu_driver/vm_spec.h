@@ -29,14 +29,28 @@ struct PortForward {
   }
 };
 
+// One layer of the VM's disk as QEMU sees it: a node fed from an fd the
+// driver opened and admitted (QEMU's -add-fd), never a path QEMU opens itself.
+struct DiskNode {
+  std::string format;  // QEMU block driver: "qcow2", "raw", ...
+  bool read_only = true;
+  int fd = -1;  // the descriptor's number in QEMU's process
+  bool operator==(const DiskNode& o) const { return format == o.format && read_only == o.read_only && fd == o.fd; }
+};
+
 struct VmSpec {
   std::string emulator;       // "x86_64", without "qemu-system-"
   std::string emulator_path;  // the binary found by the fingerprinter
   std::string machine_type;   // "pc" unless set
   std::string accelerator;    // "tcg" or "kvm"
   std::string drive_interface;
-  std::string image_path;    // real path, checked against the allowed directories
-  std::string image_format;  // empty: QEMU probes; callers should fill it (qemu-img info)
+  std::string image_path;    // as the job wrote it; admitted and opened at start (AdmitFile)
+  std::string image_format;  // the job's image_format; empty: probed at start
+  // The image and its backing files, top first, filled in at start from the
+  // admitted, opened files.
+  std::vector<DiskNode> disk;
+  // QEMU runs under its seccomp sandbox (-sandbox on,...).
+  bool sandbox = false;
   int64_t memory_mb = 0;
   int64_t memory_max_mb = 0;  // Nomad's memory_max (oversubscription); 0 when unset
   int cpus = 0;               // CPUs in the task's cpuset; 0 when Nomad gave none

@@ -17,7 +17,7 @@ bool WriteFileAtomically(int dir_fd, const char* name, const char* data, size_t 
     error->Set("file name too long: %s", name);
     return false;
   }
-  const int fd = ::openat(dir_fd, temp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+  const int fd = ::openat(dir_fd, temp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0640);
   if (fd < 0) {
     error->Set("create %s: %s", temp, std::strerror(errno));
     return false;

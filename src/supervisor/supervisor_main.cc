@@ -15,6 +15,7 @@
 #include <csignal>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "atomic_file.h"
@@ -31,7 +32,7 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: nomad-qemu-supervisor --state-dir DIR --stdout PATH --stderr PATH [--user NAME]\n"
-    "                             [--cgroup PROCS_FILE]... [--netns PATH] -- QEMU [ARGS...]\n";
+    "                             [--cgroup PROCS_FILE]... [--netns PATH] [--pass-fds N] -- QEMU [ARGS...]\n";
 // After QEMU is gone, a process it left behind may still hold the stderr pipe
 // and keep writing; stop draining after this much.
 constexpr size_t kMaxDrainBytes = 1 << 20;
@@ -46,6 +47,7 @@ struct Options {
   const char* cgroups[kMaxCgroups] = {};
   int cgroup_count = 0;
   const char* netns = nullptr;
+  const char* pass_fds = nullptr;  // read before anything else (PassedFdCount)
   char** qemu_argv = nullptr;  // NULL-terminated: the tail of our own argv
 };
 
@@ -57,6 +59,21 @@ __attribute__((format(printf, 1, 2))) int UsageError(const char* fmt, ...) {
   va_end(ap);
   std::fprintf(stderr, "nomad-qemu-supervisor: %s\n%s", msg, kUsage);
   return kExitUsage;
+}
+
+// How many fds from kFirstPassedFd on the plugin handed us for QEMU (the
+// value of --pass-fds); read before the arguments are parsed, because every
+// other inherited fd is closed first. 0 when absent or malformed (ParseArgs
+// reports the latter).
+int PassedFdCount(int argc, char** argv) {
+  for (int i = 1; i + 1 < argc && std::strcmp(argv[i], kArgEndOfOptions) != 0; ++i) {
+    if (std::strcmp(argv[i], kArgPassFds) != 0) continue;
+    char* end = nullptr;
+    const long n = std::strtol(argv[i + 1], &end, 10);
+    if (end == argv[i + 1] || *end != '\0' || n < 0 || n > kMaxPassedFds) return 0;
+    return static_cast<int>(n);
+  }
+  return 0;
 }
 
 bool ParseArgs(int argc, char** argv, Options* opts, ErrorText* error) {
@@ -76,6 +93,7 @@ bool ParseArgs(int argc, char** argv, Options* opts, ErrorText* error) {
                         : std::strcmp(arg, kArgStderr) == 0 ? &opts->stderr_path
                         : std::strcmp(arg, kArgUser) == 0   ? &opts->user
                         : std::strcmp(arg, kArgNetns) == 0  ? &opts->netns
+                        : std::strcmp(arg, kArgPassFds) == 0 ? &opts->pass_fds
                         : cgroup                            ? &opts->cgroups[opts->cgroup_count++]
                                                             : nullptr;
     if (slot == nullptr) {
@@ -94,6 +112,10 @@ bool ParseArgs(int argc, char** argv, Options* opts, ErrorText* error) {
                                                        : nullptr;
   if (missing != nullptr) {
     error->Set("%s is required", missing);
+    return false;
+  }
+  if (opts->pass_fds != nullptr && PassedFdCount(argc, argv) == 0) {
+    error->Set("%s takes a count from 1 to %d, got \"%s\"", kArgPassFds, kMaxPassedFds, opts->pass_fds);
     return false;
   }
   if (opts->qemu_argv == nullptr || opts->qemu_argv[0] == nullptr) {
@@ -244,8 +266,13 @@ int CouldNotRun(int dir_fd, int64_t started_at_ms, const ErrorText& why) {
 int Run(int argc, char** argv) {
   EnsureStandardFds();
   // Nothing the plugin had open (its gRPC sockets, Nomad's pipes) may stay
-  // open for the VM's lifetime through us or QEMU.
-  ::close_range(3, ~0U, 0);
+  // open for the VM's lifetime through us or QEMU; only the images it passed.
+  const int passed_fds = PassedFdCount(argc, argv);
+  ::close_range(static_cast<unsigned>(kFirstPassedFd + passed_fds), ~0U, 0);
+  for (int fd = kFirstPassedFd; fd < kFirstPassedFd + passed_fds; ++fd) {
+    if (::fcntl(fd, F_GETFD) < 0) return UsageError("%s %d: fd %d is not open", kArgPassFds, passed_fds, fd);
+    ::fcntl(fd, F_SETFD, 0);  // QEMU inherits it
+  }
 
   Options opts;
   ErrorText error;
@@ -305,6 +332,7 @@ int Run(int argc, char** argv) {
   ::close(stderr_pipe[1]);
   for (int i = 0; i < setup.cgroup_count; ++i) ::close(setup.cgroup_fds[i]);
   if (setup.netns_fd >= 0) ::close(setup.netns_fd);
+  for (int fd = kFirstPassedFd; fd < kFirstPassedFd + passed_fds; ++fd) ::close(fd);
   if (qemu < 0) return CouldNotRun(dir_fd, started_at_ms, error);
 
   char pid_text[16];

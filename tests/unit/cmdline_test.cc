@@ -53,6 +53,7 @@ VmSpec BaseSpec() {
   spec.accelerator = "tcg";
   spec.drive_interface = "ide";
   spec.image_path = "/alloc/web/local/linux.img";
+  spec.disk = {DiskNode{"raw", false, 3}};
   spec.memory_mb = 256;
   spec.name = "web";
   return spec;
@@ -112,30 +113,43 @@ TEST(CmdlineEscape, DoublesEveryComma) {
   EXPECT_EQ(EscapeQemuOptionValue(",x,"), ",,x,,");
 }
 
-TEST(CmdlineBuildQemuArgv, ImagePathWithACommaCannotOpenASecondFile) {
+// Every value after the option name, for each occurrence of `option`.
+std::vector<std::string> ValuesOf(const std::vector<std::string>& argv, const std::string& option) {
+  std::vector<std::string> values;
+  for (size_t i = 0; i + 1 < argv.size(); ++i) {
+    if (argv[i] == option) values.push_back(argv[i + 1]);
+  }
+  return values;
+}
+
+TEST(CmdlineBuildQemuArgv, TheImageIsPassedAsAnFdNeverByName) {
   VmSpec spec = BaseSpec();
   spec.image_path = "/alloc/web/local/x.img,file=/etc/shadow";
+  spec.disk = {DiskNode{"qcow2", false, 3}, DiskNode{"raw", true, 4}};
   const std::vector<std::string> argv = BuildQemuArgv(spec, kPaths);
-  const std::string drive = ValueOf(argv, "-drive");
-  EXPECT_EQ(drive, "file=/alloc/web/local/x.img,,file=/etc/shadow,if=ide,id=image0");
-  const auto opts = ParseQemuOpts(drive);
-  EXPECT_THAT(KeysOf(drive), ElementsAre("file", "if", "id"));
-  EXPECT_EQ(opts[0].second, "/alloc/web/local/x.img,file=/etc/shadow");
+  EXPECT_THAT(argv, Not(Contains(HasSubstr("x.img"))));
+  EXPECT_THAT(argv, Not(Contains("-drive")));
+  EXPECT_THAT(ValuesOf(argv, "-add-fd"), ElementsAre("fd=4,set=2", "fd=3,set=1"));
+  EXPECT_THAT(ValuesOf(argv, "-blockdev"),
+              ElementsAre("driver=file,node-name=image0-b1-file,filename=/dev/fdset/2,read-only=on",
+                          "driver=raw,node-name=image0-b1,file=image0-b1-file,read-only=on",
+                          "driver=file,node-name=image0-file,filename=/dev/fdset/1",
+                          "driver=qcow2,node-name=image0,file=image0-file,backing=image0-b1"));
+  EXPECT_EQ(ValueOf(argv, "-device"), "ide-hd,drive=image0");
 }
 
 TEST(CmdlineBuildQemuArgv, EverySplicedValueKeepsItsKeys) {
   VmSpec spec = BaseSpec();
   spec.machine_type = "pc,accel=kvm";
   spec.name = "web,debug-threads=on";
-  spec.image_path = "/a,if=none/x.img";
-  spec.image_format = "raw,file=/etc/shadow";
+  spec.disk = {DiskNode{"raw,file=/etc/shadow", false, 3}};
   spec.guest_agent = true;
   spec.dns_searches = {"a.example,hostfwd=tcp::22-:22"};
   spec.port_forwards = {{"http", "tcp", "1.2.3.4", 8080, 80}};
   const std::vector<std::string> argv = BuildQemuArgv(spec, RuntimePaths{"/r,x/qmp.sock", "/r,y/qga.sock"});
   EXPECT_THAT(KeysOf(ValueOf(argv, "-machine")), ElementsAre("type", "accel"));
   EXPECT_THAT(KeysOf(ValueOf(argv, "-name")), ElementsAre("guest"));
-  EXPECT_THAT(KeysOf(ValueOf(argv, "-drive")), ElementsAre("file", "if", "id", "format"));
+  EXPECT_THAT(KeysOf(ValuesOf(argv, "-blockdev").at(1)), ElementsAre("driver", "node-name", "file"));
   EXPECT_THAT(KeysOf(ValueOf(argv, "-netdev")), ElementsAre("", "id", "dnssearch", "hostfwd"));
   std::vector<std::vector<std::string>> chardevs;
   for (size_t i = 0; i + 1 < argv.size(); ++i) {
@@ -242,6 +256,14 @@ VmSpec SpecFromJson(const json& j) {
       {"drive_interface", [](VmSpec& s, const json& v) { s.drive_interface = v.get<std::string>(); }},
       {"image_path", [](VmSpec& s, const json& v) { s.image_path = v.get<std::string>(); }},
       {"image_format", [](VmSpec& s, const json& v) { s.image_format = v.get<std::string>(); }},
+      {"sandbox", [](VmSpec& s, const json& v) { s.sandbox = v.get<bool>(); }},
+      {"disk",
+       [](VmSpec& s, const json& v) {
+         for (const json& n : v) {
+           s.disk.push_back(
+               DiskNode{n.at("format").get<std::string>(), n.at("read_only").get<bool>(), n.at("fd").get<int>()});
+         }
+       }},
       {"memory_mb", [](VmSpec& s, const json& v) { s.memory_mb = v.get<int64_t>(); }},
       {"memory_max_mb", [](VmSpec& s, const json& v) { s.memory_max_mb = v.get<int64_t>(); }},
       {"cpus", [](VmSpec& s, const json& v) { s.cpus = v.get<int>(); }},
@@ -344,7 +366,8 @@ TEST(CmdlineGoldenFiles, CoverEveryFeature) {
   const std::vector<std::string> cases = GoldenCases();
   for (const char* name :
        {"minimal_defaults", "kvm_with_cpus", "guest_agent", "port_forwards_task_network", "port_forwards_group_ports",
-        "dns_search", "args_with_smp", "commas_in_image_path", "format_set", "everything"}) {
+        "dns_search", "args_with_smp", "commas_in_image_path", "format_set", "everything", "backing_chain_sandboxed",
+        "drive_interface_scsi", "drive_interface_floppy", "drive_interface_pflash", "drive_interface_none"}) {
     EXPECT_THAT(cases, Contains(name));
   }
 }
@@ -444,7 +467,8 @@ TEST(CmdlineQemu, RealQemuAcceptsTheArgv) {
   VmSpec spec = BaseSpec();
   spec.emulator_path = qemu;
   spec.image_path = image;
-  spec.image_format = "raw";
+  spec.disk = {DiskNode{"raw", false, 3}};
+  spec.sandbox = true;
   spec.memory_mb = 128;
   spec.cpus = 1;
   spec.name = "ndq,e2e";
@@ -461,6 +485,10 @@ TEST(CmdlineQemu, RealQemuAcceptsTheArgv) {
   posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
   posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
   posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
+  // The image reaches QEMU only as fd 3, as the supervisor hands it on.
+  const int image_fd = ::open(image.c_str(), O_RDWR | O_CLOEXEC);
+  ASSERT_GE(image_fd, 0);
+  posix_spawn_file_actions_adddup2(&actions, image_fd, 3);
   std::vector<std::string> storage = argv;
   std::vector<char*> cargv;
   for (std::string& a : storage) cargv.push_back(a.data());
@@ -468,6 +496,7 @@ TEST(CmdlineQemu, RealQemuAcceptsTheArgv) {
   ChildGuard child;
   const int rc = ::posix_spawn(&child.pid, qemu.c_str(), &actions, nullptr, cargv.data(), environ);
   posix_spawn_file_actions_destroy(&actions);
+  ::close(image_fd);
   ASSERT_EQ(rc, 0) << "posix_spawn " << qemu;
 
   const std::string waited = WaitForFileOrExit(dir, paths.qmp_socket, child.pid, absl::Seconds(60));
@@ -481,7 +510,11 @@ TEST(CmdlineQemu, RealQemuAcceptsTheArgv) {
   for (const json& block : *blocks) {
     if (block.contains("inserted")) files.push_back(block["inserted"].value("file", ""));
   }
-  EXPECT_THAT(files, ElementsAre(image));
+  EXPECT_THAT(files, ElementsAre("/dev/fdset/1"));
+  // QEMU reads the file we opened: the same inode, through its fd set.
+  absl::StatusOr<json> fdsets = (*qmp)->Execute("query-fdsets");
+  ASSERT_TRUE(fdsets.ok()) << fdsets.status();
+  EXPECT_EQ(fdsets->size(), 1u) << fdsets->dump();
   absl::StatusOr<json> name = (*qmp)->Execute("query-name");
   ASSERT_TRUE(name.ok()) << name.status();
   EXPECT_EQ(name->value("name", ""), "ndq,e2e");

@@ -83,7 +83,7 @@ TEST(PluginConfig, StateDirMustLeaveRoomForSockets) {
   MsgpackWriter w;
   w.Map(2).Str("state_dir").Str("/" + std::string(90, 'x')).Str("supervisor_path").Str("bin/sup");
   const std::string message(DecodePluginConfig(w.bytes()).status().message());
-  EXPECT_THAT(message, HasSubstr("\"state_dir\" is longer than 80 characters"));
+  EXPECT_THAT(message, HasSubstr("\"state_dir\" is longer than 70 characters"));
   EXPECT_THAT(message, HasSubstr("\"supervisor_path\" must be an absolute path"));
 }
 
@@ -145,6 +145,29 @@ TEST(PluginConfig, IsolationOptions) {
   MsgpackWriter overhead;
   overhead.Map(1).Str("memory_overhead").Str("a little");
   EXPECT_THAT(std::string(DecodePluginConfig(overhead.bytes()).status().message()), HasSubstr("\"memory_overhead\""));
+}
+
+TEST(PluginConfig, SandboxIsOnUnlessTurnedOff) {
+  MsgpackWriter w;
+  w.Map(1).Str("state_dir").Str("/run/ndq");
+  EXPECT_TRUE(DecodePluginConfig(w.bytes())->sandbox);
+  MsgpackWriter off;
+  off.Map(1).Str("sandbox").Bool(false);
+  EXPECT_FALSE(DecodePluginConfig(off.bytes())->sandbox);
+}
+
+TEST(PluginConfig, QemuUserMustBeAnExistingUnprivilegedUser) {
+  MsgpackWriter nobody;
+  nobody.Map(1).Str("qemu_user").Str("nobody");
+  ASSERT_TRUE(DecodePluginConfig(nobody.bytes()).ok());
+  EXPECT_EQ(DecodePluginConfig(nobody.bytes())->qemu_user, "nobody");
+  MsgpackWriter missing;
+  missing.Map(1).Str("qemu_user").Str("no-such-user-ndq");
+  EXPECT_THAT(std::string(DecodePluginConfig(missing.bytes()).status().message()),
+              HasSubstr("\"qemu_user\" user \"no-such-user-ndq\" does not exist"));
+  MsgpackWriter root;
+  root.Map(1).Str("qemu_user").Str("root");
+  EXPECT_THAT(std::string(DecodePluginConfig(root.bytes()).status().message()), HasSubstr("is root"));
 }
 
 }  // namespace
