@@ -1,6 +1,7 @@
 #include "qemu_driver/plugin_config.h"
 
 #include "nomadplugin/config_reader.h"
+#include "qemu_driver/source_policy.h"
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -24,6 +25,7 @@ nomadplugin::hclspec::Spec PluginConfigSpec() {
       {"max_image_size", hs::Attr("max_image_size", "string")},
       {"image_cache_max_size", hs::Attr("image_cache_max_size", "string")},
       {"ca_file", hs::Attr("ca_file", "string")},
+      {"image_source_allowlist", hs::Attr("image_source_allowlist", "list(string)")},
       {"cgroup_parent", hs::Default(hs::Attr("cgroup_parent", "string"), hs::Literal("\"nomad\""))},
       {"memory_overhead", hs::Default(hs::Attr("memory_overhead", "string"), hs::Literal("\"128MiB\""))},
       {"pids_limit", hs::Default(hs::Attr("pids_limit", "number"), hs::Literal("1024"))},
@@ -65,6 +67,15 @@ absl::StatusOr<PluginConfig> DecodePluginConfig(const std::string& msgpack) {
   config.supervisor_path = reader->String("supervisor_path").value_or("");
   config.allow_unverified_images = reader->Bool("allow_unverified_images").value_or(false);
   config.ca_file = reader->String("ca_file").value_or("");
+  config.image_source_allowlist = reader->StringList("image_source_allowlist").value_or(std::vector<std::string>{});
+  for (const std::string& entry : config.image_source_allowlist) {
+    absl::StatusOr<UrlPrefix> prefix = ParseUrlPrefix(entry);
+    if (!prefix.ok()) {
+      reader->AddProblem("image_source_allowlist",
+                         absl::StrCat("entries must be http:// or https:// URL prefixes with a host: ",
+                                      prefix.status().message()));
+    }
+  }
   config.cgroup_parent = reader->String("cgroup_parent").value_or(config.cgroup_parent);
   if (config.cgroup_parent.empty() || config.cgroup_parent[0] == '/' || absl::StrContains(config.cgroup_parent, "..")) {
     reader->AddProblem("cgroup_parent", "must be a relative cgroup path such as \"nomad\" (no leading / or ..), got \"" +
