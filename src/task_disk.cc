@@ -13,9 +13,14 @@
 #include "qemu_driver/fetcher.h"
 #include "qemu_driver/image_probe.h"
 #include "qemu_driver/run_command.h"
+#include "qemu_driver/source_policy.h"
 
 namespace ndq {
 namespace {
+
+bool IsNetworkSource(const std::string& source) {
+  return absl::StartsWith(source, "http://") || absl::StartsWith(source, "https://");
+}
 
 bool SupportedSource(const std::string& source) {
   if (absl::StartsWith(source, "http://") || absl::StartsWith(source, "https://") ||
@@ -30,19 +35,23 @@ std::string BaseName(const std::string& url) {
   return path.substr(path.rfind('/') + 1);
 }
 
-FetchOptions OptionsFor(const PluginConfig& plugin) {
+FetchOptions OptionsFor(const PluginConfig& plugin, const LocalOpener& open_local) {
   FetchOptions options;
   options.max_bytes = plugin.max_image_size;
   options.ca_file = plugin.ca_file;
+  options.url_allowlist = plugin.image_source_allowlist;
+  options.open_local = open_local;
   return options;
 }
 
 // The checksum file's entry for the image's file name.
 absl::StatusOr<Checksum> ChecksumFromUrl(const std::string& checksum_url, const std::string& image_url,
-                                         const PluginConfig& plugin, const std::string& scratch_dir) {
+                                         const PluginConfig& plugin, const std::string& scratch_dir,
+                                         const LocalOpener& open_local) {
   const std::string dest = scratch_dir + "/.checksum-" + std::to_string(::getpid()) + "-" +
                            std::to_string(reinterpret_cast<uintptr_t>(&dest));
-  FetchOptions options = OptionsFor(plugin);
+  // The same policy as for the image: allowlist, redirects, link-local, open_local.
+  FetchOptions options = OptionsFor(plugin, open_local);
   options.max_bytes = 1 << 20;
   absl::StatusOr<FetchResult> fetched = FetchVerified(checksum_url, std::nullopt, dest, options);
   if (!fetched.ok()) {
@@ -72,11 +81,27 @@ absl::StatusOr<std::vector<std::string>> ImageSources(const TaskConfig& config, 
   if (config.image_path) {
     return absl::InvalidArgumentError("task config: set exactly one of \"image_path\" and \"image_source\", not both");
   }
-  for (const std::string& source : sources) {
+  absl::StatusOr<NetworkSourcePolicy> policy = NetworkSourcePolicy::Create(plugin.image_source_allowlist);
+  if (!policy.ok()) return policy.status();
+  // Network sources outside the operator's allowlist are refused here, before
+  // any I/O; the fetcher checks again (and every redirect, and the address).
+  auto check_network = [&](const std::string& field, const std::string& url) -> absl::Status {
+    if (!IsNetworkSource(url)) return absl::OkStatus();
+    absl::StatusOr<std::string> admitted = policy->Admit(url);
+    if (admitted.ok()) return absl::OkStatus();
+    return absl::Status(admitted.status().code(),
+                        absl::StrCat("task config \"", field, "\": ", admitted.status().message()));
+  };
+  for (size_t i = 0; i < sources.size(); ++i) {
+    const std::string& source = sources[i];
+    const std::string field = config.image_source && i == 0
+                                  ? "image_source"
+                                  : absl::StrCat("image_sources[", i - (config.image_source ? 1 : 0), "]");
     if (!SupportedSource(source)) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "task config \"image_source\": unsupported URL \"", source, "\" (use http://, https://, file:// or an absolute path)"));
+          "task config \"", field, "\": unsupported URL \"", source, "\" (use http://, https://, file:// or an absolute path)"));
     }
+    if (absl::Status s = check_network(field, source); !s.ok()) return s;
   }
   if (config.checksum && config.checksum_url) {
     return absl::InvalidArgumentError("task config: set one of \"checksum\" and \"checksum_url\", not both");
@@ -92,6 +117,9 @@ absl::StatusOr<std::vector<std::string>> ImageSources(const TaskConfig& config, 
   if (config.checksum_url && !SupportedSource(*config.checksum_url)) {
     return absl::InvalidArgumentError(absl::StrCat("task config \"checksum_url\": unsupported URL \"", *config.checksum_url, "\""));
   }
+  if (config.checksum_url) {
+    if (absl::Status s = check_network("checksum_url", *config.checksum_url); !s.ok()) return s;
+  }
   if (config.disk_size) {
     absl::StatusOr<int64_t> size = ParseSize(*config.disk_size);
     if (!size.ok()) return absl::InvalidArgumentError(absl::StrCat("task config \"disk_size\": ", size.status().message()));
@@ -101,12 +129,12 @@ absl::StatusOr<std::vector<std::string>> ImageSources(const TaskConfig& config, 
 
 absl::StatusOr<TaskDisk> PrepareTaskDisk(const TaskConfig& config, const std::vector<std::string>& sources,
                                          const std::string& task_dir, const PluginConfig& plugin, ImageCache& cache,
-                                         const DiskEventSink& events) {
+                                         const DiskEventSink& events, const LocalOpener& open_local) {
   std::optional<Checksum> checksum;
   if (config.checksum) {
     checksum = *ParseChecksum(*config.checksum);
   } else if (config.checksum_url) {
-    absl::StatusOr<Checksum> fetched = ChecksumFromUrl(*config.checksum_url, sources.front(), plugin, task_dir);
+    absl::StatusOr<Checksum> fetched = ChecksumFromUrl(*config.checksum_url, sources.front(), plugin, task_dir, open_local);
     if (!fetched.ok()) return fetched.status();
     checksum = *fetched;
   }
@@ -120,7 +148,7 @@ absl::StatusOr<TaskDisk> PrepareTaskDisk(const TaskConfig& config, const std::ve
     key = "url-" + hasher.FinalHex();
   }
 
-  FetchOptions options = OptionsFor(plugin);
+  FetchOptions options = OptionsFor(plugin, open_local);
   ImageCache::Downloader download = [&](const std::string& source,
                                         const std::string& dest) -> absl::StatusOr<int64_t> {
     events("Downloading image", {{"source", source}});

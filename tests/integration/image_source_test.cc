@@ -218,5 +218,36 @@ TEST_F(ImageSourceTest, BadImageOptionsAreRefusedClearly) {
   ExpectRefused(Config({{"image_source", base_ + "/missing.qcow2"}, {"checksum", digest_}}), "404");
 }
 
+TEST_F(ImageSourceTest, AllowlistHoldsSourcesChecksumFilesAndRedirects) {
+  plugin_config_["image_source_allowlist"] = {base_ + "/"};
+  Launch();
+  // Allowed, through a redirect that stays inside the allowlist.
+  FakeAlloc ok("ok");
+  const auto task = ok.Task(Config({{"image_source", base_ + "/redirect/guest.qcow2"},
+                                    {"checksum_url", base_ + "/SHA256SUMS"},
+                                    {"args", {"-S"}}}));
+  const grpc::Status started = harness_->Start(task, nullptr);
+  ASSERT_TRUE(started.ok()) << started.error_message();
+  ASSERT_TRUE(harness_->Destroy(task.id(), true).ok());
+
+  const std::string outside = "http://localhost:" + std::to_string(server_.port());  // same server, other name
+  const int requests_before = FullGets("/guest.qcow2") + FullGets("/SHA256SUMS");
+  ExpectRefused(Config({{"image_source", outside + "/guest.qcow2"}, {"checksum", digest_}}),
+                "task config \"image_source\": \"" + outside + "/guest.qcow2\" matches no prefix in the plugin "
+                "config's image_source_allowlist");
+  ExpectRefused(Config({{"image_source", base_ + "/guest.qcow2"}, {"checksum_url", outside + "/SHA256SUMS"}}),
+                "task config \"checksum_url\"");
+  ExpectRefused(Config({{"image_source", base_ + "/guest.qcow2"},
+                        {"image_sources", {base_ + "/other.qcow2", outside + "/other.qcow2"}},
+                        {"checksum", digest_}}),
+                "task config \"image_sources[1]\"");
+  EXPECT_EQ(FullGets("/guest.qcow2") + FullGets("/SHA256SUMS"), requests_before) << "refused before any request";
+  // A redirect out of the allowlist is refused when the download meets it (an image not cached yet).
+  ExpectRefused(Config({{"image_source", base_ + "/redirect-to?url=" + outside + "/other.qcow2"},
+                        {"checksum", Sha256Of(served_ / "other.qcow2")}}),
+                "refused to follow a redirect");
+  EXPECT_EQ(FullGets("/other.qcow2"), 0);
+}
+
 }  // namespace
 }  // namespace ndq
