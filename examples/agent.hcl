@@ -16,5 +16,8 @@ plugin "qemu" {
     args_allowlist = ["-smp", "-cpu", "-device", "-netdev"]
     # Emulators jobs may use (empty: any found on PATH).
     emulators_allowlist = ["x86_64"]
+    # Where jobs' image_source/checksum_url may download from (empty: any
+    # http/https URL). Link-local addresses are refused unless named here.
+    image_source_allowlist = ["https://images.example.com/vm/"]
   }
 }

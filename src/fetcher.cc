@@ -2,6 +2,7 @@
 
 #include <curl/curl.h>
 #include <fcntl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -9,6 +10,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <mutex>
 #include <sstream>
 #include <utility>
@@ -20,6 +22,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
+#include "qemu_driver/source_policy.h"
 
 #ifndef NDQ_VERSION
 #define NDQ_VERSION "dev"
@@ -31,6 +34,26 @@ namespace {
 constexpr size_t kReadChunk = 1 << 20;
 constexpr absl::Duration kMaxBackoff = absl::Seconds(30);
 constexpr char kSystemCaBundle[] = "/etc/ssl/certs/ca-certificates.crt";
+// How often a back-off wait looks at FetchOptions::cancelled (a predicate, so
+// there is nothing to block on).
+constexpr absl::Duration kCancelPoll = absl::Milliseconds(100);
+
+bool IsCancelled(const FetchOptions& options) { return options.cancelled && options.cancelled(); }
+
+absl::Status CancelledStatus(const std::string& url) {
+  return absl::CancelledError(absl::StrCat("fetching ", url, ": cancelled; the partial download was removed"));
+}
+
+// Sleeps for `d` unless cancelled first; false when cancelled.
+bool WaitUnlessCancelled(absl::Duration d, const FetchOptions& options) {
+  const absl::Time end = absl::Now() + d;
+  while (!IsCancelled(options)) {
+    const absl::Duration left = end - absl::Now();
+    if (left <= absl::ZeroDuration()) return true;
+    absl::SleepFor(std::min(left, kCancelPoll));
+  }
+  return false;
+}
 
 std::string Errno(absl::string_view what, const std::string& path) {
   return absl::StrCat(what, " ", path, ": ", std::strerror(errno));
@@ -130,9 +153,10 @@ absl::Status Finish(PartFile& part, Hasher& hasher, const std::optional<Checksum
   result.hex_digest = hasher.FinalHex();
   if (expected.has_value() && result.hex_digest != expected->hex) {
     part.Remove();
-    return absl::DataLossError(absl::StrCat("checksum mismatch for ", url, ": expected ", expected->type, ":",
-                                            expected->hex, ", got ", expected->type, ":", result.hex_digest,
-                                            " (", result.bytes, " bytes)"));
+    // The actual digest and size are not told: an answer that carried them
+    // would describe a file the job may not have been allowed to learn about.
+    return absl::DataLossError(absl::StrCat("checksum mismatch for ", url, ": the downloaded file is not ",
+                                            expected->type, ":", expected->hex));
   }
   if (::rename(part.path().c_str(), dest_path.c_str()) != 0) {
     const std::string msg = Errno(absl::StrCat("cannot rename ", part.path(), " to"), dest_path);
@@ -149,8 +173,9 @@ absl::Status Finish(PartFile& part, Hasher& hasher, const std::optional<Checksum
   return absl::OkStatus();
 }
 
-// Adds the bytes of an open file to `hasher`; returns how many.
-absl::StatusOr<int64_t> HashFile(const std::string& path, Hasher& hasher) {
+// Adds the bytes of a file to `hasher`; returns how many.
+absl::StatusOr<int64_t> HashFile(const std::string& path, Hasher& hasher, const FetchOptions& options,
+                                 const std::string& url) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
   if (fd < 0) return absl::InternalError(Errno("cannot open", path));
   std::vector<char> buf(kReadChunk);
@@ -166,6 +191,10 @@ absl::StatusOr<int64_t> HashFile(const std::string& path, Hasher& hasher) {
     if (n == 0) break;
     hasher.Update(buf.data(), static_cast<size_t>(n));
     total += n;
+    if (IsCancelled(options)) {  // a .part of gigabytes takes a while to hash
+      ::close(fd);
+      return CancelledStatus(url);
+    }
   }
   ::close(fd);
   return total;
@@ -202,10 +231,19 @@ absl::StatusOr<FetchResult> FetchLocal(const std::string& url, const std::string
                                        const FetchOptions& options, Hasher& hasher, absl::Time start) {
   FetchResult result;
   result.attempts = 1;
-  const int src = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (src < 0) {
-    if (errno == ENOENT) return absl::NotFoundError(absl::StrCat("image ", path, " does not exist"));
-    return absl::FailedPreconditionError(Errno("cannot open image", path));
+  if (IsCancelled(options)) return CancelledStatus(url);
+  int src = -1;
+  if (options.open_local) {
+    absl::StatusOr<int> fd = options.open_local(path);
+    if (!fd.ok()) return fd.status();
+    src = *fd;
+    if (src < 0) return absl::InternalError(absl::StrCat("opening ", path, " returned no file descriptor"));
+  } else {
+    src = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (src < 0) {
+      if (errno == ENOENT) return absl::NotFoundError(absl::StrCat("image ", path, " does not exist"));
+      return absl::FailedPreconditionError(Errno("cannot open image", path));
+    }
   }
   struct Closer {
     int fd;
@@ -242,6 +280,10 @@ absl::StatusOr<FetchResult> FetchLocal(const std::string& url, const std::string
     }
     result.bytes += n;
     progress.Maybe(result.bytes, total);
+    if (IsCancelled(options)) {
+      part.Remove();
+      return CancelledStatus(url);
+    }
   }
   if (absl::Status s = Finish(part, hasher, expected, url, dest_path, result); !s.ok()) return s;
   progress.Final(result.bytes, total);
@@ -263,6 +305,8 @@ struct CurlDeleter {
 // State shared with libcurl's callbacks during one call (all attempts).
 struct Transfer {
   std::string url;
+  const FetchOptions* options = nullptr;
+  const NetworkSourcePolicy* policy = nullptr;
   CURL* curl = nullptr;
   PartFile* part = nullptr;
   Hasher* hasher = nullptr;
@@ -275,7 +319,9 @@ struct Transfer {
   bool saw_body = false;     // first body byte (or the end of an empty body) handled
   bool resumed = false;      // a 206 continued earlier bytes
   bool range_mismatch = false;
+  bool discard = false;      // the current response is a redirect: its body is not the image
   absl::Status abort;        // set when a callback stops the transfer
+  std::string refused_address;  // a link-local address OnOpenSocket would not connect to
 
   // From the headers of the current response.
   int64_t range_start = -1;
@@ -289,6 +335,7 @@ size_t OnHeader(char* data, size_t size, size_t nitems, void* user) {
   if (absl::StartsWith(line, "HTTP/")) {
     t->range_start = -1;
     t->range_total = -1;
+    t->discard = false;
   } else if (absl::StartsWithIgnoreCase(line, "content-range:")) {
     // Content-Range: bytes START-END/TOTAL
     absl::string_view v = absl::StripAsciiWhitespace(line.substr(14));
@@ -339,7 +386,18 @@ bool OnFirstBody(Transfer* t) {
 size_t OnBody(char* data, size_t size, size_t nmemb, void* user) {
   Transfer* t = static_cast<Transfer*>(user);
   const size_t len = size * nmemb;
-  if (!t->saw_body && !OnFirstBody(t)) return CURL_WRITEFUNC_ERROR;
+  if (t->discard) return len;
+  if (!t->saw_body) {
+    long code = 0;
+    curl_easy_getinfo(t->curl, CURLINFO_RESPONSE_CODE, &code);
+    // A redirect's body (we follow redirects ourselves) must neither land in the
+    // .part nor make OnFirstBody throw away bytes a Range request is resuming.
+    if (code >= 300 && code < 400) {
+      t->discard = true;
+      return len;
+    }
+    if (!OnFirstBody(t)) return CURL_WRITEFUNC_ERROR;
+  }
   if (t->max_bytes > 0 && t->offset + static_cast<int64_t>(len) > t->max_bytes) {
     t->abort = TooBig(t->offset + static_cast<int64_t>(len), t->max_bytes, t->url);
     return CURL_WRITEFUNC_ERROR;
@@ -355,8 +413,27 @@ size_t OnBody(char* data, size_t size, size_t nmemb, void* user) {
 
 int OnProgress(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
   Transfer* t = static_cast<Transfer*>(user);
+  if (IsCancelled(*t->options)) {
+    t->abort = CancelledStatus(t->url);
+    return 1;  // CURLE_ABORTED_BY_CALLBACK
+  }
   t->progress->Maybe(t->offset, t->total);
   return 0;
+}
+
+// Every connection libcurl makes, to whatever address a name resolved to (or a
+// redirect led to), passes here before a packet is sent: the link-local check
+// is on the address itself, so DNS answers cannot get around it.
+curl_socket_t OnOpenSocket(void* user, curlsocktype, curl_sockaddr* address) {
+  Transfer* t = static_cast<Transfer*>(user);
+  IpAddress ip;
+  if (!AddressOf(&address->addr, &ip)) return CURL_SOCKET_BAD;  // http(s) connects to IP addresses only
+  if (!t->policy->MayConnect(ip)) {
+    t->refused_address = AddressText(ip);
+    return CURL_SOCKET_BAD;  // libcurl tries the name's next address, if any
+  }
+  // Close-on-exec: the plugin spawns supervisors and qemu-img meanwhile.
+  return ::socket(address->family, address->socktype | SOCK_CLOEXEC, address->protocol);
 }
 
 struct Outcome {
@@ -365,7 +442,7 @@ struct Outcome {
   bool restart = false;  // the .part cannot be continued: start over from byte 0
 };
 
-Outcome Classify(CURLcode rc, const Transfer& t, const char* errbuf, int max_redirects) {
+Outcome Classify(CURLcode rc, const Transfer& t, const char* errbuf) {
   long code = 0;
   curl_easy_getinfo(t.curl, CURLINFO_RESPONSE_CODE, &code);
   const std::string detail = errbuf[0] != '\0' ? std::string(errbuf) : std::string(curl_easy_strerror(rc));
@@ -394,10 +471,6 @@ Outcome Classify(CURLcode rc, const Transfer& t, const char* errbuf, int max_red
     case CURLE_HTTP2_STREAM:
     case CURLE_SSL_CONNECT_ERROR:
       return {absl::UnavailableError(absl::StrCat(where, detail)), true};
-    case CURLE_TOO_MANY_REDIRECTS:
-      return {absl::FailedPreconditionError(absl::StrCat(where, "more than ", max_redirects,
-                                                         " redirects (a redirect loop?): ", detail)),
-              false};
     case CURLE_PEER_FAILED_VERIFICATION:
     case CURLE_SSL_CACERT_BADFILE:
     case CURLE_SSL_CERTPROBLEM:
@@ -441,6 +514,12 @@ absl::StatusOr<FetchResult> FetchHttp(const std::string& url, const std::optiona
                                       const std::string& dest_path, const FetchOptions& options, Hasher& hasher,
                                       absl::Time start) {
   GlobalInit();
+  // Refused before anything is sent or created.
+  absl::StatusOr<NetworkSourcePolicy> policy = NetworkSourcePolicy::Create(options.url_allowlist);
+  if (!policy.ok()) return policy.status();
+  const absl::StatusOr<std::string> admitted = policy->Admit(url);
+  if (!admitted.ok()) return admitted.status();
+  if (IsCancelled(options)) return CancelledStatus(url);
   const absl::Time deadline = start + options.total_timeout;
   std::string ca_blob;
   if (!options.ca_file.empty()) {
@@ -449,9 +528,25 @@ absl::StatusOr<FetchResult> FetchHttp(const std::string& url, const std::optiona
     ca_blob = std::move(*b);
   }
 
+  struct SlistDeleter {
+    void operator()(curl_slist* l) const { curl_slist_free_all(l); }
+  };
+  std::unique_ptr<curl_slist, SlistDeleter> resolve;
+  for (const std::string& entry : options.resolve) {
+    curl_slist* head = resolve.release();
+    curl_slist* l = curl_slist_append(head, entry.c_str());
+    if (l == nullptr) {
+      curl_slist_free_all(head);
+      return absl::InternalError("curl_slist_append failed");
+    }
+    resolve.reset(l);
+  }
+
   PartFile part(dest_path + ".part");
   Transfer t;
   t.url = url;
+  t.options = &options;
+  t.policy = &*policy;
   t.part = &part;
   t.hasher = &hasher;
   t.max_bytes = options.max_bytes;
@@ -461,7 +556,7 @@ absl::StatusOr<FetchResult> FetchHttp(const std::string& url, const std::optiona
                          (options.max_bytes <= 0 || st.st_size <= options.max_bytes);
   if (absl::Status s = part.Open(/*truncate=*/!have_part); !s.ok()) return s;
   if (have_part) {
-    absl::StatusOr<int64_t> n = HashFile(part.path(), hasher);
+    absl::StatusOr<int64_t> n = HashFile(part.path(), hasher, options, url);
     if (!n.ok()) {
       part.Remove();
       return n.status();
@@ -482,14 +577,20 @@ absl::StatusOr<FetchResult> FetchHttp(const std::string& url, const std::optiona
   char errbuf[CURL_ERROR_SIZE];
   const std::string user_agent = absl::StrCat("nomad-driver-qemu/", NDQ_VERSION);
 
-  curl_easy_setopt(c, CURLOPT_URL, url.c_str());
   curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(c, CURLOPT_ERRORBUFFER, errbuf);
   curl_easy_setopt(c, CURLOPT_USERAGENT, user_agent.c_str());
   curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
   curl_easy_setopt(c, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
-  curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 1L);
-  curl_easy_setopt(c, CURLOPT_MAXREDIRS, static_cast<long>(options.max_redirects));
+  // Redirects are followed below, each target held to the same policy.
+  curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L);
+  // Only connections we check: no proxy from the environment (it would connect
+  // on our behalf to addresses we never see), and no ~/.netrc credentials.
+  curl_easy_setopt(c, CURLOPT_PROXY, "");
+  curl_easy_setopt(c, CURLOPT_NETRC, static_cast<long>(CURL_NETRC_IGNORED));
+  curl_easy_setopt(c, CURLOPT_OPENSOCKETFUNCTION, OnOpenSocket);
+  curl_easy_setopt(c, CURLOPT_OPENSOCKETDATA, &t);
+  if (resolve) curl_easy_setopt(c, CURLOPT_RESOLVE, resolve.get());
   curl_easy_setopt(c, CURLOPT_FAILONERROR, 1L);
   curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS,
                    static_cast<long>(std::max<int64_t>(1, absl::ToInt64Milliseconds(options.connect_timeout))));
@@ -507,7 +608,7 @@ absl::StatusOr<FetchResult> FetchHttp(const std::string& url, const std::optiona
   curl_easy_setopt(c, CURLOPT_HEADERDATA, &t);
   curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, OnBody);
   curl_easy_setopt(c, CURLOPT_WRITEDATA, &t);
-  if (options.progress) {
+  if (options.progress || options.cancelled) {
     curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
     curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, OnProgress);
     curl_easy_setopt(c, CURLOPT_XFERINFODATA, &t);
@@ -520,22 +621,52 @@ absl::StatusOr<FetchResult> FetchHttp(const std::string& url, const std::optiona
   };
   for (int attempt = 1;; ++attempt) {
     result.attempts = attempt;
-    const absl::Duration left = deadline - absl::Now();
-    if (left <= absl::ZeroDuration()) {
+    if (IsCancelled(options)) return fail(CancelledStatus(url));
+    if (deadline - absl::Now() <= absl::ZeroDuration()) {
       return fail(absl::DeadlineExceededError(absl::StrCat("fetching ", url, ": total timeout of ",
                                                            absl::FormatDuration(options.total_timeout),
                                                            " reached after ", attempt - 1, " attempts")));
     }
-    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, static_cast<long>(std::max<int64_t>(1, absl::ToInt64Milliseconds(left))));
-    t.request_offset = t.offset;
-    const std::string range = absl::StrCat(t.offset, "-");
-    curl_easy_setopt(c, CURLOPT_RANGE, t.offset > 0 ? range.c_str() : nullptr);
-    t.saw_body = false;
-    t.range_mismatch = false;
-    t.abort = absl::OkStatus();
-    errbuf[0] = '\0';
-
-    const CURLcode rc = curl_easy_perform(c);
+    // Every attempt starts at the job's URL again: a redirect target may be a
+    // short-lived (signed) URL.
+    std::string current = *admitted;
+    int redirects = 0;
+    CURLcode rc;
+    while (true) {
+      const absl::Duration left = deadline - absl::Now();
+      curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, static_cast<long>(std::max<int64_t>(1, absl::ToInt64Milliseconds(left))));
+      curl_easy_setopt(c, CURLOPT_URL, current.c_str());
+      t.request_offset = t.offset;
+      const std::string range = absl::StrCat(t.offset, "-");
+      curl_easy_setopt(c, CURLOPT_RANGE, t.offset > 0 ? range.c_str() : nullptr);
+      t.saw_body = false;
+      t.discard = false;
+      t.range_mismatch = false;
+      t.abort = absl::OkStatus();
+      t.refused_address.clear();
+      errbuf[0] = '\0';
+      rc = curl_easy_perform(c);
+      if (rc != CURLE_OK) break;
+      long code = 0;
+      curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &code);
+      char* location = nullptr;
+      if (code < 300 || code >= 400 || curl_easy_getinfo(c, CURLINFO_REDIRECT_URL, &location) != CURLE_OK ||
+          location == nullptr) {
+        break;
+      }
+      if (++redirects > options.max_redirects) {
+        return fail(absl::FailedPreconditionError(absl::StrCat("fetching ", url, ": more than ", options.max_redirects,
+                                                               " redirects (a redirect loop?)")));
+      }
+      // The target (absolute, as libcurl resolved it) passes the same checks as the job's URL.
+      absl::StatusOr<std::string> next = policy->Admit(location);
+      if (!next.ok()) {
+        return fail(absl::PermissionDeniedError(
+            absl::StrCat("fetching ", url, ": refused to follow a redirect: ", next.status().message())));
+      }
+      current = *std::move(next);
+      if (IsCancelled(options)) return fail(CancelledStatus(url));
+    }
     if (rc == CURLE_OK) {
       if (!t.saw_body && !OnFirstBody(&t)) {
         if (!t.abort.ok()) return fail(t.abort);
@@ -554,8 +685,12 @@ absl::StatusOr<FetchResult> FetchHttp(const std::string& url, const std::optiona
                  true, true};
     } else if (!t.abort.ok()) {
       return fail(t.abort);
+    } else if (rc == CURLE_COULDNT_CONNECT && !t.refused_address.empty()) {
+      // Not retried, and nothing but the fact: the job learns no more about what answers there.
+      return fail(absl::PermissionDeniedError(
+          absl::StrCat("fetching ", url, ": the address ", t.refused_address, " is link-local and refused")));
     } else {
-      outcome = Classify(rc, t, errbuf, options.max_redirects);
+      outcome = Classify(rc, t, errbuf);
     }
     if (outcome.restart) {
       if (absl::Status s = part.Truncate(); !s.ok()) return fail(s);
@@ -572,7 +707,7 @@ absl::StatusOr<FetchResult> FetchHttp(const std::string& url, const std::optiona
     absl::Duration backoff = options.initial_backoff;
     for (int i = 1; i < attempt && backoff < kMaxBackoff; ++i) backoff *= 2;
     backoff = std::min({backoff, kMaxBackoff, deadline - absl::Now()});
-    if (backoff > absl::ZeroDuration()) absl::SleepFor(backoff);
+    if (backoff > absl::ZeroDuration() && !WaitUnlessCancelled(backoff, options)) return fail(CancelledStatus(url));
   }
 
   result.bytes = t.offset;

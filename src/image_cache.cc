@@ -14,6 +14,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
 
 namespace ndq {
 namespace {
@@ -28,32 +29,74 @@ std::optional<int64_t> SizeOf(const std::string& path) {
   return static_cast<int64_t>(st.st_size);
 }
 
-// Holds an exclusive flock for as long as it lives.
+// Holds an exclusive flock for as long as it lives. Waits for another
+// process's lock up to `timeout`, or until `cancelled` says so: flock has no
+// timeout of its own, so a non-blocking try is repeated with a growing pause.
 class FileLock {
  public:
-  explicit FileLock(const std::string& path) : fd_(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600)) {
-    if (fd_ >= 0) {
-      while (::flock(fd_, LOCK_EX) != 0 && errno == EINTR) {
+  FileLock(const std::string& path, absl::Duration timeout, const std::function<bool()>& cancelled = {})
+      : fd_(::open(path.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600)) {
+    if (fd_ < 0) {
+      status_ = absl::InternalError(absl::StrCat("cannot open lock ", path, ": ", std::strerror(errno)));
+      return;
+    }
+    const absl::Time deadline = absl::Now() + timeout;
+    absl::Duration pause = absl::Milliseconds(5);
+    while (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+      if (errno != EWOULDBLOCK && errno != EINTR) {
+        status_ = absl::InternalError(absl::StrCat("cannot lock ", path, ": ", std::strerror(errno)));
+        break;
       }
+      if (cancelled && cancelled()) {
+        status_ = absl::CancelledError("gave up waiting for another process's download of the image");
+        break;
+      }
+      if (absl::Now() >= deadline) {
+        status_ = absl::DeadlineExceededError(absl::StrCat("another process held ", path, " for longer than ",
+                                                           absl::FormatDuration(timeout)));
+        break;
+      }
+      absl::SleepFor(std::min(pause, deadline - absl::Now()));
+      pause = std::min(pause * 2, absl::Milliseconds(250));
     }
   }
   ~FileLock() {
     if (fd_ >= 0) ::close(fd_);
   }
-  bool ok() const { return fd_ >= 0; }
+  const absl::Status& status() const { return status_; }
 
  private:
   int fd_;
+  absl::Status status_;
 };
+
+std::string LeasePrefix(const std::string& key) { return ".lease-" + key + "-"; }
+
+// Whether any task, in this plugin process or a previous one, holds a lease
+// on the image `key`.
+bool HasLease(const std::string& dir, const std::string& key) {
+  const std::string prefix = LeasePrefix(key);
+  std::error_code error;
+  for (const auto& file : std::filesystem::directory_iterator(dir, error)) {
+    if (absl::StartsWith(file.path().filename().string(), prefix)) return true;
+  }
+  return false;
+}
+
+// Eviction's locks: held only while a file is created or removed.
+constexpr absl::Duration kShortLock = absl::Seconds(30);
 
 }  // namespace
 
 ImageCache::ImageCache(std::string dir) : dir_(std::move(dir)) {}
 
 absl::StatusOr<CachedImage> ImageCache::Acquire(const std::string& key, const std::vector<std::string>& sources,
-                                                const Downloader& download) {
+                                                const Downloader& download, const AcquireOptions& options) {
   if (key.empty() || absl::StrContains(key, '/') || key[0] == '.') {
     return absl::InvalidArgumentError(absl::StrCat("invalid cache key \"", key, "\""));
+  }
+  if (absl::StrContains(options.lease, '/')) {
+    return absl::InvalidArgumentError(absl::StrCat("invalid lease name \"", options.lease, "\""));
   }
   std::shared_ptr<Flight> flight;
   bool leader = false;
@@ -68,23 +111,60 @@ absl::StatusOr<CachedImage> ImageCache::Acquire(const std::string& key, const st
       flight = it->second;
     }
   }
+  absl::StatusOr<CachedImage> result = absl::UnknownError("no result");
   if (!leader) {
     absl::MutexLock lock(&mu_);
-    mu_.Await(absl::Condition(&flight->done));
-    absl::StatusOr<CachedImage> shared = flight->result;
-    if (shared.ok()) shared->hit = true;  // this caller caused no download
-    return shared;
+    ++flight->waiters;
+    // Woken by the leader; the slices only look for a caller that gave up.
+    while (!mu_.AwaitWithTimeout(absl::Condition(&flight->done), absl::Milliseconds(250))) {
+      if (options.cancelled && options.cancelled()) {
+        --flight->waiters;
+        return absl::CancelledError("gave up waiting for the image's download");
+      }
+    }
+    --flight->waiters;
+    result = flight->result;
+    if (result.ok()) result->hit = true;  // this caller caused no download
+  } else {
+    result = Fill(key, sources, download, options);
+    absl::MutexLock lock(&mu_);
+    flight->result = result;
+    flight->done = true;
+    flights_.erase(key);
   }
-  absl::StatusOr<CachedImage> result = Fill(key, sources, download);
-  absl::MutexLock lock(&mu_);
-  flight->result = result;
-  flight->done = true;
-  flights_.erase(key);
+  if (!result.ok() || options.lease.empty()) return result;
+  if (absl::Status leased = TakeLease(key, options); !leased.ok()) return leased;
   return result;
 }
 
+absl::Status ImageCache::TakeLease(const std::string& key, const AcquireOptions& options) {
+  FileLock lock(dir_ + "/." + key + ".lock", kShortLock, options.cancelled);
+  if (!lock.status().ok()) return lock.status();
+  const std::string lease = dir_ + "/" + LeasePrefix(key) + options.lease;
+  const int fd = ::open(lease.c_str(), O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (fd < 0) return absl::InternalError(absl::StrCat("cannot write lease ", lease, ": ", std::strerror(errno)));
+  ::close(fd);
+  if (!SizeOf(PathFor(key))) {
+    ::unlink(lease.c_str());
+    return absl::UnavailableError("the image was evicted from the cache while it was being started; try again");
+  }
+  return absl::OkStatus();
+}
+
+void ImageCache::Release(const std::string& path, const std::string& lease) {
+  if (path.empty() || lease.empty()) return;
+  const std::string key = std::filesystem::path(path).filename().string();
+  ::unlink((dir_ + "/" + LeasePrefix(key) + lease).c_str());
+}
+
+int ImageCache::WaitersFor(const std::string& key) {
+  absl::MutexLock lock(&mu_);
+  auto it = flights_.find(key);
+  return it == flights_.end() ? 0 : it->second->waiters;
+}
+
 absl::StatusOr<CachedImage> ImageCache::Fill(const std::string& key, const std::vector<std::string>& sources,
-                                             const Downloader& download) {
+                                             const Downloader& download, const AcquireOptions& options) {
   std::error_code error;
   std::filesystem::create_directories(dir_, error);
   if (error) return absl::InternalError(absl::StrCat("cannot create image cache ", dir_, ": ", error.message()));
@@ -95,8 +175,8 @@ absl::StatusOr<CachedImage> ImageCache::Fill(const std::string& key, const std::
   }
   // Another plugin process may be downloading the same image: wait for it,
   // then look again.
-  FileLock lock(dir_ + "/." + key + ".lock");
-  if (!lock.ok()) return absl::InternalError(absl::StrCat("cannot lock ", dir_, ": ", std::strerror(errno)));
+  FileLock lock(dir_ + "/." + key + ".lock", options.lock_timeout, options.cancelled);
+  if (!lock.status().ok()) return lock.status();
   if (std::optional<int64_t> size = SizeOf(path)) {
     Touch(path);
     return CachedImage{path, true, *size};
@@ -137,9 +217,11 @@ absl::StatusOr<std::vector<std::string>> ImageCache::Evict(int64_t max_bytes, co
   for (const Entry& entry : entries) {
     if (total <= max_bytes) break;
     if (in_use.count(entry.path)) continue;
-    // Under the image's lock, so a concurrent download of it is not cut short.
+    // Under the image's lock, so a concurrent download of it is not cut
+    // short and a lease being taken is seen.
     const std::string key = std::filesystem::path(entry.path).filename().string();
-    FileLock lock(dir_ + "/." + key + ".lock");
+    FileLock lock(dir_ + "/." + key + ".lock", kShortLock);
+    if (!lock.status().ok() || HasLease(dir_, key)) continue;
     if (std::filesystem::remove(entry.path, error)) {
       total -= entry.bytes;
       removed.push_back(entry.path);

@@ -3,6 +3,7 @@
 #include <pwd.h>
 
 #include "nomadplugin/config_reader.h"
+#include "qemu_driver/source_policy.h"
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -26,6 +27,7 @@ nomadplugin::hclspec::Spec PluginConfigSpec() {
       {"max_image_size", hs::Attr("max_image_size", "string")},
       {"image_cache_max_size", hs::Attr("image_cache_max_size", "string")},
       {"ca_file", hs::Attr("ca_file", "string")},
+      {"image_source_allowlist", hs::Attr("image_source_allowlist", "list(string)")},
       {"cgroup_parent", hs::Default(hs::Attr("cgroup_parent", "string"), hs::Literal("\"nomad\""))},
       {"memory_overhead", hs::Default(hs::Attr("memory_overhead", "string"), hs::Literal("\"128MiB\""))},
       {"pids_limit", hs::Default(hs::Attr("pids_limit", "number"), hs::Literal("1024"))},
@@ -79,6 +81,15 @@ absl::StatusOr<PluginConfig> DecodePluginConfig(const std::string& msgpack) {
       reader->AddProblem("qemu_user", "user \"" + config.qemu_user + "\" does not exist on this host");
     } else if (found->pw_uid == 0) {
       reader->AddProblem("qemu_user", "\"" + config.qemu_user + "\" is root; name an unprivileged user");
+    }
+  }
+  config.image_source_allowlist = reader->StringList("image_source_allowlist").value_or(std::vector<std::string>{});
+  for (const std::string& entry : config.image_source_allowlist) {
+    absl::StatusOr<UrlPrefix> prefix = ParseUrlPrefix(entry);
+    if (!prefix.ok()) {
+      reader->AddProblem("image_source_allowlist",
+                         absl::StrCat("entries must be http:// or https:// URL prefixes with a host: ",
+                                      prefix.status().message()));
     }
   }
   config.cgroup_parent = reader->String("cgroup_parent").value_or(config.cgroup_parent);

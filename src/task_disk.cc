@@ -1,6 +1,10 @@
 #include "qemu_driver/task_disk.h"
 
+#include <fcntl.h>
 #include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <filesystem>
 #include <fstream>
@@ -13,9 +17,15 @@
 #include "qemu_driver/fetcher.h"
 #include "qemu_driver/image_probe.h"
 #include "qemu_driver/run_command.h"
+#include "qemu_driver/source_policy.h"
+#include "qemu_driver/unique_fd.h"
 
 namespace ndq {
 namespace {
+
+bool IsNetworkSource(const std::string& source) {
+  return absl::StartsWith(source, "http://") || absl::StartsWith(source, "https://");
+}
 
 bool SupportedSource(const std::string& source) {
   if (absl::StartsWith(source, "http://") || absl::StartsWith(source, "https://") ||
@@ -30,19 +40,33 @@ std::string BaseName(const std::string& url) {
   return path.substr(path.rfind('/') + 1);
 }
 
-FetchOptions OptionsFor(const PluginConfig& plugin) {
+FetchOptions OptionsFor(const PluginConfig& plugin, const LocalOpener& open_local,
+                        const std::function<bool()>& cancelled) {
   FetchOptions options;
+  options.cancelled = cancelled;
   options.max_bytes = plugin.max_image_size;
   options.ca_file = plugin.ca_file;
+  options.url_allowlist = plugin.image_source_allowlist;
+  options.open_local = open_local;
   return options;
+}
+
+// Where a checksum file is fetched to: the cache directory, which only the
+// driver writes (never the task dir, where a job could plant links).
+std::string ScratchDir(ImageCache& cache) {
+  std::error_code ignored;
+  std::filesystem::create_directories(cache.dir(), ignored);
+  return cache.dir();
 }
 
 // The checksum file's entry for the image's file name.
 absl::StatusOr<Checksum> ChecksumFromUrl(const std::string& checksum_url, const std::string& image_url,
-                                         const PluginConfig& plugin, const std::string& scratch_dir) {
+                                         const PluginConfig& plugin, const std::string& scratch_dir,
+                                         const LocalOpener& open_local, const std::function<bool()>& cancelled) {
   const std::string dest = scratch_dir + "/.checksum-" + std::to_string(::getpid()) + "-" +
                            std::to_string(reinterpret_cast<uintptr_t>(&dest));
-  FetchOptions options = OptionsFor(plugin);
+  // The same policy as for the image: allowlist, redirects, link-local, open_local.
+  FetchOptions options = OptionsFor(plugin, open_local, cancelled);
   options.max_bytes = 1 << 20;
   absl::StatusOr<FetchResult> fetched = FetchVerified(checksum_url, std::nullopt, dest, options);
   if (!fetched.ok()) {
@@ -72,11 +96,27 @@ absl::StatusOr<std::vector<std::string>> ImageSources(const TaskConfig& config, 
   if (config.image_path) {
     return absl::InvalidArgumentError("task config: set exactly one of \"image_path\" and \"image_source\", not both");
   }
-  for (const std::string& source : sources) {
+  absl::StatusOr<NetworkSourcePolicy> policy = NetworkSourcePolicy::Create(plugin.image_source_allowlist);
+  if (!policy.ok()) return policy.status();
+  // Network sources outside the operator's allowlist are refused here, before
+  // any I/O; the fetcher checks again (and every redirect, and the address).
+  auto check_network = [&](const std::string& field, const std::string& url) -> absl::Status {
+    if (!IsNetworkSource(url)) return absl::OkStatus();
+    absl::StatusOr<std::string> admitted = policy->Admit(url);
+    if (admitted.ok()) return absl::OkStatus();
+    return absl::Status(admitted.status().code(),
+                        absl::StrCat("task config \"", field, "\": ", admitted.status().message()));
+  };
+  for (size_t i = 0; i < sources.size(); ++i) {
+    const std::string& source = sources[i];
+    const std::string field = config.image_source && i == 0
+                                  ? "image_source"
+                                  : absl::StrCat("image_sources[", i - (config.image_source ? 1 : 0), "]");
     if (!SupportedSource(source)) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "task config \"image_source\": unsupported URL \"", source, "\" (use http://, https://, file:// or an absolute path)"));
+          "task config \"", field, "\": unsupported URL \"", source, "\" (use http://, https://, file:// or an absolute path)"));
     }
+    if (absl::Status s = check_network(field, source); !s.ok()) return s;
   }
   if (config.checksum && config.checksum_url) {
     return absl::InvalidArgumentError("task config: set one of \"checksum\" and \"checksum_url\", not both");
@@ -92,6 +132,9 @@ absl::StatusOr<std::vector<std::string>> ImageSources(const TaskConfig& config, 
   if (config.checksum_url && !SupportedSource(*config.checksum_url)) {
     return absl::InvalidArgumentError(absl::StrCat("task config \"checksum_url\": unsupported URL \"", *config.checksum_url, "\""));
   }
+  if (config.checksum_url) {
+    if (absl::Status s = check_network("checksum_url", *config.checksum_url); !s.ok()) return s;
+  }
   if (config.disk_size) {
     absl::StatusOr<int64_t> size = ParseSize(*config.disk_size);
     if (!size.ok()) return absl::InvalidArgumentError(absl::StrCat("task config \"disk_size\": ", size.status().message()));
@@ -101,12 +144,13 @@ absl::StatusOr<std::vector<std::string>> ImageSources(const TaskConfig& config, 
 
 absl::StatusOr<TaskDisk> PrepareTaskDisk(const TaskConfig& config, const std::vector<std::string>& sources,
                                          const std::string& task_dir, const PluginConfig& plugin, ImageCache& cache,
-                                         const DiskEventSink& events) {
+                                         const DiskEventSink& events, const LocalOpener& open_local,
+                                         const std::function<bool()>& cancelled, const std::string& lease) {
   std::optional<Checksum> checksum;
   if (config.checksum) {
     checksum = *ParseChecksum(*config.checksum);
   } else if (config.checksum_url) {
-    absl::StatusOr<Checksum> fetched = ChecksumFromUrl(*config.checksum_url, sources.front(), plugin, task_dir);
+    absl::StatusOr<Checksum> fetched = ChecksumFromUrl(*config.checksum_url, sources.front(), plugin, ScratchDir(cache), open_local, cancelled);
     if (!fetched.ok()) return fetched.status();
     checksum = *fetched;
   }
@@ -120,7 +164,7 @@ absl::StatusOr<TaskDisk> PrepareTaskDisk(const TaskConfig& config, const std::ve
     key = "url-" + hasher.FinalHex();
   }
 
-  FetchOptions options = OptionsFor(plugin);
+  FetchOptions options = OptionsFor(plugin, open_local, cancelled);
   ImageCache::Downloader download = [&](const std::string& source,
                                         const std::string& dest) -> absl::StatusOr<int64_t> {
     events("Downloading image", {{"source", source}});
@@ -138,7 +182,10 @@ absl::StatusOr<TaskDisk> PrepareTaskDisk(const TaskConfig& config, const std::ve
            {{"bytes", std::to_string(result->bytes)}, {"seconds", absl::StrFormat("%.2f", absl::ToDoubleSeconds(result->took))}});
     return result->bytes;
   };
-  absl::StatusOr<CachedImage> cached = cache.Acquire(key, sources, download);
+  ImageCache::AcquireOptions acquire;
+  acquire.lease = lease;
+  acquire.cancelled = cancelled;
+  absl::StatusOr<CachedImage> cached = cache.Acquire(key, sources, download, acquire);
   if (!cached.ok()) {
     return absl::Status(cached.status().code(), absl::StrCat("task config \"image_source\": ", cached.status().message()));
   }
@@ -154,15 +201,26 @@ absl::StatusOr<TaskDisk> PrepareTaskDisk(const TaskConfig& config, const std::ve
     if (!info.ok()) return info.status();
     disk.format = info->format;
   }
-  disk.overlay = task_dir + "/image-overlay.qcow2";
+  constexpr char kOverlayName[] = "image-overlay.qcow2";
+  disk.overlay = task_dir + "/" + kOverlayName;
   const std::string qemu_img = FindOnPath("qemu-img");
   if (qemu_img.empty()) return absl::FailedPreconditionError("qemu-img is not on PATH (package qemu-utils)");
+  // The task dir is the job's to write: whatever it left under the overlay's
+  // name (a link to a host file, say) is removed, not followed, and the file
+  // is created afresh here; qemu-img then writes through our open file.
+  UniqueFd dir(::open(task_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir.valid()) return absl::InternalError(absl::StrCat("cannot open task dir ", task_dir, ": ", std::strerror(errno)));
+  ::unlinkat(dir.get(), kOverlayName, 0);
+  UniqueFd overlay(::openat(dir.get(), kOverlayName, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
+  if (!overlay.valid()) {
+    return absl::InternalError(absl::StrCat("cannot create ", disk.overlay, ": ", std::strerror(errno)));
+  }
   std::vector<std::string> argv = {qemu_img, "create", "-q", "-f", "qcow2", "-F", disk.format, "-b", cached->path,
-                                   disk.overlay};
+                                   absl::StrCat("/proc/", ::getpid(), "/fd/", overlay.get())};
   if (config.disk_size) argv.push_back(std::to_string(*ParseSize(*config.disk_size)));
   absl::StatusOr<CommandResult> created = RunCommand(argv, absl::Seconds(60));
   if (!created.ok() || created->exit_code != 0) {
-    std::filesystem::remove(disk.overlay);
+    ::unlinkat(dir.get(), kOverlayName, 0);
     return absl::InvalidArgumentError(absl::StrCat(
         "cannot create the task's disk on ", cached->path, ": ",
         created.ok() ? created->output : std::string(created.status().message())));

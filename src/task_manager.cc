@@ -47,6 +47,8 @@ namespace log = nomadplugin::hclog;
 constexpr char kQmpSocketName[] = "qmp.sock";
 // The one directory of a VM's state that QEMU's user may write: its sockets.
 constexpr char kRunDirName[] = "run";
+// How long RecoverTask waits for a concurrent start or recovery of its task.
+constexpr absl::Duration kRecoverWait = absl::Seconds(60);
 // How often a start that waits looks whether its caller gave up.
 constexpr absl::Duration kCancelCheckInterval = absl::Milliseconds(250);
 
@@ -345,12 +347,21 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
   std::string image_field = "image_path", cached_image;
   if (!sources->empty()) {
     // A downloaded image becomes a per-task overlay backed by the cached copy.
-    absl::StatusOr<TaskDisk> disk =
-        PrepareTaskDisk(*config, *sources, task_dir, plugin, CacheAt(CacheDir()),
-                        [&](const std::string& message, const std::map<std::string, std::string>& annotations) {
-                          Emit(task, message, annotations);
-                        });
-    if (!disk.ok()) return disk.status();
+    // A local source (a path or file://, also for checksum_url) passes the
+    // same admission as image_path before a byte of it is read.
+    const LocalOpener admit_local = [&scope](const std::string& path) -> absl::StatusOr<int> {
+      absl::StatusOr<AdmittedFile> file = AdmitFile("image_source", path, scope, FileAccess::kReadOnly);
+      if (!file.ok()) return file.status();
+      return file->fd.release();
+    };
+    absl::StatusOr<TaskDisk> disk = PrepareTaskDisk(
+        *config, *sources, task_dir, plugin, CacheAt(CacheDir()),
+        [&](const std::string& message, const std::map<std::string, std::string>& annotations) {
+          Emit(task, message, annotations);
+        },
+        admit_local, gave_up, TaskKey(id));
+    if (!disk.ok()) return gave_up() ? caller_left : disk.status();
+    rollback.Push([this, cached = disk->cached_image, lease = TaskKey(id)] { CacheAt(CacheDir()).Release(cached, lease); });
     const std::string overlay = disk->overlay;
     rollback.Push([overlay] { ::unlink(overlay.c_str()); });
     cached_image = disk->cached_image;
@@ -539,9 +550,21 @@ absl::Status TaskManager::Recover(const driverpb::TaskHandle& handle) {
   const std::string& id = handle.config().id();
   if (id.empty()) return absl::InvalidArgumentError("task handle has no task id");
   {
+    // A concurrent start or recovery of the same task is waited for, so one
+    // VM is never watched twice; this one then only confirms it.
     absl::MutexLock lock(&mu_);
+    auto settled = [this, &id]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return starting_.count(id) == 0; };
+    if (!mu_.AwaitWithTimeout(absl::Condition(&settled), kRecoverWait)) {
+      return absl::UnavailableError(absl::StrCat("task ", id, " is still being started or recovered"));
+    }
     if (tasks_.count(id)) return absl::OkStatus();
+    starting_[id] = true;
   }
+  Rollback recovering_mark;
+  recovering_mark.Push([this, id] {
+    absl::MutexLock lock(&mu_);
+    starting_.erase(id);
+  });
   absl::StatusOr<DriverStateRecord> record = DriverStateRecord::Decode(handle.driver_state());
   if (!record.ok()) return WithTaskPrefix(record.status(), id);
   struct stat st;
@@ -598,7 +621,8 @@ absl::Status TaskManager::Destroy(const std::string& id, bool force) {
       return absl::FailedPreconditionError(
           absl::StrCat("task ", id, " is still running; stop it first or destroy with force"));
     }
-    if (absl::Status status = (*task)->Stop(absl::ZeroDuration(), SIGKILL); !status.ok()) return status;
+    // At once: no request to the guest, no waiting on a hung agent or QMP.
+    if (absl::Status status = (*task)->Kill(); !status.ok()) return status;
   }
   {
     absl::MutexLock lock(&mu_);
@@ -606,6 +630,7 @@ absl::Status TaskManager::Destroy(const std::string& id, bool force) {
   }
   RemoveTaskCgroup((*task)->record().cgroup);
   RemoveStateDir((*task)->record().state_dir);
+  CacheAt(CacheDir()).Release((*task)->record().cached_image, TaskKey(id));
   log::Debug("task destroyed", {{"task_id", id}});
   return absl::OkStatus();
 }

@@ -310,19 +310,34 @@ absl::Status VmTask::Resume() {
   return status;
 }
 
-absl::Status VmTask::RequestPowerdown() {
-  absl::MutexLock lock(&control_mu_);
+absl::Status VmTask::RequestPowerdown(absl::Duration budget) {
+  const absl::Time deadline = absl::Now() + budget;
+  // Another control call (a pause, an earlier request) may hold the lock; it
+  // is waited for within the budget only.
+  if (!control_mu_.LockWhenWithTimeout(absl::Condition::kTrue, budget)) {
+    control_mu_.Unlock();
+    return absl::DeadlineExceededError("another control request to the VM is still under way");
+  }
+  absl::Status status = RequestPowerdownLocked(deadline);
+  control_mu_.Unlock();
+  return status;
+}
+
+absl::Status VmTask::RequestPowerdownLocked(absl::Time deadline) {
+  auto left = [deadline] { return std::max(deadline - absl::Now(), absl::Milliseconds(1)); };
   // A paused guest could not act on the request.
-  if (absl::StatusOr<std::shared_ptr<QmpClient>> qmp = Qmp(); qmp.ok()) ResumeIfPaused(**qmp);
+  if (absl::StatusOr<std::shared_ptr<QmpClient>> qmp = Qmp(std::min(left(), absl::Seconds(2))); qmp.ok()) {
+    ResumeIfPaused(**qmp);
+  }
   // Each request's event is emitted before the request goes out, so that it
   // precedes whatever the guest does about it (QEMU's SHUTDOWN event).
   if (record_.guest_agent) {
     absl::StatusOr<std::unique_ptr<GuestAgentClient>> agent =
-        GuestAgentClient::Connect(record_.guest_agent_socket, absl::Seconds(2));
+        GuestAgentClient::Connect(record_.guest_agent_socket, std::min(left(), absl::Seconds(2)));
     absl::Status status = agent.status();
     if (agent.ok()) {
       Emit("Asked the guest agent to shut down");
-      status = (*agent)->Shutdown("powerdown");
+      status = (*agent)->Shutdown("powerdown", left());
     }
     if (status.ok()) {
       log::Info("guest agent asked to power off", {{"task_id", id()}});
@@ -334,10 +349,10 @@ absl::Status VmTask::RequestPowerdown() {
       Emit(absl::StrCat("Guest agent shutdown failed (", status.message(), "); pressing the ACPI power button"));
     }
   }
-  absl::StatusOr<std::shared_ptr<QmpClient>> qmp = Qmp();
+  absl::StatusOr<std::shared_ptr<QmpClient>> qmp = Qmp(left());
   if (!qmp.ok()) return qmp.status();
   Emit("Sent ACPI powerdown (power button)");
-  absl::Status status = (*qmp)->SystemPowerdown();
+  absl::Status status = (*qmp)->SystemPowerdown(left());
   if (status.ok()) {
     log::Info("ACPI power button pressed", {{"task_id", id()}});
   } else {
@@ -374,11 +389,16 @@ absl::Status VmTask::Stop(absl::Duration timeout, int signal) {
   }
   log::Warn("VM did not stop, killing QEMU", {{"task_id", id()}});
   Emit("VM did not stop; killing QEMU with SIGKILL", {{"signal", "SIGKILL"}});
+  return Kill();
+}
+
+absl::Status VmTask::Kill() {
+  if (result()) return absl::OkStatus();
   Signal(SIGKILL).IgnoreError();
   // The supervisor records the exit right after QEMU dies.
-  if (WaitFor(absl::Seconds(10))) return absl::OkStatus();
+  if (WaitFor(kKillWait)) return absl::OkStatus();
   if (supervisor_pidfd_ >= 0) SignalPidfd(supervisor_pidfd_, SIGKILL).IgnoreError();
-  if (WaitFor(absl::Seconds(5))) return absl::OkStatus();
+  if (WaitFor(kKillWait)) return absl::OkStatus();
   return absl::DeadlineExceededError(absl::StrCat("task ", id(), " did not exit after SIGKILL"));
 }
 

@@ -6,6 +6,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -31,6 +32,24 @@ struct FetchOptions {
   // done: bytes in the file so far; total: expected size, -1 when unknown.
   std::function<void(int64_t done, int64_t total, double bytes_per_sec)> progress;
   absl::Duration progress_interval = absl::Seconds(1);
+
+  // URL prefixes network sources must match (the operator's
+  // image_source_allowlist; see NetworkSourcePolicy): checked before anything
+  // is sent and again for every redirect target. Empty: any http/https URL.
+  // Link-local addresses (169.254.0.0/16, fe80::/10) are never connected to,
+  // whatever name led there, unless an entry's host is that very address.
+  std::vector<std::string> url_allowlist;
+  // Polled during the transfer (libcurl's progress callback, at least about
+  // once a second), between retries and while copying local files; once it
+  // returns true the fetch stops, removes the .part and returns Cancelled.
+  std::function<bool()> cancelled;
+  // Opens local sources (file:// URLs and plain paths) instead of the fetcher,
+  // e.g. to hold them to an allowlist: returns a read-only fd, which the
+  // fetcher reads and closes, or the error to return as is. Empty: open(2).
+  std::function<absl::StatusOr<int>(const std::string& path)> open_local;
+  // FOR TESTS ONLY: libcurl CURLOPT_RESOLVE entries ("host:port:address"), so a
+  // test can point a name at an address of its own without DNS.
+  std::vector<std::string> resolve;
 };
 
 struct FetchResult {
@@ -48,7 +67,9 @@ struct FetchResult {
 // Errors: NotFound (404, missing local file), DataLoss (checksum mismatch: names
 // both digests), ResourceExhausted (over max_bytes), DeadlineExceeded (timeouts),
 // Unavailable (connection problems, 5xx after retries), InvalidArgument (bad URL,
-// unsupported scheme), FailedPrecondition (TLS, redirects, other HTTP errors).
+// unsupported scheme), FailedPrecondition (TLS, redirects, other HTTP errors),
+// PermissionDenied (a URL or redirect target outside url_allowlist, a link-local
+// address), Cancelled (options.cancelled), or open_local's own error.
 // On failure no .part is left behind.
 absl::StatusOr<FetchResult> FetchVerified(const std::string& url, const std::optional<Checksum>& expected,
                                           const std::string& dest_path, const FetchOptions& options);

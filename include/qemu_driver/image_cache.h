@@ -14,6 +14,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 
 namespace ndq {
 
@@ -31,15 +32,37 @@ class ImageCache {
 
   explicit ImageCache(std::string dir);
 
+  struct AcquireOptions {
+    // Names the user of the image (a task key); the image then carries a
+    // lease file `.lease-<key>-<lease>` until Release, which eviction in any
+    // process, before or after a plugin restart, respects.
+    std::string lease;
+    // Asked while waiting (for another caller's download or another
+    // process's lock); once true, Acquire gives up with Cancelled.
+    std::function<bool()> cancelled;
+    // The longest Acquire waits for another process's lock on the image.
+    absl::Duration lock_timeout = absl::Hours(1);
+  };
+
   // The cached file for `key` (e.g. "sha256-<hex>"), downloaded from the first
   // source that works when absent. Callers asking for the same key at once
   // share one download; another process doing the same waits on a file lock.
   absl::StatusOr<CachedImage> Acquire(const std::string& key, const std::vector<std::string>& sources,
-                                      const Downloader& download);
+                                      const Downloader& download, const AcquireOptions& options);
+  absl::StatusOr<CachedImage> Acquire(const std::string& key, const std::vector<std::string>& sources,
+                                      const Downloader& download) {
+    return Acquire(key, sources, download, AcquireOptions{});
+  }
+  // Ends the lease `lease` on the image at `path` (a path Acquire returned).
+  void Release(const std::string& path, const std::string& lease);
 
-  // Removes least recently used images, never one in `in_use` (paths), until
-  // the cache holds at most `max_bytes`. Returns the paths removed.
+  // Removes least recently used images, never one in `in_use` (paths) nor one
+  // with a lease, until the cache holds at most `max_bytes`. Returns the paths
+  // removed.
   absl::StatusOr<std::vector<std::string>> Evict(int64_t max_bytes, const std::set<std::string>& in_use);
+
+  // How many callers wait for another caller's download of `key` (tests).
+  int WaitersFor(const std::string& key);
 
   std::string PathFor(const std::string& key) const { return dir_ + "/" + key; }
   const std::string& dir() const { return dir_; }
@@ -47,10 +70,14 @@ class ImageCache {
  private:
   struct Flight {
     bool done = false;
+    int waiters = 0;
     absl::StatusOr<CachedImage> result = absl::UnknownError("download did not finish");
   };
   absl::StatusOr<CachedImage> Fill(const std::string& key, const std::vector<std::string>& sources,
-                                   const Downloader& download);
+                                   const Downloader& download, const AcquireOptions& options);
+  // Writes the lease file for `key`, under the image's lock, and checks that
+  // the image is still there (an eviction may have come first).
+  absl::Status TakeLease(const std::string& key, const AcquireOptions& options);
 
   const std::string dir_;
   absl::Mutex mu_;

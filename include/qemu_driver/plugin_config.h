@@ -35,6 +35,11 @@ struct PluginConfig {
   int64_t image_cache_max_size = 0;
   // An extra CA certificate (PEM) trusted for https image downloads.
   std::string ca_file;
+  // URL prefixes (http:// or https://, a host, optionally a port and path) a
+  // job's network image_source(s) and checksum_url must match, redirects
+  // included; compared on parsed URLs. Empty: any http/https URL. Link-local
+  // addresses are refused unless an entry's host is that address.
+  std::vector<std::string> image_source_allowlist;
   // The cgroup under which each VM gets its own (per controller on cgroup v1).
   // "nomad" matches Nomad's own v1 layout, so a task's cgroup Nomad made is reused.
   std::string cgroup_parent = "nomad";

@@ -24,16 +24,27 @@ struct TaskDisk {
 };
 
 // Checks the image options of `config` without any I/O: exactly one of
-// image_path and image_source(s), URL schemes, checksum form, a checksum
-// required unless the operator allows unverified images, disk_size. Returns
-// the list of sources in order ({} when image_path is used).
+// image_path and image_source(s), URL schemes, network URLs (sources and
+// checksum_url) against the plugin's image_source_allowlist, checksum form, a
+// checksum required unless the operator allows unverified images, disk_size.
+// Returns the list of sources in order ({} when image_path is used).
 absl::StatusOr<std::vector<std::string>> ImageSources(const TaskConfig& config, const PluginConfig& plugin);
 
 // Progress and milestones for the task's event stream: (message, annotations).
 using DiskEventSink = std::function<void(const std::string&, const std::map<std::string, std::string>&)>;
 
+// Opens a local source (a file:// URL's path or a plain path), image or
+// checksum_url alike, and returns a read-only fd (FetchOptions::open_local).
+using LocalOpener = std::function<absl::StatusOr<int>(const std::string& path)>;
+
+// `open_local` empty: local sources are opened directly. `cancelled` (may be
+// empty) aborts downloads once it says true (Cancelled, nothing left behind).
+// `lease` (a task key) leases the cached image to the task (ImageCache::Release
+// ends it), so no eviction removes it while the task may use it.
 absl::StatusOr<TaskDisk> PrepareTaskDisk(const TaskConfig& config, const std::vector<std::string>& sources,
                                          const std::string& task_dir, const PluginConfig& plugin, ImageCache& cache,
-                                         const DiskEventSink& events);
+                                         const DiskEventSink& events, const LocalOpener& open_local = {},
+                                         const std::function<bool()>& cancelled = {},
+                                         const std::string& lease = "");
 
 }  // namespace ndq

@@ -99,13 +99,20 @@ class VmTask {
   // StopTask: with graceful_shutdown the guest is asked to power off (guest
   // agent when enabled, else an ACPI power-button press) and given `timeout`;
   // then `signal` goes to QEMU, then SIGKILL after kKillGrace. Without
-  // graceful_shutdown: `signal`, `timeout`, SIGKILL. Returns once QEMU is gone.
+  // graceful_shutdown: `signal`, `timeout`, SIGKILL. Returns once QEMU is
+  // gone, and always within `timeout` + kStopOverhead.
   absl::Status Stop(absl::Duration timeout, int signal);
+  // A force destroy: SIGKILL to QEMU at once (then to its supervisor if the
+  // exit is not recorded within kKillWait), no request to the guest, no lock
+  // another call may hold. Returns within 2 * kKillWait.
+  absl::Status Kill();
   // Delivers `signal` to QEMU itself.
   absl::Status Signal(int signal);
   // Asks the guest to power off (guest agent first when enabled, else ACPI).
   // A VM paused through QMP is resumed first, so the guest can act on it.
-  absl::Status RequestPowerdown();
+  // Every step together (the control lock, the agent, QMP) takes at most
+  // `budget`.
+  absl::Status RequestPowerdown(absl::Duration budget = kPowerdownBudget);
   // Pauses the vCPUs (QMP stop); QEMU itself keeps running and answering.
   absl::Status Pause();
   // Continues QEMU's process (SIGCONT, in case it was SIGSTOPped) and the
@@ -125,12 +132,22 @@ class VmTask {
 
   // How long QEMU gets after the stop signal before SIGKILL.
   static constexpr absl::Duration kKillGrace = absl::Seconds(3);
+  // The most a powerdown request may take (lock, guest agent, QMP).
+  static constexpr absl::Duration kPowerdownBudget = absl::Seconds(4);
+  // How long the exit record may take after a SIGKILL (to QEMU, then to the
+  // supervisor) before giving up.
+  static constexpr absl::Duration kKillWait = absl::Seconds(5);
+  // What Stop may take beyond its timeout: the powerdown request, the grace
+  // after the stop signal, and both SIGKILL waits (spelled out: absl's
+  // Duration arithmetic is not constexpr).
+  static constexpr absl::Duration kStopOverhead = absl::Seconds(4 + 3 + 2 * 5);
 
  private:
   // The QMP session, reconnected when needed (after a plugin restart); every
   // new session relays QEMU's events.
   absl::StatusOr<std::shared_ptr<QmpClient>> Qmp(absl::Duration connect_timeout = absl::Seconds(2))
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(control_mu_);
+  absl::Status RequestPowerdownLocked(absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(control_mu_);
   void RelayQmpEvent(const QmpEvent& event);
   void Emit(const std::string& message, const std::map<std::string, std::string>& annotations = {});
   // Resumes a VM paused through QMP; true when it was paused.

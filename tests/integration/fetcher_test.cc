@@ -5,20 +5,28 @@
 #include <curl/curl.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <netinet/in.h>
 
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <future>
+#include <mutex>
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -414,6 +422,290 @@ TEST_F(FetcherTest, HttpsSelfSignedNeedsCaFile) {
   r = FetchVerified(url, Sha256(), dest_, options_);
   ASSERT_FALSE(r.ok());
   EXPECT_THAT(r.status().message(), HasSubstr("missing.pem"));
+}
+
+// ---- Source policy: image_source_allowlist, redirects, link-local addresses ----
+
+std::string Escape(const std::string& text) {
+  char* escaped = curl_easy_escape(nullptr, text.c_str(), static_cast<int>(text.size()));
+  std::string out(escaped);
+  curl_free(escaped);
+  return out;
+}
+
+// The requests a test server has seen (its /_log), by base URL.
+size_t RequestsSeen(const std::string& base) {
+  size_t n = 0;
+  for (absl::string_view line : absl::StrSplit(HttpGet(base + "/_log"), '\n', absl::SkipEmpty())) {
+    (void)line;
+    ++n;
+  }
+  return n;
+}
+
+TEST_F(FetcherTest, AllowlistedPrefixFetches) {
+  fs::create_directory(root_ / "allowed");
+  WriteFile(root_ / "allowed/img.bin", data_);
+  options_.url_allowlist = {"http://example.invalid/", base_ + "/allowed/"};
+  ExpectFetched(FetchVerified(base_ + "/allowed/img.bin", Sha256(), dest_, options_));
+  fs::remove(dest_);
+  // The same server and file, with the whole host allowed.
+  options_.url_allowlist = {base_};
+  ExpectFetched(FetchVerified(base_ + "/img.bin?chunked=1", Sha256(), dest_, options_));
+  EXPECT_EQ(Log().size(), 2u);
+}
+
+TEST_F(FetcherTest, UrlsOutsideTheAllowlistAreRefusedBeforeConnecting) {
+  fs::create_directory(root_ / "allowed");
+  WriteFile(root_ / "allowed/img.bin", data_);
+  const std::string port = std::to_string(server_.port());
+  options_.url_allowlist = {base_ + "/allowed/"};
+  for (const std::string& url : std::vector<std::string>{
+           base_ + "/img.bin",                                                  // outside the path
+           base_ + "/allowedx/img.bin",                                         // a prefix of a segment only
+           base_ + "/allowed/../img.bin",                                       // leaves it once normalised
+           base_ + "/allowed/%2e%2e/img.bin",                                   // the same, encoded
+           "http://127.0.0.1:" + port + "@localhost:" + port + "/allowed/img.bin",  // userinfo, host localhost
+           "http://127.0.0.1.example.invalid:" + port + "/allowed/img.bin",     // host suffix
+           "http://127.0.0.1:" + std::to_string(server_.port() == 65535 ? 1 : server_.port() + 1) +
+               "/allowed/img.bin",                                              // another port
+           "http://127.0.0.1/allowed/img.bin",                                  // the default port
+           "https://127.0.0.1:" + port + "/allowed/img.bin",                    // another scheme
+           "http://localhost:" + port + "/allowed/img.bin",                     // same address, other name
+       }) {
+    absl::StatusOr<FetchResult> r = FetchVerified(url, Sha256(), dest_, options_);
+    ASSERT_FALSE(r.ok()) << url;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kPermissionDenied) << url << ": " << r.status();
+    EXPECT_THAT(r.status().message(), HasSubstr("image_source_allowlist")) << url;
+    ExpectNoFiles();
+  }
+  EXPECT_EQ(Log().size(), 0u) << "a refused URL reached the server";
+}
+
+TEST_F(FetcherTest, RedirectTargetsAreCheckedAgain) {
+  fs::create_directory(root_ / "allowed");
+  WriteFile(root_ / "allowed/img.bin", data_);
+  TestServer other;
+  ASSERT_TRUE(other.Start({"--root", root_.path()}));
+  const std::string other_base = absl::StrCat("http://127.0.0.1:", other.port());
+  options_.url_allowlist = {base_ + "/", other_base + "/allowed/"};
+
+  // To an allowed URL: followed (the redirect's own body is not part of the image).
+  ExpectFetched(FetchVerified(base_ + "/redirect-to?url=" + Escape(other_base + "/allowed/img.bin"), Sha256(),
+                              dest_, options_));
+  EXPECT_EQ(RequestsSeen(other_base), 1u);
+  fs::remove(dest_);
+
+  // To a URL outside the allowlist, on a server it does allow elsewhere: refused unsent.
+  absl::StatusOr<FetchResult> r =
+      FetchVerified(base_ + "/redirect-to?url=" + Escape(other_base + "/img.bin"), Sha256(), dest_, options_);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kPermissionDenied) << r.status();
+  EXPECT_THAT(r.status().message(), HasSubstr("redirect"));
+  EXPECT_THAT(r.status().message(), HasSubstr(other_base + "/img.bin"));
+  EXPECT_THAT(r.status().message(), HasSubstr("image_source_allowlist"));
+  EXPECT_EQ(RequestsSeen(other_base), 1u);
+  ExpectNoFiles();
+
+  // Schemes other than http(s) are refused, with or without an allowlist.
+  for (const std::vector<std::string>& allowlist : {options_.url_allowlist, std::vector<std::string>{}}) {
+    options_.url_allowlist = allowlist;
+    r = FetchVerified(base_ + "/redirect-to?url=" + Escape("file://" + (root_ / "img.bin")), Sha256(), dest_,
+                      options_);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kPermissionDenied) << r.status();
+    EXPECT_THAT(r.status().message(), HasSubstr("not an http:// or https:// URL"));
+    ExpectNoFiles();
+  }
+}
+
+TEST_F(FetcherTest, ResumesThroughARedirect) {
+  // Every attempt starts at the job's URL again, and continues the .part with a Range request.
+  options_.url_allowlist = {base_ + "/"};
+  absl::StatusOr<FetchResult> r =
+      FetchVerified(base_ + "/redirect-to?url=" + Escape(base_ + "/drop/img.bin"), Sha256(), dest_, options_);
+  ExpectFetched(r);
+  EXPECT_TRUE(r->resumed);
+  EXPECT_EQ(r->attempts, 2);
+  std::vector<LogEntry> log = Log();
+  ASSERT_EQ(log.size(), 4u);
+  EXPECT_THAT(log[0].path, HasSubstr("/redirect-to"));
+  EXPECT_EQ(log[1].path, "/drop/img.bin");
+  EXPECT_EQ(log[1].range, "");
+  EXPECT_THAT(log[2].path, HasSubstr("/redirect-to"));
+  EXPECT_EQ(log[3].path, "/drop/img.bin");
+  EXPECT_THAT(log[3].range, HasSubstr("bytes="));
+}
+
+// Runs `body` on a thread of its own in a new network namespace that holds only
+// `lo` (up) with 169.254.77.1/32 added, so the test touches no network but its
+// own. Sets *skip when the namespace cannot be made (no CAP_SYS_ADMIN).
+void InPrivateNetns(const std::function<void()>& body, std::string* skip) {
+  std::thread thread([&] {
+    // A thread's network namespace is its own: the rest of the test binary stays where it was,
+    // and processes and threads started from here (the test servers, `ip`) inherit this one.
+    if (::unshare(CLONE_NEWNET) != 0) {
+      *skip = absl::StrCat("cannot make a network namespace: ", std::strerror(errno));
+      return;
+    }
+    for (const std::vector<std::string>& argv :
+         {std::vector<std::string>{"/usr/sbin/ip", "link", "set", "lo", "up"},
+          std::vector<std::string>{"/usr/sbin/ip", "addr", "add", "169.254.77.1/32", "dev", "lo"}}) {
+      absl::StatusOr<CommandResult> ip = RunCommand(argv, absl::Seconds(30));
+      if (!ip.ok() || ip->exit_code != 0) {
+        *skip = absl::StrCat("cannot set up the namespace's lo: ", ip.ok() ? ip->output : ip.status().ToString());
+        return;
+      }
+    }
+    body();
+  });
+  thread.join();
+}
+
+TEST_F(FetcherTest, LinkLocalAddressesAreRefusedOnTheAddressConnectedTo) {
+  std::string skip;
+  InPrivateNetns(
+      [&] {
+        TestServer link_local, local;
+        ASSERT_TRUE(link_local.Start({"--root", root_.path(), "--bind", "169.254.77.1"}));
+        ASSERT_TRUE(local.Start({"--root", root_.path()}));
+        const std::string port = std::to_string(link_local.port());
+        const std::string ll_base = "http://169.254.77.1:" + port;
+        const std::string local_base = absl::StrCat("http://127.0.0.1:", local.port());
+        // A name only this fetch knows, resolving to the link-local address.
+        const std::string named = "http://metadata.test:" + port + "/img.bin";
+        options_.resolve = {"metadata.test:" + port + ":169.254.77.1"};
+
+        // By name: the check is on the address connected to. Not retried, and says only that.
+        for (const std::vector<std::string>& allowlist :
+             {std::vector<std::string>{}, std::vector<std::string>{"http://metadata.test:" + port + "/"}}) {
+          options_.url_allowlist = allowlist;
+          options_.retries = 3;
+          absl::StatusOr<FetchResult> r = FetchVerified(named, Sha256(), dest_, options_);
+          ASSERT_FALSE(r.ok());
+          EXPECT_EQ(r.status().code(), absl::StatusCode::kPermissionDenied) << r.status();
+          EXPECT_EQ(r.status().message(), "fetching " + named + ": the address 169.254.77.1 is link-local and refused");
+          ExpectNoFiles();
+        }
+        // The literal address in the URL: refused before connecting.
+        options_.url_allowlist = {};
+        absl::StatusOr<FetchResult> r = FetchVerified(ll_base + "/img.bin", Sha256(), dest_, options_);
+        ASSERT_FALSE(r.ok());
+        EXPECT_EQ(r.status().code(), absl::StatusCode::kPermissionDenied) << r.status();
+        EXPECT_THAT(r.status().message(), HasSubstr("169.254.77.1 is link-local and refused"));
+        // Through a redirect from an allowed server, by name and by address.
+        for (const std::string& target : {named, ll_base + "/img.bin"}) {
+          r = FetchVerified(local_base + "/redirect-to?url=" + Escape(target), Sha256(), dest_, options_);
+          ASSERT_FALSE(r.ok()) << target;
+          EXPECT_EQ(r.status().code(), absl::StatusCode::kPermissionDenied) << r.status();
+          EXPECT_THAT(r.status().message(), HasSubstr("169.254.77.1 is link-local and refused")) << target;
+          ExpectNoFiles();
+        }
+        EXPECT_EQ(RequestsSeen(ll_base), 0u) << "a request reached the link-local server";
+        EXPECT_EQ(RequestsSeen(local_base), 2u);
+
+        // An allowlist entry whose host is that address allows it, by address and by name.
+        options_.url_allowlist = {ll_base + "/", "http://metadata.test:" + port + "/"};
+        ExpectFetched(FetchVerified(ll_base + "/img.bin", Sha256(), dest_, options_));
+        fs::remove(dest_);
+        ExpectFetched(FetchVerified(named, Sha256(), dest_, options_));
+        EXPECT_EQ(RequestsSeen(ll_base), 2u);
+      },
+      &skip);
+  if (!skip.empty()) GTEST_SKIP() << skip;
+}
+
+TEST_F(FetcherTest, CancelledMidDownloadStopsPromptly) {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool started = false;
+  std::atomic<bool> cancel{false};
+  options_.progress_interval = absl::Milliseconds(50);
+  options_.progress = [&](int64_t done, int64_t, double) {
+    if (done <= 0) return;
+    std::lock_guard<std::mutex> lock(mu);
+    started = true;
+    cv.notify_all();
+  };
+  options_.cancelled = [&] { return cancel.load(); };
+  // About 48 s at 64 KiB/s: it must be the cancellation that ends it.
+  std::future<absl::StatusOr<FetchResult>> fetch = std::async(std::launch::async, [&] {
+    return FetchVerified(base_ + "/img.bin?rate=65536", Sha256(), dest_, options_);
+  });
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(20), [&] { return started; })) << "no bytes arrived";
+  }
+  EXPECT_TRUE(fs::exists(dest_ + ".part"));
+  cancel = true;
+  ASSERT_EQ(fetch.wait_for(std::chrono::seconds(2)), std::future_status::ready) << "not stopped within 2 s";
+  absl::StatusOr<FetchResult> r = fetch.get();
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled) << r.status();
+  EXPECT_THAT(r.status().message(), HasSubstr("cancelled"));
+  ExpectNoFiles();
+}
+
+TEST_F(FetcherTest, CancelledDuringRetryBackOff) {
+  options_.retries = 3;
+  options_.initial_backoff = absl::Hours(1);  // only a cancellation ends this wait in time
+  std::atomic<bool> cancel{false};
+  absl::Time cancelled_at = absl::InfiniteFuture();
+  options_.cancelled = [&] {
+    // Cancel once the server has answered the first attempt (503).
+    if (!cancel && RequestsSeen(base_) >= 1) {
+      cancelled_at = absl::Now();
+      cancel = true;
+    }
+    return cancel.load();
+  };
+  std::future<absl::StatusOr<FetchResult>> fetch = std::async(std::launch::async, [&] {
+    return FetchVerified(base_ + "/status/503/img.bin", Sha256(), dest_, options_);
+  });
+  ASSERT_EQ(fetch.wait_for(std::chrono::seconds(20)), std::future_status::ready);
+  absl::StatusOr<FetchResult> r = fetch.get();
+  EXPECT_LT(absl::Now() - cancelled_at, absl::Seconds(2));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled) << r.status();
+  EXPECT_EQ(Log().size(), 1u);
+  ExpectNoFiles();
+}
+
+TEST_F(FetcherTest, CancelledLocalCopyAndCancelledBeforeStart) {
+  int calls = 0;
+  options_.cancelled = [&] { return ++calls >= 2; };  // after the first 1 MiB chunk
+  absl::StatusOr<FetchResult> r = FetchVerified(root_ / "img.bin", Sha256(), dest_, options_);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled) << r.status();
+  ExpectNoFiles();
+
+  options_.cancelled = [] { return true; };
+  r = FetchVerified(base_ + "/img.bin", Sha256(), dest_, options_);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled) << r.status();
+  EXPECT_EQ(Log().size(), 0u);
+  ExpectNoFiles();
+}
+
+TEST_F(FetcherTest, LocalSourcesAreOpenedThroughTheHook) {
+  std::vector<std::string> asked;
+  int given_fd = -1;
+  options_.open_local = [&](const std::string& path) -> absl::StatusOr<int> {
+    asked.push_back(path);
+    if (absl::StrContains(path, "secret")) return absl::PermissionDeniedError("not in image_paths: " + path);
+    // Whatever was named, the hook decides what is read.
+    given_fd = ::open((root_ / "img.bin").c_str(), O_RDONLY | O_CLOEXEC);
+    return given_fd;
+  };
+  ExpectFetched(FetchVerified("file://" + (root_ / "no%20such.bin"), Sha256(), dest_, options_));
+  EXPECT_EQ(::fcntl(given_fd, F_GETFD), -1) << "the fetcher closes the hook's fd";
+  fs::remove(dest_);
+  ExpectFetched(FetchVerified(root_ / "other.bin", Sha256(), dest_, options_));
+  fs::remove(dest_);
+  absl::StatusOr<FetchResult> r = FetchVerified("/etc/secret.img", Sha256(), dest_, options_);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status(), absl::PermissionDeniedError("not in image_paths: /etc/secret.img"));
+  ExpectNoFiles();
+  EXPECT_EQ(asked, (std::vector<std::string>{root_ / "no such.bin", root_ / "other.bin", "/etc/secret.img"}));
 }
 
 }  // namespace

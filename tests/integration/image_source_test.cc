@@ -34,6 +34,7 @@ using ::ndq::testing::TempDir;
 using ::ndq::testing::TestGuestDir;
 using ::ndq::testing::WaitForFileToContain;
 using ::testing::HasSubstr;
+using ::testing::Not;
 namespace fs = std::filesystem;
 namespace driverpb = hashicorp::nomad::plugins::drivers::proto;
 
@@ -146,7 +147,9 @@ TEST_F(ImageSourceTest, WrongChecksumLeavesNothingBehind) {
   FakeAlloc alloc("bad2");
   const grpc::Status status = harness_->Start(
       alloc.Task(Config({{"image_source", base_ + "/guest.qcow2"}, {"checksum", "sha256:" + wrong}})), nullptr);
-  EXPECT_THAT(status.error_message(), HasSubstr(digest_)) << "the actual digest is named too";
+  // Neither the actual digest nor the size is told (the two-step digest attack).
+  EXPECT_THAT(status.error_message(), Not(HasSubstr(digest_)));
+  EXPECT_THAT(status.error_message(), Not(HasSubstr("bytes")));
   for (const auto& entry : fs::directory_iterator(cache_.path())) {
     EXPECT_EQ(entry.path().filename().string()[0], '.') << "left in the cache: " << entry.path();
   }
@@ -193,6 +196,9 @@ TEST_F(ImageSourceTest, EvictionSparesImagesInUse) {
 }
 
 TEST_F(ImageSourceTest, LocalFilesGoThroughTheCacheToo) {
+  // A local source passes the same admission as image_path.
+  plugin_config_["image_paths"] = {served_.path()};
+  Launch();
   FakeAlloc a("a"), b("b");
   const nlohmann::json config =
       Config({{"image_source", "file://" + (served_ / "guest.qcow2")}, {"checksum", digest_}, {"args", {"-S"}}});
@@ -206,6 +212,75 @@ TEST_F(ImageSourceTest, LocalFilesGoThroughTheCacheToo) {
   for (const auto* task : {&task_a, &task_b}) ASSERT_TRUE(harness_->Destroy(task->id(), true).ok());
 }
 
+// The hole this closes: a local image_source (a path or file://) or a local
+// checksum_url used to be copied into the cache from anywhere root can read,
+// and a wrong checksum's answer carried the file's real digest, so a second
+// start could boot it. Now it passes image_path's admission before a byte is
+// read, and the answer says nothing about the file.
+TEST_F(ImageSourceTest, LocalSourcesOutsideTheAllowlistsAreRefusedUnread) {
+  const std::string secret = (served_ / "guest.qcow2");  // root-readable, not allowed
+  const std::string wrong = "sha256:" + std::string(64, 'a');
+  for (const std::string& source : {secret, "file://" + secret, std::string("/etc/shadow"),
+                                    std::string("file:///etc/shadow"), (served_ / "missing")}) {
+    FakeAlloc alloc("bad");
+    const grpc::Status status = harness_->Start(alloc.Task(Config({{"image_source", source}, {"checksum", wrong}})), nullptr);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << source << ": " << status.error_message();
+    EXPECT_THAT(status.error_message(), HasSubstr("is not an existing file inside")) << source;
+    EXPECT_THAT(status.error_message(), Not(HasSubstr(digest_))) << source;
+    EXPECT_THAT(status.error_message(), Not(HasSubstr("mismatch"))) << source;
+    // And with the right digest it is refused just the same.
+    const grpc::Status second = harness_->Start(
+        alloc.Task(Config({{"image_source", source}, {"checksum", "sha256:" + digest_}})), nullptr);
+    EXPECT_EQ(second.error_code(), grpc::StatusCode::PERMISSION_DENIED) << source;
+  }
+  // A local checksum file outside the allowlists is refused the same way.
+  FakeAlloc alloc("bad-sums");
+  const grpc::Status sums = harness_->Start(
+      alloc.Task(Config({{"image_source", base_ + "/guest.qcow2"}, {"checksum_url", "file://" + (served_ / "SHA256SUMS")}})),
+      nullptr);
+  EXPECT_EQ(sums.error_code(), grpc::StatusCode::PERMISSION_DENIED) << sums.error_message();
+  EXPECT_FALSE(fs::exists(cache_ / ("sha256-" + digest_))) << "nothing was copied into the cache";
+}
+
+// Nomad gives up on a start (its context ends) in the middle of a slow
+// download: the download stops, nothing is left, and a later start works.
+TEST_F(ImageSourceTest, CancelledStartMidDownloadLeavesNothing) {
+  FakeAlloc alloc("slow");
+  const driverpb::TaskConfig task =
+      alloc.Task(Config({{"image_source", base_ + "/guest.qcow2?rate=200000"}, {"checksum", "sha256:" + digest_}}));
+  auto context = harness_->client().NewContext(absl::Seconds(3));
+  driverpb::StartTaskRequest request;
+  *request.mutable_task() = task;
+  driverpb::StartTaskResponse response;
+  const grpc::Status status = harness_->driver().StartTask(context.get(), request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
+  // The plugin notices within a moment: no partial download, lock holder,
+  // state or process stays.
+  auto leftovers = [&] {
+    std::vector<std::string> found;
+    std::error_code ignored;
+    for (const auto& entry : fs::directory_iterator(cache_.path(), ignored)) {
+      const std::string name = entry.path().filename().string();
+      if (name.find(".part") != std::string::npos || name.rfind(".lease-", 0) == 0 || name.rfind("sha256-", 0) == 0) {
+        found.push_back(name);
+      }
+    }
+    for (const auto& entry : fs::directory_iterator(state_.path() + "/s", ignored)) found.push_back(entry.path());
+    if (fs::exists(alloc.task_dir() + "/image-overlay.qcow2")) found.push_back("overlay");
+    return found;
+  };
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (!leftovers().empty() && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(50));
+  EXPECT_THAT(leftovers(), ::testing::IsEmpty());
+  EXPECT_TRUE(::ndq::testing::ProcessesMentioning(state_.path()).empty());
+  // The same task starts fine afterwards, at full speed.
+  FakeAlloc again("again");
+  const driverpb::TaskConfig full = again.Task(Config({{"image_source", base_ + "/guest.qcow2"}, {"checksum", "sha256:" + digest_}}));
+  const grpc::Status started = harness_->Start(full, nullptr);
+  ASSERT_TRUE(started.ok()) << started.error_message();
+  ASSERT_TRUE(harness_->Destroy(full.id(), true).ok());
+}
+
 TEST_F(ImageSourceTest, BadImageOptionsAreRefusedClearly) {
   const std::string url = base_ + "/guest.qcow2";
   ExpectRefused(Config({{"image_source", url}, {"checksum", "crc32:1234"}}), "unknown checksum type \"crc32\"");
@@ -216,6 +291,37 @@ TEST_F(ImageSourceTest, BadImageOptionsAreRefusedClearly) {
   ExpectRefused(Config({{"image_source", url}, {"checksum", digest_}, {"disk_size", "20 apples"}}), "disk_size");
   ExpectRefused(Config({{"image_source", url}}), "allow_unverified_images");
   ExpectRefused(Config({{"image_source", base_ + "/missing.qcow2"}, {"checksum", digest_}}), "404");
+}
+
+TEST_F(ImageSourceTest, AllowlistHoldsSourcesChecksumFilesAndRedirects) {
+  plugin_config_["image_source_allowlist"] = {base_ + "/"};
+  Launch();
+  // Allowed, through a redirect that stays inside the allowlist.
+  FakeAlloc ok("ok");
+  const auto task = ok.Task(Config({{"image_source", base_ + "/redirect/guest.qcow2"},
+                                    {"checksum_url", base_ + "/SHA256SUMS"},
+                                    {"args", {"-S"}}}));
+  const grpc::Status started = harness_->Start(task, nullptr);
+  ASSERT_TRUE(started.ok()) << started.error_message();
+  ASSERT_TRUE(harness_->Destroy(task.id(), true).ok());
+
+  const std::string outside = "http://localhost:" + std::to_string(server_.port());  // same server, other name
+  const int requests_before = FullGets("/guest.qcow2") + FullGets("/SHA256SUMS");
+  ExpectRefused(Config({{"image_source", outside + "/guest.qcow2"}, {"checksum", digest_}}),
+                "task config \"image_source\": \"" + outside + "/guest.qcow2\" matches no prefix in the plugin "
+                "config's image_source_allowlist");
+  ExpectRefused(Config({{"image_source", base_ + "/guest.qcow2"}, {"checksum_url", outside + "/SHA256SUMS"}}),
+                "task config \"checksum_url\"");
+  ExpectRefused(Config({{"image_source", base_ + "/guest.qcow2"},
+                        {"image_sources", {base_ + "/other.qcow2", outside + "/other.qcow2"}},
+                        {"checksum", digest_}}),
+                "task config \"image_sources[1]\"");
+  EXPECT_EQ(FullGets("/guest.qcow2") + FullGets("/SHA256SUMS"), requests_before) << "refused before any request";
+  // A redirect out of the allowlist is refused when the download meets it (an image not cached yet).
+  ExpectRefused(Config({{"image_source", base_ + "/redirect-to?url=" + outside + "/other.qcow2"},
+                        {"checksum", Sha256Of(served_ / "other.qcow2")}}),
+                "refused to follow a redirect");
+  EXPECT_EQ(FullGets("/other.qcow2"), 0);
 }
 
 }  // namespace

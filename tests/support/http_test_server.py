@@ -1,8 +1,8 @@
 #!/usr/bin/python3
 """A small HTTP(S) server for the fetcher tests, with fault modes.
 
-Usage: http_test_server.py --root DIR [--tls-cert CERT.pem --tls-key KEY.pem]
-Listens on 127.0.0.1, an ephemeral port, which it prints on stdout (one line).
+Usage: http_test_server.py --root DIR [--tls-cert CERT.pem --tls-key KEY.pem] [--bind ADDR]
+Listens on 127.0.0.1 (or ADDR), an ephemeral port, which it prints on stdout (one line).
 
 Paths (REST is a file path under --root; query strings are kept):
   /REST                         the file, with Range support (bytes=N- and bytes=N-M)
@@ -12,6 +12,7 @@ Paths (REST is a file path under --root; query strings are kept):
   /stall/REST                   headers and 100 bytes, then nothing (until the server stops, <= 120 s)
   /redirect/REST                302 to /REST
   /redirect-loop                302 to itself
+  /redirect-to?url=URL          302 to URL (percent-encoded in the query; any URL, any scheme)
   ?norange=1                    ignore Range headers (answer 200 with the whole file)
   ?chunked=1                    chunked encoding, no Content-Length
   ?rate=N                       send about N bytes per second (N/10 every 100 ms)
@@ -77,6 +78,9 @@ class Handler(BaseHTTPRequestHandler):
             count = COUNTS[self.path]
         norange = query.get("norange", ["0"])[0] == "1"
 
+        if path == "/redirect-to":
+            self._simple(302, b"redirecting\n", {"Location": query.get("url", [""])[0]})
+            return
         if path == "/redirect-loop":
             self._simple(302, b"", {"Location": "/redirect-loop"})
             return
@@ -201,8 +205,9 @@ def main():
     ap.add_argument("--root", required=True)
     ap.add_argument("--tls-cert")
     ap.add_argument("--tls-key")
+    ap.add_argument("--bind", default="127.0.0.1")
     args = ap.parse_args()
-    server = Server(("127.0.0.1", 0), Handler)
+    server = Server((args.bind, 0), Handler)
     server.root = os.path.realpath(args.root)
     if args.tls_cert:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

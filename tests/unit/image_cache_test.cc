@@ -19,6 +19,7 @@ namespace {
 
 using ::ndq::testing::TempDir;
 using ::testing::HasSubstr;
+namespace fs = std::filesystem;
 
 // A real transfer: copies a local file to a temporary name, then renames it
 // into place, counting how often it ran.
@@ -76,8 +77,10 @@ TEST(ImageCache, ConcurrentCallersShareOneDownload) {
       if (cache.Acquire("sha256-bb", {image}, downloader.Get()).ok()) ++ok;
     });
   }
-  // Let every caller arrive while the one download is held open.
-  absl::SleepFor(absl::Milliseconds(200));
+  // Every other caller is seen waiting on the one download, held open.
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (cache.WaitersFor("sha256-bb") < 4 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(5));
+  EXPECT_EQ(cache.WaitersFor("sha256-bb"), 4);
   release.Notify();
   for (auto& t : threads) t.join();
   EXPECT_EQ(ok, 5);
@@ -100,6 +103,51 @@ TEST(ImageCache, TwoCachesOnOneDirectoryAreSerializedByTheFileLock) {
   ta.join();
   tb.join();
   EXPECT_EQ(downloader.calls, 1);
+}
+
+TEST(ImageCache, LeasedImagesSurviveEvictionFromAnotherInstance) {
+  TempDir src, cache_dir;
+  const std::string image = MakeFile(src, "a.img", 1 << 20);
+  CopyDownloader downloader;
+  ImageCache::AcquireOptions leased;
+  leased.lease = "task1";
+  absl::StatusOr<CachedImage> held;
+  {
+    // The plugin that started the task, then went away.
+    ImageCache before_restart(cache_dir.path());
+    held = before_restart.Acquire("sha256-dd", {image}, downloader.Get(), leased);
+    ASSERT_TRUE(held.ok()) << held.status();
+  }
+  // A restarted plugin knows no task yet: nothing is "in use" to it.
+  ImageCache after_restart(cache_dir.path());
+  ASSERT_TRUE(after_restart.Evict(0, {}).ok());
+  EXPECT_TRUE(fs::exists(held->path)) << "the lease kept it";
+  after_restart.Release(held->path, "task1");
+  absl::StatusOr<std::vector<std::string>> removed = after_restart.Evict(0, {});
+  ASSERT_TRUE(removed.ok());
+  EXPECT_THAT(*removed, ::testing::ElementsAre(held->path));
+}
+
+TEST(ImageCache, AWaitingCallerCanGiveUp) {
+  TempDir src, cache_dir;
+  const std::string image = MakeFile(src, "a.img", 1 << 20);
+  ImageCache cache(cache_dir.path());
+  CopyDownloader downloader;
+  absl::Notification release;
+  downloader.hold = &release;
+  std::thread leader([&] { EXPECT_TRUE(cache.Acquire("sha256-ee", {image}, downloader.Get()).ok()); });
+  std::atomic<bool> give_up{false};
+  ImageCache::AcquireOptions options;
+  options.cancelled = [&] { return give_up.load(); };
+  absl::StatusOr<CachedImage> waiter = absl::UnknownError("not run");
+  std::thread follower([&] { waiter = cache.Acquire("sha256-ee", {image}, downloader.Get(), options); });
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (cache.WaitersFor("sha256-ee") < 1 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(5));
+  give_up = true;
+  follower.join();
+  EXPECT_EQ(waiter.status().code(), absl::StatusCode::kCancelled);
+  release.Notify();
+  leader.join();
 }
 
 TEST(ImageCache, MirrorsAreTriedInOrder) {

@@ -172,3 +172,49 @@ TEST(PluginConfig, QemuUserMustBeAnExistingUnprivilegedUser) {
 
 }  // namespace
 }  // namespace ndq
+
+namespace ndq {
+namespace {
+
+TEST(PluginConfig, ImageSourceAllowlist) {
+  const auto spec = PluginConfigSpec();
+  const auto& attrs = spec.object().attributes();
+  ASSERT_TRUE(attrs.count("image_source_allowlist"));
+  EXPECT_EQ(attrs.at("image_source_allowlist").attr().type(), "list(string)");
+
+  const absl::StatusOr<PluginConfig> defaults = DecodePluginConfig(MsgpackWriter().Map(0).bytes());
+  ASSERT_TRUE(defaults.ok());
+  EXPECT_TRUE(defaults->image_source_allowlist.empty());
+
+  MsgpackWriter w;
+  w.Map(1).Str("image_source_allowlist").Array(3).Str("https://images.example.com/vm/").Str("http://10.0.0.5:8080")
+      .Str("http://169.254.169.254/latest/");
+  const absl::StatusOr<PluginConfig> config = DecodePluginConfig(w.bytes());
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->image_source_allowlist,
+            (std::vector<std::string>{"https://images.example.com/vm/", "http://10.0.0.5:8080",
+                                      "http://169.254.169.254/latest/"}));
+}
+
+TEST(PluginConfig, ImageSourceAllowlistEntriesMustBeHttpPrefixesWithAHost) {
+  for (const char* bad : {"images.example.com/vm/", "ftp://images.example.com/", "file:///srv/images", "https://",
+                          "https://user:secret@images.example.com/", "https://images.example.com/?a=b",
+                          "/srv/images"}) {
+    MsgpackWriter w;
+    w.Map(1).Str("image_source_allowlist").Array(2).Str("https://ok.example.com/").Str(bad);
+    const absl::StatusOr<PluginConfig> config = DecodePluginConfig(w.bytes());
+    ASSERT_FALSE(config.ok()) << bad;
+    const std::string message(config.status().message());
+    EXPECT_THAT(message, HasSubstr("\"image_source_allowlist\" entries must be http:// or https:// URL prefixes"))
+        << bad;
+    EXPECT_THAT(message, HasSubstr(std::string("\"") + bad + "\"")) << "names the entry: " << message;
+    EXPECT_THAT(message, ::testing::Not(HasSubstr("ok.example.com"))) << message;
+  }
+  MsgpackWriter wrong_type;
+  wrong_type.Map(1).Str("image_source_allowlist").Str("https://images.example.com/");
+  EXPECT_THAT(std::string(DecodePluginConfig(wrong_type.bytes()).status().message()),
+              HasSubstr("\"image_source_allowlist\" must be a list of strings"));
+}
+
+}  // namespace
+}  // namespace ndq
