@@ -115,6 +115,8 @@ void TaskConfigs() {
     Write(t, name, Msgpack(config));
   }
   Write(t, "empty_map", Msgpack(json::object()));
+  // Just past ConfigReader's nesting bound (64): 0x91 is a one-element array.
+  Write(t, "too_deep", std::string("\x81\xa4" "args") + std::string(64, '\x91') + "\xc0");
 }
 
 void PortMaps() {
@@ -204,6 +206,10 @@ void QmpScripts(const std::string& src) {
        R"({"timestamp": {"seconds": 1795315699, "microseconds": 0}, "event": "SHUTDOWN", "data": {"guest": false, "reason": "host-qmp-quit"}})" +
        "\n";
   Write("fuzz_qmp", "client_sequence", s);
+  // Event data just past the nesting bound (128): the session ends.
+  const std::string deep = std::string(130, '[') + std::string(130, ']');
+  Write("fuzz_qmp", "too_deep", greeting + "\n" + std::string(1, '\0') + R"({"return": {}, "id": 1})" + "\n" +
+                                    std::string(1, '\0') + R"({"event": "RESET", "data": )" + deep + "}\n");
 }
 
 void GuestAgentScripts(const std::string& src) {
@@ -222,6 +228,9 @@ void GuestAgentScripts(const std::string& src) {
   s += nul + "\xff" + R"({"return": $ID})" + "\n";
   s += nul + "\xff" + R"({"return": $ID})" + "\n";
   Write("fuzz_guest_agent", "client_sequence", s);
+  const std::string deep = std::string(130, '[') + std::string(130, ']');
+  Write("fuzz_guest_agent", "too_deep",
+        nul + "\xff" + R"({"return": $ID})" + "\n" + nul + R"({"return": )" + deep + "}\n");
 }
 
 }  // namespace
