@@ -5,13 +5,10 @@
 // -> PlanVm -> BuildQemuArgv, as StartTask runs them).
 // Input: Nomad's TaskConfig in protobuf's JSON form, a NUL byte, then the
 // task's msgpack config (set as msgpack_driver_config).
-// For plans to succeed the image must exist inside the allocation: the seeds
-// use alloc_dir /tmp/ndq-fuzz-alloc, task name "web", image_path "disk.img",
-// which LLVMFuzzerInitialize creates.
-#include <sys/stat.h>
-
+// The disk is planned as StartTask fills it in after admitting and opening
+// the image: a top layer in the job's image_format (qcow2 when unset) over a
+// raw backing file, each an fd passed to QEMU.
 #include <cstddef>
-#include <fstream>
 #include <cstdint>
 #include <map>
 #include <string>
@@ -29,9 +26,6 @@ namespace driverpb = hashicorp::nomad::plugins::drivers::proto;
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   spdlog::set_level(spdlog::level::off);
-  ::mkdir("/tmp/ndq-fuzz-alloc", 0755);
-  ::mkdir("/tmp/ndq-fuzz-alloc/web", 0755);
-  std::ofstream("/tmp/ndq-fuzz-alloc/web/disk.img", std::ios::app).flush();
   return 0;
 }
 
@@ -64,6 +58,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
   }
   if (spec->cpus < 0 || spec->memory_mb < 128) __builtin_trap();
+  spec->disk = {ndq::DiskNode{spec->image_format.empty() ? "qcow2" : spec->image_format, false, 3},
+                ndq::DiskNode{"raw", true, 4}};
   const std::vector<std::string> argv = ndq::BuildQemuArgv(*spec,
                                                            ndq::RuntimePaths{"/run/ndq/0123456789abcdef/qmp.sock",
                                                                              "/run/ndq/0123456789abcdef/qga.sock"});
