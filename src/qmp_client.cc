@@ -16,6 +16,7 @@
 #include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "nomadplugin/bounded_json.h"
 #include "nomadplugin/hclog.h"
 
 namespace ndq {
@@ -30,6 +31,9 @@ constexpr size_t kMaxQmpLine = 64 << 20;
 // Guest agent replies come from inside the guest, which we do not trust.
 constexpr size_t kMaxAgentLine = 1 << 20;
 constexpr char kSentinel = '\xff';
+// Copying or dumping a parsed message recurses once per level, so what QEMU or
+// the guest sends is parsed with a bound (no real message comes near it).
+constexpr size_t kMaxJsonDepth = nomadplugin::kDefaultMaxJsonDepth;
 constexpr absl::Duration kSyncResendInterval = absl::Seconds(1);
 
 int PollMs(absl::Time deadline) {
@@ -329,7 +333,9 @@ bool QmpClient::HandleLine(const std::string& raw) {
   absl::string_view line = raw;
   if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
   if (line.empty()) return true;
-  json message = json::parse(line.begin(), line.end(), nullptr, /*allow_exceptions=*/false);
+  bool too_deep = false;
+  json message =
+      nomadplugin::ParseJsonBounded(std::string_view(line.data(), line.size()), kMaxJsonDepth, &too_deep);
   bool greeted;
   {
     absl::MutexLock lock(&mu_);
@@ -338,11 +344,19 @@ bool QmpClient::HandleLine(const std::string& raw) {
   if (message.is_discarded() || !message.is_object()) {
     // A garbled stream cannot be resynchronized reliably; fail everything now
     // rather than let callers wait for replies that may have been lost.
-    EndSession(greeted ? absl::DataLossError(absl::StrCat(peer_, ": QEMU sent a line that is not a JSON object (",
-                                                         Preview(line), "); ending the session"))
-                       : absl::FailedPreconditionError(absl::StrCat(
-                             peer_, " does not speak QMP: it sent \"", Preview(line),
-                             "\". Is this the -qmp socket, not a serial console or guest agent socket?")));
+    absl::Status reason;
+    if (too_deep) {
+      reason = absl::DataLossError(absl::StrCat(peer_, ": QEMU sent a message nested more than ", kMaxJsonDepth,
+                                                " levels deep (", Preview(line), "); ending the session"));
+    } else if (greeted) {
+      reason = absl::DataLossError(absl::StrCat(peer_, ": QEMU sent a line that is not a JSON object (",
+                                                Preview(line), "); ending the session"));
+    } else {
+      reason = absl::FailedPreconditionError(
+          absl::StrCat(peer_, " does not speak QMP: it sent \"", Preview(line),
+                       "\". Is this the -qmp socket, not a serial console or guest agent socket?"));
+    }
+    EndSession(reason);
     ::shutdown(fd_, SHUT_RDWR);
     return false;
   }
@@ -692,7 +706,7 @@ absl::Status GuestAgentClient::SyncLocked(absl::Time deadline) {
     if (absl::IsDeadlineExceeded(line.status()) && absl::Now() < deadline) continue;  // time to resend
     if (!line.ok()) return line.status();
     // Anything else after a sentinel is a stale reply; skip it.
-    const json reply = json::parse(*line, nullptr, /*allow_exceptions=*/false);
+    const json reply = nomadplugin::ParseJsonBounded(*line, kMaxJsonDepth);
     if (!reply.is_object()) continue;
     auto ret = reply.find("return");
     if (ret == reply.end() || !ret->is_number_integer()) continue;
@@ -733,7 +747,7 @@ absl::StatusOr<json> GuestAgentClient::Execute(const std::string& command, const
     }
     return line.status();
   }
-  const json reply = json::parse(*line, nullptr, /*allow_exceptions=*/false);
+  const json reply = nomadplugin::ParseJsonBounded(*line, kMaxJsonDepth);
   if (reply.is_object()) {
     auto ret = reply.find("return");
     if (ret != reply.end()) return *ret;
@@ -783,7 +797,7 @@ absl::Status GuestAgentClient::Shutdown(const std::string& mode, absl::Duration 
     if (!line.ok()) return line.status();
     const bool delimited = line->find(kSentinel) != std::string::npos;
     const std::string body = delimited ? line->substr(line->rfind(kSentinel) + 1) : *line;
-    const json reply = json::parse(body, nullptr, /*allow_exceptions=*/false);
+    const json reply = nomadplugin::ParseJsonBounded(body, kMaxJsonDepth);
     if (!reply.is_object()) continue;
     auto ret = reply.find("return");
     if (delimited) {

@@ -6,6 +6,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "nomadplugin/bounded_json.h"
 
 namespace nomadplugin {
 namespace {
@@ -60,8 +61,13 @@ ConfigReader::ConfigReader(nlohmann::json root, std::string what)
 
 absl::StatusOr<ConfigReader> ConfigReader::FromMsgpack(const std::string& bytes, std::string what) {
   if (bytes.empty()) return ConfigReader(nlohmann::json::object(), std::move(what));
-  nlohmann::json root = nlohmann::json::from_msgpack(bytes.begin(), bytes.end(), /*strict=*/true,
-                                                     /*allow_exceptions=*/false);
+  // Bounded: the msgpack reader recurses once per level of nesting.
+  bool too_deep = false;
+  nlohmann::json root = FromMsgpackBounded(bytes, kMaxConfigDepth, &too_deep);
+  if (too_deep) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " is nested more than ", kMaxConfigDepth, " levels deep"));
+  }
   if (root.is_discarded()) {
     return absl::InvalidArgumentError(absl::StrCat(what, " is not valid msgpack"));
   }

@@ -115,8 +115,9 @@ absl::StatusOr<std::unique_ptr<PluginProcess>> PluginProcess::Launch(const Launc
   std::string line;
   {
     absl::MutexLock lock(&proc->mu_);
-    auto ready = [p = proc.get()]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu_) {
-      return p->got_handshake_ || p->outputs_closed_;
+    // The lock expression names `proc`: clang does not see an init-capture there.
+    auto ready = [&proc]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(proc->mu_) {
+      return proc->got_handshake_ || proc->outputs_closed_;
     };
     proc->mu_.AwaitWithTimeout(absl::Condition(&ready), options.handshake_timeout);
     if (proc->got_handshake_) line = proc->stdout_buffer_;

@@ -111,6 +111,24 @@ TEST(ConfigReader, RootMustBeAMap) {
   EXPECT_THAT(std::string(r.status().message()), HasSubstr("must be a map of options"));
 }
 
+// msgpack's reader recurses per level: a few hundred kilobytes of one-element
+// arrays (0x91) overflowed the stack (reproduced through fuzz_task_config).
+TEST(ConfigReader, DeepNestingIsRefusedNotAStackOverflow) {
+  MsgpackWriter w;
+  w.Map(1).Str("args");
+  const std::string deep = w.bytes() + std::string(1000000, '\x91') + "\xc0";
+  const absl::StatusOr<ConfigReader> r = ConfigReader::FromMsgpack(deep, "task config");
+  ASSERT_FALSE(r.ok());
+  EXPECT_TRUE(absl::IsInvalidArgument(r.status())) << r.status();
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("task config is nested more than 64 levels deep"));
+
+  // Up to the bound it is an ordinary value (of the wrong type here).
+  const std::string ok = w.bytes() + std::string(ConfigReader::kMaxConfigDepth - 1, '\x91') + "\xc0";
+  ConfigReader within = Read(ok);
+  EXPECT_FALSE(within.StringList("args").has_value());
+  EXPECT_THAT(std::string(within.status().message()), HasSubstr("\"args[0]\" must be a string"));
+}
+
 TEST(ConfigReader, EmptyInputIsEmptyConfig) {
   ConfigReader r = Read("");
   EXPECT_TRUE(r.status().ok());

@@ -22,6 +22,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "absl/synchronization/mutex.h"
+#include "nomadplugin/bounded_json.h"
 
 namespace ndq {
 namespace {
@@ -171,7 +172,8 @@ class ScriptedPeer {
 
   std::string Rewrite(const std::string& raw) {
     const size_t ff = LeadingSentinels(raw);
-    json j = json::parse(raw.substr(ff), nullptr, false);
+    // Bounded: hostile lines nested too deep to dump are sent as they are.
+    json j = nomadplugin::ParseJsonBounded(raw.substr(ff));
     if (j.is_discarded() || !j.is_object()) return raw;
     bool changed = false;
     for (const char* key : {"id", "return"}) {
@@ -435,6 +437,43 @@ TEST(qmp_client, ReplyThatIsNotAnObjectIsMalformedToo) {
   auto client = AdoptOrDie(peer);
   ASSERT_NE(client, nullptr);
   EXPECT_TRUE(absl::IsDataLoss(client->Cont(absl::Seconds(60))));
+}
+
+std::string Nested(size_t depth) { return std::string(depth, '[') + std::string(depth, ']'); }
+
+// Copying an event's data and dumping a value recurse once per level of
+// nesting: a deep message used to overflow the reader thread's stack (event
+// data copied) or the caller's (query-status's reply dumped into the error).
+// Reproduced through fuzz_qmp.
+TEST(qmp_client, DeeplyNestedMessagesEndTheSessionInsteadOfOverflowingTheStack) {
+  for (const std::string& message :
+       {absl::StrCat(R"({"event": "RESET", "data": )", Nested(200000), "}"),
+        absl::StrCat(R"({"event": )", Nested(200000), "}"),
+        absl::StrCat(R"({"return": )", Nested(200000), R"(, "id": 2})")}) {
+    ScriptedPeer peer(Concat(Handshake(), {FromClient(R"({"execute": "query-status", "id": 2})"), ToClient(message)}));
+    auto client = AdoptOrDie(peer);
+    ASSERT_NE(client, nullptr);
+    EventLog log;
+    client->SetEventHandler([&](const QmpEvent& e) { log.Add(e); });
+    absl::Status status = client->QueryStatus(absl::Seconds(60)).status();
+    EXPECT_TRUE(absl::IsDataLoss(status)) << status;
+    EXPECT_THAT(std::string(status.message()), HasSubstr("nested more than 128 levels deep"));
+    EXPECT_FALSE(client->connected());
+    EXPECT_THAT(log.Names(), ::testing::IsEmpty());
+  }
+}
+
+TEST(qmp_client, NestingUpToTheBoundIsAccepted) {
+  ScriptedPeer peer(Concat(Handshake(), {FromClient(R"({"execute": "query-status", "id": 2})"),
+                                         ToClient(absl::StrCat(R"({"event": "RESET", "data": {"x": )", Nested(126),
+                                                               "}}")),
+                                         ToClient(R"({"return": {"status": "running"}, "id": 2})")}));
+  auto client = AdoptOrDie(peer);
+  ASSERT_NE(client, nullptr);
+  EXPECT_EQ(client->QueryStatus().value_or("error"), "running");
+  absl::StatusOr<QmpEvent> reset = client->WaitForEvent("RESET", absl::ZeroDuration());
+  ASSERT_TRUE(reset.ok()) << reset.status();
+  EXPECT_TRUE(reset->data["x"].is_array());
 }
 
 TEST(qmp_client, RejectsAPeerThatIsNotQmp) {
@@ -753,6 +792,20 @@ TEST(qmp_guest_agent, GarbageReplyIsAClearError) {
   absl::Status ping = agent->Ping();
   EXPECT_TRUE(absl::IsDataLoss(ping)) << ping;
   EXPECT_THAT(std::string(ping.message()), HasSubstr("login: "));
+}
+
+// The guest controls the agent's replies; Execute copied a reply nested
+// 500000 levels deep and overflowed the stack. Reproduced through fuzz_guest_agent.
+TEST(qmp_guest_agent, DeeplyNestedReplyIsAnErrorNotAStackOverflow) {
+  std::vector<Step> steps = AgentSync(1);
+  steps.push_back(FromClient(R"({"execute": "guest-info"})"));
+  steps.push_back(ToClient(absl::StrCat(R"({"return": )", Nested(500000), "}")));
+  ScriptedPeer peer(steps);
+  auto agent = AdoptAgentOrDie(peer);
+  ASSERT_NE(agent, nullptr);
+  absl::StatusOr<json> info = agent->Info();
+  EXPECT_TRUE(absl::IsDataLoss(info.status())) << info.status();
+  EXPECT_THAT(std::string(info.status().message()), HasSubstr("not a reply"));
 }
 
 TEST(qmp_guest_agent, CloseWakesABlockedCall) {

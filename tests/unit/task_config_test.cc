@@ -98,5 +98,15 @@ TEST(TaskConfig, WrongTypeNamesTheOption) {
   EXPECT_THAT(std::string(c.status().message()), HasSubstr("\"port_map\" must be a map of numbers"));
 }
 
+// A job's config nested a million levels deep overflowed the stack of the
+// msgpack reader (reproduced through fuzz_task_config); now it is an error.
+TEST(TaskConfig, DeeplyNestedConfigIsAnErrorNotACrash) {
+  MsgpackWriter w;
+  w.Map(1).Str("port_map");
+  const absl::StatusOr<TaskConfig> c = DecodeTaskConfig(w.bytes() + std::string(1000000, '\x91') + "\xc0");
+  ASSERT_FALSE(c.ok());
+  EXPECT_THAT(std::string(c.status().message()), HasSubstr("nested more than"));
+}
+
 }  // namespace
 }  // namespace ndq

@@ -23,8 +23,10 @@ class ConfigReader {
   // `what` names the configuration in messages, e.g. "task config".
   ConfigReader(nlohmann::json root, std::string what);
 
-  // Decodes msgpack; empty input is an empty configuration.
+  // Decodes msgpack; empty input is an empty configuration. Input nested
+  // deeper than kMaxConfigDepth is refused (hclspec types nest a few levels).
   static absl::StatusOr<ConfigReader> FromMsgpack(const std::string& bytes, std::string what);
+  static constexpr size_t kMaxConfigDepth = 64;
 
   // Each returns nullopt when the field is absent or nil, and also (recording
   // the problem) when it has the wrong type.
