@@ -104,6 +104,13 @@ void AddIsolationAttributes(const CgroupSupport& support, Fingerprint& fingerpri
   }
 }
 
+// driver.qemu.sandbox and driver.qemu.user: the least privilege VMs run
+// with here, so a job can require it with a constraint.
+void AddPrivilegeAttributes(const PluginConfig& config, Fingerprint& fingerprint) {
+  fingerprint.attributes["driver.qemu.sandbox"] = config.sandbox;
+  fingerprint.attributes["driver.qemu.user"] = config.qemu_user.empty() ? std::string("plugin") : config.qemu_user;
+}
+
 driverpb::FingerprintResponse ToProto(const Fingerprint& fingerprint) {
   driverpb::FingerprintResponse out;
   switch (fingerprint.health) {
@@ -160,6 +167,7 @@ grpc::Status DriverService::Fingerprint(grpc::ServerContext* context, const driv
   while (true) {
     ndq::Fingerprint current = fingerprinter_->Probe(settings_->plugin_config().emulators_allowlist);
     AddIsolationAttributes(tasks_->Isolation(), current);
+    AddPrivilegeAttributes(settings_->plugin_config(), current);
     const absl::Time now = absl::Now();
     if (!last || current != *last || now - last_sent >= kFingerprintPeriod) {
       if (last && current != *last) {

@@ -235,6 +235,20 @@ TEST(Fingerprint, MatchesTheRealQemu) {
   EXPECT_THAT(StringAttr(*fp, "driver.qemu.emulators"), HasSubstr("x86_64"));
   EXPECT_THAT(StringAttr(*fp, "driver.qemu.accelerators"), HasSubstr("tcg"));
   EXPECT_TRUE(fp->attributes().count("driver.qemu.kvm"));
+  // Least privilege in force by default: the sandbox, QEMU as the plugin's user.
+  EXPECT_TRUE(fp->attributes().at("driver.qemu.sandbox").bool_val());
+  EXPECT_EQ(StringAttr(*fp, "driver.qemu.user"), "plugin");
+}
+
+TEST(Fingerprint, PrivilegeSettingsAreAdvertised) {
+  auto plugin = Launch();
+  ASSERT_NE(plugin, nullptr);
+  DriverClient client(plugin->channel());
+  ASSERT_TRUE(client.SetConfig({{"sandbox", false}, {"qemu_user", "nobody"}}).ok());
+  const auto fp = client.FirstFingerprint(absl::Seconds(20));
+  ASSERT_TRUE(fp.ok());
+  EXPECT_FALSE(fp->attributes().at("driver.qemu.sandbox").bool_val());
+  EXPECT_EQ(StringAttr(*fp, "driver.qemu.user"), "nobody");
 }
 
 TEST(Fingerprint, AllowlistFromSetConfigApplies) {

@@ -1,5 +1,7 @@
 // The VM lifecycle end to end: the real plugin binary launched as Nomad
 // launches it, the real supervisor, real QEMU under TCG booting the test guest.
+#include <pwd.h>
+#include <sys/stat.h>
 #include <signal.h>
 
 #include <filesystem>
@@ -388,6 +390,68 @@ TEST_F(BadInputTest, DuplicateTaskId) {
   EXPECT_THAT(again.error_message(), HasSubstr("already started"));
   ASSERT_TRUE(harness_->Stop(task.id(), absl::Seconds(1)).ok());
   ASSERT_TRUE(harness_->Destroy(task.id(), false).ok());
+}
+
+}  // namespace
+}  // namespace ndq
+
+namespace ndq {
+namespace {
+
+// QEMU as an unprivileged qemu_user, under its seccomp sandbox: it boots from
+// an image in a directory its user cannot read (the driver passes it the open
+// files), serves through port_map and stops gracefully.
+class LeastPrivilegeTest : public VmLifecycleTest {
+ protected:
+  static constexpr char kUser[] = "ndq-qemu-test";
+  void SetUp() override {
+    if (::getpwnam(kUser) == nullptr) {
+      auto added = RunCommand({"/usr/sbin/useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", kUser},
+                              absl::Seconds(30));
+      ASSERT_TRUE(added.ok() && added->exit_code == 0) << (added.ok() ? added->output : "");
+    }
+    ASSERT_TRUE(TestGuestDir().ok());
+    ::chmod(images_.path().c_str(), 0700);  // root's alone
+    std::filesystem::copy_file(Guest("guest.qcow2"), images_.path() + "/guest.qcow2");
+    plugin_config_ = {{"image_paths", {images_.path()}}, {"qemu_user", kUser}};
+    state_dir_ = state_.path() + "/s";
+    harness_ = std::make_unique<PluginHarness>(state_dir_, plugin_config_);
+  }
+  TempDir images_;
+};
+
+TEST_F(LeastPrivilegeTest, QemuRunsAsQemuUserSandboxedWithoutReadingTheImageDirectory) {
+  FakeAlloc alloc("least");
+  const int port = FreePort();
+  const driverpb::TaskHandle handle =
+      ::ndq::testing::StartTestGuest(*harness_, alloc, images_.path() + "/guest.qcow2", port);
+  const DriverStateRecord record = RecordOf(handle);
+  ASSERT_GT(record.qemu_pid, 0);
+  const std::string status = ReadFile("/proc/" + std::to_string(record.qemu_pid) + "/status");
+  const passwd* user = ::getpwnam(kUser);
+  ASSERT_NE(user, nullptr);
+  EXPECT_THAT(status, HasSubstr("Uid:\t" + std::to_string(user->pw_uid) + "\t"));
+  EXPECT_THAT(status, HasSubstr("Seccomp:\t2"));
+  EXPECT_THAT(ReadFile("/proc/" + std::to_string(record.qemu_pid) + "/cmdline"), Not(HasSubstr("guest.qcow2")));
+  // Its user cannot read the image, nor the overlay in the task dir.
+  for (const std::string& path : {images_.path() + "/guest.qcow2", alloc.task_dir() + "/local/disk.qcow2"}) {
+    auto readable = RunCommand({"/usr/sbin/runuser", "-u", kUser, "--", "/usr/bin/test", "-r", path}, absl::Seconds(30));
+    ASSERT_TRUE(readable.ok());
+    EXPECT_NE(readable->exit_code, 0) << kUser << " can read " << path;
+  }
+  // The state directory is root's; only run/ (its sockets) is QEMU's.
+  struct stat st;
+  ASSERT_EQ(::stat(record.state_dir.c_str(), &st), 0);
+  EXPECT_EQ(st.st_uid, 0u);
+  ASSERT_EQ(::stat((record.state_dir + "/run").c_str(), &st), 0);
+  EXPECT_EQ(st.st_uid, user->pw_uid);
+  EXPECT_THAT(::ndq::testing::HttpGet(port), HasSubstr("test guest"));
+  ASSERT_TRUE(harness_->Stop(handle.config().id(), absl::Seconds(30)).ok());
+  driverpb::WaitTaskResponse wait;
+  ASSERT_TRUE(harness_->Wait(handle.config().id(), &wait, absl::Seconds(30)).ok());
+  EXPECT_EQ(wait.result().exit_code(), 0);
+  EXPECT_EQ(wait.result().signal(), 0) << "powered off by the guest, not killed";
+  ASSERT_TRUE(harness_->Destroy(handle.config().id(), false).ok());
 }
 
 }  // namespace

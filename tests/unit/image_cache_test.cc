@@ -136,6 +136,11 @@ TEST(ImageCache, AWaitingCallerCanGiveUp) {
   absl::Notification release;
   downloader.hold = &release;
   std::thread leader([&] { EXPECT_TRUE(cache.Acquire("sha256-ee", {image}, downloader.Get()).ok()); });
+  // The leader is inside its download before the follower arrives.
+  for (const absl::Time until = absl::Now() + absl::Seconds(30); downloader.calls < 1 && absl::Now() < until;) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  ASSERT_EQ(downloader.calls, 1);
   std::atomic<bool> give_up{false};
   ImageCache::AcquireOptions options;
   options.cancelled = [&] { return give_up.load(); };
