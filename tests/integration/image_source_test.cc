@@ -177,7 +177,7 @@ TEST_F(ImageSourceTest, FiveTasksAtOnceShareOneDownload) {
 
 TEST_F(ImageSourceTest, EvictionSparesImagesInUse) {
   plugin_config_["image_cache_max_size"] = "1K";
-  Launch();
+  ASSERT_NO_FATAL_FAILURE(Launch());
   FakeAlloc a("a"), b("b"), c("c");
   const auto task_a = a.Task(Config({{"image_source", base_ + "/guest.qcow2"}, {"checksum", digest_}}));
   const auto task_b = b.Task(Config({{"image_source", base_ + "/other.qcow2"}, {"checksum_url", base_ + "/SHA256SUMS"}}));

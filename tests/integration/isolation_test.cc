@@ -290,7 +290,7 @@ TEST_F(IsolationTest, VmsRunWithoutCgroupsWhereTheyCannotBeMade) {
   // reports it and runs the VM anyway, unconfined.
   harness_.reset();
   plugin_config_["cgroup_parent"] = "ndq-test-missing/child";
-  harness_ = std::make_unique<PluginHarness>(state_dir_, plugin_config_);
+  ASSERT_NO_FATAL_FAILURE(harness_ = std::make_unique<PluginHarness>(state_dir_, plugin_config_));
   const auto attributes = FingerprintAttributes(*harness_);
   EXPECT_EQ(attributes.at("driver.qemu.cgroups"), "unavailable");
   EXPECT_THAT(attributes.at("driver.qemu.cgroups.reason"), HasSubstr("ndq-test-missing/child"));

@@ -270,7 +270,7 @@ TEST_F(TaskEventsTest, QemuEventsAreRelayedAgainAfterAPluginRestart) {
 
   harness_->process().Signal(SIGKILL);
   ASSERT_TRUE(harness_->process().WaitExit(absl::Seconds(5)).ok());
-  harness_->Restart();
+  ASSERT_NO_FATAL_FAILURE(harness_->Restart());
   EventRecorder events(harness_->client());
   ASSERT_TRUE(harness_->Recover(handle).ok());
   ASSERT_TRUE(events.WaitFor(id, "Reattached to the running VM", kEventTimeout)) << events.All();

@@ -212,7 +212,7 @@ TEST_F(VmLifecycleTest, VmsSurvivePluginCrashAndAreRecovered) {
   EXPECT_TRUE(ProcessAlive(RecordOf(ha).qemu_pid));
   EXPECT_TRUE(ProcessAlive(RecordOf(hb).qemu_pid));
 
-  harness_->Restart();
+  ASSERT_NO_FATAL_FAILURE(harness_->Restart());
   for (const auto* h : {&ha, &hb, &hc}) {
     const grpc::Status status = harness_->Recover(*h);
     ASSERT_TRUE(status.ok()) << status.error_message();
@@ -343,13 +343,13 @@ TEST_F(BadInputTest, DotDotEscape) {
 
 TEST_F(BadInputTest, DisallowedArgument) {
   plugin_config_["args_allowlist"] = {"-smp"};
-  harness_ = std::make_unique<PluginHarness>(state_dir_, plugin_config_);
+  ASSERT_NO_FATAL_FAILURE(harness_ = std::make_unique<PluginHarness>(state_dir_, plugin_config_));
   ExpectRefused(alloc_.Task(Config({{"args", {"-smp", "1", "-device", "e1000"}}})), "-device");
 }
 
 TEST_F(BadInputTest, DisallowedEmulator) {
   plugin_config_["emulators_allowlist"] = {"aarch64"};
-  harness_ = std::make_unique<PluginHarness>(state_dir_, plugin_config_);
+  ASSERT_NO_FATAL_FAILURE(harness_ = std::make_unique<PluginHarness>(state_dir_, plugin_config_));
   ExpectRefused(alloc_.Task(Config()), "x86_64");
 }
 
