@@ -414,6 +414,8 @@ class LeastPrivilegeTest : public VmLifecycleTest {
     ::chmod(images_.path().c_str(), 0700);  // root's alone
     std::filesystem::copy_file(Guest("guest.qcow2"), images_.path() + "/guest.qcow2");
     plugin_config_ = {{"image_paths", {images_.path()}}, {"qemu_user", kUser}};
+    // As /run is: QEMU's user may pass through to its run/ directory.
+    ::chmod(state_.path().c_str(), 0711);
     state_dir_ = state_.path() + "/s";
     harness_ = std::make_unique<PluginHarness>(state_dir_, plugin_config_);
   }
