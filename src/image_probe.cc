@@ -138,6 +138,26 @@ absl::StatusOr<ImageInfo> ProbeImage(const std::string& path) {
   return absl::InvalidArgumentError(absl::StrCat("image ", path, " has a backing chain deeper than ", kMaxChain));
 }
 
+absl::StatusOr<std::string> ProbeStandaloneFormat(const std::string& path) {
+  bool is_qcow2 = false;
+  absl::StatusOr<std::optional<std::string>> backing = Qcow2Backing(path, &is_qcow2);
+  if (!backing.ok()) return backing.status();
+  if (is_qcow2) {
+    if (backing->has_value()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("the downloaded image names a backing file (\"", **backing, "\"); it must stand alone"));
+    }
+    return std::string("qcow2");
+  }
+  // Without --backing-chain qemu-img opens the file alone.
+  absl::StatusOr<ImageInfo> info = ProbeWithQemuImg(path, path);
+  if (!info.ok()) return info.status();
+  if (!info->backing.empty()) {
+    return absl::InvalidArgumentError("the downloaded image names a backing file; it must stand alone");
+  }
+  return info->format;
+}
+
 absl::StatusOr<std::vector<DiskLayer>> OpenImageChain(AdmittedFile top, const std::string& top_format,
                                                       const std::string& field, const AdmissionScope& scope) {
   std::vector<DiskLayer> chain;

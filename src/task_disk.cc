@@ -197,9 +197,11 @@ absl::StatusOr<TaskDisk> PrepareTaskDisk(const TaskConfig& config, const std::ve
   if (config.image_format) {
     disk.format = *config.image_format;
   } else {
-    absl::StatusOr<ImageInfo> info = ProbeImage(cached->path);
-    if (!info.ok()) return info.status();
-    disk.format = info->format;
+    absl::StatusOr<std::string> format = ProbeStandaloneFormat(cached->path);
+    if (!format.ok()) {
+      return absl::Status(format.status().code(), absl::StrCat("task config \"image_source\": ", format.status().message()));
+    }
+    disk.format = *format;
   }
   constexpr char kOverlayName[] = "image-overlay.qcow2";
   disk.overlay = task_dir + "/" + kOverlayName;

@@ -23,6 +23,11 @@ struct ImageInfo {
 // refused: they would let an image reach outside the allowed directories.
 absl::StatusOr<ImageInfo> ProbeImage(const std::string& path);
 
+// The format of a downloaded image, which must stand alone: a job controls
+// its content, so a backing file it names (read as root before any admission)
+// or an external data file is refused, and nothing but the file is opened.
+absl::StatusOr<std::string> ProbeStandaloneFormat(const std::string& path);
+
 // One file of a disk: the image itself or one of its backing files, open.
 struct DiskLayer {
   std::string path;    // real path, for messages and the driver state

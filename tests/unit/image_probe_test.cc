@@ -1,5 +1,9 @@
 #include "qemu_driver/image_probe.h"
 
+#include <sys/stat.h>
+
+#include <filesystem>
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -69,4 +73,22 @@ TEST(ImageProbe, MissingImage) {
 }
 
 }  // namespace
+TEST(ImageProbe, DownloadedImagesMustStandAlone) {
+  ndq::testing::TempDir tmp;
+  const std::filesystem::path dir = tmp.path();
+  // A FIFO as the named backing file: following it would block the probe.
+  ASSERT_EQ(::mkfifo((dir / "fifo").c_str(), 0600), 0);
+  auto made = RunCommand({"/usr/bin/qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b",
+                          (dir / "fifo").string(), (dir / "a.qcow2").string(), "1M"},
+                         absl::Seconds(30));
+  ASSERT_TRUE(made.ok() && made->exit_code == 0);
+  absl::StatusOr<std::string> format = ProbeStandaloneFormat(dir / "a.qcow2");
+  ASSERT_FALSE(format.ok());
+  EXPECT_THAT(std::string(format.status().message()), ::testing::HasSubstr("must stand alone"));
+  auto plain = RunCommand({"/usr/bin/qemu-img", "create", "-q", "-f", "qcow2", (dir / "b.qcow2").string(), "1M"},
+                          absl::Seconds(30));
+  ASSERT_TRUE(plain.ok() && plain->exit_code == 0);
+  EXPECT_EQ(ProbeStandaloneFormat(dir / "b.qcow2").value(), "qcow2");
+}
+
 }  // namespace ndq
