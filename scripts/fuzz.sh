@@ -22,7 +22,8 @@ start=$(date +%s)
 
 scripts/setup.sh
 missing=()
-for pkg in clang libfuzzer-14-dev; do
+# libclang-rt-14-dev (the sanitizer runtimes) is only a recommendation of clang's.
+for pkg in clang libfuzzer-14-dev libclang-rt-14-dev; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
