@@ -113,10 +113,10 @@ absl::StatusOr<CachedImage> ImageCache::Acquire(const std::string& key, const st
   }
   absl::StatusOr<CachedImage> result = absl::UnknownError("no result");
   if (!leader) {
-    absl::MutexLock lock(&mu_);
+    absl::MutexLock lock(&flight->mu);
     ++flight->waiters;
     // Woken by the leader; the slices only look for a caller that gave up.
-    while (!mu_.AwaitWithTimeout(absl::Condition(&flight->done), absl::Milliseconds(250))) {
+    while (!flight->mu.AwaitWithTimeout(absl::Condition(&flight->done), absl::Milliseconds(250))) {
       if (options.cancelled && options.cancelled()) {
         --flight->waiters;
         return absl::CancelledError("gave up waiting for the image's download");
@@ -127,10 +127,14 @@ absl::StatusOr<CachedImage> ImageCache::Acquire(const std::string& key, const st
     if (result.ok()) result->hit = true;  // this caller caused no download
   } else {
     result = Fill(key, sources, download, options);
-    absl::MutexLock lock(&mu_);
+    {
+      // Whoever asks from now on starts afresh (and finds the file cached).
+      absl::MutexLock lock(&mu_);
+      flights_.erase(key);
+    }
+    absl::MutexLock lock(&flight->mu);
     flight->result = result;
     flight->done = true;
-    flights_.erase(key);
   }
   if (!result.ok() || options.lease.empty()) return result;
   if (absl::Status leased = TakeLease(key, options); !leased.ok()) return leased;
@@ -158,9 +162,15 @@ void ImageCache::Release(const std::string& path, const std::string& lease) {
 }
 
 int ImageCache::WaitersFor(const std::string& key) {
-  absl::MutexLock lock(&mu_);
-  auto it = flights_.find(key);
-  return it == flights_.end() ? 0 : it->second->waiters;
+  std::shared_ptr<Flight> flight;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = flights_.find(key);
+    if (it == flights_.end()) return 0;
+    flight = it->second;
+  }
+  absl::MutexLock lock(&flight->mu);
+  return flight->waiters;
 }
 
 absl::StatusOr<CachedImage> ImageCache::Fill(const std::string& key, const std::vector<std::string>& sources,

@@ -68,10 +68,14 @@ class ImageCache {
   const std::string& dir() const { return dir_; }
 
  private:
+  // One download under way; callers asking for the same key wait for its result.
+  // It has its own lock because clang's -Wthread-safety cannot tie a nested
+  // struct's fields to the cache's mu_. Never held together with mu_.
   struct Flight {
-    bool done = false;
-    int waiters = 0;
-    absl::StatusOr<CachedImage> result = absl::UnknownError("download did not finish");
+    absl::Mutex mu;
+    bool done ABSL_GUARDED_BY(mu) = false;
+    int waiters ABSL_GUARDED_BY(mu) = 0;
+    absl::StatusOr<CachedImage> result ABSL_GUARDED_BY(mu) = absl::UnknownError("download did not finish");
   };
   absl::StatusOr<CachedImage> Fill(const std::string& key, const std::vector<std::string>& sources,
                                    const Downloader& download, const AcquireOptions& options);
