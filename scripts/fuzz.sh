@@ -34,13 +34,17 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-build=build-fuzz
+# NDQ_FUZZ_BUILD_DIR names a tree already configured with -DNDQ_FUZZ=ON (the
+# paths above are then under it): scripts/test.sh passes its clang ASan tree.
+build="${NDQ_FUZZ_BUILD_DIR:-build-fuzz}"
 all_targets=(fuzz_plugin_config fuzz_task_config fuzz_port_map fuzz_qmp fuzz_guest_agent fuzz_checksum
              fuzz_image_probe fuzz_parse_size)
 targets=("${@:-${all_targets[@]}}")
 
-CC=clang CXX=clang++ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DNDQ_FUZZ=ON -DNDQ_BUILD_TESTS=OFF >/dev/null
+if [ -z "${NDQ_FUZZ_BUILD_DIR:-}" ]; then
+  CC=clang CXX=clang++ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DNDQ_FUZZ=ON -DNDQ_BUILD_TESTS=OFF >/dev/null
+fi
 ninja -C "$build" -j "$(nproc)" "${targets[@]}"
 
 artifacts="$build/artifacts"

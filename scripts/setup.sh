@@ -8,9 +8,9 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   libcurl4-openssl-dev libssl-dev nlohmann-json3-dev libspdlog-dev libgtest-dev libgmock-dev
   qemu-system-x86 qemu-utils
-  # the sanitizer builds (scripts/test.sh): clang and its sanitizer runtimes;
-  # dpkg-dev unpacks Abseil's source for the ThreadSanitizer build
-  clang libclang-rt-14-dev dpkg-dev
+  # the sanitizer and fuzz builds (scripts/test.sh): clang, its sanitizer
+  # runtimes and libFuzzer; dpkg-dev unpacks Abseil's source for the TSan build
+  clang libclang-rt-14-dev libfuzzer-14-dev dpkg-dev
   # network namespace tests (ip netns, veth)
   iproute2
   # the test guest (tests/fixtures/build-test-guest.sh)

@@ -2,9 +2,10 @@
 # Installs what is needed, builds, and runs the whole test suite three times:
 #   build       the normal build (the system compiler, gcc);
 #   build-asan  clang with AddressSanitizer + UndefinedBehaviorSanitizer, and
-#               -Wthread-safety checking every lock annotation;
+#               -Wthread-safety checking every lock annotation; it also holds
+#               the libFuzzer targets (NDQ_FUZZ);
 #   build-tsan  clang with ThreadSanitizer (see scripts/build-tsan-absl.sh);
-# then every libFuzzer target for 60 s (scripts/fuzz.sh).
+# then every libFuzzer target for 60 s (scripts/fuzz.sh, in build-asan).
 # Each sanitizer tree is built while the previous tree's tests run.
 # Set NDQ_SKIP_SANITIZERS=1 to run only the normal build.
 set -euo pipefail
@@ -53,7 +54,7 @@ if [ "${NDQ_SKIP_SANITIZERS:-0}" = 1 ]; then
 fi
 
 clang=(-DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++)
-build_in_background build-asan scripts/build.sh build-asan "${clang[@]}" -DNDQ_SANITIZE=ON
+build_in_background build-asan scripts/build.sh build-asan "${clang[@]}" -DNDQ_SANITIZE=ON -DNDQ_FUZZ=ON
 ctest --test-dir build --output-on-failure -j "$jobs_n"
 phase "tested build"
 wait_for_background build-asan
@@ -92,5 +93,5 @@ fi
 ((tsan_rc == 0)) || exit "$tsan_rc"
 
 # Every parser of untrusted input under libFuzzer, 60 s each (clang).
-scripts/fuzz.sh 60
+NDQ_FUZZ_BUILD_DIR=build-asan scripts/fuzz.sh 60
 phase "fuzzed"
