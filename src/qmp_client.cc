@@ -8,8 +8,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <deque>
+#include <map>
 #include <random>
 #include <utility>
 
@@ -200,7 +203,59 @@ std::string QmpErrorClass(const absl::Status& status) {
 // ---------------------------------------------------------------------------
 // QmpClient
 
-QmpClient::QmpClient(int fd, std::string peer) : fd_(fd), peer_(std::move(peer)) {}
+struct QmpClient::Session {
+  struct Pending {
+    std::string command;
+    bool done = false;
+    absl::StatusOr<json> result;
+  };
+
+  Session(int fd, std::string peer) : fd(fd), peer(std::move(peer)) {}
+  ~Session() { ::close(fd); }
+
+  void ReadLoop();
+  // Returns false when the line is fatal for the session (already ended).
+  bool HandleLine(const std::string& line);
+  void HandleEvent(const json& message);
+  void EndSession(const absl::Status& reason);
+  absl::Status SendLine(const std::string& line, absl::Time deadline);
+  absl::StatusOr<json> Execute(const std::string& command, const json& arguments, absl::Duration timeout);
+  void Close();
+  // True on the reader thread and while a handler runs on the thread that
+  // installed it: there, waiting for the reader would deadlock.
+  bool MustNotWait() const {
+    const std::thread::id self = std::this_thread::get_id();
+    return self == reader_id.load() || self == replaying_on.load();
+  }
+
+  const int fd;
+  const std::string peer;  // "QMP socket /path" for messages
+  std::atomic<std::thread::id> reader_id{};
+  std::atomic<std::thread::id> replaying_on{};
+
+  mutable absl::Mutex mu;
+  bool greeted ABSL_GUARDED_BY(mu) = false;
+  json greeting ABSL_GUARDED_BY(mu);
+  bool ended ABSL_GUARDED_BY(mu) = false;
+  bool closing ABSL_GUARDED_BY(mu) = false;  // Close() was called
+  bool eof ABSL_GUARDED_BY(mu) = false;      // QEMU closed its end
+  absl::Status end_reason ABSL_GUARDED_BY(mu);
+  int64_t next_id ABSL_GUARDED_BY(mu) = 1;
+  std::map<int64_t, Pending*> pending ABSL_GUARDED_BY(mu);
+  std::deque<QmpEvent> events ABSL_GUARDED_BY(mu);
+
+  // Held while the handler runs, so replacing it waits for a running call.
+  // Taken before mu, never after it.
+  absl::Mutex handler_mu ABSL_ACQUIRED_BEFORE(mu);
+  std::function<void(const QmpEvent&)> handler ABSL_GUARDED_BY(handler_mu);
+  std::deque<QmpEvent> undelivered ABSL_GUARDED_BY(handler_mu);  // while no handler is set
+
+  // Serializes writers so command lines never interleave.
+  absl::Mutex write_mu;
+  bool write_broken ABSL_GUARDED_BY(write_mu) = false;
+};
+
+QmpClient::QmpClient(std::shared_ptr<Session> session) : session_(std::move(session)) {}
 
 absl::StatusOr<std::unique_ptr<QmpClient>> QmpClient::Connect(const std::string& socket_path,
                                                                 absl::Duration timeout) {
@@ -212,27 +267,29 @@ absl::StatusOr<std::unique_ptr<QmpClient>> QmpClient::Connect(const std::string&
 
 absl::StatusOr<std::unique_ptr<QmpClient>> QmpClient::Adopt(int fd, const std::string& peer, absl::Duration timeout) {
   const absl::Time deadline = absl::Now() + timeout;
-  std::unique_ptr<QmpClient> client(new QmpClient(fd, peer));
-  client->reader_ = std::thread(&QmpClient::ReadLoop, client.get());
-  client->reader_id_ = client->reader_.get_id();
+  auto session = std::make_shared<Session>(fd, peer);
+  std::unique_ptr<QmpClient> client(new QmpClient(session));
+  client->reader_ = std::thread([session] { session->ReadLoop(); });
+  session->reader_id = client->reader_.get_id();
   absl::Status status = client->Handshake(deadline);
   if (!status.ok()) return status;
   return client;
 }
 
 absl::Status QmpClient::Handshake(absl::Time deadline) {
+  Session& s = *session_;
   json greeting;
   {
-    absl::MutexLock lock(&mu_);
-    auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return greeted_ || ended_; };
-    mu_.AwaitWithDeadline(absl::Condition(&ready), deadline);
-    if (!greeted_) {
-      if (ended_) return end_reason_;
+    absl::MutexLock lock(&s.mu);
+    auto ready = [&s]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) { return s.greeted || s.ended; };
+    s.mu.AwaitWithDeadline(absl::Condition(&ready), deadline);
+    if (!s.greeted) {
+      if (s.ended) return s.end_reason;
       return absl::DeadlineExceededError(absl::StrCat(
-          peer_, ": connected, but QEMU sent no greeting in time. QEMU serves one QMP client per socket: "
-                 "is another client still connected?"));
+          s.peer, ": connected, but QEMU sent no greeting in time. QEMU serves one QMP client per socket: "
+                  "is another client still connected?"));
     }
-    greeting = greeting_;
+    greeting = s.greeting;
   }
   const json& qmp = greeting["QMP"];
   if (qmp.is_object()) {
@@ -259,57 +316,60 @@ absl::Status QmpClient::Handshake(absl::Time deadline) {
 }
 
 QmpClient::~QmpClient() {
-  Close();
-  if (reader_.joinable()) {
-    if (OnReaderThread()) {
-      // Destroyed from inside its own event handler; the reader must outlive us.
-      reader_.detach();
-      return;
-    }
-    reader_.join();
+  session_->Close();
+  if (!reader_.joinable()) return;
+  const std::thread::id self = std::this_thread::get_id();
+  if (self == reader_.get_id() || self == session_->replaying_on.load()) {
+    // Destroyed from inside an event handler: the reader cannot join itself
+    // (or may be waiting for the handler to return). It holds the session,
+    // sees the shutdown and ends on its own.
+    reader_.detach();
+    return;
   }
-  ::close(fd_);
+  reader_.join();
 }
 
-void QmpClient::Close() {
+void QmpClient::Close() { session_->Close(); }
+
+void QmpClient::Session::Close() {
   {
-    absl::MutexLock lock(&mu_);
-    closing_ = true;
+    absl::MutexLock lock(&mu);
+    closing = true;
   }
   // Wakes the reader thread out of recv(); it then fails whatever is pending.
-  ::shutdown(fd_, SHUT_RDWR);
+  ::shutdown(fd, SHUT_RDWR);
 }
 
 bool QmpClient::connected() const {
-  absl::MutexLock lock(&mu_);
-  return !ended_;
+  absl::MutexLock lock(&session_->mu);
+  return !session_->ended;
 }
 
 absl::Status QmpClient::disconnect_reason() const {
-  absl::MutexLock lock(&mu_);
-  return ended_ ? end_reason_ : absl::OkStatus();
+  absl::MutexLock lock(&session_->mu);
+  return session_->ended ? session_->end_reason : absl::OkStatus();
 }
 
-void QmpClient::ReadLoop() {
+void QmpClient::Session::ReadLoop() {
   std::string buffer;
   char chunk[16384];
   absl::Status reason;
   while (true) {
-    const ssize_t n = ::recv(fd_, chunk, sizeof chunk, 0);
+    const ssize_t n = ::recv(fd, chunk, sizeof chunk, 0);
     if (n < 0 && errno == EINTR) continue;
     // A peer that exits with our bytes still unread resets instead of closing.
     if (n < 0 && errno != ECONNRESET) {
-      reason = absl::UnavailableError(absl::StrCat(peer_, ": read failed: ", Errno(errno)));
+      reason = absl::UnavailableError(absl::StrCat(peer, ": read failed: ", Errno(errno)));
       break;
     }
     if (n <= 0) {
-      absl::MutexLock lock(&mu_);
-      if (closing_) {
-        reason = absl::CancelledError(absl::StrCat(peer_, ": the session was closed by the driver"));
+      absl::MutexLock lock(&mu);
+      if (closing) {
+        reason = absl::CancelledError(absl::StrCat(peer, ": the session was closed by the driver"));
       } else {
-        eof_ = true;
+        eof = true;
         reason = absl::UnavailableError(
-            absl::StrCat(peer_, ": QEMU closed the connection (the VM exited or QEMU is shutting down)"));
+            absl::StrCat(peer, ": QEMU closed the connection (the VM exited or QEMU is shutting down)"));
       }
       break;
     }
@@ -321,55 +381,55 @@ void QmpClient::ReadLoop() {
     buffer.erase(0, start);
     if (buffer.size() > kMaxQmpLine) {
       EndSession(absl::DataLossError(
-          absl::StrCat(peer_, ": QEMU sent over ", kMaxQmpLine, " bytes without a line break; ending the session")));
-      ::shutdown(fd_, SHUT_RDWR);
+          absl::StrCat(peer, ": QEMU sent over ", kMaxQmpLine, " bytes without a line break; ending the session")));
+      ::shutdown(fd, SHUT_RDWR);
       return;
     }
   }
   EndSession(reason);
 }
 
-bool QmpClient::HandleLine(const std::string& raw) {
+bool QmpClient::Session::HandleLine(const std::string& raw) {
   absl::string_view line = raw;
   if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
   if (line.empty()) return true;
   bool too_deep = false;
   json message =
       nomadplugin::ParseJsonBounded(std::string_view(line.data(), line.size()), kMaxJsonDepth, &too_deep);
-  bool greeted;
+  bool was_greeted;
   {
-    absl::MutexLock lock(&mu_);
-    greeted = greeted_;
+    absl::MutexLock lock(&mu);
+    was_greeted = greeted;
   }
   if (message.is_discarded() || !message.is_object()) {
     // A garbled stream cannot be resynchronized reliably; fail everything now
     // rather than let callers wait for replies that may have been lost.
     absl::Status reason;
     if (too_deep) {
-      reason = absl::DataLossError(absl::StrCat(peer_, ": QEMU sent a message nested more than ", kMaxJsonDepth,
+      reason = absl::DataLossError(absl::StrCat(peer, ": QEMU sent a message nested more than ", kMaxJsonDepth,
                                                 " levels deep (", Preview(line), "); ending the session"));
-    } else if (greeted) {
-      reason = absl::DataLossError(absl::StrCat(peer_, ": QEMU sent a line that is not a JSON object (",
+    } else if (was_greeted) {
+      reason = absl::DataLossError(absl::StrCat(peer, ": QEMU sent a line that is not a JSON object (",
                                                 Preview(line), "); ending the session"));
     } else {
       reason = absl::FailedPreconditionError(
-          absl::StrCat(peer_, " does not speak QMP: it sent \"", Preview(line),
+          absl::StrCat(peer, " does not speak QMP: it sent \"", Preview(line),
                        "\". Is this the -qmp socket, not a serial console or guest agent socket?"));
     }
     EndSession(reason);
-    ::shutdown(fd_, SHUT_RDWR);
+    ::shutdown(fd, SHUT_RDWR);
     return false;
   }
-  if (!greeted) {
+  if (!was_greeted) {
     if (!message.contains("QMP")) {
-      EndSession(absl::FailedPreconditionError(absl::StrCat(peer_, " does not speak QMP: its first message was ",
+      EndSession(absl::FailedPreconditionError(absl::StrCat(peer, " does not speak QMP: its first message was ",
                                                             Preview(line), " instead of a QMP greeting")));
-      ::shutdown(fd_, SHUT_RDWR);
+      ::shutdown(fd, SHUT_RDWR);
       return false;
     }
-    absl::MutexLock lock(&mu_);
-    greeting_ = std::move(message);
-    greeted_ = true;
+    absl::MutexLock lock(&mu);
+    greeting = std::move(message);
+    greeted = true;
     return true;
   }
   if (message.contains("event")) {
@@ -378,34 +438,34 @@ bool QmpClient::HandleLine(const std::string& raw) {
   }
   const bool is_return = message.contains("return");
   if (!is_return && !message.contains("error")) {
-    nomadplugin::hclog::Debug("ignoring unexpected QMP message", {{"peer", peer_}, {"message", Preview(line)}});
+    nomadplugin::hclog::Debug("ignoring unexpected QMP message", {{"peer", peer}, {"message", Preview(line)}});
     return true;
   }
   auto id = message.find("id");
   if (id == message.end() || !id->is_number_integer()) {
     // We always send an id; QEMU omits it only for requests it could not parse.
-    nomadplugin::hclog::Warn("QMP reply without a usable id", {{"peer", peer_}, {"message", Preview(line)}});
+    nomadplugin::hclog::Warn("QMP reply without a usable id", {{"peer", peer}, {"message", Preview(line)}});
     return true;
   }
-  absl::MutexLock lock(&mu_);
-  auto it = pending_.find(id->get<int64_t>());
-  if (it == pending_.end()) {
+  absl::MutexLock lock(&mu);
+  auto it = pending.find(id->get<int64_t>());
+  if (it == pending.end()) {
     // The caller gave up (timeout) before QEMU answered.
-    nomadplugin::hclog::Debug("dropping late QMP reply", {{"peer", peer_}, {"message", Preview(line)}});
+    nomadplugin::hclog::Debug("dropping late QMP reply", {{"peer", peer}, {"message", Preview(line)}});
     return true;
   }
-  Pending* pending = it->second;
-  pending_.erase(it);
+  Pending* call = it->second;
+  pending.erase(it);
   if (is_return) {
-    pending->result = std::move(message["return"]);
+    call->result = std::move(message["return"]);
   } else {
-    pending->result = ErrorReplyStatus("QEMU", pending->command, message["error"]);
+    call->result = ErrorReplyStatus("QEMU", call->command, message["error"]);
   }
-  pending->done = true;
+  call->done = true;
   return true;
 }
 
-void QmpClient::HandleEvent(const json& message) {
+void QmpClient::Session::HandleEvent(const json& message) {
   QmpEvent event;
   const json& name = message["event"];
   event.name = name.is_string() ? name.get<std::string>() : Dump(name);
@@ -419,45 +479,58 @@ void QmpClient::HandleEvent(const json& message) {
       event.timestamp = absl::FromUnixSeconds(s->get<int64_t>()) + absl::Microseconds(us->get<int64_t>());
     }
   }
+  absl::MutexLock handler_lock(&handler_mu);
   {
-    absl::MutexLock lock(&mu_);
-    events_.push_back(event);
-    if (events_.size() > kMaxBufferedEvents) events_.pop_front();
+    absl::MutexLock lock(&mu);
+    events.push_back(event);
+    if (events.size() > kMaxBufferedEvents) events.pop_front();
   }
-  absl::MutexLock lock(&handler_mu_);
-  if (handler_) handler_(event);
+  if (handler) {
+    handler(event);
+  } else {
+    undelivered.push_back(std::move(event));
+    if (undelivered.size() > kMaxUndeliveredEvents) undelivered.pop_front();
+  }
 }
 
-void QmpClient::EndSession(const absl::Status& reason) {
-  absl::MutexLock lock(&mu_);
-  if (ended_) return;
-  ended_ = true;
-  end_reason_ = reason;
-  for (auto& [id, pending] : pending_) {
-    pending->result = absl::Status(reason.code(), absl::StrCat("QMP command ", pending->command,
-                                                               " got no reply: ", reason.message()));
-    pending->done = true;
+void QmpClient::Session::EndSession(const absl::Status& reason) {
+  absl::MutexLock lock(&mu);
+  if (ended) return;
+  ended = true;
+  end_reason = reason;
+  for (auto& [id, call] : pending) {
+    call->result = absl::Status(reason.code(), absl::StrCat("QMP command ", call->command,
+                                                            " got no reply: ", reason.message()));
+    call->done = true;
   }
-  pending_.clear();
+  pending.clear();
 }
 
-absl::Status QmpClient::SendLine(const std::string& line, absl::Time deadline) {
-  absl::MutexLock lock(&write_mu_);
-  if (write_broken_) {
-    return absl::UnavailableError(absl::StrCat(peer_, ": an earlier command was only partly sent; session unusable"));
+absl::Status QmpClient::Session::SendLine(const std::string& line, absl::Time deadline) {
+  absl::MutexLock lock(&write_mu);
+  if (write_broken) {
+    return absl::UnavailableError(absl::StrCat(peer, ": an earlier command was only partly sent; session unusable"));
   }
   bool partial = false;
-  absl::Status status = SendAll(fd_, line, deadline, peer_, deadline - absl::Now(), &partial);
+  absl::Status status = SendAll(fd, line, deadline, peer, deadline - absl::Now(), &partial);
   if (!status.ok() && partial) {
     // Half a command on the wire would corrupt whatever we send next.
-    write_broken_ = true;
-    ::shutdown(fd_, SHUT_RDWR);
+    write_broken = true;
+    ::shutdown(fd, SHUT_RDWR);
   }
   return status;
 }
 
 absl::StatusOr<json> QmpClient::Execute(const std::string& command, const json& arguments, absl::Duration timeout) {
-  if (OnReaderThread()) {
+  // Held for the call, so a handler destroying the client cannot free the
+  // session under a caller still waiting in it.
+  const std::shared_ptr<Session> session = session_;
+  return session->Execute(command, arguments, timeout);
+}
+
+absl::StatusOr<json> QmpClient::Session::Execute(const std::string& command, const json& arguments,
+                                                 absl::Duration timeout) {
+  if (MustNotWait()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "QMP command ", command, " issued from the QMP event handler, which would deadlock; run it on another thread"));
   }
@@ -466,39 +539,39 @@ absl::StatusOr<json> QmpClient::Execute(const std::string& command, const json& 
         absl::StrCat("QMP command ", command, ": arguments must be a JSON object, got ", arguments.type_name()));
   }
   const absl::Time deadline = absl::Now() + timeout;
-  Pending pending;
-  pending.command = command;
+  Pending call;
+  call.command = command;
   int64_t id;
   {
-    absl::MutexLock lock(&mu_);
-    if (ended_) {
-      return absl::Status(end_reason_.code(),
-                          absl::StrCat("QMP command ", command, " not sent: ", end_reason_.message()));
+    absl::MutexLock lock(&mu);
+    if (ended) {
+      return absl::Status(end_reason.code(),
+                          absl::StrCat("QMP command ", command, " not sent: ", end_reason.message()));
     }
-    if (closing_) {
-      return absl::CancelledError(absl::StrCat("QMP command ", command, " not sent: ", peer_, " is closed"));
+    if (closing) {
+      return absl::CancelledError(absl::StrCat("QMP command ", command, " not sent: ", peer, " is closed"));
     }
-    id = next_id_++;
-    pending_[id] = &pending;
+    id = next_id++;
+    pending[id] = &call;
   }
   json request = {{"execute", command}};
   if (!arguments.is_null()) request["arguments"] = arguments;
   request["id"] = id;
   const absl::Status sent = SendLine(Dump(request) + "\n", deadline);
 
-  absl::MutexLock lock(&mu_);
-  if (!sent.ok() && !pending.done) {
-    pending_.erase(id);
+  absl::MutexLock lock(&mu);
+  if (!sent.ok() && !call.done) {
+    pending.erase(id);
     return absl::Status(sent.code(), absl::StrCat("QMP command ", command, ": ", sent.message()));
   }
-  mu_.AwaitWithDeadline(absl::Condition(&pending.done), deadline);
-  if (!pending.done) {
-    pending_.erase(id);
-    return absl::DeadlineExceededError(absl::StrCat(peer_, ": QEMU did not answer ", command, " within ",
+  mu.AwaitWithDeadline(absl::Condition(&call.done), deadline);
+  if (!call.done) {
+    pending.erase(id);
+    return absl::DeadlineExceededError(absl::StrCat(peer, ": QEMU did not answer ", command, " within ",
                                                     absl::FormatDuration(timeout),
                                                     " (QEMU hung, or busy with a long operation)"));
   }
-  return std::move(pending.result);
+  return std::move(call.result);
 }
 
 absl::StatusOr<std::string> QmpClient::QueryStatus(absl::Duration timeout) {
@@ -506,7 +579,8 @@ absl::StatusOr<std::string> QmpClient::QueryStatus(absl::Duration timeout) {
   if (!reply.ok()) return reply.status();
   auto status = reply->find("status");
   if (!reply->is_object() || status == reply->end() || !status->is_string()) {
-    return absl::InternalError(absl::StrCat(peer_, ": query-status reply has no status string: ", Dump(*reply)));
+    return absl::InternalError(
+        absl::StrCat(session_->peer, ": query-status reply has no status string: ", Dump(*reply)));
   }
   return status->get<std::string>();
 }
@@ -520,53 +594,66 @@ absl::Status QmpClient::Cont(absl::Duration timeout) { return Execute("cont", nu
 absl::Status QmpClient::Stop(absl::Duration timeout) { return Execute("stop", nullptr, timeout).status(); }
 
 absl::Status QmpClient::Quit(absl::Duration timeout) {
-  absl::Status status = Execute("quit", nullptr, timeout).status();
+  const std::shared_ptr<Session> session = session_;
+  absl::Status status = session->Execute("quit", nullptr, timeout).status();
   if (status.ok()) return status;
-  absl::MutexLock lock(&mu_);
+  absl::MutexLock lock(&session->mu);
   // QEMU exiting before its reply got out is what we asked for.
-  return eof_ ? absl::OkStatus() : status;
+  return session->eof ? absl::OkStatus() : status;
 }
 
 void QmpClient::SetEventHandler(std::function<void(const QmpEvent&)> handler) {
-  absl::MutexLock lock(&handler_mu_);
-  handler_ = std::move(handler);
+  const std::shared_ptr<Session> session = session_;  // a replayed handler may destroy the client
+  Session& s = *session;
+  absl::MutexLock lock(&s.handler_mu);
+  s.handler = std::move(handler);
+  if (!s.handler) return;
+  // The reader is held off (handler_mu), so these come before any newer event.
+  s.replaying_on = std::this_thread::get_id();
+  for (const QmpEvent& event : s.undelivered) s.handler(event);
+  s.replaying_on = std::thread::id();
+  s.undelivered.clear();
 }
 
 absl::StatusOr<QmpEvent> QmpClient::WaitForEvent(const std::string& name, absl::Duration timeout) {
+  const std::shared_ptr<Session> session = session_;
+  Session& s = *session;
   // The handler runs on the only thread that could deliver the event.
-  if (OnReaderThread()) {
+  if (s.MustNotWait()) {
     return absl::FailedPreconditionError(absl::StrCat("waiting for QMP event ", name,
                                                       " inside the QMP event handler would deadlock"));
   }
   const absl::Time deadline = absl::Now() + timeout;
-  absl::MutexLock lock(&mu_);
-  auto find = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return std::find_if(events_.begin(), events_.end(), [&](const QmpEvent& e) { return e.name == name; });
+  absl::MutexLock lock(&s.mu);
+  auto find = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    return std::find_if(s.events.begin(), s.events.end(), [&](const QmpEvent& e) { return e.name == name; });
   };
-  auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return ended_ || find() != events_.end(); };
-  mu_.AwaitWithDeadline(absl::Condition(&ready), deadline);
+  auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) { return s.ended || find() != s.events.end(); };
+  s.mu.AwaitWithDeadline(absl::Condition(&ready), deadline);
   auto it = find();
-  if (it != events_.end()) {
+  if (it != s.events.end()) {
     QmpEvent event = std::move(*it);
-    events_.erase(it);
+    s.events.erase(it);
     return event;
   }
-  if (ended_) {
-    return absl::Status(end_reason_.code(),
-                        absl::StrCat("no ", name, " event before the QMP session ended: ", end_reason_.message()));
+  if (s.ended) {
+    return absl::Status(s.end_reason.code(),
+                        absl::StrCat("no ", name, " event before the QMP session ended: ", s.end_reason.message()));
   }
   return absl::DeadlineExceededError(
-      absl::StrCat(peer_, ": no ", name, " event from QEMU within ", absl::FormatDuration(timeout)));
+      absl::StrCat(s.peer, ": no ", name, " event from QEMU within ", absl::FormatDuration(timeout)));
 }
 
 absl::Status QmpClient::WaitForDisconnect(absl::Duration timeout) {
-  if (OnReaderThread()) {
+  const std::shared_ptr<Session> session = session_;
+  Session& s = *session;
+  if (s.MustNotWait()) {
     return absl::FailedPreconditionError("waiting for the QMP session to end inside its event handler would deadlock");
   }
-  absl::MutexLock lock(&mu_);
-  if (mu_.AwaitWithTimeout(absl::Condition(&ended_), timeout)) return absl::OkStatus();
+  absl::MutexLock lock(&s.mu);
+  if (s.mu.AwaitWithTimeout(absl::Condition(&s.ended), timeout)) return absl::OkStatus();
   return absl::DeadlineExceededError(
-      absl::StrCat(peer_, ": QEMU still holds the connection open after ", absl::FormatDuration(timeout)));
+      absl::StrCat(s.peer, ": QEMU still holds the connection open after ", absl::FormatDuration(timeout)));
 }
 
 // ---------------------------------------------------------------------------

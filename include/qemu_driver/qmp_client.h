@@ -5,9 +5,7 @@
 #pragma once
 
 #include <cstdint>
-#include <deque>
 #include <functional>
-#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -90,12 +88,16 @@ class QmpClient {
   // that counts as success.
   absl::Status Quit(absl::Duration timeout = kDefaultTimeout);
 
-  // Called on the reader thread for every event, in arrival order. It should
+  // Called for every event, in arrival order, on the reader thread. It should
   // return quickly; Execute, WaitForEvent and WaitForDisconnect called from it
-  // fail with FailedPrecondition instead of deadlocking. After
-  // SetEventHandler returns, the previous handler is not running and will not
-  // run again. Must not be called from inside a handler.
+  // fail with FailedPrecondition instead of deadlocking. Events that arrived
+  // while no handler was installed (e.g. between Connect and this call) are
+  // handed to the new handler first, on the caller's thread, before this
+  // returns, so no event is missed. After SetEventHandler returns, the previous
+  // handler is not running and will not run again. Must not be called from
+  // inside a handler.
   void SetEventHandler(std::function<void(const QmpEvent&)> handler);
+  static constexpr size_t kMaxUndeliveredEvents = 1024;
 
   // Returns (and consumes) the oldest event named `name` received since
   // Connect, waiting up to `timeout` for one. Fails at once when the connection
@@ -115,48 +117,19 @@ class QmpClient {
   void Close();
 
  private:
-  struct Pending {
-    std::string command;
-    bool done = false;
-    absl::StatusOr<nlohmann::json> result;
-  };
+  // Everything the reader thread touches. The thread holds a reference of its
+  // own, so a client destroyed from inside its event handler (on the reader
+  // thread, which cannot join itself) leaves the thread a live session to
+  // finish with; the socket is closed when the last holder lets go.
+  struct Session;
 
-  QmpClient(int fd, std::string peer);
+  explicit QmpClient(std::shared_ptr<Session> session);
   absl::Status Handshake(absl::Time deadline);
-  void ReadLoop();
-  // Returns false when the line is fatal for the session (already ended).
-  bool HandleLine(const std::string& line);
-  void HandleEvent(const nlohmann::json& message);
-  void EndSession(const absl::Status& reason);
-  absl::Status SendLine(const std::string& line, absl::Time deadline);
-  bool OnReaderThread() const { return std::this_thread::get_id() == reader_id_; }
 
-  const int fd_;
-  const std::string peer_;  // "QMP socket /path" for messages
-  QmpVersion version_;      // set before Connect returns, then read-only
-  std::vector<std::string> offered_capabilities_;
-
+  const std::shared_ptr<Session> session_;
   std::thread reader_;
-  std::thread::id reader_id_;
-
-  mutable absl::Mutex mu_;
-  bool greeted_ ABSL_GUARDED_BY(mu_) = false;
-  nlohmann::json greeting_ ABSL_GUARDED_BY(mu_);
-  bool ended_ ABSL_GUARDED_BY(mu_) = false;
-  bool closing_ ABSL_GUARDED_BY(mu_) = false;  // Close() was called
-  bool eof_ ABSL_GUARDED_BY(mu_) = false;      // QEMU closed its end
-  absl::Status end_reason_ ABSL_GUARDED_BY(mu_);
-  int64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
-  std::map<int64_t, Pending*> pending_ ABSL_GUARDED_BY(mu_);
-  std::deque<QmpEvent> events_ ABSL_GUARDED_BY(mu_);
-
-  // Held while the handler runs, so replacing it waits for a running call.
-  absl::Mutex handler_mu_;
-  std::function<void(const QmpEvent&)> handler_ ABSL_GUARDED_BY(handler_mu_);
-
-  // Serializes writers so command lines never interleave.
-  absl::Mutex write_mu_;
-  bool write_broken_ ABSL_GUARDED_BY(write_mu_) = false;
+  QmpVersion version_;  // set before Connect returns, then read-only
+  std::vector<std::string> offered_capabilities_;
 };
 
 // A client for qemu-guest-agent through the host end of its virtio-serial

@@ -5,6 +5,7 @@
 
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -12,6 +13,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <thread>
 
@@ -365,6 +367,77 @@ TEST(qmp_client, EventFieldsAreParsed) {
   ASSERT_TRUE(reset.ok()) << reset.status();
   EXPECT_EQ(reset->timestamp, absl::FromUnixMicros(int64_t{1700000000123456}));
   EXPECT_EQ(reset->data, json({{"guest", true}, {"reason", "guest-reset"}}));
+}
+
+const char kResetEvent[] = R"({"timestamp": {"seconds": 1700000000, "microseconds": 1}, "event": "RESET"})";
+
+TEST(qmp_client, EventsBeforeTheHandlerIsInstalledAreHandedToItFirst) {
+  ScriptedPeer peer(Concat(Handshake(), {ToClient(kResetEvent), ToClient(R"({"event": "STOP"})")}));
+  auto client = AdoptOrDie(peer);
+  ASSERT_NE(client, nullptr);
+  // Both events have been read (WaitForEvent sees them) before any handler exists.
+  ASSERT_TRUE(client->WaitForEvent("STOP", kGenerous).ok());
+  EventLog log;
+  client->SetEventHandler([&](const QmpEvent& e) { log.Add(e); });
+  EXPECT_EQ(log.Names(), (std::vector<std::string>{"RESET", "STOP"}));
+  // Handed over once: the next handler gets only what comes after it.
+  EventLog later;
+  client->SetEventHandler([&](const QmpEvent& e) { later.Add(e); });
+  EXPECT_THAT(later.Names(), ::testing::IsEmpty());
+}
+
+bool Eventually(const std::function<bool()>& condition, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (!condition()) {
+    if (absl::Now() > deadline) return false;
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  return true;
+}
+
+// The socket's identity, so a closed descriptor whose number was reused is not
+// mistaken for the original.
+ino_t SocketInode(int fd) {
+  struct stat st {};
+  return ::fstat(fd, &st) == 0 ? st.st_ino : 0;
+}
+
+TEST(qmp_client, DestroyedOnItsReaderThreadItStillClosesTheSocket) {
+  ScriptedPeer peer(Concat(Handshake(), {FromClient(R"({"execute": "query-status", "id": 2})"), ToClient(kResetEvent)}));
+  const int fd = peer.client_fd();
+  const ino_t inode = SocketInode(fd);
+  absl::Mutex mu;
+  std::unique_ptr<QmpClient> client = AdoptOrDie(peer);
+  ASSERT_NE(client, nullptr);
+  QmpClient* raw = client.get();
+  bool destroyed = false;  // guarded by mu
+  raw->SetEventHandler([&](const QmpEvent&) {
+    absl::MutexLock lock(&mu);
+    client.reset();  // ~QmpClient on the reader thread, inside the handler
+    destroyed = true;
+  });
+  // QEMU answers with an event instead of the reply; the handler destroys the
+  // client, which ends the call that is still waiting.
+  EXPECT_FALSE(raw->QueryStatus(kGenerous).ok());
+  absl::MutexLock lock(&mu);
+  ASSERT_TRUE(mu.AwaitWithTimeout(absl::Condition(&destroyed), kGenerous));
+  // The detached reader lets go of the session last, which closes the socket.
+  EXPECT_TRUE(Eventually([&] { return SocketInode(fd) != inode; }, kGenerous));
+}
+
+TEST(qmp_client, DestroyedFromAHandlerReplayingEarlierEventsDoesNotHang) {
+  ScriptedPeer peer(Concat(Handshake(), {ToClient(kResetEvent)}));
+  const int fd = peer.client_fd();
+  const ino_t inode = SocketInode(fd);
+  std::unique_ptr<QmpClient> client = AdoptOrDie(peer);
+  ASSERT_NE(client, nullptr);
+  ASSERT_TRUE(client->WaitForEvent("RESET", kGenerous).ok());
+  QmpClient* raw = client.get();
+  const absl::Time start = absl::Now();
+  raw->SetEventHandler([&](const QmpEvent&) { client.reset(); });  // replayed on this thread
+  EXPECT_EQ(client, nullptr);
+  EXPECT_LT(absl::Now() - start, kFast);
+  EXPECT_TRUE(Eventually([&] { return SocketInode(fd) != inode; }, kGenerous));
 }
 
 // ---------------------------------------------------------------------------
