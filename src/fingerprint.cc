@@ -114,12 +114,24 @@ Fingerprinter::BinaryFacts Fingerprinter::FactsFor(const std::string& path) {
   const BinaryIdentity identity{static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino),
                                 static_cast<uint64_t>(st.st_size),
                                 static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec};
-  if (auto it = facts_.find(path); it != facts_.end() && it->second.identity == identity) {
-    return it->second;
+  {
+    absl::MutexLock lock(&mu_);
+    if (auto it = facts_.find(path); it != facts_.end() && it->second.identity == identity) {
+      return it->second;
+    }
+    ++probes_;
   }
-  BinaryFacts facts;
+  // Run without the lock: a hung binary must not hold up every other caller
+  // for kProbeTimeout per command.
+  BinaryFacts facts = RunProbes(path);
   facts.identity = identity;
-  ++probes_;
+  absl::MutexLock lock(&mu_);
+  facts_[path] = facts;
+  return facts;
+}
+
+Fingerprinter::BinaryFacts Fingerprinter::RunProbes(const std::string& path) {
+  BinaryFacts facts;
   absl::StatusOr<CommandResult> version = RunCommand({path, "--version"}, kProbeTimeout);
   if (!version.ok()) {
     facts.error = std::string(version.status().message());
@@ -136,7 +148,6 @@ Fingerprinter::BinaryFacts Fingerprinter::FactsFor(const std::string& path) {
     absl::StatusOr<CommandResult> accels = RunCommand({path, "-accel", "help"}, kProbeTimeout);
     if (accels.ok() && accels->exit_code == 0) facts.accelerators = ParseAcceleratorList(accels->output);
   }
-  facts_[path] = facts;
   return facts;
 }
 
@@ -166,11 +177,7 @@ Fingerprint Fingerprinter::Probe(const std::vector<std::string>& emulators_allow
     return fp;
   }
 
-  BinaryFacts facts;
-  {
-    absl::MutexLock lock(&mu_);
-    facts = FactsFor(found.at(PrimaryEmulator(allowed)));
-  }
+  const BinaryFacts facts = FactsFor(found.at(PrimaryEmulator(allowed)));
   if (!facts.error.empty()) {
     fp.description = facts.error;
     return fp;

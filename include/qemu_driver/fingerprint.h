@@ -71,7 +71,9 @@ class Fingerprinter {
   std::map<std::string, std::string> FindEmulators() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // qemu-system-* names in one directory, listed again only when its mtime changes.
   const std::vector<std::string>& EmulatorNamesIn(const std::string& dir) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  BinaryFacts FactsFor(const std::string& path) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Cached per binary identity; the binary runs only on a miss, without mu_.
+  BinaryFacts FactsFor(const std::string& path) ABSL_LOCKS_EXCLUDED(mu_);
+  static BinaryFacts RunProbes(const std::string& path);
 
   const std::vector<std::string> path_dirs_;
   const std::string kvm_device_;

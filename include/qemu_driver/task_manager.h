@@ -90,7 +90,6 @@ class TaskManager {
   const ConfigSource config_;
   Fingerprinter* const fingerprinter_;
   EventBus* const events_;
-  ExitWatcher watcher_;
   CgroupManager cgroups_{DetectCgroupMounts()};
 
   absl::Mutex mu_;
@@ -101,6 +100,10 @@ class TaskManager {
   std::map<std::string, std::unique_ptr<ImageCache>> caches_ ABSL_GUARDED_BY(mu_);
   // cgroup parents whose missing isolation has been logged.
   std::set<std::string> reported_isolation_ ABSL_GUARDED_BY(mu_);
+
+  // Declared last so it is destroyed first: its thread, which calls back into
+  // the members above, is joined while they still exist.
+  ExitWatcher watcher_;
 };
 
 }  // namespace ndq

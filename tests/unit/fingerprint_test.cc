@@ -5,6 +5,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <future>
+#include <thread>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -138,6 +140,29 @@ TEST(Fingerprinter, FailingBinaryIsUndetected) {
   const Fingerprint fp = fingerprinter.Probe({});
   EXPECT_EQ(fp.health, Fingerprint::Health::kUndetected);
   EXPECT_THAT(fp.description, HasSubstr("--version failed: broken install"));
+}
+
+TEST(Fingerprinter, AHangingBinaryDoesNotHoldUpOtherCallers) {
+  TempDir bin;
+  // --version blocks until the test lets it go (a release file appears).
+  const std::string release = bin / "release";
+  WriteScript(bin / "qemu-system-x86_64",
+              "touch '" + (bin / "probing") + "'\n"
+              "while [ ! -e '" + release + "' ]; do sleep 0.05; done\n"
+              "echo 'QEMU emulator version 7.2.22'");
+  Fingerprinter fingerprinter(bin.path(), "/dev/kvm");
+  std::thread prober([&] { fingerprinter.Probe({}); });
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (!std::filesystem::exists(bin / "probing") && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(10));
+  ASSERT_TRUE(std::filesystem::exists(bin / "probing"));
+  // While the probe's binary runs, the emulators are still listed at once.
+  auto listed = std::async(std::launch::async, [&] { return fingerprinter.Emulators().count("x86_64"); });
+  const bool prompt = listed.wait_for(std::chrono::seconds(5)) == std::future_status::ready;
+  std::ofstream(release).put('\n');  // lets the probe (and a blocked lister) finish either way
+  prober.join();
+  EXPECT_TRUE(prompt) << "Emulators() waited for another caller's probe";
+  EXPECT_EQ(listed.get(), 1u);
+  EXPECT_EQ(fingerprinter.binary_probes(), 1);
 }
 
 }  // namespace
