@@ -98,6 +98,18 @@ absl::StatusOr<CachedImage> ImageCache::Acquire(const std::string& key, const st
   if (absl::StrContains(options.lease, '/')) {
     return absl::InvalidArgumentError(absl::StrCat("invalid lease name \"", options.lease, "\""));
   }
+  // The lease comes first: eviction (under the same key lock) skips a leased
+  // key, so the image cannot be removed between its download and its use.
+  if (!options.lease.empty()) {
+    if (absl::Status leased = TakeLease(key, options); !leased.ok()) return leased;
+  }
+  absl::StatusOr<CachedImage> result = AcquireUnleased(key, sources, download, options);
+  if (!result.ok() && !options.lease.empty()) Release(PathFor(key), options.lease);
+  return result;
+}
+
+absl::StatusOr<CachedImage> ImageCache::AcquireUnleased(const std::string& key, const std::vector<std::string>& sources,
+                                                        const Downloader& download, const AcquireOptions& options) {
   std::shared_ptr<Flight> flight;
   bool leader = false;
   {
@@ -136,8 +148,6 @@ absl::StatusOr<CachedImage> ImageCache::Acquire(const std::string& key, const st
     flight->result = result;
     flight->done = true;
   }
-  if (!result.ok() || options.lease.empty()) return result;
-  if (absl::Status leased = TakeLease(key, options); !leased.ok()) return leased;
   return result;
 }
 
@@ -148,10 +158,6 @@ absl::Status ImageCache::TakeLease(const std::string& key, const AcquireOptions&
   const int fd = ::open(lease.c_str(), O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
   if (fd < 0) return absl::InternalError(absl::StrCat("cannot write lease ", lease, ": ", std::strerror(errno)));
   ::close(fd);
-  if (!SizeOf(PathFor(key))) {
-    ::unlink(lease.c_str());
-    return absl::UnavailableError("the image was evicted from the cache while it was being started; try again");
-  }
   return absl::OkStatus();
 }
 

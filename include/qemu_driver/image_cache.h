@@ -77,6 +77,8 @@ class ImageCache {
     int waiters ABSL_GUARDED_BY(mu) = 0;
     absl::StatusOr<CachedImage> result ABSL_GUARDED_BY(mu) = absl::UnknownError("download did not finish");
   };
+  absl::StatusOr<CachedImage> AcquireUnleased(const std::string& key, const std::vector<std::string>& sources,
+                                              const Downloader& download, const AcquireOptions& options);
   absl::StatusOr<CachedImage> Fill(const std::string& key, const std::vector<std::string>& sources,
                                    const Downloader& download, const AcquireOptions& options);
   // Writes the lease file for `key`, under the image's lock, and checks that

@@ -2,6 +2,7 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <fstream>
@@ -11,6 +12,7 @@
 #include <gtest/gtest.h>
 
 #include "../support/temp_dir.h"
+#include "absl/strings/match.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 
@@ -126,6 +128,40 @@ TEST(ImageCache, LeasedImagesSurviveEvictionFromAnotherInstance) {
   absl::StatusOr<std::vector<std::string>> removed = after_restart.Evict(0, {});
   ASSERT_TRUE(removed.ok());
   EXPECT_THAT(*removed, ::testing::ElementsAre(held->path));
+}
+
+TEST(ImageCache, AnEvictionRacingAStartNeverRemovesTheImageItIsGiving) {
+  TempDir src, cache_dir;
+  const std::string image = MakeFile(src, "a.img", 1 << 20);
+  ImageCache starting(cache_dir.path()), other_plugin(cache_dir.path());
+  std::thread evictor;
+  // The moment the download lands, another plugin process evicts everything it
+  // can, racing the start for the image's lock. The lease, taken before the
+  // download, decides the race whoever wins the lock.
+  ImageCache::Downloader download = [&](const std::string& source, const std::string& dest) {
+    absl::StatusOr<int64_t> bytes = CopyDownloader().Get()(source, dest);
+    evictor = std::thread([&] { EXPECT_TRUE(other_plugin.Evict(0, {}).ok()); });
+    return bytes;
+  };
+  ImageCache::AcquireOptions leased;
+  leased.lease = "task1";
+  absl::StatusOr<CachedImage> got = starting.Acquire("sha256-ff", {image}, download, leased);
+  evictor.join();
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_TRUE(fs::exists(got->path)) << "evicted between its download and its lease";
+}
+
+TEST(ImageCache, AFailedAcquireLeavesNoLease) {
+  TempDir src, cache_dir;
+  ImageCache cache(cache_dir.path());
+  ImageCache::AcquireOptions leased;
+  leased.lease = "task1";
+  ASSERT_FALSE(cache.Acquire("sha256-fe", {src / "missing"}, CopyDownloader().Get(), leased).ok());
+  EXPECT_TRUE(fs::is_empty(cache_dir.path()) ||
+              std::none_of(fs::directory_iterator(cache_dir.path()), fs::directory_iterator(),
+                           [](const fs::directory_entry& e) {
+                             return absl::StartsWith(e.path().filename().string(), ".lease-");
+                           }));
 }
 
 TEST(ImageCache, AWaitingCallerCanGiveUp) {
