@@ -81,8 +81,8 @@ class ImageCache {
                                               const Downloader& download, const AcquireOptions& options);
   absl::StatusOr<CachedImage> Fill(const std::string& key, const std::vector<std::string>& sources,
                                    const Downloader& download, const AcquireOptions& options);
-  // Writes the lease file for `key`, under the image's lock, and checks that
-  // the image is still there (an eviction may have come first).
+  // Writes the lease file for `key` under the image's lock, where eviction
+  // looks for it; the image itself need not exist yet.
   absl::Status TakeLease(const std::string& key, const AcquireOptions& options);
 
   const std::string dir_;

@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <atomic>
 #include <thread>
 
 #include <gmock/gmock.h>
@@ -15,6 +16,7 @@
 #include "../support/plugin_harness.h"
 #include "../support/temp_dir.h"
 #include "../support/test_guest.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "qemu_driver/checksum.h"
@@ -193,6 +195,44 @@ TEST_F(ImageSourceTest, EvictionSparesImagesInUse) {
                               nullptr)
                   .ok());
   EXPECT_FALSE(fs::exists(image_a));
+}
+
+TEST_F(ImageSourceTest, AfterAPluginRestartEvictionAndConcurrentRecoversKeepTheVm) {
+  plugin_config_["image_cache_max_size"] = "1K";
+  ASSERT_NO_FATAL_FAILURE(Launch());
+  FakeAlloc a("a"), c("c");
+  driverpb::TaskHandle handle;
+  ASSERT_TRUE(harness_->Start(a.Task(Config({{"image_source", base_ + "/guest.qcow2"}, {"checksum", digest_}})),
+                              &handle)
+                  .ok());
+  const std::string image_a = cache_ / ("sha256-" + digest_);
+  ASSERT_NO_FATAL_FAILURE(harness_->Restart());
+  // The new plugin knows no task yet; a start that evicts must still spare a's image.
+  ASSERT_TRUE(harness_->Start(c.Task(Config({{"image_source", base_ + "/other.qcow2"},
+                                             {"checksum_url", base_ + "/SHA256SUMS"}})),
+                              nullptr)
+                  .ok());
+  EXPECT_TRUE(fs::exists(image_a)) << "evicted while its VM was still to be recovered";
+  // Nomad may retry RecoverTask while an earlier call is still running.
+  EventRecorder events(harness_->client());
+  std::vector<std::thread> recovers;
+  std::atomic<int> recovered{0};
+  for (int i = 0; i < 3; ++i) {
+    recovers.emplace_back([&] { recovered += harness_->Recover(handle).ok() ? 1 : 0; });
+  }
+  for (std::thread& t : recovers) t.join();
+  EXPECT_EQ(recovered.load(), 3);
+  ASSERT_TRUE(harness_->Stop(handle.config().id(), absl::Seconds(1), "SIGKILL").ok());
+  driverpb::WaitTaskResponse wait;
+  ASSERT_TRUE(harness_->Wait(handle.config().id(), &wait, absl::Seconds(10)).ok());
+  ASSERT_TRUE(events.WaitFor(handle.config().id(), "VM exited", absl::Seconds(10))) << events.All();
+  // One watcher per VM: its exit is reported once, not once per RecoverTask.
+  EXPECT_FALSE(events.WaitForCount(handle.config().id(), "VM exited", 2, absl::Seconds(2))) << events.All();
+  ASSERT_TRUE(harness_->Destroy(handle.config().id(), false).ok());
+  for (const auto& file : fs::directory_iterator(cache_.path())) {
+    EXPECT_FALSE(absl::StartsWith(file.path().filename().string(), ".lease-sha256-" + digest_))
+        << "destroy ends the recovered task's lease: " << file.path();
+  }
 }
 
 TEST_F(ImageSourceTest, LocalFilesGoThroughTheCacheToo) {
