@@ -28,10 +28,11 @@ grpc::Status ToGrpc(const absl::Status& status) {
 }  // namespace
 
 grpc::Status StartFailure(const absl::Status& status) {
-  // Bad configuration stays bad on retry; anything else may be transient.
+  // Bad configuration and refused files stay so on retry; anything else may be transient.
   const bool recoverable = status.code() != absl::StatusCode::kInvalidArgument &&
                            status.code() != absl::StatusCode::kAlreadyExists &&
-                           status.code() != absl::StatusCode::kNotFound;
+                           status.code() != absl::StatusCode::kNotFound &&
+                           status.code() != absl::StatusCode::kPermissionDenied;
   hashicorp::nomad::plugins::shared::structs::RecoverableError detail;
   detail.set_recoverable(recoverable);
   google::rpc::Status rich;

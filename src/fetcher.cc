@@ -723,6 +723,13 @@ absl::StatusOr<FetchResult> FetchHttp(const std::string& url, const std::optiona
 
 }  // namespace
 
+std::optional<absl::StatusOr<std::string>> LocalSourcePath(const std::string& source) {
+  const size_t sep = source.find("://");
+  if (sep == std::string::npos) return absl::StatusOr<std::string>(source);
+  if (absl::AsciiStrToLower(absl::string_view(source).substr(0, sep)) != "file") return std::nullopt;
+  return FileUrlToPath(source);
+}
+
 absl::StatusOr<FetchResult> FetchVerified(const std::string& url, const std::optional<Checksum>& expected,
                                           const std::string& dest_path, const FetchOptions& options) {
   const absl::Time start = absl::Now();
@@ -731,16 +738,11 @@ absl::StatusOr<FetchResult> FetchVerified(const std::string& url, const std::opt
   absl::StatusOr<Hasher> hasher = Hasher::Create(expected.has_value() ? expected->type : "sha256");
   if (!hasher.ok()) return hasher.status();
 
-  const size_t sep = url.find("://");
-  if (sep == std::string::npos) {
-    return FetchLocal(url, url, expected, dest_path, options, *hasher, start);
+  if (std::optional<absl::StatusOr<std::string>> path = LocalSourcePath(url)) {
+    if (!path->ok()) return path->status();
+    return FetchLocal(url, **path, expected, dest_path, options, *hasher, start);
   }
-  const std::string scheme = absl::AsciiStrToLower(absl::string_view(url).substr(0, sep));
-  if (scheme == "file") {
-    absl::StatusOr<std::string> path = FileUrlToPath(url);
-    if (!path.ok()) return path.status();
-    return FetchLocal(url, *path, expected, dest_path, options, *hasher, start);
-  }
+  const std::string scheme = absl::AsciiStrToLower(absl::string_view(url).substr(0, url.find("://")));
   if (scheme == "http" || scheme == "https") {
     return FetchHttp(url, expected, dest_path, options, *hasher, start);
   }

@@ -8,7 +8,9 @@
 
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
+#include <utility>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -40,15 +42,39 @@ std::string BaseName(const std::string& url) {
   return path.substr(path.rfind('/') + 1);
 }
 
-FetchOptions OptionsFor(const PluginConfig& plugin, const LocalOpener& open_local,
+FetchOptions OptionsFor(const PluginConfig& plugin, const LocalOpener& open_local, const std::string& field,
                         const std::function<bool()>& cancelled) {
   FetchOptions options;
   options.cancelled = cancelled;
   options.max_bytes = plugin.max_image_size;
   options.ca_file = plugin.ca_file;
   options.url_allowlist = plugin.image_source_allowlist;
-  options.open_local = open_local;
+  if (open_local) options.open_local = [open_local, field](const std::string& path) { return open_local(field, path); };
   return options;
+}
+
+// Admits every local source before anything else happens, so a refused one
+// is answered with admission's own error (it names nothing but the job's
+// path) instead of after the cache's lock, and nothing of it is read.
+absl::Status AdmitLocalSources(const TaskConfig& config, const std::vector<std::string>& sources,
+                               const LocalOpener& open_local) {
+  if (!open_local) return absl::OkStatus();
+  std::vector<std::pair<std::string, std::string>> local;  // (field, source)
+  for (size_t i = 0; i < sources.size(); ++i) {
+    local.emplace_back(config.image_source && i == 0 ? "image_source"
+                                                     : absl::StrCat("image_sources[", i - (config.image_source ? 1 : 0), "]"),
+                       sources[i]);
+  }
+  if (config.checksum_url) local.emplace_back("checksum_url", *config.checksum_url);
+  for (const auto& [field, source] : local) {
+    std::optional<absl::StatusOr<std::string>> path = LocalSourcePath(source);
+    if (!path) continue;  // a network source
+    if (!path->ok()) return absl::InvalidArgumentError(absl::StrCat("task config \"", field, "\": ", path->status().message()));
+    absl::StatusOr<int> fd = open_local(field, **path);
+    if (!fd.ok()) return fd.status();
+    ::close(*fd);  // opened (and checked) again when it is read
+  }
+  return absl::OkStatus();
 }
 
 // Where a checksum file is fetched to: the cache directory, which only the
@@ -66,7 +92,7 @@ absl::StatusOr<Checksum> ChecksumFromUrl(const std::string& checksum_url, const 
   const std::string dest = scratch_dir + "/.checksum-" + std::to_string(::getpid()) + "-" +
                            std::to_string(reinterpret_cast<uintptr_t>(&dest));
   // The same policy as for the image: allowlist, redirects, link-local, open_local.
-  FetchOptions options = OptionsFor(plugin, open_local, cancelled);
+  FetchOptions options = OptionsFor(plugin, open_local, "checksum_url", cancelled);
   options.max_bytes = 1 << 20;
   absl::StatusOr<FetchResult> fetched = FetchVerified(checksum_url, std::nullopt, dest, options);
   if (!fetched.ok()) {
@@ -146,6 +172,7 @@ absl::StatusOr<TaskDisk> PrepareTaskDisk(const TaskConfig& config, const std::ve
                                          const std::string& task_dir, const PluginConfig& plugin, ImageCache& cache,
                                          const DiskEventSink& events, const LocalOpener& open_local,
                                          const std::function<bool()>& cancelled, const std::string& lease) {
+  if (absl::Status admitted = AdmitLocalSources(config, sources, open_local); !admitted.ok()) return admitted;
   std::optional<Checksum> checksum;
   if (config.checksum) {
     checksum = *ParseChecksum(*config.checksum);
@@ -164,7 +191,7 @@ absl::StatusOr<TaskDisk> PrepareTaskDisk(const TaskConfig& config, const std::ve
     key = "url-" + hasher.FinalHex();
   }
 
-  FetchOptions options = OptionsFor(plugin, open_local, cancelled);
+  FetchOptions options = OptionsFor(plugin, open_local, "image_source", cancelled);
   ImageCache::Downloader download = [&](const std::string& source,
                                         const std::string& dest) -> absl::StatusOr<int64_t> {
     events("Downloading image", {{"source", source}});

@@ -349,8 +349,8 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
     // A downloaded image becomes a per-task overlay backed by the cached copy.
     // A local source (a path or file://, also for checksum_url) passes the
     // same admission as image_path before a byte of it is read.
-    const LocalOpener admit_local = [&scope](const std::string& path) -> absl::StatusOr<int> {
-      absl::StatusOr<AdmittedFile> file = AdmitFile("image_source", path, scope, FileAccess::kReadOnly);
+    const LocalOpener admit_local = [&scope](const std::string& field, const std::string& path) -> absl::StatusOr<int> {
+      absl::StatusOr<AdmittedFile> file = AdmitFile(field, path, scope, FileAccess::kReadOnly);
       if (!file.ok()) return file.status();
       return file->fd.release();
     };

@@ -60,6 +60,11 @@ struct FetchResult {
   absl::Duration took;
 };
 
+// The local path a source names: a file:// URL's path (InvalidArgument when it
+// is not absolute) or the source itself when it has no scheme; nullopt for
+// any other scheme.
+std::optional<absl::StatusOr<std::string>> LocalSourcePath(const std::string& source);
+
 // Fetches `url` (http://, https://, file://, or a local path) to `dest_path`.
 // Bytes are written to `dest_path + ".part"` and hashed as they arrive; once
 // complete the file is fsynced, the digest compared with `expected` (when given)

@@ -35,8 +35,11 @@ using DiskEventSink = std::function<void(const std::string&, const std::map<std:
 
 // Opens a local source (a file:// URL's path or a plain path), image or
 // checksum_url alike, and returns a read-only fd (FetchOptions::open_local).
-using LocalOpener = std::function<absl::StatusOr<int>(const std::string& path)>;
+// `field` names the task config field for its error messages.
+using LocalOpener = std::function<absl::StatusOr<int>(const std::string& field, const std::string& path)>;
 
+// Every local source, and a local checksum_url, passes `open_local` first,
+// before any lock, lease or byte is read: a refusal is its error as it is.
 // `open_local` empty: local sources are opened directly. `cancelled` (may be
 // empty) aborts downloads once it says true (Cancelled, nothing left behind).
 // `lease` (a task key) leases the cached image to the task (ImageCache::Release

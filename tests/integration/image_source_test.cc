@@ -31,6 +31,7 @@ using ::ndq::testing::FreePort;
 using ::ndq::testing::HttpTestServer;
 using ::ndq::testing::kGuestBootTimeout;
 using ::ndq::testing::PluginHarness;
+using ::ndq::testing::StartIsRecoverable;
 using ::ndq::testing::ReadFile;
 using ::ndq::testing::TempDir;
 using ::ndq::testing::TestGuestDir;
@@ -264,7 +265,7 @@ TEST_F(ImageSourceTest, LocalSourcesOutsideTheAllowlistsAreRefusedUnread) {
                                     std::string("file:///etc/shadow"), (served_ / "missing")}) {
     FakeAlloc alloc("bad");
     const grpc::Status status = harness_->Start(alloc.Task(Config({{"image_source", source}, {"checksum", wrong}})), nullptr);
-    EXPECT_FALSE(status.ok()) << source;
+    EXPECT_EQ(StartIsRecoverable(status), false) << source << ": a refusal does not heal on retry";
     EXPECT_THAT(status.error_message(), HasSubstr("is not an existing file inside")) << source;
     EXPECT_THAT(status.error_message(), Not(HasSubstr(digest_))) << source;
     EXPECT_THAT(status.error_message(), Not(HasSubstr("mismatch"))) << source;
@@ -278,6 +279,8 @@ TEST_F(ImageSourceTest, LocalSourcesOutsideTheAllowlistsAreRefusedUnread) {
   const grpc::Status sums = harness_->Start(
       alloc.Task(Config({{"image_source", base_ + "/guest.qcow2"}, {"checksum_url", "file://" + (served_ / "SHA256SUMS")}})),
       nullptr);
+  EXPECT_EQ(StartIsRecoverable(sums), false);
+  EXPECT_THAT(sums.error_message(), HasSubstr("task config \"checksum_url\": \"")) << "one field prefix, not two";
   EXPECT_THAT(sums.error_message(), HasSubstr("is not an existing file inside"));
   EXPECT_FALSE(fs::exists(cache_ / ("sha256-" + digest_))) << "nothing was copied into the cache";
 }

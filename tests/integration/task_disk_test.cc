@@ -96,27 +96,31 @@ class PrepareTaskDiskTest : public ::testing::Test {
 
 TEST_F(PrepareTaskDiskTest, ImageAndChecksumFileGoThroughTheOpener) {
   std::vector<std::string> asked;
-  absl::StatusOr<TaskDisk> disk = Prepare([&](const std::string& path) -> absl::StatusOr<int> {
-    asked.push_back(path);
+  absl::StatusOr<TaskDisk> disk = Prepare([&](const std::string& field, const std::string& path) -> absl::StatusOr<int> {
+    asked.push_back(field + " " + path);
     return ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   });
   ASSERT_TRUE(disk.ok()) << disk.status();
   EXPECT_TRUE(std::filesystem::exists(disk->overlay));
-  EXPECT_EQ(asked, (std::vector<std::string>{dir_ / "SHA256SUMS", dir_ / "disk.raw"}));
+  // Each is admitted up front, then opened again where it is read.
+  const std::string image = "image_source " + (dir_ / "disk.raw"), sums = "checksum_url " + (dir_ / "SHA256SUMS");
+  EXPECT_EQ(asked, (std::vector<std::string>{image, sums, sums, image}));
 }
 
-TEST_F(PrepareTaskDiskTest, AnOpenerRefusingTheChecksumFileStopsTheStart) {
-  bool image_asked = false;
-  absl::StatusOr<TaskDisk> disk = Prepare([&](const std::string& path) -> absl::StatusOr<int> {
-    if (path == dir_ / "SHA256SUMS") return absl::PermissionDeniedError(path + " is outside image_paths");
-    image_asked = true;
+TEST_F(PrepareTaskDiskTest, AnOpenerRefusingTheChecksumFileStopsTheStartBeforeAnyRead) {
+  int opened = 0;
+  absl::StatusOr<TaskDisk> disk = Prepare([&](const std::string& field, const std::string& path) -> absl::StatusOr<int> {
+    if (field == "checksum_url") return absl::PermissionDeniedError("task config \"checksum_url\": refused " + path);
+    ++opened;
     return ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   });
   ASSERT_FALSE(disk.ok());
   EXPECT_EQ(disk.status().code(), absl::StatusCode::kPermissionDenied);
-  EXPECT_EQ(disk.status().message(), "task config \"checksum_url\": " + (dir_ / "SHA256SUMS") + " is outside image_paths");
-  EXPECT_FALSE(image_asked);
+  // The opener's answer as it is: no second field prefix, no cache wording.
+  EXPECT_EQ(disk.status().message(), "task config \"checksum_url\": refused " + (dir_ / "SHA256SUMS"));
+  EXPECT_EQ(opened, 1) << "only the image's admission; nothing was read";
   EXPECT_FALSE(std::filesystem::exists(dir_ / "task/image-overlay.qcow2"));
+  EXPECT_TRUE(!std::filesystem::exists(dir_ / "cache") || std::filesystem::is_empty(dir_ / "cache"));
 }
 
 }  // namespace

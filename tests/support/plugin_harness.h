@@ -16,6 +16,8 @@
 
 #include <gtest/gtest.h>
 
+#include "google_rpc/status.pb.h"
+#include "nomad/structs.pb.h"
 #include "absl/strings/numbers.h"
 
 #include "../support/temp_dir.h"
@@ -99,6 +101,18 @@ inline void RemoveCgroupTree(const std::string& parent) {
     if (std::filesystem::is_directory(root + "/" + parent, ignored)) tree.created.push_back(root + "/" + parent);
   }
   RemoveTaskCgroup(tree);
+}
+
+// Whether a failed StartTask tells Nomad to retry: the RecoverableError that
+// the plugin packs into the status details (nullopt when there is none).
+inline std::optional<bool> StartIsRecoverable(const grpc::Status& status) {
+  google::rpc::Status rich;
+  hashicorp::nomad::plugins::shared::structs::RecoverableError detail;
+  if (!rich.ParseFromString(status.error_details()) || rich.details_size() != 1 ||
+      !rich.details(0).UnpackTo(&detail)) {
+    return std::nullopt;
+  }
+  return detail.recoverable();
 }
 
 class PluginHarness {
