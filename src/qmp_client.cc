@@ -93,7 +93,18 @@ absl::Status ErrorReplyStatus(absl::string_view who, absl::string_view command, 
 
 // Connects to a unix socket that may not exist yet (QEMU creates its sockets
 // shortly after it starts), retrying with a short backoff until `deadline`.
-absl::StatusOr<int> ConnectUnix(const std::string& path, absl::string_view what, absl::Duration timeout) {
+// Who serves the socket: the process that listened on it (SO_PEERCRED); 0 if unknown.
+pid_t PeerPid(int fd) {
+  ucred cred{};
+  socklen_t len = sizeof cred;
+  return ::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0 ? cred.pid : 0;
+}
+
+// With `served_by` > 0, a socket some other process serves is refused before a
+// byte is sent: the socket's directory is QEMU's user's to write, and a link
+// planted there must not make the (root) plugin talk to another daemon.
+absl::StatusOr<int> ConnectUnix(const std::string& path, absl::string_view what, absl::Duration timeout,
+                                pid_t served_by) {
   const absl::Time deadline = absl::Now() + timeout;
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
@@ -105,10 +116,22 @@ absl::StatusOr<int> ConnectUnix(const std::string& path, absl::string_view what,
   std::memcpy(addr.sun_path, path.data(), path.size());
   absl::Duration backoff = absl::Milliseconds(5);
   while (true) {
+    // A link in the socket's place is refused without connecting through it.
+    if (struct stat st {}; served_by > 0 && ::lstat(path.c_str(), &st) == 0 && !S_ISSOCK(st.st_mode)) {
+      return absl::PermissionDeniedError(absl::StrCat(what, " socket ", path,
+                                                      " is not a socket (something was put in its place); "
+                                                      "refusing to connect through it"));
+    }
     // Non-blocking so a full backlog (QEMU busy with another client) is EAGAIN, not a hang.
     const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) return absl::InternalError(absl::StrCat("socket(AF_UNIX): ", Errno(errno)));
     if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0) {
+      if (const pid_t peer = PeerPid(fd); served_by > 0 && peer != served_by) {
+        ::close(fd);
+        return absl::PermissionDeniedError(absl::StrCat(what, " socket ", path, " is served by process ", peer,
+                                                        ", not by the VM's QEMU (pid ", served_by,
+                                                        "); refusing to talk to it"));
+      }
       // Reads block in their own thread or behind poll(); writes use MSG_DONTWAIT.
       ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
       return fd;
@@ -258,9 +281,9 @@ struct QmpClient::Session {
 QmpClient::QmpClient(std::shared_ptr<Session> session) : session_(std::move(session)) {}
 
 absl::StatusOr<std::unique_ptr<QmpClient>> QmpClient::Connect(const std::string& socket_path,
-                                                                absl::Duration timeout) {
+                                                                absl::Duration timeout, pid_t served_by) {
   const absl::Time deadline = absl::Now() + timeout;
-  absl::StatusOr<int> fd = ConnectUnix(socket_path, "QMP", timeout);
+  absl::StatusOr<int> fd = ConnectUnix(socket_path, "QMP", timeout, served_by);
   if (!fd.ok()) return fd.status();
   return Adopt(*fd, absl::StrCat("QMP socket ", socket_path), std::max(deadline - absl::Now(), absl::ZeroDuration()));
 }
@@ -330,6 +353,8 @@ QmpClient::~QmpClient() {
 }
 
 void QmpClient::Close() { session_->Close(); }
+
+pid_t QmpClient::peer_pid() const { return PeerPid(session_->fd); }
 
 void QmpClient::Session::Close() {
   {
@@ -666,9 +691,9 @@ GuestAgentClient::~GuestAgentClient() { ::close(fd_); }
 void GuestAgentClient::Close() { ::shutdown(fd_, SHUT_RDWR); }
 
 absl::StatusOr<std::unique_ptr<GuestAgentClient>> GuestAgentClient::Connect(const std::string& socket_path,
-                                                                            absl::Duration timeout) {
+                                                                            absl::Duration timeout, pid_t served_by) {
   const absl::Time deadline = absl::Now() + timeout;
-  absl::StatusOr<int> fd = ConnectUnix(socket_path, "guest agent", timeout);
+  absl::StatusOr<int> fd = ConnectUnix(socket_path, "guest agent", timeout, served_by);
   if (!fd.ok()) return fd.status();
   return Adopt(*fd, absl::StrCat("guest agent socket ", socket_path),
                std::max(deadline - absl::Now(), absl::ZeroDuration()));

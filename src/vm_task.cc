@@ -263,7 +263,7 @@ absl::StatusOr<std::shared_ptr<QmpClient>> VmTask::Qmp(absl::Duration connect_ti
     current = qmp_;
   }
   if (current != nullptr && current->connected()) return current;
-  absl::StatusOr<std::unique_ptr<QmpClient>> client = QmpClient::Connect(record_.qmp_socket, connect_timeout);
+  absl::StatusOr<std::unique_ptr<QmpClient>> client = QmpClient::Connect(record_.qmp_socket, connect_timeout, record_.qemu_pid);
   if (!client.ok()) return client.status();
   std::shared_ptr<QmpClient> fresh = std::move(*client);
   fresh->SetEventHandler([this](const QmpEvent& event) { RelayQmpEvent(event); });
@@ -333,7 +333,7 @@ absl::Status VmTask::RequestPowerdownLocked(absl::Time deadline) {
   // precedes whatever the guest does about it (QEMU's SHUTDOWN event).
   if (record_.guest_agent) {
     absl::StatusOr<std::unique_ptr<GuestAgentClient>> agent =
-        GuestAgentClient::Connect(record_.guest_agent_socket, std::min(left(), absl::Seconds(2)));
+        GuestAgentClient::Connect(record_.guest_agent_socket, std::min(left(), absl::Seconds(2)), record_.qemu_pid);
     absl::Status status = agent.status();
     if (agent.ok()) {
       Emit("Asked the guest agent to shut down");

@@ -4,6 +4,8 @@
 // can never hang the plugin.
 #pragma once
 
+#include <sys/types.h>
+
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -56,7 +58,10 @@ class QmpClient {
   // or a socket chardev with `-mon chardev=...,mode=control`), reads the
   // greeting and negotiates capabilities. While the socket does not exist yet
   // or refuses connections (QEMU still starting) it retries until `timeout`.
-  static absl::StatusOr<std::unique_ptr<QmpClient>> Connect(const std::string& socket_path, absl::Duration timeout);
+  // With `served_by` > 0, a socket served by any other process is refused
+  // (PermissionDenied) before anything is sent.
+  static absl::StatusOr<std::unique_ptr<QmpClient>> Connect(const std::string& socket_path, absl::Duration timeout,
+                                                            pid_t served_by = 0);
 
   // The same handshake on an already connected stream socket, which the client
   // then owns. `peer` names it in messages.
@@ -110,6 +115,8 @@ class QmpClient {
   absl::Status WaitForDisconnect(absl::Duration timeout);
 
   bool connected() const;
+  // The process serving the socket (SO_PEERCRED), 0 if unknown.
+  pid_t peer_pid() const;
   // Why the connection ended; OK while it is open.
   absl::Status disconnect_reason() const;
 
@@ -145,8 +152,9 @@ class GuestAgentClient {
   // Connects (retrying while QEMU has not created the socket yet) and
   // synchronizes with the agent, all within `timeout`. Fails when no agent
   // answers in the guest within `timeout`, e.g. while the guest still boots.
+  // `served_by` as for QmpClient::Connect (QEMU serves the agent's socket).
   static absl::StatusOr<std::unique_ptr<GuestAgentClient>> Connect(const std::string& socket_path,
-                                                                   absl::Duration timeout);
+                                                                   absl::Duration timeout, pid_t served_by = 0);
   // The same on an already connected stream socket, which the client then owns.
   static absl::StatusOr<std::unique_ptr<GuestAgentClient>> Adopt(int fd, const std::string& peer,
                                                                  absl::Duration timeout);

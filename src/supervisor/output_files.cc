@@ -40,7 +40,9 @@ int OpenOutput(const char* what, const char* path, int signal_fd, ErrorText* err
   bool logged_wait = false;
   for (;;) {
     // O_NONBLOCK makes a FIFO without a reader fail with ENXIO instead of blocking.
-    const int fd = ::open(path, O_WRONLY | O_CREAT | O_APPEND | O_NONBLOCK | O_CLOEXEC, 0640);
+    // O_NOFOLLOW: the path lies in the allocation, which jobs write; a link
+    // planted there must not make root append QEMU's output to a host file.
+    const int fd = ::open(path, O_WRONLY | O_CREAT | O_APPEND | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC, 0640);
     if (fd >= 0) {
       // QEMU and our stderr copy expect ordinary blocking writes.
       const int flags = ::fcntl(fd, F_GETFL);

@@ -1,9 +1,12 @@
 // The VM lifecycle end to end: the real plugin binary launched as Nomad
 // launches it, the real supervisor, real QEMU under TCG booting the test guest.
 #include <pwd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <signal.h>
 
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 
@@ -454,6 +457,85 @@ TEST_F(LeastPrivilegeTest, QemuRunsAsQemuUserSandboxedWithoutReadingTheImageDire
   EXPECT_EQ(wait.result().exit_code(), 0);
   EXPECT_EQ(wait.result().signal(), 0) << "powered off by the guest, not killed";
   ASSERT_TRUE(harness_->Destroy(handle.config().id(), false).ok());
+}
+
+// A unix socket another daemon serves; counts who connects to it.
+class ForeignSocket {
+ public:
+  explicit ForeignSocket(const std::string& path) : path_(path) {
+    fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", path.c_str());
+    EXPECT_EQ(::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    EXPECT_EQ(::listen(fd_, 16), 0);
+  }
+  ~ForeignSocket() { ::close(fd_); }
+  // Connections made to it so far.
+  int Connections() {
+    int total = 0;
+    for (int conn; (conn = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC)) >= 0;) {
+      ++total;
+      ::close(conn);
+    }
+    return total;
+  }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+};
+
+// QEMU's user may write in one place only: the run/ directory with its
+// sockets. Everything it plants there (links to a host file, a link from the
+// QMP socket's name to another daemon's socket) changes nothing outside,
+// through a start, a plugin restart with recovery, a stop and a destroy.
+TEST_F(LeastPrivilegeTest, LinksPlantedByQemusUserChangeNothingOutside) {
+  TempDir outside;
+  const std::string victim = outside.path() + "/victim";
+  std::ofstream(victim) << "original\n";
+  ::chmod(victim.c_str(), 0644);
+  ::chmod(outside.path().c_str(), 0755);  // reachable for QEMU's user, as any daemon's socket directory
+  ForeignSocket daemon(outside.path() + "/daemon.sock");
+  FakeAlloc alloc("planted");
+  alloc.AddOverlay(images_.path() + "/guest.qcow2");
+  driverpb::TaskConfig task = alloc.Task(
+      {{"image_path", "local/disk.qcow2"}, {"graceful_shutdown", true}, {"guest_agent", true}});
+  driverpb::TaskHandle handle;
+  ASSERT_TRUE(harness_->Start(task, &handle).ok());
+  const DriverStateRecord record = RecordOf(handle);
+  const std::string run = record.state_dir + "/run";
+  auto as_user = [&](const std::string& script) {
+    auto ran = RunCommand({"/usr/sbin/runuser", "-u", kUser, "--", "/bin/sh", "-c", script}, absl::Seconds(30));
+    EXPECT_TRUE(ran.ok());
+    return ran.ok() ? ran->exit_code : -1;
+  };
+  // The state directory itself is not the user's to write.
+  EXPECT_NE(as_user("ln -s '" + victim + "' '" + record.state_dir + "/supervisor.log.new'"), 0);
+  // In run/: every name root might use, and the QMP socket swapped for a link.
+  const std::string daemon_path = outside.path() + "/daemon.sock";
+  std::string plant = "cd '" + run + "' && rm -f qmp.sock qga.sock && ln -s '" + daemon_path + "' qmp.sock && ln -s '" +
+                      daemon_path + "' qga.sock";
+  for (const char* name : {"supervisor.log", "exit.json", "pid", "driver-state.json", "x.tmp", "serial.log"}) {
+    plant += std::string(" && ln -sf '") + victim + "' " + name;
+  }
+  ASSERT_EQ(as_user(plant), 0);
+
+  ASSERT_NO_FATAL_FAILURE(harness_->Restart());
+  ASSERT_TRUE(harness_->Recover(handle).ok());
+  // The powerdown cannot go through QMP now; the stop escalates to a kill.
+  ASSERT_TRUE(harness_->Stop(handle.config().id(), absl::Seconds(2)).ok());
+  driverpb::WaitTaskResponse wait;
+  ASSERT_TRUE(harness_->Wait(handle.config().id(), &wait, absl::Seconds(30)).ok());
+  ASSERT_TRUE(harness_->Destroy(handle.config().id(), true).ok());
+
+  EXPECT_EQ(ReadFile(victim), "original\n");
+  struct stat st;
+  ASSERT_EQ(::lstat(victim.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0644u);
+  EXPECT_EQ(st.st_uid, 0u);
+  EXPECT_EQ(daemon.Connections(), 0) << "the plugin connected to a socket QEMU does not serve";
+  EXPECT_FALSE(ProcessAlive(record.qemu_pid));
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 // capture.py there), replayed by a scripted peer on a socketpair.
 #include "qemu_driver/qmp_client.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -648,6 +649,36 @@ int BindUnix(const std::string& path) {
   path.copy(addr.sun_path, sizeof addr.sun_path - 1);
   if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) std::abort();
   return fd;
+}
+
+// The socket lives in a directory QEMU's user writes, so with the VM's QEMU
+// pid given, any other server, or a link in the socket's place, is refused.
+TEST(qmp_client_connect, OnlyTheExpectedServerIsTalkedTo) {
+  TempDir dir;
+  const std::string path = dir.path() + "/qmp.sock";
+  const int listener = BindUnix(path);
+  ASSERT_EQ(::listen(listener, 8), 0);
+  const pid_t qemu = ::getpid() + 100000;  // not this process, which serves the socket
+  for (auto* connect : {+[](const std::string& p, pid_t pid) { return QmpClient::Connect(p, kFast, pid).status(); },
+                        +[](const std::string& p, pid_t pid) { return GuestAgentClient::Connect(p, kFast, pid).status(); }}) {
+    const absl::Status foreign = connect(path, qemu);
+    EXPECT_TRUE(absl::IsPermissionDenied(foreign)) << foreign;
+    EXPECT_THAT(std::string(foreign.message()), HasSubstr("not by the VM's QEMU"));
+  }
+  std::filesystem::create_symlink(path, dir.path() + "/link.sock");
+  const absl::Status linked = QmpClient::Connect(dir.path() + "/link.sock", kFast, ::getpid()).status();
+  EXPECT_TRUE(absl::IsPermissionDenied(linked)) << linked;
+  EXPECT_THAT(std::string(linked.message()), HasSubstr("is not a socket"));
+  // Two refused after connecting (the server's pid is only known then), none through the link.
+  int connections = 0;
+  ::fcntl(listener, F_SETFL, O_NONBLOCK);
+  for (int conn; (conn = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC)) >= 0; ++connections) {
+    char byte;
+    EXPECT_EQ(::recv(conn, &byte, 1, 0), 0) << "nothing is sent to a foreign server";
+    ::close(conn);
+  }
+  EXPECT_EQ(connections, 2);
+  ::close(listener);
 }
 
 TEST(qmp_client_connect, RetriesUntilTheSocketAppears) {
