@@ -15,6 +15,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
+#include "nomadplugin/hclog.h"
 #include "qemu_driver/small_file.h"
 
 namespace ndq {
@@ -202,14 +203,20 @@ void RemoveTaskCgroup(const TaskCgroup& cgroup) {
   for (const std::string& dir : cgroup.created) {
     // Normally empty by now (QEMU has exited); anything left would pin it.
     if (cgroup.version == CgroupVersion::kV2) WriteFile(dir, "cgroup.kill", "1").IgnoreError();
-    const absl::Time deadline = absl::Now() + absl::Seconds(2);
-    while (::rmdir(dir.c_str()) != 0 && errno == EBUSY && absl::Now() < deadline) {
+    const absl::Time deadline = absl::Now() + absl::Seconds(5);
+    int result;
+    while ((result = ::rmdir(dir.c_str())) != 0 && errno == EBUSY && absl::Now() < deadline) {
       for (absl::string_view pid_text :
            absl::StrSplit(ReadSmallFile(dir + "/cgroup.procs").value_or(""), '\n', absl::SkipEmpty())) {
         pid_t pid;
         if (absl::SimpleAtoi(pid_text, &pid) && pid > 0) ::kill(pid, SIGKILL);
       }
       absl::SleepFor(absl::Milliseconds(10));
+    }
+    if (result != 0 && errno != ENOENT) {
+      nomadplugin::hclog::Warn("cannot remove a VM's cgroup", {{"cgroup", dir},
+                                                               {"error", std::strerror(errno)},
+                                                               {"procs", ReadSmallFile(dir + "/cgroup.procs").value_or("?")}});
     }
   }
 }

@@ -396,17 +396,20 @@ bool Eventually(const std::function<bool()>& condition, absl::Duration timeout) 
   return true;
 }
 
-// The socket's identity, so a closed descriptor whose number was reused is not
-// mistaken for the original.
-ino_t SocketInode(int fd) {
-  struct stat st {};
-  return ::fstat(fd, &st) == 0 ? st.st_ino : 0;
+// What descriptor `fd` refers to ("socket:[inode]"), read through /proc
+// rather than with a call on the descriptor, which the client's thread may be
+// closing meanwhile; a number reused after the close reads differently.
+std::string DescriptorTarget(int fd) {
+  std::error_code error;
+  const std::filesystem::path target = std::filesystem::read_symlink("/proc/self/fd/" + std::to_string(fd), error);
+  return error ? std::string() : target.string();
 }
 
 TEST(qmp_client, DestroyedOnItsReaderThreadItStillClosesTheSocket) {
   ScriptedPeer peer(Concat(Handshake(), {FromClient(R"({"execute": "query-status", "id": 2})"), ToClient(kResetEvent)}));
   const int fd = peer.client_fd();
-  const ino_t inode = SocketInode(fd);
+  const std::string target = DescriptorTarget(fd);
+  ASSERT_THAT(target, HasSubstr("socket:"));
   absl::Mutex mu;
   std::unique_ptr<QmpClient> client = AdoptOrDie(peer);
   ASSERT_NE(client, nullptr);
@@ -423,13 +426,14 @@ TEST(qmp_client, DestroyedOnItsReaderThreadItStillClosesTheSocket) {
   absl::MutexLock lock(&mu);
   ASSERT_TRUE(mu.AwaitWithTimeout(absl::Condition(&destroyed), kGenerous));
   // The detached reader lets go of the session last, which closes the socket.
-  EXPECT_TRUE(Eventually([&] { return SocketInode(fd) != inode; }, kGenerous));
+  EXPECT_TRUE(Eventually([&] { return DescriptorTarget(fd) != target; }, kGenerous));
 }
 
 TEST(qmp_client, DestroyedFromAHandlerReplayingEarlierEventsDoesNotHang) {
   ScriptedPeer peer(Concat(Handshake(), {ToClient(kResetEvent)}));
   const int fd = peer.client_fd();
-  const ino_t inode = SocketInode(fd);
+  const std::string target = DescriptorTarget(fd);
+  ASSERT_THAT(target, HasSubstr("socket:"));
   std::unique_ptr<QmpClient> client = AdoptOrDie(peer);
   ASSERT_NE(client, nullptr);
   ASSERT_TRUE(client->WaitForEvent("RESET", kGenerous).ok());
@@ -438,7 +442,7 @@ TEST(qmp_client, DestroyedFromAHandlerReplayingEarlierEventsDoesNotHang) {
   raw->SetEventHandler([&](const QmpEvent&) { client.reset(); });  // replayed on this thread
   EXPECT_EQ(client, nullptr);
   EXPECT_LT(absl::Now() - start, kFast);
-  EXPECT_TRUE(Eventually([&] { return SocketInode(fd) != inode; }, kGenerous));
+  EXPECT_TRUE(Eventually([&] { return DescriptorTarget(fd) != target; }, kGenerous));
 }
 
 // ---------------------------------------------------------------------------
