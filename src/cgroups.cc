@@ -213,9 +213,10 @@ void RemoveTaskCgroup(const TaskCgroup& cgroup) {
       }
       absl::SleepFor(absl::Milliseconds(10));
     }
-    if (result != 0 && errno != ENOENT) {
+    const int err = result == 0 ? 0 : errno;
+    if (err != 0 && err != ENOENT) {
       nomadplugin::hclog::Warn("cannot remove a VM's cgroup", {{"cgroup", dir},
-                                                               {"error", std::strerror(errno)},
+                                                               {"error", std::strerror(err)},
                                                                {"procs", ReadSmallFile(dir + "/cgroup.procs").value_or("?")}});
     }
   }
