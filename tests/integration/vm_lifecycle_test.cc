@@ -298,11 +298,17 @@ TEST_F(VmLifecycleTest, SigpwrPowersTheGuestOffAndDestroyNeedsForce) {
   ASSERT_TRUE(harness_->Destroy(id, false).ok());
 }
 
+// A force destroy kills at once: no powerdown first, not even for a VM that
+// asks for a graceful shutdown through a guest agent that never answers (the
+// agent alone would take its 2 s connect timeout).
 TEST_F(VmLifecycleTest, ForcedDestroyKillsARunningVm) {
   FakeAlloc alloc("forced");
-  const driverpb::TaskHandle handle = StartGuest(alloc, "guest-noacpi.qcow2", FreePort());
+  const driverpb::TaskHandle handle = StartGuest(alloc, "guest-noacpi.qcow2", FreePort(),
+                                                 {{"graceful_shutdown", true}, {"guest_agent", true}});
   const DriverStateRecord record = RecordOf(handle);
+  const absl::Time start = absl::Now();
   ASSERT_TRUE(harness_->Destroy(handle.config().id(), true).ok());
+  EXPECT_LT(absl::Now() - start, absl::Seconds(2));
   EXPECT_FALSE(ProcessAlive(record.qemu_pid));
   EXPECT_FALSE(std::filesystem::exists(record.state_dir));
 }
