@@ -100,6 +100,16 @@ pid_t PeerPid(int fd) {
   return ::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0 ? cred.pid : 0;
 }
 
+// PermissionDenied unless `expected` (when > 0) serves the socket `fd`; `peer`
+// names it in the message.
+absl::Status CheckServedBy(int fd, absl::string_view peer, pid_t expected) {
+  const pid_t server = PeerPid(fd);
+  if (expected <= 0 || server == expected) return absl::OkStatus();
+  return absl::PermissionDeniedError(absl::StrCat(peer, " is served by process ", server,
+                                                  ", not by the VM's QEMU (pid ", expected,
+                                                  "); refusing to talk to it"));
+}
+
 // With `served_by` > 0, a socket some other process serves is refused before a
 // byte is sent: the socket's directory is QEMU's user's to write, and a link
 // planted there must not make the (root) plugin talk to another daemon.
@@ -126,11 +136,9 @@ absl::StatusOr<int> ConnectUnix(const std::string& path, absl::string_view what,
     const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) return absl::InternalError(absl::StrCat("socket(AF_UNIX): ", Errno(errno)));
     if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0) {
-      if (const pid_t peer = PeerPid(fd); served_by > 0 && peer != served_by) {
+      if (absl::Status served = CheckServedBy(fd, absl::StrCat(what, " socket ", path), served_by); !served.ok()) {
         ::close(fd);
-        return absl::PermissionDeniedError(absl::StrCat(what, " socket ", path, " is served by process ", peer,
-                                                        ", not by the VM's QEMU (pid ", served_by,
-                                                        "); refusing to talk to it"));
+        return served;
       }
       // Reads block in their own thread or behind poll(); writes use MSG_DONTWAIT.
       ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
@@ -354,7 +362,9 @@ QmpClient::~QmpClient() {
 
 void QmpClient::Close() { session_->Close(); }
 
-pid_t QmpClient::peer_pid() const { return PeerPid(session_->fd); }
+absl::Status QmpClient::CheckServedBy(pid_t qemu_pid) const {
+  return ndq::CheckServedBy(session_->fd, session_->peer, qemu_pid);
+}
 
 void QmpClient::Session::Close() {
   {

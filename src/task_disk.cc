@@ -53,6 +53,15 @@ FetchOptions OptionsFor(const PluginConfig& plugin, const LocalOpener& open_loca
   return options;
 }
 
+// The task config field that names sources[i] (image_source first, then image_sources).
+std::string SourceField(const TaskConfig& config, size_t i) {
+  if (config.image_source) {
+    if (i == 0) return "image_source";
+    --i;
+  }
+  return absl::StrCat("image_sources[", i, "]");
+}
+
 // Admits every local source before anything else happens, so a refused one
 // is answered with admission's own error (it names nothing but the job's
 // path) instead of after the cache's lock, and nothing of it is read.
@@ -61,9 +70,7 @@ absl::Status AdmitLocalSources(const TaskConfig& config, const std::vector<std::
   if (!open_local) return absl::OkStatus();
   std::vector<std::pair<std::string, std::string>> local;  // (field, source)
   for (size_t i = 0; i < sources.size(); ++i) {
-    local.emplace_back(config.image_source && i == 0 ? "image_source"
-                                                     : absl::StrCat("image_sources[", i - (config.image_source ? 1 : 0), "]"),
-                       sources[i]);
+    local.emplace_back(SourceField(config, i), sources[i]);
   }
   if (config.checksum_url) local.emplace_back("checksum_url", *config.checksum_url);
   for (const auto& [field, source] : local) {
@@ -135,9 +142,7 @@ absl::StatusOr<std::vector<std::string>> ImageSources(const TaskConfig& config, 
   };
   for (size_t i = 0; i < sources.size(); ++i) {
     const std::string& source = sources[i];
-    const std::string field = config.image_source && i == 0
-                                  ? "image_source"
-                                  : absl::StrCat("image_sources[", i - (config.image_source ? 1 : 0), "]");
+    const std::string field = SourceField(config, i);
     if (!SupportedSource(source)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "task config \"", field, "\": unsupported URL \"", source, "\" (use http://, https://, file:// or an absolute path)"));

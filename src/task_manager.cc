@@ -517,11 +517,7 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
     return absl::InternalError("QEMU answered on QMP but its pid could not be read: " + pid_problem);
   }
   // Connected before the pid was known: check now that QEMU itself answered.
-  if (qmp->peer_pid() != record.qemu_pid) {
-    return absl::PermissionDeniedError(absl::StrCat("the QMP socket ", record.qmp_socket, " is served by process ",
-                                                    qmp->peer_pid(), ", not by the VM's QEMU (pid ",
-                                                    record.qemu_pid, ")"));
-  }
+  if (absl::Status served = qmp->CheckServedBy(record.qemu_pid); !served.ok()) return served;
   absl::StatusOr<std::string> run_state = qmp->QueryStatus();
   // The last point to give up: after this the VM is registered and Nomad holds it.
   if (gave_up()) return caller_left;

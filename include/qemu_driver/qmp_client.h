@@ -115,8 +115,9 @@ class QmpClient {
   absl::Status WaitForDisconnect(absl::Duration timeout);
 
   bool connected() const;
-  // The process serving the socket (SO_PEERCRED), 0 if unknown.
-  pid_t peer_pid() const;
+  // PermissionDenied unless process `qemu_pid` serves the socket (SO_PEERCRED),
+  // as Connect's `served_by` checks before the handshake.
+  absl::Status CheckServedBy(pid_t qemu_pid) const;
   // Why the connection ended; OK while it is open.
   absl::Status disconnect_reason() const;
 
