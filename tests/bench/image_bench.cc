@@ -16,9 +16,9 @@
 #include "../support/http_test_server.h"
 #include "../support/plugin_harness.h"
 #include "../support/temp_dir.h"
-#include "qemu_driver/checksum.h"
-#include "qemu_driver/fetcher.h"
-#include "qemu_driver/task_disk.h"
+#include "image/checksum.h"
+#include "image/fetcher.h"
+#include "image/task_disk.h"
 
 namespace ndq {
 namespace {

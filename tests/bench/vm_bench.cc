@@ -19,10 +19,10 @@
 
 #include "../support/plugin_harness.h"
 #include "../support/test_guest.h"
-#include "qemu_driver/process_watch.h"
-#include "qemu_driver/qmp_client.h"
+#include "host/process_watch.h"
+#include "qemu/qmp_client.h"
 #include "qemu_driver/supervisor_protocol.h"
-#include "qemu_driver/vm_task.h"
+#include "vm/vm_task.h"
 
 extern char** environ;
 

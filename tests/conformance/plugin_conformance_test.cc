@@ -18,7 +18,7 @@
 #include "nomad/structs.pb.h"
 #include "nomadplugin/driver_client.h"
 #include "nomadplugin/launcher.h"
-#include "qemu_driver/run_command.h"
+#include "host/run_command.h"
 
 namespace ndq {
 namespace {

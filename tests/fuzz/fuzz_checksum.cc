@@ -6,7 +6,7 @@
 #include <string>
 #include <string_view>
 
-#include "qemu_driver/checksum.h"
+#include "image/checksum.h"
 
 namespace {
 

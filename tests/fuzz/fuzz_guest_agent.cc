@@ -9,7 +9,7 @@
 
 #include <spdlog/spdlog.h>
 
-#include "qemu_driver/qmp_client.h"
+#include "qemu/qmp_client.h"
 #include "scripted_peer.h"
 
 namespace {

@@ -14,7 +14,7 @@
 
 #include <spdlog/spdlog.h>
 
-#include "qemu_driver/image_probe.h"
+#include "image/image_probe.h"
 
 namespace {
 std::string g_dir;

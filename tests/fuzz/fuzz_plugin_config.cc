@@ -6,7 +6,7 @@
 
 #include <spdlog/spdlog.h>
 
-#include "qemu_driver/plugin_config.h"
+#include "policy/plugin_config.h"
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   spdlog::set_level(spdlog::level::off);

@@ -18,9 +18,9 @@
 #include <spdlog/spdlog.h>
 
 #include "nomad/driver.pb.h"
-#include "qemu_driver/cmdline.h"
-#include "qemu_driver/task_config.h"
-#include "qemu_driver/vm_spec.h"
+#include "qemu/cmdline.h"
+#include "policy/task_config.h"
+#include "qemu/vm_spec.h"
 
 namespace driverpb = hashicorp::nomad::plugins::drivers::proto;
 

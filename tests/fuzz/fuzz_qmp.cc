@@ -9,8 +9,8 @@
 
 #include <spdlog/spdlog.h>
 
-#include "qemu_driver/qmp_client.h"
-#include "qemu_driver/vm_task.h"
+#include "qemu/qmp_client.h"
+#include "vm/vm_task.h"
 #include "scripted_peer.h"
 
 namespace {

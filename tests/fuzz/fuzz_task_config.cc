@@ -7,7 +7,7 @@
 
 #include <spdlog/spdlog.h>
 
-#include "qemu_driver/task_config.h"
+#include "policy/task_config.h"
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   spdlog::set_level(spdlog::level::off);

@@ -1,6 +1,6 @@
 // FetchVerified against a real HTTP(S) server on 127.0.0.1
 // (tests/support/http_test_server.py) with injected faults.
-#include "qemu_driver/fetcher.h"
+#include "image/fetcher.h"
 
 #include <curl/curl.h>
 #include <fcntl.h>
@@ -38,7 +38,7 @@
 #include "absl/strings/strip.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "qemu_driver/run_command.h"
+#include "host/run_command.h"
 #include "../support/http_test_server.h"
 #include "../support/temp_dir.h"
 #include "../support/test_guest.h"

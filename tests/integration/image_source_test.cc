@@ -19,7 +19,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
-#include "qemu_driver/checksum.h"
+#include "image/checksum.h"
 
 namespace ndq {
 namespace {

@@ -15,7 +15,7 @@
 #include "../support/plugin_harness.h"
 #include "../support/temp_dir.h"
 #include "../support/test_guest.h"
-#include "qemu_driver/vm_task.h"
+#include "vm/vm_task.h"
 
 namespace ndq {
 namespace {

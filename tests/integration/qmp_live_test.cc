@@ -25,8 +25,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "../support/test_guest.h"
-#include "qemu_driver/qmp_client.h"
-#include "qemu_driver/run_command.h"
+#include "qemu/qmp_client.h"
+#include "host/run_command.h"
 
 namespace ndq {
 namespace {

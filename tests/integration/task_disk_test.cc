@@ -1,6 +1,6 @@
 // ImageSources and PrepareTaskDisk with the network source policy and the
 // opener for local sources, on real files, the real cache and qemu-img.
-#include "qemu_driver/task_disk.h"
+#include "image/task_disk.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -13,7 +13,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "qemu_driver/checksum.h"
+#include "image/checksum.h"
 #include "../support/temp_dir.h"
 
 namespace ndq {

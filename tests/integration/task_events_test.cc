@@ -18,9 +18,9 @@
 #include "../support/temp_dir.h"
 #include "../support/test_guest.h"
 #include "absl/strings/match.h"
-#include "qemu_driver/process_watch.h"
-#include "qemu_driver/qmp_client.h"
-#include "qemu_driver/vm_task.h"
+#include "host/process_watch.h"
+#include "qemu/qmp_client.h"
+#include "vm/vm_task.h"
 
 namespace ndq {
 namespace {

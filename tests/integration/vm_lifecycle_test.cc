@@ -21,9 +21,9 @@
 #include "../support/test_guest.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
-#include "qemu_driver/process_watch.h"
+#include "host/process_watch.h"
 #include "qemu_driver/supervisor_protocol.h"
-#include "qemu_driver/vm_task.h"
+#include "vm/vm_task.h"
 
 namespace ndq {
 namespace {

@@ -11,7 +11,7 @@
 
 #include "absl/time/clock.h"
 #include "plugin_harness.h"
-#include "qemu_driver/vm_task.h"
+#include "vm/vm_task.h"
 #include "test_guest.h"
 
 namespace ndq::testing {

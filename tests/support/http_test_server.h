@@ -17,7 +17,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
-#include "qemu_driver/run_command.h"
+#include "host/run_command.h"
 
 namespace ndq::testing {
 

@@ -23,9 +23,9 @@
 #include "../support/temp_dir.h"
 #include "nomadplugin/driver_client.h"
 #include "nomadplugin/launcher.h"
-#include "qemu_driver/cgroups.h"
-#include "qemu_driver/run_command.h"
-#include "qemu_driver/small_file.h"
+#include "host/cgroups.h"
+#include "host/run_command.h"
+#include "base/small_file.h"
 
 namespace ndq::testing {
 

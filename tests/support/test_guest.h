@@ -8,8 +8,8 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "qemu_driver/run_command.h"
-#include "qemu_driver/small_file.h"
+#include "host/run_command.h"
+#include "base/small_file.h"
 
 namespace ndq::testing {
 

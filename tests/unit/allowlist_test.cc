@@ -1,4 +1,4 @@
-#include "qemu_driver/allowlist.h"
+#include "policy/allowlist.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -14,7 +14,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
-#include "qemu_driver/run_command.h"
+#include "host/run_command.h"
 
 namespace ndq {
 namespace {

@@ -1,4 +1,4 @@
-#include "qemu_driver/cgroups.h"
+#include "host/cgroups.h"
 
 #include <unistd.h>
 
@@ -7,7 +7,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "qemu_driver/vm_task.h"
+#include "vm/vm_task.h"
 
 namespace ndq {
 namespace {

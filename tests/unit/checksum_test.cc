@@ -1,4 +1,4 @@
-#include "qemu_driver/checksum.h"
+#include "image/checksum.h"
 
 #include <string>
 

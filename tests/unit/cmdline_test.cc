@@ -1,4 +1,4 @@
-#include "qemu_driver/cmdline.h"
+#include "qemu/cmdline.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -29,7 +29,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
-#include "qemu_driver/qmp_client.h"
+#include "qemu/qmp_client.h"
 
 extern char** environ;
 

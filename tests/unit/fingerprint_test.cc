@@ -1,4 +1,4 @@
-#include "qemu_driver/fingerprint.h"
+#include "host/fingerprint.h"
 
 #include <sys/stat.h>
 #include <sys/time.h>

@@ -1,4 +1,4 @@
-#include "qemu_driver/image_cache.h"
+#include "image/image_cache.h"
 
 #include <sys/stat.h>
 

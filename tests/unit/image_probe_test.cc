@@ -1,4 +1,4 @@
-#include "qemu_driver/image_probe.h"
+#include "image/image_probe.h"
 
 #include <sys/stat.h>
 
@@ -8,7 +8,7 @@
 #include <gtest/gtest.h>
 
 #include "../support/temp_dir.h"
-#include "qemu_driver/run_command.h"
+#include "host/run_command.h"
 
 namespace ndq {
 namespace {

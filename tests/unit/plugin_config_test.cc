@@ -1,4 +1,4 @@
-#include "qemu_driver/plugin_config.h"
+#include "policy/plugin_config.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>

@@ -1,4 +1,4 @@
-#include "qemu_driver/source_policy.h"
+#include "policy/source_policy.h"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>

@@ -1,4 +1,4 @@
-#include "qemu_driver/task_config.h"
+#include "policy/task_config.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>

@@ -1,4 +1,4 @@
-#include "qemu_driver/vm_spec.h"
+#include "qemu/vm_spec.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>

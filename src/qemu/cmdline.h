@@ -1,0 +1,33 @@
+// The QEMU command line for a planned VM: a pure function, tested with golden
+// files (tests/unit/cmdline_golden) and once against the real binary.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "qemu/vm_spec.h"
+
+namespace ndq {
+
+// Where this VM's control sockets go; chosen by the caller (short paths).
+struct RuntimePaths {
+  std::string qmp_socket;          // always opened when set
+  std::string guest_agent_socket;  // used when spec.guest_agent
+};
+
+// A value for QEMU's comma-separated key=value syntax: each ',' is doubled so
+// the value can never end early and start another key (file=a,,b is "a,b").
+std::string EscapeQemuOptionValue(const std::string& value);
+
+// argv[0] is spec.emulator_path. Nomad's driver layout, plus QMP, -smp and
+// bound port forwards:
+//   <emulator> -machine type=<machine>,accel=<accel> -name guest=<name>
+//   -m <MB>M [-smp <cpus>]
+//   [-add-fd fd=<n>,set=<k> -blockdev <file node> -blockdev <format node>]... (bottom layer first)
+//   [-device <disk device for drive_interface>,drive=image0]
+//   -nographic [-sandbox on,...] [-chardev ...qmp0 -mon chardev=qmp0,mode=control]
+//   [guest agent channel] <args...> [-netdev user,... -device virtio-net,...]
+//   [-enable-kvm]
+std::vector<std::string> BuildQemuArgv(const VmSpec& spec, const RuntimePaths& paths);
+
+}  // namespace ndq

@@ -1,0 +1,939 @@
+#include "qemu/qmp_client.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <random>
+#include <utility>
+
+#include "absl/strings/cord.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "nomadplugin/bounded_json.h"
+#include "nomadplugin/hclog.h"
+
+namespace ndq {
+namespace {
+
+using nlohmann::json;
+
+// Status payload key under which an error reply's QMP class travels.
+constexpr absl::string_view kErrorClassPayload = "ndq.qemu/qmp-error-class";
+// No sane reply comes near this; a peer that sends more without a newline is broken.
+constexpr size_t kMaxQmpLine = 64 << 20;
+// Guest agent replies come from inside the guest, which we do not trust.
+constexpr size_t kMaxAgentLine = 1 << 20;
+constexpr char kSentinel = '\xff';
+// Copying or dumping a parsed message recurses once per level, so what QEMU or
+// the guest sends is parsed with a bound (no real message comes near it).
+constexpr size_t kMaxJsonDepth = nomadplugin::kDefaultMaxJsonDepth;
+constexpr absl::Duration kSyncResendInterval = absl::Seconds(1);
+
+int PollMs(absl::Time deadline) {
+  const absl::Duration left = deadline - absl::Now();
+  if (left <= absl::ZeroDuration()) return 0;
+  return static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(left) + 1, 60 * 60 * 1000));
+}
+
+std::string Errno(int err) { return std::strerror(err); }
+
+// A short, printable excerpt of untrusted text for error messages.
+std::string Preview(absl::string_view text) {
+  constexpr size_t kMax = 200;
+  std::string out;
+  for (char c : text.substr(0, kMax)) {
+    const auto u = static_cast<unsigned char>(c);
+    if (u >= 0x20 && u < 0x7f) {
+      out.push_back(c);
+    } else {
+      static constexpr char kHex[] = "0123456789abcdef";
+      out += "\\x";
+      out.push_back(kHex[u >> 4]);
+      out.push_back(kHex[u & 15]);
+    }
+  }
+  if (text.size() > kMax) absl::StrAppend(&out, "... (", text.size(), " bytes)");
+  return out;
+}
+
+std::string Dump(const json& value) { return value.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+// Maps a QMP error reply to a Status; the class also rides along as a payload.
+absl::Status ErrorReplyStatus(absl::string_view who, absl::string_view command, const json& error) {
+  std::string cls = "GenericError";
+  std::string desc = "(no description)";
+  if (error.is_object()) {
+    auto c = error.find("class");
+    if (c != error.end() && c->is_string()) cls = c->get<std::string>();
+    auto d = error.find("desc");
+    if (d != error.end() && d->is_string()) desc = d->get<std::string>();
+  }
+  absl::StatusCode code = absl::StatusCode::kUnknown;
+  if (cls == "CommandNotFound") {
+    code = absl::StatusCode::kUnimplemented;
+  } else if (cls == "DeviceNotFound") {
+    code = absl::StatusCode::kNotFound;
+  } else if (cls == "DeviceNotActive" || cls == "KVMMissingCap") {
+    code = absl::StatusCode::kFailedPrecondition;
+  }
+  absl::Status status(code, absl::StrCat(who, " rejected ", command, ": ", desc, " [", cls, "]"));
+  status.SetPayload(kErrorClassPayload, absl::Cord(cls));
+  return status;
+}
+
+// Connects to a unix socket that may not exist yet (QEMU creates its sockets
+// shortly after it starts), retrying with a short backoff until `deadline`.
+// Who serves the socket: the process that listened on it (SO_PEERCRED); 0 if unknown.
+pid_t PeerPid(int fd) {
+  ucred cred{};
+  socklen_t len = sizeof cred;
+  return ::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0 ? cred.pid : 0;
+}
+
+// PermissionDenied unless `expected` (when > 0) serves the socket `fd`; `peer`
+// names it in the message.
+absl::Status CheckServedBy(int fd, absl::string_view peer, pid_t expected) {
+  const pid_t server = PeerPid(fd);
+  if (expected <= 0 || server == expected) return absl::OkStatus();
+  return absl::PermissionDeniedError(absl::StrCat(peer, " is served by process ", server,
+                                                  ", not by the VM's QEMU (pid ", expected,
+                                                  "); refusing to talk to it"));
+}
+
+// With `served_by` > 0, a socket some other process serves is refused before a
+// byte is sent: the socket's directory is QEMU's user's to write, and a link
+// planted there must not make the (root) plugin talk to another daemon.
+absl::StatusOr<int> ConnectUnix(const std::string& path, absl::string_view what, absl::Duration timeout,
+                                pid_t served_by) {
+  const absl::Time deadline = absl::Now() + timeout;
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof(addr.sun_path)) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " socket path \"", path, "\" is ", path.size(),
+                                                   " bytes; a unix socket path must be 1 to ",
+                                                   sizeof(addr.sun_path) - 1, " bytes, so use a shorter directory"));
+  }
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  absl::Duration backoff = absl::Milliseconds(5);
+  while (true) {
+    // A link in the socket's place is refused without connecting through it.
+    if (struct stat st {}; served_by > 0 && ::lstat(path.c_str(), &st) == 0 && !S_ISSOCK(st.st_mode)) {
+      return absl::PermissionDeniedError(absl::StrCat(what, " socket ", path,
+                                                      " is not a socket (something was put in its place); "
+                                                      "refusing to connect through it"));
+    }
+    // Non-blocking so a full backlog (QEMU busy with another client) is EAGAIN, not a hang.
+    const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) return absl::InternalError(absl::StrCat("socket(AF_UNIX): ", Errno(errno)));
+    if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0) {
+      if (absl::Status served = CheckServedBy(fd, absl::StrCat(what, " socket ", path), served_by); !served.ok()) {
+        ::close(fd);
+        return served;
+      }
+      // Reads block in their own thread or behind poll(); writes use MSG_DONTWAIT.
+      ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+      return fd;
+    }
+    const int err = errno;
+    ::close(fd);
+    // Linux refuses connections to a file that is no socket; do not wait on that.
+    struct stat st;
+    if (err == ECONNREFUSED && ::stat(path.c_str(), &st) == 0 && !S_ISSOCK(st.st_mode)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(what, " socket path ", path, " exists but is not a socket: point it at the socket QEMU serves"));
+    }
+    const bool transient = err == ENOENT || err == ECONNREFUSED || err == EAGAIN || err == EINTR;
+    if (!transient) {
+      if (err == EACCES || err == EPERM) {
+        return absl::PermissionDeniedError(
+            absl::StrCat("no permission to connect to ", what, " socket ", path, ": ", Errno(err)));
+      }
+      return absl::FailedPreconditionError(
+          absl::StrCat("cannot connect to ", what, " socket ", path, ": ", Errno(err)));
+    }
+    const absl::Duration left = deadline - absl::Now();
+    if (left <= absl::ZeroDuration()) {
+      const std::string waited = absl::FormatDuration(timeout);
+      if (err == ENOENT) {
+        return absl::UnavailableError(absl::StrCat(what, " socket ", path, " still does not exist after ", waited,
+                                                   ": QEMU is not running, or not with this socket configured"));
+      }
+      if (err == ECONNREFUSED) {
+        return absl::UnavailableError(absl::StrCat(what, " socket ", path, " refused connections for ", waited,
+                                                   ": the QEMU that created it has probably exited"));
+      }
+      return absl::UnavailableError(absl::StrCat(what, " socket ", path, " stayed busy for ", waited,
+                                                 " (connection backlog full)"));
+    }
+    absl::SleepFor(std::min(backoff, left));
+    backoff = std::min(backoff * 2, absl::Milliseconds(100));
+  }
+}
+
+// Writes all of `data` before `deadline`. A closed peer is Unavailable.
+absl::Status SendAll(int fd, absl::string_view data, absl::Time deadline, absl::string_view peer,
+                     absl::Duration timeout, bool* partial) {
+  size_t off = 0;
+  while (off < data.size()) {
+    const ssize_t n = ::send(fd, data.data() + off, data.size() - off, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n > 0) {
+      off += static_cast<size_t>(n);
+      continue;
+    }
+    const int err = errno;
+    if (n < 0 && err == EINTR) continue;
+    if (n < 0 && (err == EAGAIN || err == EWOULDBLOCK)) {
+      pollfd pfd{fd, POLLOUT, 0};
+      const int ready = ::poll(&pfd, 1, PollMs(deadline));
+      if (ready == 0 && absl::Now() >= deadline) {
+        *partial = off > 0;
+        return absl::DeadlineExceededError(
+            absl::StrCat(peer, ": could not send within ", absl::FormatDuration(timeout), ": the peer is not reading"));
+      }
+      continue;
+    }
+    *partial = off > 0;
+    if (err == EPIPE || err == ECONNRESET || err == ENOTCONN) {
+      return absl::UnavailableError(absl::StrCat(peer, ": connection closed (QEMU exited?)"));
+    }
+    return absl::UnavailableError(absl::StrCat(peer, ": write failed: ", Errno(err)));
+  }
+  return absl::OkStatus();
+}
+
+int64_t RandomSyncId() {
+  // Positive and well inside 2^31 so any agent parses it as a plain integer.
+  thread_local std::mt19937 gen{std::random_device{}()};
+  return std::uniform_int_distribution<int64_t>(1, (int64_t{1} << 31) - 1)(gen);
+}
+
+int IntField(const json& object, const char* key) {
+  auto it = object.find(key);
+  return it != object.end() && it->is_number_integer() ? it->get<int>() : 0;
+}
+
+}  // namespace
+
+std::string QmpVersion::ToString() const { return absl::StrCat(major, ".", minor, ".", micro); }
+
+std::string QmpErrorClass(const absl::Status& status) {
+  auto payload = status.GetPayload(kErrorClassPayload);
+  return payload.has_value() ? std::string(*payload) : std::string();
+}
+
+// ---------------------------------------------------------------------------
+// QmpClient
+
+struct QmpClient::Session {
+  struct Pending {
+    std::string command;
+    bool done = false;
+    absl::StatusOr<json> result;
+  };
+
+  Session(int fd, std::string peer) : fd(fd), peer(std::move(peer)) {}
+  ~Session() { ::close(fd); }
+
+  void ReadLoop();
+  // Returns false when the line is fatal for the session (already ended).
+  bool HandleLine(const std::string& line);
+  void HandleEvent(const json& message);
+  void EndSession(const absl::Status& reason);
+  absl::Status SendLine(const std::string& line, absl::Time deadline);
+  absl::StatusOr<json> Execute(const std::string& command, const json& arguments, absl::Duration timeout);
+  void Close();
+  // True on the reader thread and while a handler runs on the thread that
+  // installed it: there, waiting for the reader would deadlock.
+  bool MustNotWait() const {
+    const std::thread::id self = std::this_thread::get_id();
+    return self == reader_id.load() || self == replaying_on.load();
+  }
+
+  const int fd;
+  const std::string peer;  // "QMP socket /path" for messages
+  std::atomic<std::thread::id> reader_id{};
+  std::atomic<std::thread::id> replaying_on{};
+
+  mutable absl::Mutex mu;
+  bool greeted ABSL_GUARDED_BY(mu) = false;
+  json greeting ABSL_GUARDED_BY(mu);
+  bool ended ABSL_GUARDED_BY(mu) = false;
+  bool closing ABSL_GUARDED_BY(mu) = false;  // Close() was called
+  bool eof ABSL_GUARDED_BY(mu) = false;      // QEMU closed its end
+  absl::Status end_reason ABSL_GUARDED_BY(mu);
+  int64_t next_id ABSL_GUARDED_BY(mu) = 1;
+  std::map<int64_t, Pending*> pending ABSL_GUARDED_BY(mu);
+  std::deque<QmpEvent> events ABSL_GUARDED_BY(mu);
+
+  // Held while the handler runs, so replacing it waits for a running call.
+  // Taken before mu, never after it.
+  absl::Mutex handler_mu ABSL_ACQUIRED_BEFORE(mu);
+  std::function<void(const QmpEvent&)> handler ABSL_GUARDED_BY(handler_mu);
+  std::deque<QmpEvent> undelivered ABSL_GUARDED_BY(handler_mu);  // while no handler is set
+
+  // Serializes writers so command lines never interleave.
+  absl::Mutex write_mu;
+  bool write_broken ABSL_GUARDED_BY(write_mu) = false;
+};
+
+QmpClient::QmpClient(std::shared_ptr<Session> session) : session_(std::move(session)) {}
+
+absl::StatusOr<std::unique_ptr<QmpClient>> QmpClient::Connect(const std::string& socket_path,
+                                                                absl::Duration timeout, pid_t served_by) {
+  const absl::Time deadline = absl::Now() + timeout;
+  absl::StatusOr<int> fd = ConnectUnix(socket_path, "QMP", timeout, served_by);
+  if (!fd.ok()) return fd.status();
+  return Adopt(*fd, absl::StrCat("QMP socket ", socket_path), std::max(deadline - absl::Now(), absl::ZeroDuration()));
+}
+
+absl::StatusOr<std::unique_ptr<QmpClient>> QmpClient::Adopt(int fd, const std::string& peer, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  auto session = std::make_shared<Session>(fd, peer);
+  std::unique_ptr<QmpClient> client(new QmpClient(session));
+  client->reader_ = std::thread([session] { session->ReadLoop(); });
+  session->reader_id = client->reader_.get_id();
+  absl::Status status = client->Handshake(deadline);
+  if (!status.ok()) return status;
+  return client;
+}
+
+absl::Status QmpClient::Handshake(absl::Time deadline) {
+  Session& s = *session_;
+  json greeting;
+  {
+    absl::MutexLock lock(&s.mu);
+    auto ready = [&s]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) { return s.greeted || s.ended; };
+    s.mu.AwaitWithDeadline(absl::Condition(&ready), deadline);
+    if (!s.greeted) {
+      if (s.ended) return s.end_reason;
+      return absl::DeadlineExceededError(absl::StrCat(
+          s.peer, ": connected, but QEMU sent no greeting in time. QEMU serves one QMP client per socket: "
+                  "is another client still connected?"));
+    }
+    greeting = s.greeting;
+  }
+  const json& qmp = greeting["QMP"];
+  if (qmp.is_object()) {
+    auto version = qmp.find("version");
+    if (version != qmp.end() && version->is_object()) {
+      auto qemu = version->find("qemu");
+      if (qemu != version->end() && qemu->is_object()) {
+        version_.major = IntField(*qemu, "major");
+        version_.minor = IntField(*qemu, "minor");
+        version_.micro = IntField(*qemu, "micro");
+      }
+      auto package = version->find("package");
+      if (package != version->end() && package->is_string()) version_.package = package->get<std::string>();
+    }
+    auto caps = qmp.find("capabilities");
+    if (caps != qmp.end() && caps->is_array()) {
+      for (const json& cap : *caps) {
+        if (cap.is_string()) offered_capabilities_.push_back(cap.get<std::string>());
+      }
+    }
+  }
+  // Until qmp_capabilities QEMU accepts no other command and sends no events.
+  return Execute("qmp_capabilities", nullptr, std::max(deadline - absl::Now(), absl::ZeroDuration())).status();
+}
+
+QmpClient::~QmpClient() {
+  session_->Close();
+  if (!reader_.joinable()) return;
+  const std::thread::id self = std::this_thread::get_id();
+  if (self == reader_.get_id() || self == session_->replaying_on.load()) {
+    // Destroyed from inside an event handler: the reader cannot join itself
+    // (or may be waiting for the handler to return). It holds the session,
+    // sees the shutdown and ends on its own.
+    reader_.detach();
+    return;
+  }
+  reader_.join();
+}
+
+void QmpClient::Close() { session_->Close(); }
+
+absl::Status QmpClient::CheckServedBy(pid_t qemu_pid) const {
+  return ndq::CheckServedBy(session_->fd, session_->peer, qemu_pid);
+}
+
+void QmpClient::Session::Close() {
+  {
+    absl::MutexLock lock(&mu);
+    closing = true;
+  }
+  // Wakes the reader thread out of recv(); it then fails whatever is pending.
+  ::shutdown(fd, SHUT_RDWR);
+}
+
+bool QmpClient::connected() const {
+  absl::MutexLock lock(&session_->mu);
+  return !session_->ended;
+}
+
+absl::Status QmpClient::disconnect_reason() const {
+  absl::MutexLock lock(&session_->mu);
+  return session_->ended ? session_->end_reason : absl::OkStatus();
+}
+
+void QmpClient::Session::ReadLoop() {
+  std::string buffer;
+  char chunk[16384];
+  absl::Status reason;
+  while (true) {
+    const ssize_t n = ::recv(fd, chunk, sizeof chunk, 0);
+    if (n < 0 && errno == EINTR) continue;
+    // A peer that exits with our bytes still unread resets instead of closing.
+    if (n < 0 && errno != ECONNRESET) {
+      reason = absl::UnavailableError(absl::StrCat(peer, ": read failed: ", Errno(errno)));
+      break;
+    }
+    if (n <= 0) {
+      absl::MutexLock lock(&mu);
+      if (closing) {
+        reason = absl::CancelledError(absl::StrCat(peer, ": the session was closed by the driver"));
+      } else {
+        eof = true;
+        reason = absl::UnavailableError(
+            absl::StrCat(peer, ": QEMU closed the connection (the VM exited or QEMU is shutting down)"));
+      }
+      break;
+    }
+    buffer.append(chunk, static_cast<size_t>(n));
+    size_t start = 0;
+    for (size_t nl; (nl = buffer.find('\n', start)) != std::string::npos; start = nl + 1) {
+      if (!HandleLine(buffer.substr(start, nl - start))) return;
+    }
+    buffer.erase(0, start);
+    if (buffer.size() > kMaxQmpLine) {
+      EndSession(absl::DataLossError(
+          absl::StrCat(peer, ": QEMU sent over ", kMaxQmpLine, " bytes without a line break; ending the session")));
+      ::shutdown(fd, SHUT_RDWR);
+      return;
+    }
+  }
+  EndSession(reason);
+}
+
+bool QmpClient::Session::HandleLine(const std::string& raw) {
+  absl::string_view line = raw;
+  if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+  if (line.empty()) return true;
+  bool too_deep = false;
+  json message =
+      nomadplugin::ParseJsonBounded(std::string_view(line.data(), line.size()), kMaxJsonDepth, &too_deep);
+  bool was_greeted;
+  {
+    absl::MutexLock lock(&mu);
+    was_greeted = greeted;
+  }
+  if (message.is_discarded() || !message.is_object()) {
+    // A garbled stream cannot be resynchronized reliably; fail everything now
+    // rather than let callers wait for replies that may have been lost.
+    absl::Status reason;
+    if (too_deep) {
+      reason = absl::DataLossError(absl::StrCat(peer, ": QEMU sent a message nested more than ", kMaxJsonDepth,
+                                                " levels deep (", Preview(line), "); ending the session"));
+    } else if (was_greeted) {
+      reason = absl::DataLossError(absl::StrCat(peer, ": QEMU sent a line that is not a JSON object (",
+                                                Preview(line), "); ending the session"));
+    } else {
+      reason = absl::FailedPreconditionError(
+          absl::StrCat(peer, " does not speak QMP: it sent \"", Preview(line),
+                       "\". Is this the -qmp socket, not a serial console or guest agent socket?"));
+    }
+    EndSession(reason);
+    ::shutdown(fd, SHUT_RDWR);
+    return false;
+  }
+  if (!was_greeted) {
+    if (!message.contains("QMP")) {
+      EndSession(absl::FailedPreconditionError(absl::StrCat(peer, " does not speak QMP: its first message was ",
+                                                            Preview(line), " instead of a QMP greeting")));
+      ::shutdown(fd, SHUT_RDWR);
+      return false;
+    }
+    absl::MutexLock lock(&mu);
+    greeting = std::move(message);
+    greeted = true;
+    return true;
+  }
+  if (message.contains("event")) {
+    HandleEvent(message);
+    return true;
+  }
+  const bool is_return = message.contains("return");
+  if (!is_return && !message.contains("error")) {
+    nomadplugin::hclog::Debug("ignoring unexpected QMP message", {{"peer", peer}, {"message", Preview(line)}});
+    return true;
+  }
+  auto id = message.find("id");
+  if (id == message.end() || !id->is_number_integer()) {
+    // We always send an id; QEMU omits it only for requests it could not parse.
+    nomadplugin::hclog::Warn("QMP reply without a usable id", {{"peer", peer}, {"message", Preview(line)}});
+    return true;
+  }
+  absl::MutexLock lock(&mu);
+  auto it = pending.find(id->get<int64_t>());
+  if (it == pending.end()) {
+    // The caller gave up (timeout) before QEMU answered.
+    nomadplugin::hclog::Debug("dropping late QMP reply", {{"peer", peer}, {"message", Preview(line)}});
+    return true;
+  }
+  Pending* call = it->second;
+  pending.erase(it);
+  if (is_return) {
+    call->result = std::move(message["return"]);
+  } else {
+    call->result = ErrorReplyStatus("QEMU", call->command, message["error"]);
+  }
+  call->done = true;
+  return true;
+}
+
+void QmpClient::Session::HandleEvent(const json& message) {
+  QmpEvent event;
+  const json& name = message["event"];
+  event.name = name.is_string() ? name.get<std::string>() : Dump(name);
+  auto data = message.find("data");
+  if (data != message.end() && !data->is_null()) event.data = *data;
+  auto ts = message.find("timestamp");
+  if (ts != message.end() && ts->is_object()) {
+    auto s = ts->find("seconds");
+    auto us = ts->find("microseconds");
+    if (s != ts->end() && s->is_number_integer() && us != ts->end() && us->is_number_integer()) {
+      event.timestamp = absl::FromUnixSeconds(s->get<int64_t>()) + absl::Microseconds(us->get<int64_t>());
+    }
+  }
+  absl::MutexLock handler_lock(&handler_mu);
+  {
+    absl::MutexLock lock(&mu);
+    events.push_back(event);
+    if (events.size() > kMaxBufferedEvents) events.pop_front();
+  }
+  if (handler) {
+    handler(event);
+  } else {
+    undelivered.push_back(std::move(event));
+    if (undelivered.size() > kMaxUndeliveredEvents) undelivered.pop_front();
+  }
+}
+
+void QmpClient::Session::EndSession(const absl::Status& reason) {
+  absl::MutexLock lock(&mu);
+  if (ended) return;
+  ended = true;
+  end_reason = reason;
+  for (auto& [id, call] : pending) {
+    call->result = absl::Status(reason.code(), absl::StrCat("QMP command ", call->command,
+                                                            " got no reply: ", reason.message()));
+    call->done = true;
+  }
+  pending.clear();
+}
+
+absl::Status QmpClient::Session::SendLine(const std::string& line, absl::Time deadline) {
+  absl::MutexLock lock(&write_mu);
+  if (write_broken) {
+    return absl::UnavailableError(absl::StrCat(peer, ": an earlier command was only partly sent; session unusable"));
+  }
+  bool partial = false;
+  absl::Status status = SendAll(fd, line, deadline, peer, deadline - absl::Now(), &partial);
+  if (!status.ok() && partial) {
+    // Half a command on the wire would corrupt whatever we send next.
+    write_broken = true;
+    ::shutdown(fd, SHUT_RDWR);
+  }
+  return status;
+}
+
+absl::StatusOr<json> QmpClient::Execute(const std::string& command, const json& arguments, absl::Duration timeout) {
+  // Held for the call, so a handler destroying the client cannot free the
+  // session under a caller still waiting in it.
+  const std::shared_ptr<Session> session = session_;
+  return session->Execute(command, arguments, timeout);
+}
+
+absl::StatusOr<json> QmpClient::Session::Execute(const std::string& command, const json& arguments,
+                                                 absl::Duration timeout) {
+  if (MustNotWait()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "QMP command ", command, " issued from the QMP event handler, which would deadlock; run it on another thread"));
+  }
+  if (!arguments.is_null() && !arguments.is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("QMP command ", command, ": arguments must be a JSON object, got ", arguments.type_name()));
+  }
+  const absl::Time deadline = absl::Now() + timeout;
+  Pending call;
+  call.command = command;
+  int64_t id;
+  {
+    absl::MutexLock lock(&mu);
+    if (ended) {
+      return absl::Status(end_reason.code(),
+                          absl::StrCat("QMP command ", command, " not sent: ", end_reason.message()));
+    }
+    if (closing) {
+      return absl::CancelledError(absl::StrCat("QMP command ", command, " not sent: ", peer, " is closed"));
+    }
+    id = next_id++;
+    pending[id] = &call;
+  }
+  json request = {{"execute", command}};
+  if (!arguments.is_null()) request["arguments"] = arguments;
+  request["id"] = id;
+  const absl::Status sent = SendLine(Dump(request) + "\n", deadline);
+
+  absl::MutexLock lock(&mu);
+  if (!sent.ok() && !call.done) {
+    pending.erase(id);
+    return absl::Status(sent.code(), absl::StrCat("QMP command ", command, ": ", sent.message()));
+  }
+  mu.AwaitWithDeadline(absl::Condition(&call.done), deadline);
+  if (!call.done) {
+    pending.erase(id);
+    return absl::DeadlineExceededError(absl::StrCat(peer, ": QEMU did not answer ", command, " within ",
+                                                    absl::FormatDuration(timeout),
+                                                    " (QEMU hung, or busy with a long operation)"));
+  }
+  return std::move(call.result);
+}
+
+absl::StatusOr<std::string> QmpClient::QueryStatus(absl::Duration timeout) {
+  absl::StatusOr<json> reply = Execute("query-status", nullptr, timeout);
+  if (!reply.ok()) return reply.status();
+  auto status = reply->find("status");
+  if (!reply->is_object() || status == reply->end() || !status->is_string()) {
+    return absl::InternalError(
+        absl::StrCat(session_->peer, ": query-status reply has no status string: ", Dump(*reply)));
+  }
+  return status->get<std::string>();
+}
+
+absl::Status QmpClient::SystemPowerdown(absl::Duration timeout) {
+  return Execute("system_powerdown", nullptr, timeout).status();
+}
+
+absl::Status QmpClient::Cont(absl::Duration timeout) { return Execute("cont", nullptr, timeout).status(); }
+
+absl::Status QmpClient::Stop(absl::Duration timeout) { return Execute("stop", nullptr, timeout).status(); }
+
+absl::Status QmpClient::Quit(absl::Duration timeout) {
+  const std::shared_ptr<Session> session = session_;
+  absl::Status status = session->Execute("quit", nullptr, timeout).status();
+  if (status.ok()) return status;
+  absl::MutexLock lock(&session->mu);
+  // QEMU exiting before its reply got out is what we asked for.
+  return session->eof ? absl::OkStatus() : status;
+}
+
+void QmpClient::SetEventHandler(std::function<void(const QmpEvent&)> handler) {
+  const std::shared_ptr<Session> session = session_;  // a replayed handler may destroy the client
+  Session& s = *session;
+  absl::MutexLock lock(&s.handler_mu);
+  s.handler = std::move(handler);
+  if (!s.handler) return;
+  // The reader is held off (handler_mu), so these come before any newer event.
+  s.replaying_on = std::this_thread::get_id();
+  for (const QmpEvent& event : s.undelivered) s.handler(event);
+  s.replaying_on = std::thread::id();
+  s.undelivered.clear();
+}
+
+absl::StatusOr<QmpEvent> QmpClient::WaitForEvent(const std::string& name, absl::Duration timeout) {
+  const std::shared_ptr<Session> session = session_;
+  Session& s = *session;
+  // The handler runs on the only thread that could deliver the event.
+  if (s.MustNotWait()) {
+    return absl::FailedPreconditionError(absl::StrCat("waiting for QMP event ", name,
+                                                      " inside the QMP event handler would deadlock"));
+  }
+  const absl::Time deadline = absl::Now() + timeout;
+  absl::MutexLock lock(&s.mu);
+  auto find = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    return std::find_if(s.events.begin(), s.events.end(), [&](const QmpEvent& e) { return e.name == name; });
+  };
+  auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) { return s.ended || find() != s.events.end(); };
+  s.mu.AwaitWithDeadline(absl::Condition(&ready), deadline);
+  auto it = find();
+  if (it != s.events.end()) {
+    QmpEvent event = std::move(*it);
+    s.events.erase(it);
+    return event;
+  }
+  if (s.ended) {
+    return absl::Status(s.end_reason.code(),
+                        absl::StrCat("no ", name, " event before the QMP session ended: ", s.end_reason.message()));
+  }
+  return absl::DeadlineExceededError(
+      absl::StrCat(s.peer, ": no ", name, " event from QEMU within ", absl::FormatDuration(timeout)));
+}
+
+absl::Status QmpClient::WaitForDisconnect(absl::Duration timeout) {
+  const std::shared_ptr<Session> session = session_;
+  Session& s = *session;
+  if (s.MustNotWait()) {
+    return absl::FailedPreconditionError("waiting for the QMP session to end inside its event handler would deadlock");
+  }
+  absl::MutexLock lock(&s.mu);
+  if (s.mu.AwaitWithTimeout(absl::Condition(&s.ended), timeout)) return absl::OkStatus();
+  return absl::DeadlineExceededError(
+      absl::StrCat(s.peer, ": QEMU still holds the connection open after ", absl::FormatDuration(timeout)));
+}
+
+// ---------------------------------------------------------------------------
+// GuestAgentClient
+
+GuestAgentClient::GuestAgentClient(int fd, std::string peer) : fd_(fd), peer_(std::move(peer)) {}
+
+GuestAgentClient::~GuestAgentClient() { ::close(fd_); }
+
+void GuestAgentClient::Close() { ::shutdown(fd_, SHUT_RDWR); }
+
+absl::StatusOr<std::unique_ptr<GuestAgentClient>> GuestAgentClient::Connect(const std::string& socket_path,
+                                                                            absl::Duration timeout, pid_t served_by) {
+  const absl::Time deadline = absl::Now() + timeout;
+  absl::StatusOr<int> fd = ConnectUnix(socket_path, "guest agent", timeout, served_by);
+  if (!fd.ok()) return fd.status();
+  return Adopt(*fd, absl::StrCat("guest agent socket ", socket_path),
+               std::max(deadline - absl::Now(), absl::ZeroDuration()));
+}
+
+absl::StatusOr<std::unique_ptr<GuestAgentClient>> GuestAgentClient::Adopt(int fd, const std::string& peer,
+                                                                          absl::Duration timeout) {
+  std::unique_ptr<GuestAgentClient> client(new GuestAgentClient(fd, peer));
+  absl::Status status = client->Sync(timeout);
+  if (!status.ok()) return status;
+  return client;
+}
+
+absl::Status GuestAgentClient::Timeout(absl::string_view what, absl::Duration timeout) const {
+  return absl::DeadlineExceededError(absl::StrCat(
+      peer_, ": no ", what, " from the guest agent within ", absl::FormatDuration(timeout),
+      ". Is qemu-guest-agent running in the guest on the virtio-serial port org.qemu.guest_agent.0? "
+      "(It only starts late in the guest's boot.)"));
+}
+
+absl::Status GuestAgentClient::SendLocked(const std::string& data, absl::Time deadline) {
+  bool partial = false;
+  absl::Status status = SendAll(fd_, data, deadline, peer_, deadline - absl::Now(), &partial);
+  // A half-sent command is harmless here: the next sync's 0xFF resets the agent's parser.
+  if (!status.ok()) in_sync_ = false;
+  return status;
+}
+
+absl::Status GuestAgentClient::FillLocked(absl::Time deadline, absl::string_view waiting_for) {
+  if (eof_) {
+    return absl::UnavailableError(absl::StrCat(peer_, ": the connection is closed (the VM exited?)"));
+  }
+  while (true) {
+    pollfd pfd{fd_, POLLIN, 0};
+    const int ready = ::poll(&pfd, 1, PollMs(deadline));
+    if (ready < 0 && errno == EINTR) continue;
+    if (ready == 0) {
+      if (absl::Now() < deadline) continue;
+      in_sync_ = false;
+      // The public caller rewrites this with its own timeout.
+      return absl::DeadlineExceededError(waiting_for);
+    }
+    char chunk[4096];
+    const ssize_t n = ::recv(fd_, chunk, sizeof chunk, MSG_DONTWAIT);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
+    if (n <= 0) {
+      eof_ = true;
+      in_sync_ = false;
+      return absl::UnavailableError(absl::StrCat(peer_, ": QEMU closed the connection while waiting for ",
+                                                 waiting_for, " (the VM exited?)"));
+    }
+    input_.append(chunk, static_cast<size_t>(n));
+    if (input_.size() > kMaxAgentLine) {
+      // Only a misbehaving guest sends this much; keep the tail, drop sync.
+      input_.erase(0, input_.size() - kMaxAgentLine);
+      in_sync_ = false;
+    }
+    return absl::OkStatus();
+  }
+}
+
+absl::StatusOr<std::string> GuestAgentClient::ReadLineLocked(absl::Time deadline) {
+  size_t nl;
+  while ((nl = input_.find('\n')) == std::string::npos) {
+    if (input_.size() >= kMaxAgentLine) {
+      input_.clear();
+      in_sync_ = false;
+      return absl::DataLossError(absl::StrCat(peer_, ": the guest agent sent over ", kMaxAgentLine,
+                                              " bytes without a line break"));
+    }
+    absl::Status status = FillLocked(deadline, "reply");
+    if (!status.ok()) return status;
+  }
+  std::string line = input_.substr(0, nl);
+  input_.erase(0, nl + 1);
+  if (!line.empty() && line.back() == '\r') line.pop_back();
+  return line;
+}
+
+absl::Status GuestAgentClient::SkipToSentinelLocked(absl::Time deadline) {
+  size_t pos;
+  while ((pos = input_.find(kSentinel)) == std::string::npos) {
+    input_.clear();
+    absl::Status status = FillLocked(deadline, "guest-sync-delimited reply");
+    if (!status.ok()) return status;
+  }
+  input_.erase(0, pos + 1);
+  return absl::OkStatus();
+}
+
+absl::Status GuestAgentClient::Sync(absl::Duration timeout) {
+  absl::MutexLock lock(&mu_);
+  absl::Status status = SyncLocked(absl::Now() + timeout);
+  if (absl::IsDeadlineExceeded(status)) return Timeout("answer to guest-sync-delimited", timeout);
+  return status;
+}
+
+absl::Status GuestAgentClient::SyncLocked(absl::Time deadline) {
+  in_sync_ = false;
+  // Whatever arrived before this sync answers something nobody waits for any more.
+  input_.clear();
+  // Bytes sent while the guest end of the channel is being (re)opened can be
+  // lost, so the request is repeated until the agent shows signs of life. Only
+  // the newest id counts: the agent answers in order, so after its reply
+  // nothing stale can follow.
+  std::vector<int64_t> ids;
+  bool agent_answered = false;
+  absl::Time next_send = absl::Now();
+  while (true) {
+    if (!agent_answered && absl::Now() >= next_send) {
+      ids.push_back(RandomSyncId());
+      const json request = {{"execute", "guest-sync-delimited"}, {"arguments", {{"id", ids.back()}}}};
+      // The leading 0xFF makes the agent discard any partial command it holds
+      // (qemu-ga also reports it as a stray byte; that error precedes the sentinel).
+      absl::Status status = SendLocked(std::string(1, kSentinel) + Dump(request) + "\n", deadline);
+      if (!status.ok()) return status;
+      next_send = absl::Now() + kSyncResendInterval;
+    }
+    const absl::Time wait_until = agent_answered ? deadline : std::min(deadline, next_send);
+    absl::Status status = SkipToSentinelLocked(wait_until);
+    absl::StatusOr<std::string> line = status.ok() ? ReadLineLocked(wait_until) : status;
+    if (absl::IsDeadlineExceeded(line.status()) && absl::Now() < deadline) continue;  // time to resend
+    if (!line.ok()) return line.status();
+    // Anything else after a sentinel is a stale reply; skip it.
+    const json reply = nomadplugin::ParseJsonBounded(*line, kMaxJsonDepth);
+    if (!reply.is_object()) continue;
+    auto ret = reply.find("return");
+    if (ret == reply.end() || !ret->is_number_integer()) continue;
+    const int64_t id = ret->get<int64_t>();
+    if (id == ids.back()) {
+      in_sync_ = true;
+      return absl::OkStatus();
+    }
+    if (std::find(ids.begin(), ids.end(), id) != ids.end()) agent_answered = true;
+  }
+}
+
+absl::StatusOr<json> GuestAgentClient::Execute(const std::string& command, const json& arguments,
+                                               absl::Duration timeout) {
+  if (!arguments.is_null() && !arguments.is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("guest agent command ", command, ": arguments must be a JSON object, got ",
+                     arguments.type_name()));
+  }
+  const absl::Time deadline = absl::Now() + timeout;
+  absl::MutexLock lock(&mu_);
+  if (!in_sync_) {
+    absl::Status status = SyncLocked(deadline);
+    if (absl::IsDeadlineExceeded(status)) return Timeout("answer to guest-sync-delimited", timeout);
+    if (!status.ok()) return status;
+  }
+  json request = {{"execute", command}};
+  if (!arguments.is_null()) request["arguments"] = arguments;
+  absl::Status status = SendLocked(Dump(request) + "\n", deadline);
+  if (!status.ok()) return status;
+  absl::StatusOr<std::string> line = ReadLineLocked(deadline);
+  // Delimited lines answer syncs, never commands: leftovers of an earlier sync.
+  while (line.ok() && line->find(kSentinel) != std::string::npos) line = ReadLineLocked(deadline);
+  if (!line.ok()) {
+    if (absl::IsDeadlineExceeded(line.status())) {
+      return absl::DeadlineExceededError(absl::StrCat(peer_, ": the guest agent did not answer ", command,
+                                                      " within ", absl::FormatDuration(timeout)));
+    }
+    return line.status();
+  }
+  const json reply = nomadplugin::ParseJsonBounded(*line, kMaxJsonDepth);
+  if (reply.is_object()) {
+    auto ret = reply.find("return");
+    if (ret != reply.end()) return *ret;
+    auto error = reply.find("error");
+    if (error != reply.end()) return ErrorReplyStatus("the guest agent", command, *error);
+  }
+  in_sync_ = false;
+  return absl::DataLossError(
+      absl::StrCat(peer_, ": the guest agent answered ", command, " with something that is not a reply: ",
+                   Preview(*line)));
+}
+
+absl::Status GuestAgentClient::Ping(absl::Duration timeout) { return Execute("guest-ping", nullptr, timeout).status(); }
+
+absl::StatusOr<json> GuestAgentClient::Info(absl::Duration timeout) { return Execute("guest-info", nullptr, timeout); }
+
+absl::Status GuestAgentClient::Shutdown(const std::string& mode, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  absl::MutexLock lock(&mu_);
+  if (!in_sync_) {
+    absl::Status status = SyncLocked(deadline);
+    if (absl::IsDeadlineExceeded(status)) return Timeout("answer to guest-sync-delimited", timeout);
+    if (!status.ok()) return status;
+  }
+  const json request = {{"execute", "guest-shutdown"}, {"arguments", {{"mode", mode}}}};
+  absl::Status status = SendLocked(Dump(request) + "\n", deadline);
+  if (!status.ok()) return status;
+  in_sync_ = false;
+  // guest-shutdown is silent when it succeeds; the agent handles commands in
+  // order, so a reply to this sync proves it got past guest-shutdown without
+  // error. No leading 0xFF here: qemu-ga answers that byte with a parse error,
+  // which would look like a refusal.
+  const int64_t id = RandomSyncId();
+  const json probe = {{"execute", "guest-sync-delimited"}, {"arguments", {{"id", id}}}};
+  status = SendLocked(Dump(probe) + "\n", deadline);
+  // The VM going away right after guest-shutdown is success too.
+  if (absl::IsUnavailable(status)) return absl::OkStatus();
+  if (!status.ok()) return status;
+  while (true) {
+    absl::StatusOr<std::string> line = ReadLineLocked(deadline);
+    if (absl::IsUnavailable(line.status())) return absl::OkStatus();
+    if (absl::IsDeadlineExceeded(line.status())) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          peer_, ": the guest agent neither confirmed nor refused guest-shutdown within ",
+          absl::FormatDuration(timeout), "; the guest may still be shutting down"));
+    }
+    if (!line.ok()) return line.status();
+    const bool delimited = line->find(kSentinel) != std::string::npos;
+    const std::string body = delimited ? line->substr(line->rfind(kSentinel) + 1) : *line;
+    const json reply = nomadplugin::ParseJsonBounded(body, kMaxJsonDepth);
+    if (!reply.is_object()) continue;
+    auto ret = reply.find("return");
+    if (delimited) {
+      if (ret != reply.end() && ret->is_number_integer() && ret->get<int64_t>() == id) {
+        in_sync_ = true;
+        return absl::OkStatus();
+      }
+      continue;
+    }
+    auto error = reply.find("error");
+    if (error != reply.end()) return ErrorReplyStatus("the guest agent", "guest-shutdown", *error);
+    // Some agents do reply to guest-shutdown; that is an acceptance as well.
+    if (ret != reply.end()) return absl::OkStatus();
+  }
+}
+
+}  // namespace ndq

@@ -1,0 +1,82 @@
+// Turns a job's task config, Nomad's TaskConfig and the operator's plugin
+// config into a checked, fully defaulted description of the VM to start.
+// Pure apart from resolving image_path on the file system.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "nomad/driver.pb.h"
+#include "policy/plugin_config.h"
+#include "policy/task_config.h"
+
+namespace ndq {
+
+// One host port forwarded into the guest (QEMU user networking, hostfwd=).
+struct PortForward {
+  std::string label;     // the Nomad port label from port_map
+  std::string protocol;  // "tcp" or "udp"
+  std::string host_ip;   // IPv4 address to bind; empty binds every address
+  int host_port = 0;
+  int guest_port = 0;
+
+  bool operator==(const PortForward& o) const {
+    return label == o.label && protocol == o.protocol && host_ip == o.host_ip && host_port == o.host_port &&
+           guest_port == o.guest_port;
+  }
+};
+
+// One layer of the VM's disk as QEMU sees it: a node fed from an fd the
+// driver opened and admitted (QEMU's -add-fd), never a path QEMU opens itself.
+struct DiskNode {
+  std::string format;  // QEMU block driver: "qcow2", "raw", ...
+  bool read_only = true;
+  int fd = -1;  // the descriptor's number in QEMU's process
+  bool operator==(const DiskNode& o) const { return format == o.format && read_only == o.read_only && fd == o.fd; }
+};
+
+struct VmSpec {
+  std::string emulator;       // "x86_64", without "qemu-system-"
+  std::string emulator_path;  // the binary found by the fingerprinter
+  std::string machine_type;   // "pc" unless set
+  std::string accelerator;    // "tcg" or "kvm"
+  std::string drive_interface;
+  std::string image_path;    // as the job wrote it; admitted and opened at start (AdmitFile)
+  std::string image_format;  // the job's image_format; empty: probed at start
+  // The image and its backing files, top first, filled in at start from the
+  // admitted, opened files.
+  std::vector<DiskNode> disk;
+  // QEMU runs under its seccomp sandbox (-sandbox on,...).
+  bool sandbox = false;
+  int64_t memory_mb = 0;
+  int64_t memory_max_mb = 0;  // Nomad's memory_max (oversubscription); 0 when unset
+  int cpus = 0;               // CPUs in the task's cpuset; 0 when Nomad gave none
+  std::string name;           // the task name, shown by QEMU (-name)
+  bool graceful_shutdown = false;
+  bool guest_agent = false;
+  std::vector<std::string> args;  // the job's extra QEMU arguments, checked
+  std::vector<PortForward> port_forwards;
+  // The task's DNS search domains, given to the guest by QEMU's DHCP server.
+  std::vector<std::string> dns_searches;
+  // The task's DNS servers are NOT given to the guest: QEMU's user network
+  // cannot forward to a chosen resolver (its dns= only moves the guest-visible
+  // proxy address; queries still go to the host's resolvers). They are kept
+  // here so the caller can tell the operator they were ignored.
+  std::vector<std::string> ignored_dns_servers;
+};
+
+// Checks everything and applies Nomad's defaults (emulator x86_64, accelerator
+// tcg, machine pc, drive interface ide). All problems come back together in
+// one InvalidArgument error, each naming its option. `emulators` maps emulator
+// names to binary paths, as the fingerprinter found them.
+absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config,
+                              const hashicorp::nomad::plugins::drivers::proto::TaskConfig& task,
+                              const PluginConfig& plugin, const std::map<std::string, std::string>& emulators);
+
+// Number of CPUs in a cpuset list such as "0-3,8,10-11" (7); empty is 0.
+absl::StatusOr<int> CountCpuset(const std::string& cpuset);
+
+}  // namespace ndq

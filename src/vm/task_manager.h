@@ -1,0 +1,109 @@
+// The driver's task lifecycle, independent of gRPC: start a VM through its
+// supervisor, wait for it, stop, destroy, inspect, signal, and recover VMs
+// after a plugin restart from Nomad's TaskHandle alone.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <set>
+#include <memory>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "nomad/driver.pb.h"
+#include "host/cgroups.h"
+#include "vm/event_bus.h"
+#include "host/fingerprint.h"
+#include "image/image_cache.h"
+#include "policy/plugin_config.h"
+#include "host/process_watch.h"
+#include "qemu/vm_spec.h"
+#include "vm/vm_task.h"
+
+namespace ndq {
+
+struct TaskManagerOptions {
+  // The nomad-qemu-supervisor binary, unless the plugin config names one.
+  std::string supervisor_path;
+  // How long StartTask waits for QEMU's QMP socket to answer.
+  absl::Duration start_timeout = absl::Seconds(30);
+};
+
+// nomad-qemu-supervisor next to the running binary (the plugin_dir layout).
+std::string DefaultSupervisorPath();
+
+// Signal names that ask the guest rather than QEMU: SIGPWR (power failure)
+// presses the ACPI power button.
+inline constexpr char kPowerdownSignal[] = "SIGPWR";
+
+class TaskManager {
+ public:
+  using ConfigSource = std::function<PluginConfig()>;
+  TaskManager(TaskManagerOptions options, ConfigSource config, Fingerprinter* fingerprinter, EventBus* events);
+
+  // Runs the task's VM; returns Nomad's TaskHandle once QEMU answers on QMP.
+  // On failure nothing is left behind: no process, socket or state directory.
+  // `cancelled` (may be empty) is asked while the start waits; once it says
+  // true the start stops, undoes what it made and returns Cancelled.
+  absl::StatusOr<driverpb::TaskHandle> Start(const driverpb::TaskConfig& task,
+                                             const std::function<bool()>& cancelled = {});
+  // Re-attaches to a VM from its handle (a task we still track is fine too).
+  absl::Status Recover(const driverpb::TaskHandle& handle);
+  // The exit once known; nullopt while still running after `timeout`.
+  absl::StatusOr<std::optional<ExitResult>> Wait(const std::string& id, absl::Duration timeout);
+  absl::Status Stop(const std::string& id, absl::Duration timeout, const std::string& signal);
+  absl::Status Destroy(const std::string& id, bool force);
+  absl::StatusOr<driverpb::InspectTaskResponse> Inspect(const std::string& id);
+  absl::Status Signal(const std::string& id, const std::string& signal);
+
+  // A task's VM, for reading its stats.
+  absl::StatusOr<std::shared_ptr<const VmTask>> Get(const std::string& id);
+
+  // Whether VMs get cgroup limits here; the first time it is not so, says
+  // why in the log.
+  CgroupSupport Isolation();
+
+  // Where per-task state lives: the plugin's state_dir or a default.
+  std::string StateRoot() const;
+  // Where downloaded images are cached: image_cache_dir or a default.
+  std::string CacheDir() const;
+
+ private:
+  absl::StatusOr<std::shared_ptr<VmTask>> Find(const std::string& id);
+  // Registers the task and starts watching its supervisor.
+  absl::Status Track(std::shared_ptr<VmTask> task);
+  void OnSupervisorExit(const std::string& id);
+  void Emit(const driverpb::TaskConfig& task, const std::string& message,
+            const std::map<std::string, std::string>& annotations = {});
+  // Tells the operator where the VM runs and under which limits.
+  void EmitIsolation(const driverpb::TaskConfig& task, const VmSpec& spec, const PluginConfig& plugin,
+                     const CgroupLimits& limits, const DriverStateRecord& record, const std::string& netns);
+  // The supervisor's exit record, plus whether the cgroup's OOM killer ended it.
+  static ExitResult ExitOf(const DriverStateRecord& record);
+  ImageCache& CacheAt(const std::string& dir);
+  // Keeps the image cache under image_cache_max_size, sparing images in use.
+  void EvictImages(const PluginConfig& plugin);
+
+  const TaskManagerOptions options_;
+  const ConfigSource config_;
+  Fingerprinter* const fingerprinter_;
+  EventBus* const events_;
+  CgroupManager cgroups_{DetectCgroupMounts()};
+
+  absl::Mutex mu_;
+  std::map<std::string, std::shared_ptr<VmTask>> tasks_ ABSL_GUARDED_BY(mu_);
+  // IDs whose StartTask is under way, so a duplicate is refused at once.
+  std::map<std::string, bool> starting_ ABSL_GUARDED_BY(mu_);
+  // One cache object per directory, so single-flight spans every task.
+  std::map<std::string, std::unique_ptr<ImageCache>> caches_ ABSL_GUARDED_BY(mu_);
+  // cgroup parents whose missing isolation has been logged.
+  std::set<std::string> reported_isolation_ ABSL_GUARDED_BY(mu_);
+
+  // Declared last so it is destroyed first: its thread, which calls back into
+  // the members above, is joined while they still exist.
+  ExitWatcher watcher_;
+};
+
+}  // namespace ndq

@@ -1,0 +1,179 @@
+// One VM the driver runs: what identifies it (and survives a plugin restart in
+// Nomad's TaskHandle), its exit once known, and the operations on it.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "nomad/driver.pb.h"
+#include "host/cgroups.h"
+#include "qemu/qmp_client.h"
+
+namespace ndq {
+
+namespace driverpb = hashicorp::nomad::plugins::drivers::proto;
+
+// Nomad's TaskHandle.driver_state: enough for a fresh plugin process to find
+// the VM again, encoded as JSON.
+struct DriverStateRecord {
+  static constexpr int kVersion = 1;
+  std::string state_dir;
+  std::string qmp_socket;
+  std::string guest_agent_socket;  // empty without guest_agent
+  pid_t supervisor_pid = 0;
+  uint64_t supervisor_start_ticks = 0;
+  pid_t qemu_pid = 0;
+  uint64_t qemu_start_ticks = 0;
+  bool graceful_shutdown = false;
+  bool guest_agent = false;
+  std::string cached_image;  // the shared image the task's disk is backed by, if any
+  TaskCgroup cgroup;         // version kNone: the VM runs without cgroup isolation
+  int64_t memory_limit_bytes = 0;  // the cgroup's hard memory limit; 0: none
+  absl::Time started_at = absl::UnixEpoch();
+
+  std::string Encode() const;
+  static absl::StatusOr<DriverStateRecord> Decode(const std::string& bytes);
+};
+
+struct ExitResult {
+  int exit_code = 0;
+  int signal = 0;
+  bool oom_killed = false;
+  std::string error;  // why the VM ended abnormally, for WaitTask's err
+  absl::Time completed_at = absl::UnixEpoch();
+};
+
+// Reads what the supervisor recorded in `state_dir` into Nomad's terms: a
+// signal death is exit code 128+N as Nomad's executor reports it.
+ExitResult LoadExitResult(const std::string& state_dir);
+
+// Where a task's events go: (message, annotations).
+using TaskEventSink = std::function<void(const std::string&, const std::map<std::string, std::string>&)>;
+
+// A task event worth showing the operator.
+struct TaskEventText {
+  std::string message;
+  std::map<std::string, std::string> annotations;
+};
+
+// The task event for one of QEMU's asynchronous QMP events, nullopt for those
+// not relayed: RESET "Guest reset (guest-initiated, reason: guest-reset)",
+// STOP "VM paused", RESUME "VM resumed", SHUTDOWN "Guest powered off (reason:
+// guest-shutdown)" or, when the host asked, "QEMU is shutting the VM down
+// (host-initiated, reason: host-signal)", GUEST_PANICKED "Guest kernel panicked
+// (action: poweroff)". POWERDOWN is not relayed: the driver reports its own
+// power-button presses. Annotations: "qmp_event" and the event's data fields.
+std::optional<TaskEventText> DescribeQmpEvent(const QmpEvent& event);
+
+class VmTask {
+ public:
+  // Takes ownership of the pidfds (-1 when the process is already gone).
+  VmTask(driverpb::TaskConfig config, DriverStateRecord record, int supervisor_pidfd, int qemu_pidfd,
+         std::unique_ptr<QmpClient> qmp);
+  ~VmTask();
+  VmTask(const VmTask&) = delete;
+  VmTask& operator=(const VmTask&) = delete;
+
+  const std::string& id() const { return config_.id(); }
+  const driverpb::TaskConfig& config() const { return config_; }
+  const DriverStateRecord& record() const { return record_; }
+  int supervisor_pidfd() const { return supervisor_pidfd_; }
+
+  // Called once when the supervisor has gone; wakes every waiter.
+  void MarkExited(ExitResult result);
+  std::optional<ExitResult> result() const;
+  // Waits up to `timeout` for the exit.
+  std::optional<ExitResult> WaitFor(absl::Duration timeout) const;
+
+  // StopTask: with graceful_shutdown the guest is asked to power off (guest
+  // agent when enabled, else an ACPI power-button press) and given `timeout`;
+  // then `signal` goes to QEMU, then SIGKILL after kKillGrace. Without
+  // graceful_shutdown: `signal`, `timeout`, SIGKILL. Returns once QEMU is
+  // gone, and always within `timeout` + kStopOverhead.
+  absl::Status Stop(absl::Duration timeout, int signal);
+  // A force destroy: SIGKILL to QEMU at once (then to its supervisor if the
+  // exit is not recorded within kKillWait), no request to the guest, no lock
+  // another call may hold. Returns within 2 * kKillWait.
+  absl::Status Kill();
+  // Delivers `signal` to QEMU itself.
+  absl::Status Signal(int signal);
+  // Asks the guest to power off (guest agent first when enabled, else ACPI).
+  // A VM paused through QMP is resumed first, so the guest can act on it.
+  // Every step together (the control lock, the agent, QMP) takes at most
+  // `budget`.
+  absl::Status RequestPowerdown(absl::Duration budget = kPowerdownBudget);
+  // Pauses the vCPUs (QMP stop); QEMU itself keeps running and answering.
+  absl::Status Pause();
+  // Continues QEMU's process (SIGCONT, in case it was SIGSTOPped) and the
+  // vCPUs (QMP cont).
+  absl::Status Resume();
+
+  // Where the task's events go from now on, including QEMU's QMP events
+  // (see DescribeQmpEvent). Without a QMP session (a task recovered after a
+  // plugin restart) one is opened on a background thread, so the relay
+  // resumes without delaying the caller.
+  void SetEventSink(TaskEventSink sink);
+
+  // Waits up to `timeout` for QEMU's QMP session to end, so that every event
+  // QEMU sent before it exited has been relayed. Returns at once without a
+  // session. For the exit event, which must come after them.
+  void DrainQmpEvents(absl::Duration timeout);
+
+  // How long QEMU gets after the stop signal before SIGKILL.
+  static constexpr absl::Duration kKillGrace = absl::Seconds(3);
+  // The most a powerdown request may take (lock, guest agent, QMP).
+  static constexpr absl::Duration kPowerdownBudget = absl::Seconds(4);
+  // How long the exit record may take after a SIGKILL (to QEMU, then to the
+  // supervisor) before giving up.
+  static constexpr absl::Duration kKillWait = absl::Seconds(5);
+  // What Stop may take beyond its timeout: the powerdown request, the grace
+  // after the stop signal, and both SIGKILL waits (spelled out: absl's
+  // Duration arithmetic is not constexpr).
+  static constexpr absl::Duration kStopOverhead = absl::Seconds(4 + 3 + 2 * 5);
+
+ private:
+  // The QMP session, reconnected when needed (after a plugin restart); every
+  // new session relays QEMU's events.
+  absl::StatusOr<std::shared_ptr<QmpClient>> Qmp(absl::Duration connect_timeout = absl::Seconds(2))
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(control_mu_);
+  absl::Status RequestPowerdownLocked(absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(control_mu_);
+  void RelayQmpEvent(const QmpEvent& event);
+  void Emit(const std::string& message, const std::map<std::string, std::string>& annotations = {});
+  // Resumes a VM paused through QMP; true when it was paused.
+  bool ResumeIfPaused(QmpClient& qmp) ABSL_EXCLUSIVE_LOCKS_REQUIRED(control_mu_);
+
+  const driverpb::TaskConfig config_;
+  const DriverStateRecord record_;
+  const int supervisor_pidfd_;
+  const int qemu_pidfd_;
+
+  // Held while an event is handed to the sink (a leaf: the sink never calls
+  // back into the task). QMP reader threads take it inside their handler.
+  absl::Mutex sink_mu_;
+  TaskEventSink emit_ ABSL_GUARDED_BY(sink_mu_) = [](const std::string&, const std::map<std::string, std::string>&) {};
+
+  // Serializes control operations (stop, signal, QMP use). Taken before
+  // qmp_mu_ and sink_mu_.
+  absl::Mutex control_mu_;
+  // Guards only the pointer, so DrainQmpEvents never waits for a control operation.
+  absl::Mutex qmp_mu_;
+  std::shared_ptr<QmpClient> qmp_ ABSL_GUARDED_BY(qmp_mu_);
+  // Opens the QMP session of a recovered task (see SetEventSink).
+  std::thread connect_thread_ ABSL_GUARDED_BY(sink_mu_);
+
+  mutable absl::Mutex mu_;
+  std::optional<ExitResult> result_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace ndq
