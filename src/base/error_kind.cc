@@ -66,7 +66,7 @@ absl::Status WithKind(absl::Status status, ErrorKind kind) {
 }
 
 ErrorKind KindOf(const absl::Status& status) {
-  if (std::optional<absl::Cord> tag = status.GetPayload(kKindPayload)) {
+  if (auto tag = status.GetPayload(kKindPayload)) {
     for (ErrorKind kind : kAllKinds) {
       if (*tag == ErrorKindName(kind)) return kind;
     }

@@ -1,4 +1,4 @@
-#include "qemu_driver/event_bus.h"
+#include "vm/event_bus.h"
 
 #include <map>
 #include <memory>

@@ -1,4 +1,4 @@
-#include "qemu_driver/process_watch.h"
+#include "host/process_watch.h"
 
 #include <fcntl.h>
 #include <signal.h>

@@ -1,4 +1,4 @@
-#include "qemu_driver/run_command.h"
+#include "host/run_command.h"
 
 #include <signal.h>
 #include <sys/stat.h>

@@ -1,4 +1,4 @@
-#include "qemu_driver/signals.h"
+#include "host/signals.h"
 
 #include <signal.h>
 

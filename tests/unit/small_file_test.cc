@@ -1,4 +1,4 @@
-#include "qemu_driver/small_file.h"
+#include "base/small_file.h"
 
 #include <sys/stat.h>
 #include <unistd.h>

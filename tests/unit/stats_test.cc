@@ -1,4 +1,4 @@
-#include "qemu_driver/stats.h"
+#include "host/stats.h"
 
 #include <fcntl.h>
 #include <signal.h>
