@@ -510,29 +510,15 @@ absl::StatusOr<std::string> CombinedCaBundle(const std::string& ca_file) {
   return out;
 }
 
-absl::StatusOr<FetchResult> FetchHttp(const std::string& url, const std::optional<Checksum>& expected,
-                                      const std::string& dest_path, const FetchOptions& options, Hasher& hasher,
-                                      absl::Time start) {
-  GlobalInit();
-  // Refused before anything is sent or created.
-  absl::StatusOr<NetworkSourcePolicy> policy = NetworkSourcePolicy::Create(options.url_allowlist);
-  if (!policy.ok()) return policy.status();
-  const absl::StatusOr<std::string> admitted = policy->Admit(url);
-  if (!admitted.ok()) return admitted.status();
-  if (IsCancelled(options)) return CancelledStatus(url);
-  const absl::Time deadline = start + options.total_timeout;
-  std::string ca_blob;
-  if (!options.ca_file.empty()) {
-    absl::StatusOr<std::string> b = CombinedCaBundle(options.ca_file);
-    if (!b.ok()) return b.status();
-    ca_blob = std::move(*b);
-  }
+struct SlistDeleter {
+  void operator()(curl_slist* l) const { curl_slist_free_all(l); }
+};
+using Slist = std::unique_ptr<curl_slist, SlistDeleter>;
 
-  struct SlistDeleter {
-    void operator()(curl_slist* l) const { curl_slist_free_all(l); }
-  };
-  std::unique_ptr<curl_slist, SlistDeleter> resolve;
-  for (const std::string& entry : options.resolve) {
+// FetchOptions::resolve as a curl_slist for CURLOPT_RESOLVE (null when empty).
+absl::StatusOr<Slist> ResolveList(const std::vector<std::string>& entries) {
+  Slist resolve;
+  for (const std::string& entry : entries) {
     curl_slist* head = resolve.release();
     curl_slist* l = curl_slist_append(head, entry.c_str());
     if (l == nullptr) {
@@ -541,56 +527,81 @@ absl::StatusOr<FetchResult> FetchHttp(const std::string& url, const std::optiona
     }
     resolve.reset(l);
   }
+  return resolve;
+}
 
-  PartFile part(dest_path + ".part");
-  Transfer t;
-  t.url = url;
-  t.options = &options;
-  t.policy = &*policy;
-  t.part = &part;
-  t.hasher = &hasher;
-  t.max_bytes = options.max_bytes;
-  // A .part left by an earlier process: hash what it holds once, then continue it.
+// What FetchHttp settles before anything is sent or created.
+struct HttpSetup {
+  NetworkSourcePolicy policy;
+  std::string admitted;  // the job's URL, as the policy admitted it
+  std::string ca_blob;   // system bundle + FetchOptions::ca_file; empty: libcurl's own
+  Slist resolve;
+};
+
+absl::StatusOr<HttpSetup> PrepareHttp(const std::string& url, const FetchOptions& options) {
+  // Refused before anything is sent or created.
+  absl::StatusOr<NetworkSourcePolicy> policy = NetworkSourcePolicy::Create(options.url_allowlist);
+  if (!policy.ok()) return policy.status();
+  absl::StatusOr<std::string> admitted = policy->Admit(url);
+  if (!admitted.ok()) return admitted.status();
+  if (IsCancelled(options)) return CancelledStatus(url);
+  std::string ca_blob;
+  if (!options.ca_file.empty()) {
+    absl::StatusOr<std::string> b = CombinedCaBundle(options.ca_file);
+    if (!b.ok()) return b.status();
+    ca_blob = std::move(*b);
+  }
+  absl::StatusOr<Slist> resolve = ResolveList(options.resolve);
+  if (!resolve.ok()) return resolve.status();
+  return HttpSetup{*std::move(policy), *std::move(admitted), std::move(ca_blob), *std::move(resolve)};
+}
+
+// Opens t.part. A .part left by an earlier process: hash what it holds once,
+// then continue it (t.offset); otherwise start empty.
+absl::Status OpenPart(Transfer& t) {
   struct stat st;
-  const bool have_part = ::lstat(part.path().c_str(), &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0 &&
-                         (options.max_bytes <= 0 || st.st_size <= options.max_bytes);
-  if (absl::Status s = part.Open(/*truncate=*/!have_part); !s.ok()) return s;
-  if (have_part) {
-    absl::StatusOr<int64_t> n = HashFile(part.path(), hasher, options, url);
-    if (!n.ok()) {
-      part.Remove();
-      return n.status();
-    }
-    t.offset = *n;
+  const bool have_part = ::lstat(t.part->path().c_str(), &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0 &&
+                         (t.options->max_bytes <= 0 || st.st_size <= t.options->max_bytes);
+  if (absl::Status s = t.part->Open(/*truncate=*/!have_part); !s.ok()) return s;
+  if (!have_part) return absl::OkStatus();
+  absl::StatusOr<int64_t> n = HashFile(t.part->path(), *t.hasher, *t.options, t.url);
+  if (!n.ok()) {
+    t.part->Remove();
+    return n.status();
   }
+  t.offset = *n;
+  return absl::OkStatus();
+}
 
-  std::unique_ptr<CURL, CurlDeleter> curl(curl_easy_init());
-  if (!curl) {
-    part.Remove();
-    return absl::InternalError("curl_easy_init failed");
-  }
-  CURL* c = curl.get();
-  t.curl = c;
-  ProgressReporter progress(options, start);
-  progress.SetBase(t.offset);
-  t.progress = &progress;
-  char errbuf[CURL_ERROR_SIZE];
+// One FetchHttp call, as its attempts see it.
+struct HttpFetch {
+  const FetchOptions& options;
+  HttpSetup& setup;
+  absl::Time deadline;
+  Transfer& t;
+  char errbuf[CURL_ERROR_SIZE];  // libcurl's message for the last request
+};
+
+// The options every request of the call shares.
+void ConfigureCurl(HttpFetch& f) {
+  CURL* c = f.t.curl;
+  const FetchOptions& options = f.options;
   const std::string user_agent = absl::StrCat("nomad-driver-qemu/", NDQ_VERSION);
 
   curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-  curl_easy_setopt(c, CURLOPT_ERRORBUFFER, errbuf);
-  curl_easy_setopt(c, CURLOPT_USERAGENT, user_agent.c_str());
+  curl_easy_setopt(c, CURLOPT_ERRORBUFFER, f.errbuf);
+  curl_easy_setopt(c, CURLOPT_USERAGENT, user_agent.c_str());  // libcurl keeps a copy
   curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
   curl_easy_setopt(c, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
-  // Redirects are followed below, each target held to the same policy.
+  // Redirects are followed by PerformFollowingRedirects, each target held to the same policy.
   curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L);
   // Only connections we check: no proxy from the environment (it would connect
   // on our behalf to addresses we never see), and no ~/.netrc credentials.
   curl_easy_setopt(c, CURLOPT_PROXY, "");
   curl_easy_setopt(c, CURLOPT_NETRC, static_cast<long>(CURL_NETRC_IGNORED));
   curl_easy_setopt(c, CURLOPT_OPENSOCKETFUNCTION, OnOpenSocket);
-  curl_easy_setopt(c, CURLOPT_OPENSOCKETDATA, &t);
-  if (resolve) curl_easy_setopt(c, CURLOPT_RESOLVE, resolve.get());
+  curl_easy_setopt(c, CURLOPT_OPENSOCKETDATA, &f.t);
+  if (f.setup.resolve) curl_easy_setopt(c, CURLOPT_RESOLVE, f.setup.resolve.get());
   curl_easy_setopt(c, CURLOPT_FAILONERROR, 1L);
   curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS,
                    static_cast<long>(std::max<int64_t>(1, absl::ToInt64Milliseconds(options.connect_timeout))));
@@ -600,120 +611,189 @@ absl::StatusOr<FetchResult> FetchHttp(const std::string& url, const std::optiona
   curl_easy_setopt(c, CURLOPT_BUFFERSIZE, 256L * 1024);
   curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, 1L);
   curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, 2L);
-  if (!ca_blob.empty()) {
-    curl_blob blob{ca_blob.data(), ca_blob.size(), CURL_BLOB_COPY};
+  if (!f.setup.ca_blob.empty()) {
+    curl_blob blob{f.setup.ca_blob.data(), f.setup.ca_blob.size(), CURL_BLOB_COPY};
     curl_easy_setopt(c, CURLOPT_CAINFO_BLOB, &blob);
   }
   curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, OnHeader);
-  curl_easy_setopt(c, CURLOPT_HEADERDATA, &t);
+  curl_easy_setopt(c, CURLOPT_HEADERDATA, &f.t);
   curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, OnBody);
-  curl_easy_setopt(c, CURLOPT_WRITEDATA, &t);
+  curl_easy_setopt(c, CURLOPT_WRITEDATA, &f.t);
   if (options.progress || options.cancelled) {
     curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
     curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, OnProgress);
-    curl_easy_setopt(c, CURLOPT_XFERINFODATA, &t);
+    curl_easy_setopt(c, CURLOPT_XFERINFODATA, &f.t);
   }
+}
 
-  FetchResult result;
-  auto fail = [&](absl::Status s) -> absl::StatusOr<FetchResult> {
-    part.Remove();
-    return s;
-  };
+// One request for `target`, continuing the .part from its end.
+CURLcode Perform(HttpFetch& f, const std::string& target) {
+  Transfer& t = f.t;
+  const absl::Duration left = f.deadline - absl::Now();
+  curl_easy_setopt(t.curl, CURLOPT_TIMEOUT_MS, static_cast<long>(std::max<int64_t>(1, absl::ToInt64Milliseconds(left))));
+  curl_easy_setopt(t.curl, CURLOPT_URL, target.c_str());
+  t.request_offset = t.offset;
+  const std::string range = absl::StrCat(t.offset, "-");
+  curl_easy_setopt(t.curl, CURLOPT_RANGE, t.offset > 0 ? range.c_str() : nullptr);
+  t.saw_body = false;
+  t.discard = false;
+  t.range_mismatch = false;
+  t.abort = absl::OkStatus();
+  t.refused_address.clear();
+  f.errbuf[0] = '\0';
+  return curl_easy_perform(t.curl);
+}
+
+// One attempt: the job's URL, then each redirect target the policy admits.
+// Returns libcurl's code for the last request, or why a redirect was not followed.
+absl::StatusOr<CURLcode> PerformFollowingRedirects(HttpFetch& f) {
+  const std::string& url = f.t.url;
+  // Every attempt starts at the job's URL again: a redirect target may be a
+  // short-lived (signed) URL.
+  std::string current = f.setup.admitted;
+  int redirects = 0;
+  while (true) {
+    const CURLcode rc = Perform(f, current);
+    if (rc != CURLE_OK) return rc;
+    long code = 0;
+    curl_easy_getinfo(f.t.curl, CURLINFO_RESPONSE_CODE, &code);
+    char* location = nullptr;
+    if (code < 300 || code >= 400 || curl_easy_getinfo(f.t.curl, CURLINFO_REDIRECT_URL, &location) != CURLE_OK ||
+        location == nullptr) {
+      return rc;
+    }
+    if (++redirects > f.options.max_redirects) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("fetching ", url, ": more than ", f.options.max_redirects, " redirects (a redirect loop?)"));
+    }
+    // The target (absolute, as libcurl resolved it) passes the same checks as the job's URL.
+    absl::StatusOr<std::string> next = f.setup.policy.Admit(location);
+    if (!next.ok()) {
+      return absl::PermissionDeniedError(
+          absl::StrCat("fetching ", url, ": refused to follow a redirect: ", next.status().message()));
+    }
+    current = *std::move(next);
+    if (IsCancelled(f.options)) return CancelledStatus(url);
+  }
+}
+
+// After an attempt whose last request libcurl completed: true when it
+// delivered the image; false when OnFirstBody refused the (empty) body and
+// the attempt is judged like a failed one.
+absl::StatusOr<bool> Delivered(Transfer& t) {
+  if (!t.saw_body && !OnFirstBody(&t)) {
+    if (!t.abort.ok()) return t.abort;
+    return false;
+  }
+  long code = 0;
+  curl_easy_getinfo(t.curl, CURLINFO_RESPONSE_CODE, &code);
+  if (code >= 200 && code < 300) return true;
+  return absl::FailedPreconditionError(
+      absl::StrCat("fetching ", t.url, ": unexpected HTTP ", code, " (redirect without a location?)"));
+}
+
+// Why an attempt did not deliver the image: an Outcome to retry or report,
+// or an error to return as it is (no retry, no attempt count).
+absl::StatusOr<Outcome> AttemptFailure(CURLcode rc, const Transfer& t, const char* errbuf) {
+  if (t.range_mismatch) {
+    return Outcome{absl::UnavailableError(absl::StrCat("fetching ", t.url, ": server answered a Range request from ",
+                                                       t.request_offset, " with bytes from ", t.range_start)),
+                   true, true};
+  }
+  if (!t.abort.ok()) return t.abort;
+  if (rc == CURLE_COULDNT_CONNECT && !t.refused_address.empty()) {
+    // Not retried, and nothing but the fact: the job learns no more about what answers there.
+    return absl::PermissionDeniedError(
+        absl::StrCat("fetching ", t.url, ": the address ", t.refused_address, " is link-local and refused"));
+  }
+  return Classify(rc, t, errbuf);
+}
+
+absl::Status WithAttempts(const absl::Status& status, int attempts) {
+  if (attempts <= 1) return status;
+  return absl::Status(status.code(), absl::StrCat(status.message(), " (after ", attempts, " attempts)"));
+}
+
+// Sleeps before the attempt after `attempt`: initial_backoff, doubled per
+// attempt, at most kMaxBackoff and never past the deadline. False when cancelled.
+bool BackOff(int attempt, const FetchOptions& options, absl::Time deadline) {
+  absl::Duration backoff = options.initial_backoff;
+  for (int i = 1; i < attempt && backoff < kMaxBackoff; ++i) backoff *= 2;
+  backoff = std::min({backoff, kMaxBackoff, deadline - absl::Now()});
+  return backoff <= absl::ZeroDuration() || WaitUnlessCancelled(backoff, options);
+}
+
+// Attempts until the .part holds the whole image, retrying transient failures
+// (resuming where the .part ends). On an error the caller removes the .part.
+absl::Status Download(HttpFetch& f, FetchResult& result) {
+  Transfer& t = f.t;
+  const FetchOptions& options = f.options;
   for (int attempt = 1;; ++attempt) {
     result.attempts = attempt;
-    if (IsCancelled(options)) return fail(CancelledStatus(url));
-    if (deadline - absl::Now() <= absl::ZeroDuration()) {
-      return fail(absl::DeadlineExceededError(absl::StrCat("fetching ", url, ": total timeout of ",
-                                                           absl::FormatDuration(options.total_timeout),
-                                                           " reached after ", attempt - 1, " attempts")));
+    if (IsCancelled(options)) return CancelledStatus(t.url);
+    if (f.deadline - absl::Now() <= absl::ZeroDuration()) {
+      return absl::DeadlineExceededError(absl::StrCat("fetching ", t.url, ": total timeout of ",
+                                                      absl::FormatDuration(options.total_timeout), " reached after ",
+                                                      attempt - 1, " attempts"));
     }
-    // Every attempt starts at the job's URL again: a redirect target may be a
-    // short-lived (signed) URL.
-    std::string current = *admitted;
-    int redirects = 0;
-    CURLcode rc;
-    while (true) {
-      const absl::Duration left = deadline - absl::Now();
-      curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, static_cast<long>(std::max<int64_t>(1, absl::ToInt64Milliseconds(left))));
-      curl_easy_setopt(c, CURLOPT_URL, current.c_str());
-      t.request_offset = t.offset;
-      const std::string range = absl::StrCat(t.offset, "-");
-      curl_easy_setopt(c, CURLOPT_RANGE, t.offset > 0 ? range.c_str() : nullptr);
-      t.saw_body = false;
-      t.discard = false;
-      t.range_mismatch = false;
-      t.abort = absl::OkStatus();
-      t.refused_address.clear();
-      errbuf[0] = '\0';
-      rc = curl_easy_perform(c);
-      if (rc != CURLE_OK) break;
-      long code = 0;
-      curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &code);
-      char* location = nullptr;
-      if (code < 300 || code >= 400 || curl_easy_getinfo(c, CURLINFO_REDIRECT_URL, &location) != CURLE_OK ||
-          location == nullptr) {
-        break;
-      }
-      if (++redirects > options.max_redirects) {
-        return fail(absl::FailedPreconditionError(absl::StrCat("fetching ", url, ": more than ", options.max_redirects,
-                                                               " redirects (a redirect loop?)")));
-      }
-      // The target (absolute, as libcurl resolved it) passes the same checks as the job's URL.
-      absl::StatusOr<std::string> next = policy->Admit(location);
-      if (!next.ok()) {
-        return fail(absl::PermissionDeniedError(
-            absl::StrCat("fetching ", url, ": refused to follow a redirect: ", next.status().message())));
-      }
-      current = *std::move(next);
-      if (IsCancelled(options)) return fail(CancelledStatus(url));
+    const absl::StatusOr<CURLcode> rc = PerformFollowingRedirects(f);
+    if (!rc.ok()) return rc.status();
+    if (*rc == CURLE_OK) {
+      const absl::StatusOr<bool> delivered = Delivered(t);
+      if (!delivered.ok()) return delivered.status();
+      if (*delivered) return absl::OkStatus();
     }
-    if (rc == CURLE_OK) {
-      if (!t.saw_body && !OnFirstBody(&t)) {
-        if (!t.abort.ok()) return fail(t.abort);
-      } else {
-        long code = 0;
-        curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &code);
-        if (code >= 200 && code < 300) break;
-        return fail(absl::FailedPreconditionError(
-            absl::StrCat("fetching ", url, ": unexpected HTTP ", code, " (redirect without a location?)")));
-      }
-    }
-    Outcome outcome;
-    if (t.range_mismatch) {
-      outcome = {absl::UnavailableError(absl::StrCat("fetching ", url, ": server answered a Range request from ",
-                                                     t.request_offset, " with bytes from ", t.range_start)),
-                 true, true};
-    } else if (!t.abort.ok()) {
-      return fail(t.abort);
-    } else if (rc == CURLE_COULDNT_CONNECT && !t.refused_address.empty()) {
-      // Not retried, and nothing but the fact: the job learns no more about what answers there.
-      return fail(absl::PermissionDeniedError(
-          absl::StrCat("fetching ", url, ": the address ", t.refused_address, " is link-local and refused")));
-    } else {
-      outcome = Classify(rc, t, errbuf);
-    }
-    if (outcome.restart) {
-      if (absl::Status s = part.Truncate(); !s.ok()) return fail(s);
-      hasher.Reset();
+    const absl::StatusOr<Outcome> outcome = AttemptFailure(*rc, t, f.errbuf);
+    if (!outcome.ok()) return outcome.status();
+    if (outcome->restart) {
+      if (absl::Status s = t.part->Truncate(); !s.ok()) return s;
+      t.hasher->Reset();
       t.offset = 0;
     }
-    if (!outcome.transient || attempt > options.retries) {
-      if (attempt > 1) {
-        return fail(absl::Status(outcome.status.code(),
-                                 absl::StrCat(outcome.status.message(), " (after ", attempt, " attempts)")));
-      }
-      return fail(outcome.status);
-    }
-    absl::Duration backoff = options.initial_backoff;
-    for (int i = 1; i < attempt && backoff < kMaxBackoff; ++i) backoff *= 2;
-    backoff = std::min({backoff, kMaxBackoff, deadline - absl::Now()});
-    if (backoff > absl::ZeroDuration() && !WaitUnlessCancelled(backoff, options)) return fail(CancelledStatus(url));
+    if (!outcome->transient || attempt > options.retries) return WithAttempts(outcome->status, attempt);
+    if (!BackOff(attempt, options, f.deadline)) return CancelledStatus(t.url);
   }
+}
 
+absl::StatusOr<FetchResult> FetchHttp(const std::string& url, const std::optional<Checksum>& expected,
+                                      const std::string& dest_path, const FetchOptions& options, Hasher& hasher,
+                                      absl::Time start) {
+  GlobalInit();
+  absl::StatusOr<HttpSetup> setup = PrepareHttp(url, options);
+  if (!setup.ok()) return setup.status();
+
+  PartFile part(dest_path + ".part");
+  Transfer t;
+  t.url = url;
+  t.options = &options;
+  t.policy = &setup->policy;
+  t.part = &part;
+  t.hasher = &hasher;
+  t.max_bytes = options.max_bytes;
+  if (absl::Status s = OpenPart(t); !s.ok()) return s;
+
+  std::unique_ptr<CURL, CurlDeleter> curl(curl_easy_init());
+  if (!curl) {
+    part.Remove();
+    return absl::InternalError("curl_easy_init failed");
+  }
+  t.curl = curl.get();
+  ProgressReporter progress(options, start);
+  progress.SetBase(t.offset);
+  t.progress = &progress;
+  HttpFetch f{options, *setup, start + options.total_timeout, t, {}};
+  ConfigureCurl(f);
+
+  FetchResult result;
+  if (absl::Status s = Download(f, result); !s.ok()) {
+    part.Remove();
+    return s;
+  }
   result.bytes = t.offset;
   result.resumed = t.resumed;
   if (options.max_bytes > 0 && result.bytes > options.max_bytes) {
-    return fail(TooBig(result.bytes, options.max_bytes, url));
+    part.Remove();
+    return TooBig(result.bytes, options.max_bytes, url);
   }
   if (absl::Status s = Finish(part, hasher, expected, url, dest_path, result); !s.ok()) return s;
   progress.Final(result.bytes, t.total >= 0 ? t.total : result.bytes);

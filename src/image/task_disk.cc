@@ -116,6 +116,111 @@ absl::StatusOr<Checksum> ChecksumFromUrl(const std::string& checksum_url, const 
   return checksum;
 }
 
+// PrepareTaskDisk's arguments, for the steps it takes.
+struct DiskRequest {
+  const TaskConfig& config;
+  const std::vector<std::string>& sources;
+  const std::string& task_dir;
+  const PluginConfig& plugin;
+  ImageCache& cache;
+  const DiskEventSink& events;
+  const LocalOpener& open_local;
+  const std::function<bool()>& cancelled;
+  const std::string& lease;
+};
+
+// The checksum the image must have: the task config's checksum, or the entry
+// in checksum_url's file; none when the plugin allows unverified images.
+absl::StatusOr<std::optional<Checksum>> ExpectedChecksum(const DiskRequest& req) {
+  if (req.config.checksum) return std::optional<Checksum>(*ParseChecksum(*req.config.checksum));
+  if (!req.config.checksum_url) return std::optional<Checksum>();
+  absl::StatusOr<Checksum> fetched = ChecksumFromUrl(*req.config.checksum_url, req.sources.front(), req.plugin,
+                                                     ScratchDir(req.cache), req.open_local, req.cancelled);
+  if (!fetched.ok()) return fetched.status();
+  return std::optional<Checksum>(*fetched);
+}
+
+// Verified images are shared by content; unverified ones only by URL.
+std::string CacheKey(const std::optional<Checksum>& checksum, const std::string& source) {
+  if (checksum) return absl::StrCat(checksum->type, "-", checksum->hex);
+  Hasher hasher = *Hasher::Create("sha256");
+  hasher.Update(source.data(), source.size());
+  return "url-" + hasher.FinalHex();
+}
+
+// The cached image for the task's sources, downloaded (and verified against
+// `checksum`) unless the cache holds it already.
+absl::StatusOr<CachedImage> AcquireImage(const DiskRequest& req, const std::optional<Checksum>& checksum) {
+  const DiskEventSink& events = req.events;
+  FetchOptions options = OptionsFor(req.plugin, req.open_local, "image_source", req.cancelled);
+  ImageCache::Downloader download = [&](const std::string& source,
+                                        const std::string& dest) -> absl::StatusOr<int64_t> {
+    events("Downloading image", {{"source", source}});
+    FetchOptions with_progress = options;
+    with_progress.progress_interval = absl::Seconds(5);
+    with_progress.progress = [&](int64_t done, int64_t total, double rate) {
+      events(absl::StrFormat("Downloading image: %s", total > 0 ? absl::StrFormat("%.0f%%", 100.0 * done / total) : "?"),
+             {{"bytes", std::to_string(done)},
+              {"total_bytes", std::to_string(total)},
+              {"bytes_per_second", absl::StrFormat("%.0f", rate)}});
+    };
+    absl::StatusOr<FetchResult> result = FetchVerified(source, checksum, dest, with_progress);
+    if (!result.ok()) return result.status();
+    events("Image downloaded and verified",
+           {{"bytes", std::to_string(result->bytes)}, {"seconds", absl::StrFormat("%.2f", absl::ToDoubleSeconds(result->took))}});
+    return result->bytes;
+  };
+  ImageCache::AcquireOptions acquire;
+  acquire.lease = req.lease;
+  acquire.cancelled = req.cancelled;
+  absl::StatusOr<CachedImage> cached = req.cache.Acquire(CacheKey(checksum, req.sources.front()), req.sources, download, acquire);
+  if (!cached.ok()) {
+    return absl::Status(cached.status().code(), absl::StrCat("task config \"image_source\": ", cached.status().message()));
+  }
+  if (cached->hit) events("Image cache hit", {{"image", cached->path}});
+  return cached;
+}
+
+// The task config's image_format, or else the format probed from the image.
+absl::StatusOr<std::string> ImageFormat(const TaskConfig& config, const std::string& image) {
+  if (config.image_format) return *config.image_format;
+  absl::StatusOr<std::string> format = ProbeStandaloneFormat(image);
+  if (!format.ok()) {
+    return absl::Status(format.status().code(), absl::StrCat("task config \"image_source\": ", format.status().message()));
+  }
+  return format;
+}
+
+// Creates disk->overlay in the task dir: a qcow2 file backed by the cached image.
+absl::Status CreateOverlay(const DiskRequest& req, TaskDisk* disk) {
+  constexpr char kOverlayName[] = "image-overlay.qcow2";
+  disk->overlay = req.task_dir + "/" + kOverlayName;
+  const std::string qemu_img = FindOnPath("qemu-img");
+  if (qemu_img.empty()) return absl::FailedPreconditionError("qemu-img is not on PATH (package qemu-utils)");
+  // The task dir is the job's to write: whatever it left under the overlay's
+  // name (a link to a host file, say) is removed, not followed, and the file
+  // is created afresh here; qemu-img then writes through our open file.
+  UniqueFd dir(::open(req.task_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir.valid()) return absl::InternalError(absl::StrCat("cannot open task dir ", req.task_dir, ": ", std::strerror(errno)));
+  ::unlinkat(dir.get(), kOverlayName, 0);
+  UniqueFd overlay(::openat(dir.get(), kOverlayName, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
+  if (!overlay.valid()) {
+    return absl::InternalError(absl::StrCat("cannot create ", disk->overlay, ": ", std::strerror(errno)));
+  }
+  std::vector<std::string> argv = {qemu_img, "create", "-q", "-f", "qcow2", "-F", disk->format, "-b", disk->cached_image,
+                                   absl::StrCat("/proc/", ::getpid(), "/fd/", overlay.get())};
+  if (req.config.disk_size) argv.push_back(std::to_string(*ParseSize(*req.config.disk_size)));
+  absl::StatusOr<CommandResult> created = RunCommand(argv, absl::Seconds(60));
+  if (!created.ok() || created->exit_code != 0) {
+    ::unlinkat(dir.get(), kOverlayName, 0);
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cannot create the task's disk on ", disk->cached_image, ": ",
+        created.ok() ? created->output : std::string(created.status().message())));
+  }
+  req.events("Task disk created", {{"overlay", disk->overlay}, {"backing", disk->cached_image}});
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<std::vector<std::string>> ImageSources(const TaskConfig& config, const PluginConfig& plugin) {
@@ -177,89 +282,20 @@ absl::StatusOr<TaskDisk> PrepareTaskDisk(const TaskConfig& config, const std::ve
                                          const std::string& task_dir, const PluginConfig& plugin, ImageCache& cache,
                                          const DiskEventSink& events, const LocalOpener& open_local,
                                          const std::function<bool()>& cancelled, const std::string& lease) {
+  const DiskRequest req{config, sources, task_dir, plugin, cache, events, open_local, cancelled, lease};
   if (absl::Status admitted = AdmitLocalSources(config, sources, open_local); !admitted.ok()) return admitted;
-  std::optional<Checksum> checksum;
-  if (config.checksum) {
-    checksum = *ParseChecksum(*config.checksum);
-  } else if (config.checksum_url) {
-    absl::StatusOr<Checksum> fetched = ChecksumFromUrl(*config.checksum_url, sources.front(), plugin, ScratchDir(cache), open_local, cancelled);
-    if (!fetched.ok()) return fetched.status();
-    checksum = *fetched;
-  }
-  // Verified images are shared by content; unverified ones only by URL.
-  std::string key;
-  if (checksum) {
-    key = absl::StrCat(checksum->type, "-", checksum->hex);
-  } else {
-    Hasher hasher = *Hasher::Create("sha256");
-    hasher.Update(sources.front().data(), sources.front().size());
-    key = "url-" + hasher.FinalHex();
-  }
-
-  FetchOptions options = OptionsFor(plugin, open_local, "image_source", cancelled);
-  ImageCache::Downloader download = [&](const std::string& source,
-                                        const std::string& dest) -> absl::StatusOr<int64_t> {
-    events("Downloading image", {{"source", source}});
-    FetchOptions with_progress = options;
-    with_progress.progress_interval = absl::Seconds(5);
-    with_progress.progress = [&](int64_t done, int64_t total, double rate) {
-      events(absl::StrFormat("Downloading image: %s", total > 0 ? absl::StrFormat("%.0f%%", 100.0 * done / total) : "?"),
-             {{"bytes", std::to_string(done)},
-              {"total_bytes", std::to_string(total)},
-              {"bytes_per_second", absl::StrFormat("%.0f", rate)}});
-    };
-    absl::StatusOr<FetchResult> result = FetchVerified(source, checksum, dest, with_progress);
-    if (!result.ok()) return result.status();
-    events("Image downloaded and verified",
-           {{"bytes", std::to_string(result->bytes)}, {"seconds", absl::StrFormat("%.2f", absl::ToDoubleSeconds(result->took))}});
-    return result->bytes;
-  };
-  ImageCache::AcquireOptions acquire;
-  acquire.lease = lease;
-  acquire.cancelled = cancelled;
-  absl::StatusOr<CachedImage> cached = cache.Acquire(key, sources, download, acquire);
-  if (!cached.ok()) {
-    return absl::Status(cached.status().code(), absl::StrCat("task config \"image_source\": ", cached.status().message()));
-  }
-  if (cached->hit) events("Image cache hit", {{"image", cached->path}});
+  absl::StatusOr<std::optional<Checksum>> checksum = ExpectedChecksum(req);
+  if (!checksum.ok()) return checksum.status();
+  absl::StatusOr<CachedImage> cached = AcquireImage(req, *checksum);
+  if (!cached.ok()) return cached.status();
 
   TaskDisk disk;
   disk.cached_image = cached->path;
   disk.cache_hit = cached->hit;
-  if (config.image_format) {
-    disk.format = *config.image_format;
-  } else {
-    absl::StatusOr<std::string> format = ProbeStandaloneFormat(cached->path);
-    if (!format.ok()) {
-      return absl::Status(format.status().code(), absl::StrCat("task config \"image_source\": ", format.status().message()));
-    }
-    disk.format = *format;
-  }
-  constexpr char kOverlayName[] = "image-overlay.qcow2";
-  disk.overlay = task_dir + "/" + kOverlayName;
-  const std::string qemu_img = FindOnPath("qemu-img");
-  if (qemu_img.empty()) return absl::FailedPreconditionError("qemu-img is not on PATH (package qemu-utils)");
-  // The task dir is the job's to write: whatever it left under the overlay's
-  // name (a link to a host file, say) is removed, not followed, and the file
-  // is created afresh here; qemu-img then writes through our open file.
-  UniqueFd dir(::open(task_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!dir.valid()) return absl::InternalError(absl::StrCat("cannot open task dir ", task_dir, ": ", std::strerror(errno)));
-  ::unlinkat(dir.get(), kOverlayName, 0);
-  UniqueFd overlay(::openat(dir.get(), kOverlayName, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
-  if (!overlay.valid()) {
-    return absl::InternalError(absl::StrCat("cannot create ", disk.overlay, ": ", std::strerror(errno)));
-  }
-  std::vector<std::string> argv = {qemu_img, "create", "-q", "-f", "qcow2", "-F", disk.format, "-b", cached->path,
-                                   absl::StrCat("/proc/", ::getpid(), "/fd/", overlay.get())};
-  if (config.disk_size) argv.push_back(std::to_string(*ParseSize(*config.disk_size)));
-  absl::StatusOr<CommandResult> created = RunCommand(argv, absl::Seconds(60));
-  if (!created.ok() || created->exit_code != 0) {
-    ::unlinkat(dir.get(), kOverlayName, 0);
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cannot create the task's disk on ", cached->path, ": ",
-        created.ok() ? created->output : std::string(created.status().message())));
-  }
-  events("Task disk created", {{"overlay", disk.overlay}, {"backing", cached->path}});
+  absl::StatusOr<std::string> format = ImageFormat(config, cached->path);
+  if (!format.ok()) return format.status();
+  disk.format = *std::move(format);
+  if (absl::Status created = CreateOverlay(req, &disk); !created.ok()) return created;
   return disk;
 }
 

@@ -263,15 +263,106 @@ int CouldNotRun(int dir_fd, int64_t started_at_ms, const ErrorText& why) {
   return RecordExit(dir_fd, facts, kExitCouldNotRun);
 }
 
-int Run(int argc, char** argv) {
-  EnsureStandardFds();
-  // Nothing the plugin had open (its gRPC sockets, Nomad's pipes) may stay
-  // open for the VM's lifetime through us or QEMU; only the images it passed.
-  const int passed_fds = PassedFdCount(argc, argv);
+// Nothing the plugin had open (its gRPC sockets, Nomad's pipes) may stay
+// open for the VM's lifetime through us or QEMU; only the images it passed.
+// Returns a passed fd that is not open, or -1.
+int KeepOnlyPassedFds(int passed_fds) {
   ::close_range(static_cast<unsigned>(kFirstPassedFd + passed_fds), ~0U, 0);
   for (int fd = kFirstPassedFd; fd < kFirstPassedFd + passed_fds; ++fd) {
-    if (::fcntl(fd, F_GETFD) < 0) return UsageError("%s %d: fd %d is not open", kArgPassFds, passed_fds, fd);
+    if (::fcntl(fd, F_GETFD) < 0) return fd;
     ::fcntl(fd, F_SETFD, 0);  // QEMU inherits it
+  }
+  return -1;
+}
+
+// QEMU's setup, and our ends of its stderr.
+struct Child {
+  ChildSetup setup;
+  int stderr_out = -1;   // --stderr, where QEMU's stderr is copied to
+  int stderr_pipe = -1;  // the read end of QEMU's stderr
+};
+
+// Opens what QEMU is started with. Opened here so a missing namespace or
+// cgroup is reported as such, not as a failed step in the child.
+bool PrepareChild(const Options& opts, int signal_fd, Child* child, ErrorText* error) {
+  ChildSetup& setup = child->setup;
+  setup.argv = opts.qemu_argv;
+  if (opts.user != nullptr && !ResolveUser(opts.user, &setup.run_as, error)) return false;
+  for (int i = 0; i < opts.cgroup_count; ++i) {
+    setup.cgroup_fds[i] = ::open(opts.cgroups[i], O_WRONLY | O_CLOEXEC);
+    if (setup.cgroup_fds[i] < 0) {
+      error->Set("cgroup %s: %s", opts.cgroups[i], std::strerror(errno));
+      return false;
+    }
+    setup.cgroup_count = i + 1;
+  }
+  if (opts.netns != nullptr) {
+    setup.netns_fd = ::open(opts.netns, O_RDONLY | O_CLOEXEC);
+    if (setup.netns_fd < 0) {
+      error->Set("network namespace %s: %s", opts.netns, std::strerror(errno));
+      return false;
+    }
+  }
+  setup.stdout_fd = OpenOutput("stdout", opts.stdout_path, signal_fd, error);
+  if (setup.stdout_fd < 0) return false;
+  child->stderr_out = OpenOutput("stderr", opts.stderr_path, signal_fd, error);
+  if (child->stderr_out < 0) return false;
+  int stderr_pipe[2];
+  if (::pipe2(stderr_pipe, O_CLOEXEC) != 0 || ::fcntl(stderr_pipe[0], F_SETFL, O_NONBLOCK) != 0) {
+    error->Set("stderr pipe: %s", std::strerror(errno));
+    return false;
+  }
+  child->stderr_pipe = stderr_pipe[0];
+  setup.stderr_fd = stderr_pipe[1];
+  return true;
+}
+
+// Once QEMU is started: only QEMU writes these; holding them would delay EOF
+// for the log readers.
+void CloseChildFds(const ChildSetup& setup, int passed_fds) {
+  ::close(setup.stdout_fd);
+  ::close(setup.stderr_fd);
+  for (int i = 0; i < setup.cgroup_count; ++i) ::close(setup.cgroup_fds[i]);
+  if (setup.netns_fd >= 0) ::close(setup.netns_fd);
+  for (int fd = kFirstPassedFd; fd < kFirstPassedFd + passed_fds; ++fd) ::close(fd);
+}
+
+void WritePidFile(int dir_fd, pid_t qemu) {
+  char pid_text[16];
+  const int pid_len = std::snprintf(pid_text, sizeof pid_text, "%d\n", static_cast<int>(qemu));
+  ErrorText error;
+  if (!WriteFileAtomically(dir_fd, kPidFile, pid_text, static_cast<size_t>(pid_len), &error)) {
+    // QEMU runs on; the plugin still has our pid to stop it through us.
+    Log("could not write %s: %s", kPidFile, error.text);
+  }
+}
+
+// Logs how QEMU ended (its wait status) and records it in exit.json.
+int RecordQemuExit(int dir_fd, pid_t qemu, int status, int64_t started_at_ms, const StderrTail& tail) {
+  ExitFacts facts;
+  facts.started_at_ms = started_at_ms;
+  facts.exited_at_ms = NowUnixMs();
+  if (WIFEXITED(status)) {
+    facts.exit_code = WEXITSTATUS(status);
+    Log("QEMU pid %d exited with code %d", static_cast<int>(qemu), facts.exit_code);
+  } else {
+    facts.exit_code = -1;
+    facts.signal = WTERMSIG(status);
+    facts.core_dumped = WCOREDUMP(status);
+    Log("QEMU pid %d killed by signal %d%s", static_cast<int>(qemu), facts.signal,
+        facts.core_dumped ? " (core dumped)" : "");
+  }
+  static char tail_text[kStderrTailBytes];
+  facts.stderr_tail = tail_text;
+  facts.stderr_tail_len = tail.CopyOut(tail_text);
+  return RecordExit(dir_fd, facts, kExitOk);
+}
+
+int Run(int argc, char** argv) {
+  EnsureStandardFds();
+  const int passed_fds = PassedFdCount(argc, argv);
+  if (const int missing = KeepOnlyPassedFds(passed_fds); missing >= 0) {
+    return UsageError("%s %d: fd %d is not open", kArgPassFds, passed_fds, missing);
   }
 
   Options opts;
@@ -291,77 +382,19 @@ int Run(int argc, char** argv) {
     error.Set("signalfd: %s", std::strerror(errno));
     return CouldNotRun(dir_fd, started_at_ms, error);
   }
-
-  ChildSetup setup;
-  setup.argv = opts.qemu_argv;
-  if (opts.user != nullptr && !ResolveUser(opts.user, &setup.run_as, &error)) {
-    return CouldNotRun(dir_fd, started_at_ms, error);
-  }
-  // Opened here so a missing namespace or cgroup is reported as such, not
-  // as a failed step in the child.
-  for (int i = 0; i < opts.cgroup_count; ++i) {
-    setup.cgroup_fds[i] = ::open(opts.cgroups[i], O_WRONLY | O_CLOEXEC);
-    if (setup.cgroup_fds[i] < 0) {
-      error.Set("cgroup %s: %s", opts.cgroups[i], std::strerror(errno));
-      return CouldNotRun(dir_fd, started_at_ms, error);
-    }
-    setup.cgroup_count = i + 1;
-  }
-  if (opts.netns != nullptr) {
-    setup.netns_fd = ::open(opts.netns, O_RDONLY | O_CLOEXEC);
-    if (setup.netns_fd < 0) {
-      error.Set("network namespace %s: %s", opts.netns, std::strerror(errno));
-      return CouldNotRun(dir_fd, started_at_ms, error);
-    }
-  }
-  setup.stdout_fd = OpenOutput("stdout", opts.stdout_path, signal_fd, &error);
-  if (setup.stdout_fd < 0) return CouldNotRun(dir_fd, started_at_ms, error);
-  const int stderr_out = OpenOutput("stderr", opts.stderr_path, signal_fd, &error);
-  if (stderr_out < 0) return CouldNotRun(dir_fd, started_at_ms, error);
-  int stderr_pipe[2];
-  if (::pipe2(stderr_pipe, O_CLOEXEC) != 0 || ::fcntl(stderr_pipe[0], F_SETFL, O_NONBLOCK) != 0) {
-    error.Set("stderr pipe: %s", std::strerror(errno));
-    return CouldNotRun(dir_fd, started_at_ms, error);
-  }
-  setup.stderr_fd = stderr_pipe[1];
+  Child child;
+  if (!PrepareChild(opts, signal_fd, &child, &error)) return CouldNotRun(dir_fd, started_at_ms, error);
 
   started_at_ms = NowUnixMs();
-  const pid_t qemu = StartQemu(setup, &error);
-  // Only QEMU writes these; holding them would delay EOF for the log readers.
-  ::close(setup.stdout_fd);
-  ::close(stderr_pipe[1]);
-  for (int i = 0; i < setup.cgroup_count; ++i) ::close(setup.cgroup_fds[i]);
-  if (setup.netns_fd >= 0) ::close(setup.netns_fd);
-  for (int fd = kFirstPassedFd; fd < kFirstPassedFd + passed_fds; ++fd) ::close(fd);
+  const pid_t qemu = StartQemu(child.setup, &error);
+  CloseChildFds(child.setup, passed_fds);
   if (qemu < 0) return CouldNotRun(dir_fd, started_at_ms, error);
-
-  char pid_text[16];
-  const int pid_len = std::snprintf(pid_text, sizeof pid_text, "%d\n", static_cast<int>(qemu));
-  if (!WriteFileAtomically(dir_fd, kPidFile, pid_text, static_cast<size_t>(pid_len), &error)) {
-    // QEMU runs on; the plugin still has our pid to stop it through us.
-    Log("could not write %s: %s", kPidFile, error.text);
-  }
+  WritePidFile(dir_fd, qemu);
   Log("QEMU running as pid %d", static_cast<int>(qemu));
 
   static StderrTail tail;
-  const int status = Supervise(qemu, signal_fd, stderr_pipe[0], stderr_out, &tail);
-  ExitFacts facts;
-  facts.started_at_ms = started_at_ms;
-  facts.exited_at_ms = NowUnixMs();
-  if (WIFEXITED(status)) {
-    facts.exit_code = WEXITSTATUS(status);
-    Log("QEMU pid %d exited with code %d", static_cast<int>(qemu), facts.exit_code);
-  } else {
-    facts.exit_code = -1;
-    facts.signal = WTERMSIG(status);
-    facts.core_dumped = WCOREDUMP(status);
-    Log("QEMU pid %d killed by signal %d%s", static_cast<int>(qemu), facts.signal,
-        facts.core_dumped ? " (core dumped)" : "");
-  }
-  static char tail_text[kStderrTailBytes];
-  facts.stderr_tail = tail_text;
-  facts.stderr_tail_len = tail.CopyOut(tail_text);
-  return RecordExit(dir_fd, facts, kExitOk);
+  const int status = Supervise(qemu, signal_fd, child.stderr_pipe, child.stderr_out, &tail);
+  return RecordQemuExit(dir_fd, qemu, status, started_at_ms, tail);
 }
 
 }  // namespace
