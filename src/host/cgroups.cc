@@ -10,6 +10,7 @@
 #include <cstring>
 #include <set>
 
+#include "base/timeouts.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -203,7 +204,7 @@ void RemoveTaskCgroup(const TaskCgroup& cgroup) {
   for (const std::string& dir : cgroup.created) {
     // Normally empty by now (QEMU has exited); anything left would pin it.
     if (cgroup.version == CgroupVersion::kV2) WriteFile(dir, "cgroup.kill", "1").IgnoreError();
-    const absl::Time deadline = absl::Now() + absl::Seconds(5);
+    const absl::Time deadline = absl::Now() + timeouts::kCgroupDrain;
     int result;
     while ((result = ::rmdir(dir.c_str())) != 0 && errno == EBUSY && absl::Now() < deadline) {
       for (absl::string_view pid_text :

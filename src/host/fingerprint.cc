@@ -9,6 +9,7 @@
 
 #include <algorithm>
 
+#include "base/timeouts.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_join.h"
@@ -20,7 +21,7 @@ namespace ndq {
 namespace {
 
 constexpr absl::string_view kEmulatorPrefix = "qemu-system-";
-constexpr absl::Duration kProbeTimeout = absl::Seconds(10);
+constexpr absl::Duration kProbeTimeout = timeouts::kFingerprintProbe;
 
 bool IsExecutableFile(const std::string& path) {
   struct stat st;

@@ -24,7 +24,9 @@ std::optional<std::vector<std::string>> ReadProcStat(pid_t pid) {
   // The command name (field 2) may contain spaces and parentheses: skip past the last ')'.
   const size_t close = stat.rfind(')');
   if (close == std::string::npos) return std::nullopt;
-  std::vector<std::string> fields = {"", std::to_string(pid), stat.substr(0, close + 1)};
+  const size_t open = stat.find('(');
+  if (open == std::string::npos || open > close) return std::nullopt;
+  std::vector<std::string> fields = {"", std::to_string(pid), stat.substr(open, close - open + 1)};
   std::istringstream rest(stat.substr(close + 2));
   for (std::string field; rest >> field;) fields.push_back(field);
   return fields;

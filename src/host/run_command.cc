@@ -4,10 +4,12 @@
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -26,6 +28,19 @@ constexpr size_t kMaxOutput = 1 << 20;
 int RemainingMs(absl::Time deadline) {
   const absl::Duration left = deadline - absl::Now();
   return left <= absl::ZeroDuration() ? 0 : static_cast<int>(absl::ToInt64Milliseconds(left)) + 1;
+}
+
+// Whether `pid` exits by `deadline` (not reaped here). Without a pidfd
+// (very old kernels) it is waited for as before, without a limit.
+bool ExitsBy(pid_t pid, absl::Time deadline) {
+  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  if (pidfd < 0) return true;
+  pollfd pfd = {pidfd, POLLIN, 0};
+  int ready;
+  while ((ready = ::poll(&pfd, 1, RemainingMs(deadline))) < 0 && errno == EINTR) {
+  }
+  ::close(pidfd);
+  return ready != 0;
 }
 
 }  // namespace
@@ -64,9 +79,11 @@ absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv, a
     const ssize_t n = ::read(out[0], buf, sizeof buf);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) break;
-    if (result.output.size() < kMaxOutput) result.output.append(buf, static_cast<size_t>(n));
+    result.output.append(buf, std::min(static_cast<size_t>(n), kMaxOutput - result.output.size()));
   }
   ::close(out[0]);
+  // Output closed is not the end: a command may close it and go on running.
+  if (!timed_out && !ExitsBy(pid, deadline)) timed_out = true;
   if (timed_out) ::kill(pid, SIGKILL);
   int status = 0;
   while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
@@ -106,7 +123,11 @@ std::string FindOnPath(const std::string& name) {
   const char* path = std::getenv("PATH");
   for (absl::string_view dir : absl::StrSplit(path != nullptr ? path : "", ':', absl::SkipEmpty())) {
     const std::string candidate = absl::StrCat(dir, "/", name);
-    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
+    struct stat st;
+    // A directory has the execute bit too; like which(1), only files count.
+    if (::stat(candidate.c_str(), &st) == 0 && S_ISREG(st.st_mode) && ::access(candidate.c_str(), X_OK) == 0) {
+      return candidate;
+    }
   }
   return "";
 }

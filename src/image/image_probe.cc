@@ -12,6 +12,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "base/timeouts.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "host/run_command.h"
@@ -89,7 +90,7 @@ absl::StatusOr<ImageInfo> ProbeWithQemuImg(const std::string& path, const std::s
   std::vector<std::string> argv = {qemu_img, "info", "--output=json", "-U"};
   if (opened_as.empty()) argv.push_back("--backing-chain");
   argv.push_back(opened_as.empty() ? path : opened_as);
-  absl::StatusOr<CommandResult> out = RunCommand(argv, absl::Seconds(30));
+  absl::StatusOr<CommandResult> out = RunCommand(argv, timeouts::kImageProbe);
   if (!out.ok()) return out.status();
   if (out->exit_code != 0) return absl::InvalidArgumentError(absl::StrCat("qemu-img cannot read ", path, ": ", out->output));
   const nlohmann::json chain = nlohmann::json::parse(out->output, nullptr, false);

@@ -12,6 +12,7 @@
 #include <sstream>
 #include <utility>
 
+#include "base/timeouts.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -20,6 +21,7 @@
 #include "image/image_probe.h"
 #include "host/run_command.h"
 #include "policy/source_policy.h"
+#include "base/error_kind.h"
 #include "base/unique_fd.h"
 
 namespace ndq {
@@ -191,6 +193,17 @@ absl::StatusOr<std::string> ImageFormat(const TaskConfig& config, const std::str
   return format;
 }
 
+// Why qemu-img could not write the overlay: a full or over-quota disk may
+// have room later (retryable); anything else is the image or the job's size.
+absl::Status OverlayFailure(const std::string& message) {
+  for (int err : {ENOSPC, EDQUOT, ENOMEM, EMFILE}) {
+    if (message.find(std::strerror(err)) != std::string::npos) {
+      return WithKind(absl::ResourceExhaustedError(message), ErrorKind::kHostResource);
+    }
+  }
+  return absl::InvalidArgumentError(message);
+}
+
 // Creates disk->overlay in the task dir: a qcow2 file backed by the cached image.
 absl::Status CreateOverlay(const DiskRequest& req, TaskDisk* disk) {
   constexpr char kOverlayName[] = "image-overlay.qcow2";
@@ -210,12 +223,11 @@ absl::Status CreateOverlay(const DiskRequest& req, TaskDisk* disk) {
   std::vector<std::string> argv = {qemu_img, "create", "-q", "-f", "qcow2", "-F", disk->format, "-b", disk->cached_image,
                                    absl::StrCat("/proc/", ::getpid(), "/fd/", overlay.get())};
   if (req.config.disk_size) argv.push_back(std::to_string(*ParseSize(*req.config.disk_size)));
-  absl::StatusOr<CommandResult> created = RunCommand(argv, absl::Seconds(60));
+  absl::StatusOr<CommandResult> created = RunCommand(argv, timeouts::kOverlayCreate);
   if (!created.ok() || created->exit_code != 0) {
     ::unlinkat(dir.get(), kOverlayName, 0);
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cannot create the task's disk on ", disk->cached_image, ": ",
-        created.ok() ? created->output : std::string(created.status().message())));
+    return OverlayFailure(absl::StrCat("cannot create the task's disk on ", disk->cached_image, ": ",
+                                       created.ok() ? created->output : std::string(created.status().message())));
   }
   req.events("Task disk created", {{"overlay", disk->overlay}, {"backing", disk->cached_image}});
   return absl::OkStatus();

@@ -138,8 +138,15 @@ void PlanPortForwards(const TaskConfig& config, const driverpb::TaskConfig& task
   }
 }
 
-void PlanImage(const TaskConfig& config, VmSpec& spec,
+void PlanImage(const TaskConfig& config, const PreparedImage* prepared, VmSpec& spec,
                std::vector<std::string>& problems) {
+  if (prepared != nullptr) {
+    // image_source was checked and turned into this file by the start's
+    // admit-image stage.
+    spec.image_path = prepared->path;
+    spec.image_format = prepared->format;
+    return;
+  }
   if (config.image_path.has_value() && config.image_source.has_value()) {
     problems.push_back("task config: set exactly one of \"image_path\" and \"image_source\", not both");
     return;
@@ -329,10 +336,10 @@ absl::StatusOr<int> CountCpuset(const std::string& cpuset) {
 }
 
 absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config, const driverpb::TaskConfig& task, const PluginConfig& plugin,
-                              const std::map<std::string, std::string>& emulators) {
+                              const std::map<std::string, std::string>& emulators, const PreparedImage* prepared) {
   VmSpec spec;
   std::vector<std::string> problems;
-  PlanImage(config, spec, problems);
+  PlanImage(config, prepared, spec, problems);
   PlanEmulator(config, plugin, emulators, spec, problems);
   PlanMachine(config, spec, problems);
   PlanResources(task.resources(), spec, problems);

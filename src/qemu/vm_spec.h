@@ -72,9 +72,17 @@ struct VmSpec {
 // tcg, machine pc, drive interface ide). All problems come back together in
 // one InvalidArgument error, each naming its option. `emulators` maps emulator
 // names to binary paths, as the fingerprinter found them.
+//
+// `prepared`, when given, is the image the start made from image_source (the
+// task's overlay): it replaces the config's image options.
+struct PreparedImage {
+  std::string path;
+  std::string format;  // empty: probed at start
+};
 absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config,
                               const hashicorp::nomad::plugins::drivers::proto::TaskConfig& task,
-                              const PluginConfig& plugin, const std::map<std::string, std::string>& emulators);
+                              const PluginConfig& plugin, const std::map<std::string, std::string>& emulators,
+                              const PreparedImage* prepared = nullptr);
 
 // Number of CPUs in a cpuset list such as "0-3,8,10-11" (7); empty is 0.
 absl::StatusOr<int> CountCpuset(const std::string& cpuset);

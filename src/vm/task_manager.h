@@ -13,13 +13,16 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "nomad/driver.pb.h"
+#include "base/timeouts.h"
 #include "host/cgroups.h"
+#include "host/vm_host.h"
 #include "vm/event_bus.h"
 #include "host/fingerprint.h"
 #include "image/image_cache.h"
 #include "policy/plugin_config.h"
 #include "host/process_watch.h"
 #include "qemu/vm_spec.h"
+#include "vm/start_pipeline.h"
 #include "vm/vm_task.h"
 
 namespace ndq {
@@ -28,7 +31,11 @@ struct TaskManagerOptions {
   // The nomad-qemu-supervisor binary, unless the plugin config names one.
   std::string supervisor_path;
   // How long StartTask waits for QEMU's QMP socket to answer.
-  absl::Duration start_timeout = absl::Seconds(30);
+  absl::Duration start_timeout = timeouts::kQmpStart;
+  // Where VMs' cgroups and supervisors are made; null: the real host.
+  VmHost* host = nullptr;
+  // Runs before each start stage (see StartDeps::before_stage); for tests.
+  std::function<absl::Status(StartStage)> before_stage;
 };
 
 // nomad-qemu-supervisor next to the running binary (the plugin_dir layout).
@@ -72,6 +79,10 @@ class TaskManager {
 
  private:
   absl::StatusOr<std::shared_ptr<VmTask>> Find(const std::string& id);
+  StartDeps StartDepsFor(const driverpb::TaskConfig& task, const PluginConfig& plugin,
+                         const std::function<bool()>& cancelled);
+  // Makes the launched VM a task: tracked, watched, announced.
+  absl::Status Register(const driverpb::TaskConfig& task, LaunchedVm launched);
   // Registers the task and starts watching its supervisor.
   absl::Status Track(std::shared_ptr<VmTask> task);
   void OnSupervisorExit(const std::string& id);
@@ -80,8 +91,6 @@ class TaskManager {
   // Tells the operator where the VM runs and under which limits.
   void EmitIsolation(const driverpb::TaskConfig& task, const VmSpec& spec, const PluginConfig& plugin,
                      const CgroupLimits& limits, const DriverStateRecord& record, const std::string& netns);
-  // The supervisor's exit record, plus whether the cgroup's OOM killer ended it.
-  static ExitResult ExitOf(const DriverStateRecord& record);
   ImageCache& CacheAt(const std::string& dir);
   // Keeps the image cache under image_cache_max_size, sparing images in use.
   void EvictImages(const PluginConfig& plugin);
@@ -91,6 +100,8 @@ class TaskManager {
   Fingerprinter* const fingerprinter_;
   EventBus* const events_;
   CgroupManager cgroups_{DetectCgroupMounts()};
+  SystemVmHost system_host_{&cgroups_};
+  VmHost* const host_;
 
   absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<VmTask>> tasks_ ABSL_GUARDED_BY(mu_);

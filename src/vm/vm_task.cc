@@ -154,12 +154,12 @@ std::optional<TaskEventText> DescribeQmpEvent(const QmpEvent& event) {
   return out;
 }
 
-VmTask::VmTask(driverpb::TaskConfig config, DriverStateRecord record, int supervisor_pidfd, int qemu_pidfd,
+VmTask::VmTask(driverpb::TaskConfig config, DriverStateRecord record, UniqueFd supervisor_pidfd, UniqueFd qemu_pidfd,
                std::unique_ptr<QmpClient> qmp)
     : config_(std::move(config)),
       record_(std::move(record)),
-      supervisor_pidfd_(supervisor_pidfd),
-      qemu_pidfd_(qemu_pidfd) {
+      supervisor_pidfd_(std::move(supervisor_pidfd)),
+      qemu_pidfd_(std::move(qemu_pidfd)) {
   if (qmp != nullptr) {
     qmp->SetEventHandler([this](const QmpEvent& event) { RelayQmpEvent(event); });
     absl::MutexLock lock(&qmp_mu_);
@@ -182,8 +182,6 @@ VmTask::~VmTask() {
     qmp = std::move(qmp_);
   }
   qmp.reset();  // joins its reader thread, which may be relaying an event
-  if (supervisor_pidfd_ >= 0) ::close(supervisor_pidfd_);
-  if (qemu_pidfd_ >= 0) ::close(qemu_pidfd_);
 }
 
 void VmTask::Emit(const std::string& message, const std::map<std::string, std::string>& annotations) {
@@ -215,7 +213,7 @@ void VmTask::SetEventSink(TaskEventSink sink) {
   // A recovered task: reconnect in the background so QEMU's events are
   // relayed again. A QEMU that is gone (or going) only costs that thread a
   // short connect timeout.
-  if (!have_qmp && qemu_pidfd_ >= 0 && !PidfdExited(qemu_pidfd_) && !connect_thread_.joinable()) {
+  if (!have_qmp && qemu_pidfd_.valid() && !PidfdExited(qemu_pidfd_.get()) && !connect_thread_.joinable()) {
     connect_thread_ = std::thread([this] {
       absl::MutexLock control(&control_mu_);
       if (result()) return;
@@ -300,7 +298,7 @@ absl::Status VmTask::Pause() {
 absl::Status VmTask::Resume() {
   if (result()) return absl::FailedPreconditionError(absl::StrCat("task ", id(), " has already exited"));
   // A SIGSTOPped QEMU cannot answer QMP; SIGCONT is harmless otherwise.
-  if (qemu_pidfd_ >= 0) SignalPidfd(qemu_pidfd_, SIGCONT).IgnoreError();
+  if (qemu_pidfd_.valid()) SignalPidfd(qemu_pidfd_.get(), SIGCONT).IgnoreError();
   absl::MutexLock lock(&control_mu_);
   absl::StatusOr<std::shared_ptr<QmpClient>> qmp = Qmp();
   if (!qmp.ok()) return qmp.status();
@@ -363,8 +361,8 @@ absl::Status VmTask::RequestPowerdownLocked(absl::Time deadline) {
 
 absl::Status VmTask::Signal(int signal) {
   if (result()) return absl::FailedPreconditionError(absl::StrCat("task ", id(), " has already exited"));
-  if (qemu_pidfd_ < 0) return absl::FailedPreconditionError("QEMU's process is not known");
-  return SignalPidfd(qemu_pidfd_, signal);
+  if (!qemu_pidfd_.valid()) return absl::FailedPreconditionError("QEMU's process is not known");
+  return SignalPidfd(qemu_pidfd_.get(), signal);
 }
 
 absl::Status VmTask::Stop(absl::Duration timeout, int signal) {
@@ -397,7 +395,7 @@ absl::Status VmTask::Kill() {
   Signal(SIGKILL).IgnoreError();
   // The supervisor records the exit right after QEMU dies.
   if (WaitFor(kKillWait)) return absl::OkStatus();
-  if (supervisor_pidfd_ >= 0) SignalPidfd(supervisor_pidfd_, SIGKILL).IgnoreError();
+  if (supervisor_pidfd_.valid()) SignalPidfd(supervisor_pidfd_.get(), SIGKILL).IgnoreError();
   if (WaitFor(kKillWait)) return absl::OkStatus();
   return absl::DeadlineExceededError(absl::StrCat("task ", id(), " did not exit after SIGKILL"));
 }

@@ -12,6 +12,8 @@
 #include <string>
 #include <thread>
 
+#include "base/timeouts.h"
+#include "base/unique_fd.h"
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
@@ -79,7 +81,7 @@ std::optional<TaskEventText> DescribeQmpEvent(const QmpEvent& event);
 class VmTask {
  public:
   // Takes ownership of the pidfds (-1 when the process is already gone).
-  VmTask(driverpb::TaskConfig config, DriverStateRecord record, int supervisor_pidfd, int qemu_pidfd,
+  VmTask(driverpb::TaskConfig config, DriverStateRecord record, UniqueFd supervisor_pidfd, UniqueFd qemu_pidfd,
          std::unique_ptr<QmpClient> qmp);
   ~VmTask();
   VmTask(const VmTask&) = delete;
@@ -88,7 +90,7 @@ class VmTask {
   const std::string& id() const { return config_.id(); }
   const driverpb::TaskConfig& config() const { return config_; }
   const DriverStateRecord& record() const { return record_; }
-  int supervisor_pidfd() const { return supervisor_pidfd_; }
+  int supervisor_pidfd() const { return supervisor_pidfd_.get(); }
 
   // Called once when the supervisor has gone; wakes every waiter.
   void MarkExited(ExitResult result);
@@ -130,17 +132,11 @@ class VmTask {
   // session. For the exit event, which must come after them.
   void DrainQmpEvents(absl::Duration timeout);
 
-  // How long QEMU gets after the stop signal before SIGKILL.
-  static constexpr absl::Duration kKillGrace = absl::Seconds(3);
-  // The most a powerdown request may take (lock, guest agent, QMP).
-  static constexpr absl::Duration kPowerdownBudget = absl::Seconds(4);
-  // How long the exit record may take after a SIGKILL (to QEMU, then to the
-  // supervisor) before giving up.
-  static constexpr absl::Duration kKillWait = absl::Seconds(5);
-  // What Stop may take beyond its timeout: the powerdown request, the grace
-  // after the stop signal, and both SIGKILL waits (spelled out: absl's
-  // Duration arithmetic is not constexpr).
-  static constexpr absl::Duration kStopOverhead = absl::Seconds(4 + 3 + 2 * 5);
+  // Stop's waits (base/timeouts.h), kept here for the tests and the driver.
+  static constexpr absl::Duration kKillGrace = timeouts::kKillGrace;
+  static constexpr absl::Duration kPowerdownBudget = timeouts::kPowerdownBudget;
+  static constexpr absl::Duration kKillWait = timeouts::kKillWait;
+  static constexpr absl::Duration kStopOverhead = timeouts::kStopOverhead;
 
  private:
   // The QMP session, reconnected when needed (after a plugin restart); every
@@ -155,8 +151,8 @@ class VmTask {
 
   const driverpb::TaskConfig config_;
   const DriverStateRecord record_;
-  const int supervisor_pidfd_;
-  const int qemu_pidfd_;
+  const UniqueFd supervisor_pidfd_;  // invalid when the process was already gone
+  const UniqueFd qemu_pidfd_;
 
   // Held while an event is handed to the sink (a leaf: the sink never calls
   // back into the task). QMP reader threads take it inside their handler.

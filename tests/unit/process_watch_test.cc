@@ -83,9 +83,7 @@ TEST(ReadProcStat, FieldsAreNumberedAsInProc5EvenWithParenthesesInTheName) {
   EXPECT_EQ((*fields)[22], absl::StrCat(ProcessStartTicks(child.pid()).value_or(0)));
 }
 
-// BUG: fields[2] holds "PID (comm)", the text up to the last ')', rather than
-// proc(5)'s field 2, "(comm)". Nothing reads field 2 today.
-TEST(ReadProcStat, DISABLED_FieldTwoIsTheCommandNameInParentheses) {
+TEST(ReadProcStat, FieldTwoIsTheCommandNameInParentheses) {
   TempDir dir;
   fs::create_symlink("/bin/sleep", dir / "x) (y z");
   Child child({dir / "x) (y z", "30"});

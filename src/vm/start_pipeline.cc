@@ -1,0 +1,474 @@
+#include "vm/start_pipeline.h"
+
+#include <fcntl.h>
+#include <pwd.h>
+#include <signal.h>
+#include <linux/nsfs.h>
+#include <sched.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <optional>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "base/error_kind.h"
+#include "base/timeouts.h"
+#include "host/process_watch.h"
+#include "image/task_disk.h"
+#include "nomadplugin/hclog.h"
+#include "qemu/cmdline.h"
+#include "qemu_driver/supervisor_protocol.h"
+
+namespace ndq {
+namespace {
+
+namespace log = nomadplugin::hclog;
+
+constexpr char kQmpSocketName[] = "qmp.sock";
+// The one directory of a VM's state that QEMU's user may write: its sockets.
+constexpr char kRunDirName[] = "run";
+
+// --- stage outputs -------------------------------------------------------------
+
+struct DecodedTask {
+  TaskConfig config;
+  std::vector<std::string> sources;  // image_source(s); empty for image_path
+  std::string netns;                 // empty: the host's network namespace
+};
+
+// The image the VM boots: the job's image_path, or the task's overlay on a
+// downloaded image. `scope` is what the image's chain may pull in.
+struct AdmittedImage {
+  std::optional<PreparedImage> prepared;  // set for image_source
+  std::string field;                      // the task config field it came from
+  std::string cached_image;               // the overlay's backing image, leased
+  AdmissionScope scope;
+};
+
+// The image and every file of its chain, open; QEMU gets these fds.
+struct OpenDisks {
+  std::vector<DiskLayer> layers;
+  std::vector<DiskNode> nodes;  // how QEMU reaches each layer (fd numbers)
+};
+
+// The VM's place on the host: state directory, sockets, cgroup, user.
+struct HostPlace {
+  DriverStateRecord record;  // paths and cgroup filled in; pids come later
+  UniqueFd state_fd;
+  std::string run_dir;
+  std::string qemu_user;
+  CgroupLimits limits;
+};
+
+struct Supervisor {
+  pid_t pid = -1;
+  uint64_t start_ticks = 0;
+  UniqueFd pidfd;
+  absl::Time started_at;
+};
+
+struct Qemu {
+  pid_t pid = -1;
+  uint64_t start_ticks = 0;
+  UniqueFd pidfd;
+  std::unique_ptr<QmpClient> qmp;
+  std::string run_state;
+};
+
+absl::Status ErrnoStatus(const std::string& what) { return ErrnoError(what, errno); }
+
+// --- decode ----------------------------------------------------------------------
+
+// The network namespace the task must run in (Nomad's group network, e.g.
+// bridge mode); empty for the host's.
+absl::StatusOr<std::string> TaskNetns(const driverpb::TaskConfig& task) {
+  const driverpb::NetworkIsolationSpec& spec = task.network_isolation_spec();
+  if (spec.mode() == driverpb::NetworkIsolationSpec::HOST || spec.path().empty()) return std::string();
+  const std::string& path = spec.path();
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("task network namespace \"", path, "\" cannot be opened: ", std::strerror(errno)));
+  }
+  if (::ioctl(fd.get(), NS_GET_NSTYPE) != CLONE_NEWNET) {
+    return absl::InvalidArgumentError(absl::StrCat("task network namespace \"", path, "\" is not a network namespace"));
+  }
+  return path;
+}
+
+absl::StatusOr<DecodedTask> Decode(const driverpb::TaskConfig& task, const PluginConfig& plugin) {
+  absl::StatusOr<TaskConfig> config = DecodeTaskConfig(task.msgpack_driver_config());
+  if (!config.ok()) return config.status();
+  absl::StatusOr<std::vector<std::string>> sources = ImageSources(*config, plugin);
+  if (!sources.ok()) return sources.status();
+  absl::StatusOr<std::string> netns = TaskNetns(task);
+  if (!netns.ok()) return netns.status();
+  return DecodedTask{*std::move(config), *std::move(sources), *std::move(netns)};
+}
+
+// --- admit image -------------------------------------------------------------------
+
+// A downloaded image becomes a per-task overlay backed by the cached copy
+// (leased for the task). A local source (a path or file://, also for
+// checksum_url) passes the same admission as image_path before a byte of it
+// is read.
+absl::StatusOr<AdmittedImage> AdmitImage(const driverpb::TaskConfig& task, const DecodedTask& decoded,
+                                         const PluginConfig& plugin, const StartDeps& deps, Rollback& rollback) {
+  const std::string task_dir = task.alloc_dir() + "/" + task.name();
+  AdmittedImage image{std::nullopt, "image_path", "", AdmissionScope{task_dir, task.alloc_dir(), plugin.image_paths}};
+  if (decoded.sources.empty()) return image;
+  const AdmissionScope& scope = image.scope;
+  const LocalOpener admit_local = [&scope](const std::string& field, const std::string& path) -> absl::StatusOr<int> {
+    absl::StatusOr<AdmittedFile> file = AdmitFile(field, path, scope, FileAccess::kReadOnly);
+    if (!file.ok()) return file.status();
+    return file->fd.release();
+  };
+  const std::string lease = TaskKey(task.id());
+  absl::StatusOr<TaskDisk> disk = PrepareTaskDisk(decoded.config, decoded.sources, task_dir, plugin, *deps.cache,
+                                                  deps.emit, admit_local, deps.cancelled, lease);
+  if (!disk.ok()) return disk.status();
+  rollback.Push([cache = deps.cache, cached = disk->cached_image, lease] { cache->Release(cached, lease); });
+  rollback.Push([overlay = disk->overlay] { ::unlink(overlay.c_str()); });
+  image.prepared = PreparedImage{disk->overlay, ""};  // the overlay's format is probed like any image
+  image.field = "image_source";
+  image.cached_image = disk->cached_image;
+  // The overlay's backing file is that one cached image, nothing else there.
+  image.scope.allowed_dirs.push_back(disk->cached_image);
+  return image;
+}
+
+// --- open disks ----------------------------------------------------------------------
+
+// The image and every file its chain pulls in are admitted and opened here;
+// QEMU gets the open files, never the paths.
+absl::StatusOr<OpenDisks> OpenDisksFor(const VmSpec& spec, const AdmittedImage& image) {
+  absl::StatusOr<AdmittedFile> top = AdmitFile(image.field, spec.image_path, image.scope, FileAccess::kReadWriteIfPossible);
+  if (!top.ok()) return top.status();
+  absl::StatusOr<std::vector<DiskLayer>> layers =
+      OpenImageChain(*std::move(top), spec.image_format, image.field, image.scope);
+  if (!layers.ok()) return layers.status();
+  if (static_cast<int>(layers->size()) > supervisor::kMaxPassedFds) {
+    return absl::InvalidArgumentError(absl::StrCat("task config \"", image.field, "\": the image has too many layers"));
+  }
+  OpenDisks disks;
+  for (size_t i = 0; i < layers->size(); ++i) {
+    disks.nodes.push_back(
+        DiskNode{(*layers)[i].format, !(*layers)[i].writable, supervisor::kFirstPassedFd + static_cast<int>(i)});
+  }
+  disks.layers = *std::move(layers);
+  return disks;
+}
+
+// --- prepare host ----------------------------------------------------------------------
+
+// Memory: the job's memory_max is the whole process's cap when set; else the
+// task's memory plus QEMU's own overhead, so a guest using all of its RAM is
+// never killed for QEMU's bookkeeping. CPU shares and reserved cores as Nomad
+// gave them.
+CgroupLimits PlanCgroupLimits(const driverpb::TaskConfig& task, const PluginConfig& plugin) {
+  const driverpb::Resources& resources = task.resources();
+  const driverpb::AllocatedMemoryResources& memory = resources.allocated_resources().memory();
+  CgroupLimits limits;
+  constexpr int64_t kMiB = 1 << 20;
+  if (memory.memory_max_mb() > 0) {
+    limits.memory_bytes = memory.memory_max_mb() * kMiB;
+    limits.memory_soft_bytes = std::min(limits.memory_bytes, memory.memory_mb() * kMiB + plugin.memory_overhead);
+  } else if (memory.memory_mb() > 0) {
+    limits.memory_bytes = memory.memory_mb() * kMiB + plugin.memory_overhead;
+  }
+  limits.cpu_shares = resources.linux_resources().cpu_shares() > 0 ? resources.linux_resources().cpu_shares()
+                                                                    : resources.allocated_resources().cpu().cpu_shares();
+  limits.cpuset = resources.linux_resources().cpuset_cpus();
+  limits.pids_max = plugin.pids_limit;
+  return limits;
+}
+
+// The VM's cgroup name: Nomad's own "<alloc>.<task>" on v1, so the cgroup
+// Nomad made for the task is the one we fill; the task key otherwise.
+std::string CgroupName(const driverpb::TaskConfig& task) {
+  const std::string name = absl::StrCat(task.alloc_id(), ".", task.name());
+  const bool plain = !task.alloc_id().empty() && !task.name().empty() && name.size() < 200 &&
+                     std::all_of(name.begin(), name.end(), [](char c) { return c != '/' && c != '\n' && c != '\0'; });
+  return plain ? name : TaskKey(task.id());
+}
+
+// QEMU's user: the task's, else the plugin's qemu_user; checked to exist.
+absl::StatusOr<std::optional<passwd>> QemuUser(const driverpb::TaskConfig& task, const PluginConfig& plugin,
+                                               std::string* name) {
+  *name = task.user().empty() ? plugin.qemu_user : task.user();
+  if (name->empty()) return std::optional<passwd>();
+  const passwd* pw = ::getpwnam(name->c_str());
+  if (pw == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(task.user().empty() ? "plugin config \"qemu_user\"" : "task user",
+                                                   " \"", *name, "\" does not exist"));
+  }
+  return std::optional<passwd>(*pw);
+}
+
+// The state directory is root's (0711: QEMU's user may pass, not list or
+// write); QEMU's sockets go in run/, the one place its user may write.
+absl::Status MakeStateDir(const std::string& root, const std::string& id, const std::optional<passwd>& user,
+                          HostPlace& place, Rollback& rollback) {
+  if (::mkdir(root.c_str(), 0711) != 0 && errno != EEXIST) return ErrnoStatus("cannot create " + root);
+  const std::string& dir = place.record.state_dir;
+  if (::mkdir(dir.c_str(), 0711) != 0) {
+    if (errno == EEXIST) {
+      return absl::AlreadyExistsError(absl::StrCat("task ", id, " already has a state directory ", dir, " (started twice?)"));
+    }
+    return ErrnoStatus("cannot create " + dir);
+  }
+  rollback.Push([dir] {
+    std::error_code ignored;
+    std::filesystem::remove_all(dir, ignored);
+  });
+  place.state_fd.reset(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  if (!place.state_fd.valid()) return ErrnoStatus("cannot open " + dir);
+  if (::mkdirat(place.state_fd.get(), kRunDirName, 0700) != 0) return ErrnoStatus("cannot create " + place.run_dir);
+  if (user && ::fchownat(place.state_fd.get(), kRunDirName, user->pw_uid, user->pw_gid, AT_SYMLINK_NOFOLLOW) != 0) {
+    return ErrnoStatus("cannot hand " + place.run_dir + " to user " + place.qemu_user);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<HostPlace> PrepareHost(const driverpb::TaskConfig& task, const PluginConfig& plugin,
+                                      const VmSpec& spec, const AdmittedImage& image, const StartDeps& deps,
+                                      Rollback& rollback) {
+  HostPlace place;
+  DriverStateRecord& record = place.record;
+  record.state_dir = absl::StrCat(deps.state_root, "/", TaskKey(task.id()));
+  place.run_dir = record.state_dir + "/" + kRunDirName;
+  record.qmp_socket = place.run_dir + "/" + kQmpSocketName;
+  record.guest_agent = spec.guest_agent;
+  record.graceful_shutdown = spec.graceful_shutdown;
+  record.cached_image = image.cached_image;
+  if (spec.guest_agent) record.guest_agent_socket = place.run_dir + "/qga.sock";
+  if (record.qmp_socket.size() >= 100) {
+    return absl::FailedPreconditionError(absl::StrCat("state_dir \"", deps.state_root, "\" is too long: QMP socket path ",
+                                                      record.qmp_socket, " exceeds the unix socket limit"));
+  }
+  absl::StatusOr<std::optional<passwd>> user = QemuUser(task, plugin, &place.qemu_user);
+  if (!user.ok()) return user.status();
+  if (absl::Status made = MakeStateDir(deps.state_root, task.id(), *user, place, rollback); !made.ok()) return made;
+
+  place.limits = PlanCgroupLimits(task, plugin);
+  absl::StatusOr<std::optional<TaskCgroup>> cgroup = deps.host->CreateCgroup(
+      plugin.cgroup_parent, CgroupName(task), task.resources().linux_resources().cpuset_cgroup(), place.limits);
+  if (!cgroup.ok()) return cgroup.status();
+  if (*cgroup) {
+    record.cgroup = **cgroup;
+    record.memory_limit_bytes = place.limits.memory_bytes;
+    rollback.Push([host = deps.host, made = record.cgroup] { host->RemoveCgroup(made); });
+  }
+  return place;
+}
+
+// --- launch ---------------------------------------------------------------------------
+
+absl::StatusOr<Supervisor> Launch(const driverpb::TaskConfig& task, const VmSpec& spec,
+                                  OpenDisks& disks, const HostPlace& place, const std::string& netns,
+                                  const StartDeps& deps, Rollback& rollback) {
+  VmSpec launched = spec;
+  launched.disk = disks.nodes;
+  const DriverStateRecord& record = place.record;
+  const std::vector<std::string> qemu_argv =
+      BuildQemuArgv(launched, RuntimePaths{record.qmp_socket, record.guest_agent_socket});
+  supervisor::Placement placement{record.cgroup.ProcsFiles(), netns, static_cast<int>(disks.layers.size())};
+  const std::vector<std::string> argv = supervisor::SupervisorArgv(
+      deps.supervisor_path, record.state_dir, task.stdout_path().empty() ? "/dev/null" : task.stdout_path(),
+      task.stderr_path().empty() ? "/dev/null" : task.stderr_path(), place.qemu_user, qemu_argv, placement);
+  log::Debug("starting VM", {{"task_id", task.id()}, {"argv", qemu_argv}});
+
+  Supervisor supervisor;
+  supervisor.started_at = absl::Now();
+  std::vector<int> image_fds;
+  for (const DiskLayer& layer : disks.layers) image_fds.push_back(layer.fd.get());
+  absl::StatusOr<pid_t> pid = deps.host->SpawnSupervisor(argv, place.state_fd.get(), image_fds);
+  if (!pid.ok()) return pid.status();
+  disks.layers.clear();  // QEMU holds them now; ours would only keep the files open
+  supervisor.pid = *pid;
+  rollback.Push([host = deps.host, pid = *pid] { host->KillSupervisor(pid); });
+  supervisor.start_ticks = ProcessStartTicks(*pid).value_or(0);
+  absl::StatusOr<int> pidfd = OpenVerifiedPidfd(*pid, 0);
+  if (!pidfd.ok()) return pidfd.status();
+  supervisor.pidfd.reset(*pidfd);
+  return supervisor;
+}
+
+// --- await QMP --------------------------------------------------------------------------
+
+bool GaveUp(const StartDeps& deps) { return deps.cancelled && deps.cancelled(); }
+
+// Why QEMU did not come up: its exit record when the supervisor is gone,
+// else the QMP wait's own error.
+absl::Status NoQmp(const HostPlace& place, Supervisor& supervisor, const absl::Status& socket,
+                   absl::Duration timeout) {
+  if (PidfdExited(supervisor.pidfd.get())) {
+    ::waitpid(supervisor.pid, nullptr, 0);
+    const ExitResult exit = FinalExit(place.record);
+    return WithKind(absl::FailedPreconditionError(absl::StrCat(
+                        "QEMU failed to start: ", exit.error.empty() ? "it exited at once with code 0" : exit.error)),
+                    ErrorKind::kQemuFailed);
+  }
+  return absl::DeadlineExceededError(absl::StrCat("QEMU did not answer on its QMP socket within ",
+                                                  absl::FormatDuration(timeout), " (", socket.message(),
+                                                  "; is the task's stdout FIFO being read?)"));
+}
+
+// QEMU is up once its QMP socket answers; a supervisor that exits first
+// means QEMU failed to start, and its record says why. Waited in slices so
+// a caller that gives up is noticed.
+absl::StatusOr<std::unique_ptr<QmpClient>> ConnectQmp(const HostPlace& place, Supervisor& supervisor,
+                                                      const StartDeps& deps) {
+  const absl::Time deadline = absl::Now() + deps.qmp_timeout;
+  absl::Status socket = absl::DeadlineExceededError("no QMP socket yet");
+  while (!GaveUp(deps) && absl::Now() < deadline) {
+    socket = WaitForPathOrExit(place.run_dir, kQmpSocketName, supervisor.pidfd.get(),
+                               std::min(deadline, absl::Now() + timeouts::kCancelCheck));
+    if (socket.code() != absl::StatusCode::kDeadlineExceeded) break;
+  }
+  if (GaveUp(deps)) return StartCancelled();
+  if (socket.ok()) {
+    // The socket exists from bind(); Connect retries the instant until listen().
+    absl::StatusOr<std::unique_ptr<QmpClient>> client =
+        QmpClient::Connect(place.record.qmp_socket, std::max(deadline - absl::Now(), absl::Seconds(1)));
+    if (client.ok()) return client;
+    socket = client.status();
+  }
+  return NoQmp(place, supervisor, socket, deps.qmp_timeout);
+}
+
+// The supervisor records the pid right after exec succeeds, but a loaded
+// machine may run QEMU up to its QMP socket before the supervisor runs again.
+absl::StatusOr<Qemu> AwaitQmp(const HostPlace& place, Supervisor& supervisor, const StartDeps& deps) {
+  Qemu qemu;
+  absl::StatusOr<std::unique_ptr<QmpClient>> qmp = ConnectQmp(place, supervisor, deps);
+  if (!qmp.ok()) return qmp.status();
+  qemu.qmp = *std::move(qmp);
+  const std::string& state_dir = place.record.state_dir;
+  absl::Status pid_file = WaitForPathOrExit(state_dir, supervisor::kPidFile, supervisor.pidfd.get(),
+                                            absl::Now() + timeouts::kPidFileWait);
+  std::string pid_problem(pid_file.message());
+  std::optional<pid_t> pid;
+  if (pid_file.ok()) pid = supervisor::ReadQemuPid(state_dir, &pid_problem);
+  if (pid) {
+    qemu.pid = *pid;
+    qemu.start_ticks = ProcessStartTicks(*pid).value_or(0);
+    if (absl::StatusOr<int> fd = OpenVerifiedPidfd(*pid, qemu.start_ticks); fd.ok()) qemu.pidfd.reset(*fd);
+  }
+  if (!qemu.pidfd.valid()) {
+    return absl::InternalError("QEMU answered on QMP but its pid could not be read: " + pid_problem);
+  }
+  // Connected before the pid was known: check now that QEMU itself answered.
+  if (absl::Status served = qemu.qmp->CheckServedBy(qemu.pid); !served.ok()) return served;
+  absl::StatusOr<std::string> run_state = qemu.qmp->QueryStatus();
+  qemu.run_state = run_state.ok() ? *run_state : std::string(run_state.status().message());
+  return qemu;
+}
+
+// --- the runner ----------------------------------------------------------------------------
+
+// Runs one stage: the test hook and the caller's cancellation first; a
+// stage that fails after the caller gave up reports the cancellation.
+template <typename Stage>
+auto RunStage(StartStage stage, const StartDeps& deps, Stage&& run) -> decltype(run()) {
+  if (deps.before_stage) {
+    if (absl::Status injected = deps.before_stage(stage); !injected.ok()) return injected;
+  }
+  if (GaveUp(deps)) return StartCancelled();
+  auto result = run();
+  if (!result.ok()) {
+    if (GaveUp(deps)) return StartCancelled();
+    log::Debug("start stage failed", {{"stage", StartStageName(stage)}, {"error", std::string(result.status().message())}});
+  }
+  return result;
+}
+
+}  // namespace
+
+const char* StartStageName(StartStage stage) {
+  switch (stage) {
+    case StartStage::kDecode: return "decode";
+    case StartStage::kAdmitImage: return "admit image";
+    case StartStage::kPlanVm: return "plan VM";
+    case StartStage::kOpenDisks: return "open disks";
+    case StartStage::kPrepareHost: return "prepare host";
+    case StartStage::kLaunch: return "launch supervisor";
+    case StartStage::kAwaitQmp: return "await QMP";
+  }
+  return "?";
+}
+
+std::string TaskKey(const std::string& id) {
+  uint64_t hash = 1469598103934665603ull;  // FNV-1a
+  for (unsigned char c : id) {
+    hash ^= c;
+    hash *= 1099511628211ull;
+  }
+  return absl::StrFormat("%016x", hash);
+}
+
+ExitResult FinalExit(const DriverStateRecord& record) {
+  ExitResult result = LoadExitResult(record.state_dir);
+  // A SIGKILL with the cgroup's OOM counter up: the memory limit ended the VM.
+  if (result.signal == SIGKILL && CgroupOomKills(record.cgroup) > 0) {
+    result.oom_killed = true;
+    result.error = absl::StrCat("QEMU was killed by the kernel's OOM killer: the VM reached its cgroup memory limit of ",
+                                record.memory_limit_bytes >> 20, " MiB");
+  }
+  return result;
+}
+
+absl::Status StartCancelled() {
+  return absl::CancelledError("StartTask was cancelled (the caller gave up or the plugin is shutting down)");
+}
+
+absl::StatusOr<LaunchedVm> RunStartPipeline(const driverpb::TaskConfig& task, const PluginConfig& plugin,
+                                            const StartDeps& deps, Rollback& rollback) {
+  absl::StatusOr<DecodedTask> decoded = RunStage(StartStage::kDecode, deps, [&] { return Decode(task, plugin); });
+  if (!decoded.ok()) return decoded.status();
+  absl::StatusOr<AdmittedImage> image = RunStage(StartStage::kAdmitImage, deps, [&] {
+    return AdmitImage(task, *decoded, plugin, deps, rollback);
+  });
+  if (!image.ok()) return image.status();
+  absl::StatusOr<VmSpec> spec = RunStage(StartStage::kPlanVm, deps, [&] {
+    return PlanVm(decoded->config, task, plugin, deps.emulators, image->prepared ? &*image->prepared : nullptr);
+  });
+  if (!spec.ok()) return spec.status();
+  absl::StatusOr<OpenDisks> disks = RunStage(StartStage::kOpenDisks, deps, [&] { return OpenDisksFor(*spec, *image); });
+  if (!disks.ok()) return disks.status();
+  absl::StatusOr<HostPlace> place = RunStage(StartStage::kPrepareHost, deps, [&] {
+    return PrepareHost(task, plugin, *spec, *image, deps, rollback);
+  });
+  if (!place.ok()) return place.status();
+  absl::StatusOr<Supervisor> supervisor = RunStage(StartStage::kLaunch, deps, [&] {
+    return Launch(task, *spec, *disks, *place, decoded->netns, deps, rollback);
+  });
+  if (!supervisor.ok()) return supervisor.status();
+  absl::StatusOr<Qemu> qemu = RunStage(StartStage::kAwaitQmp, deps, [&] { return AwaitQmp(*place, *supervisor, deps); });
+  if (!qemu.ok()) return qemu.status();
+
+  LaunchedVm vm;
+  vm.record = std::move(place->record);
+  vm.record.started_at = supervisor->started_at;
+  vm.record.supervisor_pid = supervisor->pid;
+  vm.record.supervisor_start_ticks = supervisor->start_ticks;
+  vm.record.qemu_pid = qemu->pid;
+  vm.record.qemu_start_ticks = qemu->start_ticks;
+  vm.supervisor_pidfd = std::move(supervisor->pidfd);
+  vm.qemu_pidfd = std::move(qemu->pidfd);
+  vm.qmp = std::move(qemu->qmp);
+  vm.spec = *std::move(spec);
+  vm.limits = place->limits;
+  vm.netns = decoded->netns;
+  vm.run_state = std::move(qemu->run_state);
+  return vm;
+}
+
+}  // namespace ndq

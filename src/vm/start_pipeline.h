@@ -1,0 +1,90 @@
+// StartTask as a list of stages:
+//
+//   decode → admit image → plan VM → open disks → prepare host → launch
+//   supervisor → await QMP
+//
+// (registering the VM is the caller's, TaskManager::Start). Each stage is a
+// function from typed input to typed output; each pushes the undo of what it
+// made onto the caller's Rollback, which runs in reverse unless committed.
+// No stage changes another stage's output.
+#pragma once
+
+#include <sys/types.h>
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "base/rollback.h"
+#include "base/unique_fd.h"
+#include "host/cgroups.h"
+#include "host/vm_host.h"
+#include "image/image_cache.h"
+#include "image/image_probe.h"
+#include "nomad/driver.pb.h"
+#include "policy/allowlist.h"
+#include "policy/plugin_config.h"
+#include "policy/task_config.h"
+#include "qemu/qmp_client.h"
+#include "qemu/vm_spec.h"
+#include "vm/vm_task.h"
+
+namespace ndq {
+
+enum class StartStage { kDecode, kAdmitImage, kPlanVm, kOpenDisks, kPrepareHost, kLaunch, kAwaitQmp };
+inline constexpr StartStage kAllStartStages[] = {StartStage::kDecode,      StartStage::kAdmitImage,
+                                                 StartStage::kPlanVm,      StartStage::kOpenDisks,
+                                                 StartStage::kPrepareHost, StartStage::kLaunch,
+                                                 StartStage::kAwaitQmp};
+const char* StartStageName(StartStage stage);
+
+// What the start uses from outside: the host, the image store, the emulators
+// found at fingerprint time, where state goes, and where events go.
+struct StartDeps {
+  VmHost* host = nullptr;
+  ImageCache* cache = nullptr;
+  std::map<std::string, std::string> emulators;
+  std::string supervisor_path;
+  std::string state_root;
+  absl::Duration qmp_timeout;
+  TaskEventSink emit;
+  // Asked between stages and while waiting; true once the caller gave up.
+  std::function<bool()> cancelled;
+  // Runs before each stage: an error fails the start there (tests use it to
+  // fail every stage in turn).
+  std::function<absl::Status(StartStage)> before_stage;
+};
+
+// A VM whose QEMU answers on QMP: everything the registered task needs.
+struct LaunchedVm {
+  DriverStateRecord record;
+  UniqueFd supervisor_pidfd;
+  UniqueFd qemu_pidfd;
+  std::unique_ptr<QmpClient> qmp;
+  VmSpec spec;
+  CgroupLimits limits;
+  std::string netns;
+  std::string run_state;  // QEMU's run state at start, or why it is unknown
+};
+
+// Runs every stage for `task`. On error the stages' undos are still on
+// `rollback`; the caller lets it run (or commits once the VM is registered).
+absl::StatusOr<LaunchedVm> RunStartPipeline(const driverpb::TaskConfig& task, const PluginConfig& plugin,
+                                            const StartDeps& deps, Rollback& rollback);
+
+// A short, stable name for a task ID (its state directory and image lease),
+// so socket paths stay far below the unix socket limit.
+std::string TaskKey(const std::string& id);
+
+// How a VM ended: the supervisor's exit record, plus whether the cgroup's
+// OOM killer ended it.
+ExitResult FinalExit(const DriverStateRecord& record);
+
+// The status of a start whose caller gave up.
+absl::Status StartCancelled();
+
+}  // namespace ndq
