@@ -93,7 +93,9 @@ absl::StatusOr<ImageInfo> ProbeWithQemuImg(const std::string& path, const std::s
   absl::StatusOr<CommandResult> out = RunCommand(argv, timeouts::kImageProbe);
   if (!out.ok()) return out.status();
   if (out->exit_code != 0) return absl::InvalidArgumentError(absl::StrCat("qemu-img cannot read ", path, ": ", out->output));
-  const nlohmann::json chain = nlohmann::json::parse(out->output, nullptr, false);
+  nlohmann::json chain = nlohmann::json::parse(out->output, nullptr, false);
+  // With --backing-chain qemu-img prints a list; opening one file alone, an object.
+  if (chain.is_object()) chain = nlohmann::json::array({chain});
   if (!chain.is_array() || chain.empty()) return absl::InternalError(absl::StrCat("qemu-img info gave nothing for ", path));
   ImageInfo info;
   info.format = chain[0].value("format", "");

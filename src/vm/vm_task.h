@@ -73,7 +73,7 @@ struct TaskEventText {
 // not relayed: RESET "Guest reset (guest-initiated, reason: guest-reset)",
 // STOP "VM paused", RESUME "VM resumed", SHUTDOWN "Guest powered off (reason:
 // guest-shutdown)" or, when the host asked, "QEMU is shutting the VM down
-// (host-initiated, reason: host-signal)", GUEST_PANICKED "Guest kernel panicked
+// at the host's request (reason: host-signal)", GUEST_PANICKED "Guest kernel panicked
 // (action: poweroff)". POWERDOWN is not relayed: the driver reports its own
 // power-button presses. Annotations: "qmp_event" and the event's data fields.
 std::optional<TaskEventText> DescribeQmpEvent(const QmpEvent& event);

@@ -91,4 +91,21 @@ TEST(ImageProbe, DownloadedImagesMustStandAlone) {
   EXPECT_EQ(ProbeStandaloneFormat(dir / "b.qcow2").value(), "qcow2");
 }
 
+// Not qcow2: qemu-img reads the file alone and prints one object, not a list
+// (a raw image_source, or a raw image_path without image_format).
+TEST(ImageProbe, ARawImageIsProbedAloneToo) {
+  TempDir dir;
+  QemuImg({"create", "-q", "-f", "raw", dir / "a.img", "1M"});
+  absl::StatusOr<std::string> format = ProbeStandaloneFormat(dir / "a.img");
+  ASSERT_TRUE(format.ok()) << format.status();
+  EXPECT_EQ(*format, "raw");
+  AdmissionScope scope{dir.path(), dir.path(), {}};
+  absl::StatusOr<AdmittedFile> top = AdmitFile("image_path", dir / "a.img", scope, FileAccess::kReadOnly);
+  ASSERT_TRUE(top.ok()) << top.status();
+  absl::StatusOr<std::vector<DiskLayer>> chain = OpenImageChain(*std::move(top), "", "image_path", scope);
+  ASSERT_TRUE(chain.ok()) << chain.status();
+  ASSERT_EQ(chain->size(), 1u);
+  EXPECT_EQ((*chain)[0].format, "raw");
+}
+
 }  // namespace ndq
