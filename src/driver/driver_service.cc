@@ -4,8 +4,9 @@
 
 #include "nomadplugin/hclog.h"
 #include "driver/error_classification.h"
+#include "driver/task_proto.h"
 #include "absl/strings/str_join.h"
-#include "host/stats.h"
+#include "driver/stats.h"
 #include "policy/task_config.h"
 
 namespace ndq {
@@ -197,7 +198,7 @@ grpc::Status DriverService::RecoverTask(grpc::ServerContext*, const driverpb::Re
   driverpb::TaskHandle handle = request->handle();
   // After an agent restart Nomad may send the handle alone, without task_id.
   if (handle.config().id().empty()) handle.mutable_config()->set_id(request->task_id());
-  absl::Status status = tasks_->Recover(handle);
+  absl::Status status = tasks_->Recover(TaskIdentityFromProto(handle.config()), handle.driver_state());
   if (!status.ok()) nomadplugin::hclog::Error("task recovery failed", {{"task_id", handle.config().id()}, {"error", std::string(status.message())}});
   return ToGrpc(status);
 }
@@ -206,14 +207,15 @@ grpc::Status DriverService::StartTask(grpc::ServerContext* context, const driver
                                       driverpb::StartTaskResponse* response) {
   // A start Nomad gave up on (or one the plugin's shutdown interrupts) must
   // not leave a VM that nobody holds.
-  absl::StatusOr<driverpb::TaskHandle> handle = tasks_->Start(
-      request->task(), [this, context] { return context->IsCancelled() || lifecycle_->ShutdownRequested(); });
-  if (!handle.ok()) {
+  absl::StatusOr<DriverStateRecord> started =
+      tasks_->Start(TaskRequestFromProto(request->task()),
+                    [this, context] { return context->IsCancelled() || lifecycle_->ShutdownRequested(); });
+  if (!started.ok()) {
     nomadplugin::hclog::Error("task start failed",
-                              {{"task_id", request->task().id()}, {"error", std::string(handle.status().message())}});
-    return StartFailure(handle.status());
+                              {{"task_id", request->task().id()}, {"error", std::string(started.status().message())}});
+    return StartFailure(started.status());
   }
-  *response->mutable_handle() = *std::move(handle);
+  *response->mutable_handle() = HandleToProto(request->task(), *started);
   return grpc::Status::OK;
 }
 
@@ -225,9 +227,7 @@ grpc::Status DriverService::WaitTask(grpc::ServerContext* context, const driverp
         tasks_->Wait(request->task_id(), nomadplugin::Lifecycle::kCancelCheckInterval);
     if (!result.ok()) return ToGrpc(result.status());
     if (*result) {
-      response->mutable_result()->set_exit_code((*result)->exit_code);
-      response->mutable_result()->set_signal((*result)->signal);
-      response->mutable_result()->set_oom_killed((*result)->oom_killed);
+      ExitToProto(**result, response->mutable_result());
       response->set_err((*result)->error);
       return grpc::Status::OK;
     }
@@ -250,9 +250,9 @@ grpc::Status DriverService::DestroyTask(grpc::ServerContext*, const driverpb::De
 
 grpc::Status DriverService::InspectTask(grpc::ServerContext*, const driverpb::InspectTaskRequest* request,
                                         driverpb::InspectTaskResponse* response) {
-  absl::StatusOr<driverpb::InspectTaskResponse> inspected = tasks_->Inspect(request->task_id());
+  absl::StatusOr<TaskStatusInfo> inspected = tasks_->Inspect(request->task_id());
   if (!inspected.ok()) return ToGrpc(inspected.status());
-  *response = *std::move(inspected);
+  *response = InspectToProto(*inspected);
   return grpc::Status::OK;
 }
 

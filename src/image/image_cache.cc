@@ -152,12 +152,21 @@ absl::StatusOr<CachedImage> ImageCache::AcquireUnleased(const std::string& key, 
 }
 
 absl::Status ImageCache::TakeLease(const std::string& key, const AcquireOptions& options) {
+  // The lease comes before any download, so on a fresh cache it makes the directory.
+  if (absl::Status made = MakeDir(); !made.ok()) return made;
   FileLock lock(dir_ + "/." + key + ".lock", kShortLock, options.cancelled);
   if (!lock.status().ok()) return lock.status();
   const std::string lease = dir_ + "/" + LeasePrefix(key) + options.lease;
   const int fd = ::open(lease.c_str(), O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
   if (fd < 0) return absl::InternalError(absl::StrCat("cannot write lease ", lease, ": ", std::strerror(errno)));
   ::close(fd);
+  return absl::OkStatus();
+}
+
+absl::Status ImageCache::MakeDir() const {
+  std::error_code error;
+  std::filesystem::create_directories(dir_, error);
+  if (error) return absl::InternalError(absl::StrCat("cannot create image cache ", dir_, ": ", error.message()));
   return absl::OkStatus();
 }
 
@@ -181,9 +190,7 @@ int ImageCache::WaitersFor(const std::string& key) {
 
 absl::StatusOr<CachedImage> ImageCache::Fill(const std::string& key, const std::vector<std::string>& sources,
                                              const Downloader& download, const AcquireOptions& options) {
-  std::error_code error;
-  std::filesystem::create_directories(dir_, error);
-  if (error) return absl::InternalError(absl::StrCat("cannot create image cache ", dir_, ": ", error.message()));
+  if (absl::Status made = MakeDir(); !made.ok()) return made;
   const std::string path = PathFor(key);
   if (std::optional<int64_t> size = SizeOf(path)) {
     Touch(path);

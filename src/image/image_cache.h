@@ -84,6 +84,8 @@ class ImageCache {
   // Writes the lease file for `key` under the image's lock, where eviction
   // looks for it; the image itself need not exist yet.
   absl::Status TakeLease(const std::string& key, const AcquireOptions& options);
+  // Creates the cache directory (and its parents) when missing.
+  absl::Status MakeDir() const;
 
   const std::string dir_;
   absl::Mutex mu_;

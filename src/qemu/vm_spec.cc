@@ -18,7 +18,6 @@
 namespace ndq {
 namespace {
 
-namespace driverpb = hashicorp::nomad::plugins::drivers::proto;
 
 // Nomad's qemu driver defaults, so its jobs behave the same here.
 constexpr char kDefaultEmulator[] = "x86_64";
@@ -78,28 +77,25 @@ struct HostPort {
 // Inside the allocation's own network namespace (bridge mode) traffic for a
 // group port arrives at the namespace's address on the port's `to` (Nomad's
 // port mapping), so QEMU listens there, on every address of the namespace.
-std::map<std::string, HostPort> AllocatedPorts(const driverpb::Resources& resources, bool in_group_netns) {
+std::map<std::string, HostPort> AllocatedPorts(const TaskResources& resources, bool in_group_netns) {
   std::map<std::string, HostPort> ports;
-  const auto& networks = resources.allocated_resources().networks();
-  if (!networks.empty()) {
-    const driverpb::NetworkResource& network = networks[0];
-    for (const auto* list : {&network.reserved_ports(), &network.dynamic_ports()}) {
-      for (const driverpb::NetworkPort& port : *list) ports.emplace(port.label(), HostPort{network.ip(), port.value()});
+  if (resources.task_network_ip) {
+    for (const TaskPort& port : resources.task_ports) {
+      ports.emplace(port.label, HostPort{*resources.task_network_ip, port.value});
     }
   }
-  for (const driverpb::PortMapping& mapping : resources.ports()) {
-    if (in_group_netns) ports.emplace(mapping.label(), HostPort{"", mapping.to() > 0 ? mapping.to() : mapping.value()});
-    else ports.emplace(mapping.label(), HostPort{mapping.host_ip(), mapping.value()});
+  for (const GroupPort& mapping : resources.group_ports) {
+    if (in_group_netns) ports.emplace(mapping.label, HostPort{"", mapping.to > 0 ? mapping.to : mapping.value});
+    else ports.emplace(mapping.label, HostPort{mapping.host_ip, mapping.value});
   }
   return ports;
 }
 
-void PlanPortForwards(const TaskConfig& config, const driverpb::TaskConfig& task, VmSpec& spec,
+void PlanPortForwards(const TaskConfig& config, const TaskRequest& task, VmSpec& spec,
                       std::vector<std::string>& problems) {
   if (config.port_map.empty()) return;
-  const driverpb::NetworkIsolationSpec& isolation = task.network_isolation_spec();
-  const bool in_group_netns = isolation.mode() != driverpb::NetworkIsolationSpec::HOST && !isolation.path().empty();
-  const std::map<std::string, HostPort> allocated = AllocatedPorts(task.resources(), in_group_netns);
+  const bool in_group_netns = !task.netns_path.empty();
+  const std::map<std::string, HostPort> allocated = AllocatedPorts(task.resources, in_group_netns);
   std::vector<std::string> known;
   for (const auto& [label, unused] : allocated) known.push_back(label);
   const std::string prefix = "task config \"port_map\": ";
@@ -224,15 +220,14 @@ void PlanMachine(const TaskConfig& config, VmSpec& spec, std::vector<std::string
   }
 }
 
-void PlanResources(const driverpb::Resources& resources, VmSpec& spec, std::vector<std::string>& problems) {
-  const driverpb::AllocatedMemoryResources& memory = resources.allocated_resources().memory();
-  spec.memory_mb = memory.memory_mb();
-  spec.memory_max_mb = memory.memory_max_mb();
+void PlanResources(const TaskResources& resources, VmSpec& spec, std::vector<std::string>& problems) {
+  spec.memory_mb = resources.memory_mb;
+  spec.memory_max_mb = resources.memory_max_mb;
   if (spec.memory_mb < kMinMemoryMb || spec.memory_mb > kMaxMemoryMb) {
     problems.push_back(absl::StrCat("task resources \"memory\": ", spec.memory_mb, " MB is out of range; a VM needs ",
                                     kMinMemoryMb, " to ", kMaxMemoryMb, " MB"));
   }
-  absl::StatusOr<int> cpus = CountCpuset(resources.linux_resources().cpuset_cpus());
+  absl::StatusOr<int> cpus = CountCpuset(resources.cpuset_cpus);
   if (!cpus.ok()) {
     problems.push_back(absl::StrCat("task resources \"cpuset_cpus\": ", cpus.status().message()));
   } else {
@@ -289,15 +284,15 @@ void PlanSize(const TaskConfig& config, VmSpec& spec, std::vector<std::string>& 
 //    which resolvers that check the source (glibc) drop. A server inside the
 //    virtual network is only moved; 10.0.2.2 and IPv6 addresses stop QEMU.
 // So servers are not passed to QEMU; they are reported as ignored.
-void PlanDns(const driverpb::TaskConfig& task, VmSpec& spec, std::vector<std::string>& problems) {
-  for (const std::string& search : task.dns().searches()) {
+void PlanDns(const TaskRequest& task, VmSpec& spec, std::vector<std::string>& problems) {
+  for (const std::string& search : task.dns_searches) {
     if (!IsDomainName(search)) {
       problems.push_back(absl::StrCat("task dns \"searches\": ", Quoted(search), " is not a domain name"));
       continue;
     }
     spec.dns_searches.push_back(search);
   }
-  spec.ignored_dns_servers.assign(task.dns().servers().begin(), task.dns().servers().end());
+  spec.ignored_dns_servers = task.dns_servers;
 }
 
 // Digits only (SimpleAtoi alone would take signs and spaces).
@@ -335,14 +330,14 @@ absl::StatusOr<int> CountCpuset(const std::string& cpuset) {
   return count;
 }
 
-absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config, const driverpb::TaskConfig& task, const PluginConfig& plugin,
+absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config, const TaskRequest& task, const PluginConfig& plugin,
                               const std::map<std::string, std::string>& emulators, const PreparedImage* prepared) {
   VmSpec spec;
   std::vector<std::string> problems;
   PlanImage(config, prepared, spec, problems);
   PlanEmulator(config, plugin, emulators, spec, problems);
   PlanMachine(config, spec, problems);
-  PlanResources(task.resources(), spec, problems);
+  PlanResources(task.resources, spec, problems);
   PlanSize(config, spec, problems);
   if (absl::Status args = CheckArgsAllowed(config.args, plugin.args_allowlist); !args.ok()) {
     problems.push_back(std::string(args.message()));
@@ -350,7 +345,7 @@ absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config, const driverpb::TaskConf
   spec.args = config.args;
   PlanPortForwards(config, task, spec, problems);
   PlanDns(task, spec, problems);
-  spec.name = task.name();
+  spec.name = task.identity.name;
   spec.graceful_shutdown = config.graceful_shutdown;
   spec.guest_agent = config.guest_agent;
   spec.sandbox = plugin.sandbox;

@@ -1,4 +1,4 @@
-// Turns a job's task config, Nomad's TaskConfig and the operator's plugin
+// Turns a job's task config, the task request (resources, ports, DNS) and the operator's plugin
 // config into a checked, fully defaulted description of the VM to start.
 // Pure apart from resolving image_path on the file system.
 #pragma once
@@ -9,9 +9,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "nomad/driver.pb.h"
 #include "policy/plugin_config.h"
 #include "policy/task_config.h"
+#include "policy/task_request.h"
 
 namespace ndq {
 
@@ -80,7 +80,7 @@ struct PreparedImage {
   std::string format;  // empty: probed at start
 };
 absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config,
-                              const hashicorp::nomad::plugins::drivers::proto::TaskConfig& task,
+                              const TaskRequest& task,
                               const PluginConfig& plugin, const std::map<std::string, std::string>& emulators,
                               const PreparedImage* prepared = nullptr);
 

@@ -88,10 +88,9 @@ absl::Status ErrnoStatus(const std::string& what) { return ErrnoError(what, errn
 
 // The network namespace the task must run in (Nomad's group network, e.g.
 // bridge mode); empty for the host's.
-absl::StatusOr<std::string> TaskNetns(const driverpb::TaskConfig& task) {
-  const driverpb::NetworkIsolationSpec& spec = task.network_isolation_spec();
-  if (spec.mode() == driverpb::NetworkIsolationSpec::HOST || spec.path().empty()) return std::string();
-  const std::string& path = spec.path();
+absl::StatusOr<std::string> TaskNetns(const TaskRequest& task) {
+  const std::string& path = task.netns_path;
+  if (path.empty()) return std::string();
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd.valid()) {
     return absl::InvalidArgumentError(
@@ -103,8 +102,8 @@ absl::StatusOr<std::string> TaskNetns(const driverpb::TaskConfig& task) {
   return path;
 }
 
-absl::StatusOr<DecodedTask> Decode(const driverpb::TaskConfig& task, const PluginConfig& plugin) {
-  absl::StatusOr<TaskConfig> config = DecodeTaskConfig(task.msgpack_driver_config());
+absl::StatusOr<DecodedTask> Decode(const TaskRequest& task, const PluginConfig& plugin) {
+  absl::StatusOr<TaskConfig> config = DecodeTaskConfig(task.driver_config);
   if (!config.ok()) return config.status();
   absl::StatusOr<std::vector<std::string>> sources = ImageSources(*config, plugin);
   if (!sources.ok()) return sources.status();
@@ -119,10 +118,10 @@ absl::StatusOr<DecodedTask> Decode(const driverpb::TaskConfig& task, const Plugi
 // (leased for the task). A local source (a path or file://, also for
 // checksum_url) passes the same admission as image_path before a byte of it
 // is read.
-absl::StatusOr<AdmittedImage> AdmitImage(const driverpb::TaskConfig& task, const DecodedTask& decoded,
+absl::StatusOr<AdmittedImage> AdmitImage(const TaskRequest& task, const DecodedTask& decoded,
                                          const PluginConfig& plugin, const StartDeps& deps, Rollback& rollback) {
-  const std::string task_dir = task.alloc_dir() + "/" + task.name();
-  AdmittedImage image{std::nullopt, "image_path", "", AdmissionScope{task_dir, task.alloc_dir(), plugin.image_paths}};
+  const std::string task_dir = task.task_dir();
+  AdmittedImage image{std::nullopt, "image_path", "", AdmissionScope{task_dir, task.alloc_dir, plugin.image_paths}};
   if (decoded.sources.empty()) return image;
   const AdmissionScope& scope = image.scope;
   const LocalOpener admit_local = [&scope](const std::string& field, const std::string& path) -> absl::StatusOr<int> {
@@ -130,7 +129,7 @@ absl::StatusOr<AdmittedImage> AdmitImage(const driverpb::TaskConfig& task, const
     if (!file.ok()) return file.status();
     return file->fd.release();
   };
-  const std::string lease = TaskKey(task.id());
+  const std::string lease = TaskKey(task.identity.id);
   absl::StatusOr<TaskDisk> disk = PrepareTaskDisk(decoded.config, decoded.sources, task_dir, plugin, *deps.cache,
                                                   deps.emit, admit_local, deps.cancelled, lease);
   if (!disk.ok()) return disk.status();
@@ -172,41 +171,40 @@ absl::StatusOr<OpenDisks> OpenDisksFor(const VmSpec& spec, const AdmittedImage& 
 // task's memory plus QEMU's own overhead, so a guest using all of its RAM is
 // never killed for QEMU's bookkeeping. CPU shares and reserved cores as Nomad
 // gave them.
-CgroupLimits PlanCgroupLimits(const driverpb::TaskConfig& task, const PluginConfig& plugin) {
-  const driverpb::Resources& resources = task.resources();
-  const driverpb::AllocatedMemoryResources& memory = resources.allocated_resources().memory();
+CgroupLimits PlanCgroupLimits(const TaskRequest& task, const PluginConfig& plugin) {
+  const TaskResources& resources = task.resources;
   CgroupLimits limits;
   constexpr int64_t kMiB = 1 << 20;
-  if (memory.memory_max_mb() > 0) {
-    limits.memory_bytes = memory.memory_max_mb() * kMiB;
-    limits.memory_soft_bytes = std::min(limits.memory_bytes, memory.memory_mb() * kMiB + plugin.memory_overhead);
-  } else if (memory.memory_mb() > 0) {
-    limits.memory_bytes = memory.memory_mb() * kMiB + plugin.memory_overhead;
+  if (resources.memory_max_mb > 0) {
+    limits.memory_bytes = resources.memory_max_mb * kMiB;
+    limits.memory_soft_bytes = std::min(limits.memory_bytes, resources.memory_mb * kMiB + plugin.memory_overhead);
+  } else if (resources.memory_mb > 0) {
+    limits.memory_bytes = resources.memory_mb * kMiB + plugin.memory_overhead;
   }
-  limits.cpu_shares = resources.linux_resources().cpu_shares() > 0 ? resources.linux_resources().cpu_shares()
-                                                                    : resources.allocated_resources().cpu().cpu_shares();
-  limits.cpuset = resources.linux_resources().cpuset_cpus();
+  limits.cpu_shares = resources.cpu_shares;
+  limits.cpuset = resources.cpuset_cpus;
   limits.pids_max = plugin.pids_limit;
   return limits;
 }
 
 // The VM's cgroup name: Nomad's own "<alloc>.<task>" on v1, so the cgroup
 // Nomad made for the task is the one we fill; the task key otherwise.
-std::string CgroupName(const driverpb::TaskConfig& task) {
-  const std::string name = absl::StrCat(task.alloc_id(), ".", task.name());
-  const bool plain = !task.alloc_id().empty() && !task.name().empty() && name.size() < 200 &&
+std::string CgroupName(const TaskRequest& task) {
+  const TaskIdentity& who = task.identity;
+  const std::string name = absl::StrCat(who.alloc_id, ".", who.name);
+  const bool plain = !who.alloc_id.empty() && !who.name.empty() && name.size() < 200 &&
                      std::all_of(name.begin(), name.end(), [](char c) { return c != '/' && c != '\n' && c != '\0'; });
-  return plain ? name : TaskKey(task.id());
+  return plain ? name : TaskKey(who.id);
 }
 
 // QEMU's user: the task's, else the plugin's qemu_user; checked to exist.
-absl::StatusOr<std::optional<passwd>> QemuUser(const driverpb::TaskConfig& task, const PluginConfig& plugin,
+absl::StatusOr<std::optional<passwd>> QemuUser(const TaskRequest& task, const PluginConfig& plugin,
                                                std::string* name) {
-  *name = task.user().empty() ? plugin.qemu_user : task.user();
+  *name = task.user.empty() ? plugin.qemu_user : task.user;
   if (name->empty()) return std::optional<passwd>();
   const passwd* pw = ::getpwnam(name->c_str());
   if (pw == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat(task.user().empty() ? "plugin config \"qemu_user\"" : "task user",
+    return absl::InvalidArgumentError(absl::StrCat(task.user.empty() ? "plugin config \"qemu_user\"" : "task user",
                                                    " \"", *name, "\" does not exist"));
   }
   return std::optional<passwd>(*pw);
@@ -237,12 +235,12 @@ absl::Status MakeStateDir(const std::string& root, const std::string& id, const 
   return absl::OkStatus();
 }
 
-absl::StatusOr<HostPlace> PrepareHost(const driverpb::TaskConfig& task, const PluginConfig& plugin,
+absl::StatusOr<HostPlace> PrepareHost(const TaskRequest& task, const PluginConfig& plugin,
                                       const VmSpec& spec, const AdmittedImage& image, const StartDeps& deps,
                                       Rollback& rollback) {
   HostPlace place;
   DriverStateRecord& record = place.record;
-  record.state_dir = absl::StrCat(deps.state_root, "/", TaskKey(task.id()));
+  record.state_dir = absl::StrCat(deps.state_root, "/", TaskKey(task.identity.id));
   place.run_dir = record.state_dir + "/" + kRunDirName;
   record.qmp_socket = place.run_dir + "/" + kQmpSocketName;
   record.guest_agent = spec.guest_agent;
@@ -255,11 +253,11 @@ absl::StatusOr<HostPlace> PrepareHost(const driverpb::TaskConfig& task, const Pl
   }
   absl::StatusOr<std::optional<passwd>> user = QemuUser(task, plugin, &place.qemu_user);
   if (!user.ok()) return user.status();
-  if (absl::Status made = MakeStateDir(deps.state_root, task.id(), *user, place, rollback); !made.ok()) return made;
+  if (absl::Status made = MakeStateDir(deps.state_root, task.identity.id, *user, place, rollback); !made.ok()) return made;
 
   place.limits = PlanCgroupLimits(task, plugin);
   absl::StatusOr<std::optional<TaskCgroup>> cgroup = deps.host->CreateCgroup(
-      plugin.cgroup_parent, CgroupName(task), task.resources().linux_resources().cpuset_cgroup(), place.limits);
+      plugin.cgroup_parent, CgroupName(task), task.resources.cpuset_cgroup, place.limits);
   if (!cgroup.ok()) return cgroup.status();
   if (*cgroup) {
     record.cgroup = **cgroup;
@@ -271,7 +269,7 @@ absl::StatusOr<HostPlace> PrepareHost(const driverpb::TaskConfig& task, const Pl
 
 // --- launch ---------------------------------------------------------------------------
 
-absl::StatusOr<Supervisor> Launch(const driverpb::TaskConfig& task, const VmSpec& spec,
+absl::StatusOr<Supervisor> Launch(const TaskRequest& task, const VmSpec& spec,
                                   OpenDisks& disks, const HostPlace& place, const std::string& netns,
                                   const StartDeps& deps, Rollback& rollback) {
   VmSpec launched = spec;
@@ -281,9 +279,9 @@ absl::StatusOr<Supervisor> Launch(const driverpb::TaskConfig& task, const VmSpec
       BuildQemuArgv(launched, RuntimePaths{record.qmp_socket, record.guest_agent_socket});
   supervisor::Placement placement{record.cgroup.ProcsFiles(), netns, static_cast<int>(disks.layers.size())};
   const std::vector<std::string> argv = supervisor::SupervisorArgv(
-      deps.supervisor_path, record.state_dir, task.stdout_path().empty() ? "/dev/null" : task.stdout_path(),
-      task.stderr_path().empty() ? "/dev/null" : task.stderr_path(), place.qemu_user, qemu_argv, placement);
-  log::Debug("starting VM", {{"task_id", task.id()}, {"argv", qemu_argv}});
+      deps.supervisor_path, record.state_dir, task.stdout_path.empty() ? "/dev/null" : task.stdout_path,
+      task.stderr_path.empty() ? "/dev/null" : task.stderr_path, place.qemu_user, qemu_argv, placement);
+  log::Debug("starting VM", {{"task_id", task.identity.id}, {"argv", qemu_argv}});
 
   Supervisor supervisor;
   supervisor.started_at = absl::Now();
@@ -429,7 +427,7 @@ absl::Status StartCancelled() {
   return absl::CancelledError("StartTask was cancelled (the caller gave up or the plugin is shutting down)");
 }
 
-absl::StatusOr<LaunchedVm> RunStartPipeline(const driverpb::TaskConfig& task, const PluginConfig& plugin,
+absl::StatusOr<LaunchedVm> RunStartPipeline(const TaskRequest& task, const PluginConfig& plugin,
                                             const StartDeps& deps, Rollback& rollback) {
   absl::StatusOr<DecodedTask> decoded = RunStage(StartStage::kDecode, deps, [&] { return Decode(task, plugin); });
   if (!decoded.ok()) return decoded.status();

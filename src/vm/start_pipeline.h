@@ -25,10 +25,10 @@
 #include "host/vm_host.h"
 #include "image/image_cache.h"
 #include "image/image_probe.h"
-#include "nomad/driver.pb.h"
 #include "policy/allowlist.h"
 #include "policy/plugin_config.h"
 #include "policy/task_config.h"
+#include "policy/task_request.h"
 #include "qemu/qmp_client.h"
 #include "qemu/vm_spec.h"
 #include "vm/vm_task.h"
@@ -73,7 +73,7 @@ struct LaunchedVm {
 
 // Runs every stage for `task`. On error the stages' undos are still on
 // `rollback`; the caller lets it run (or commits once the VM is registered).
-absl::StatusOr<LaunchedVm> RunStartPipeline(const driverpb::TaskConfig& task, const PluginConfig& plugin,
+absl::StatusOr<LaunchedVm> RunStartPipeline(const TaskRequest& task, const PluginConfig& plugin,
                                             const StartDeps& deps, Rollback& rollback);
 
 // A short, stable name for a task ID (its state directory and image lease),

@@ -46,9 +46,9 @@ TaskManager::TaskManager(TaskManagerOptions options, ConfigSource config, Finger
       events_(events),
       host_(options_.host != nullptr ? options_.host : &system_host_) {}
 
-void TaskManager::Emit(const driverpb::TaskConfig& task, const std::string& message,
+void TaskManager::Emit(const TaskIdentity& task, const std::string& message,
                        const std::map<std::string, std::string>& annotations) {
-  events_->Publish(TaskEvent{task.id(), task.alloc_id(), task.name(), message, annotations, absl::Now()});
+  events_->Publish(TaskEvent{task.id, task.alloc_id, task.name, message, annotations, absl::Now()});
 }
 
 std::string TaskManager::CacheDir() const {
@@ -127,11 +127,11 @@ void TaskManager::OnSupervisorExit(const std::string& id) {
                           {"error", result.error}});
   std::map<std::string, std::string> annotations = {{"exit_code", std::to_string(result.exit_code)},
                                                      {"signal", std::to_string(result.signal)}};
-  Emit(task->config(), result.error.empty() ? "VM powered off" : "VM exited: " + result.error, annotations);
+  Emit(task->identity(), result.error.empty() ? "VM powered off" : "VM exited: " + result.error, annotations);
   task->MarkExited(std::move(result));
 }
 
-void TaskManager::EmitIsolation(const driverpb::TaskConfig& task, const VmSpec& spec, const PluginConfig& plugin,
+void TaskManager::EmitIsolation(const TaskIdentity& task, const VmSpec& spec, const PluginConfig& plugin,
                                 const CgroupLimits& limits, const DriverStateRecord& record, const std::string& netns) {
   if (!netns.empty()) Emit(task, "QEMU runs in the allocation's network namespace " + netns, {{"netns", netns}});
   if (record.cgroup.version == CgroupVersion::kNone) return;
@@ -170,9 +170,8 @@ absl::StatusOr<std::shared_ptr<const VmTask>> TaskManager::Get(const std::string
   return std::shared_ptr<const VmTask>(*task);
 }
 
-absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConfig& task,
-                                                        const std::function<bool()>& cancelled) {
-  const std::string& id = task.id();
+absl::StatusOr<DriverStateRecord> TaskManager::Start(const TaskRequest& task, const std::function<bool()>& cancelled) {
+  const std::string& id = task.identity.id;
   if (id.empty()) return absl::InvalidArgumentError("task config has no id");
   {
     absl::MutexLock lock(&mu_);
@@ -189,23 +188,19 @@ absl::StatusOr<driverpb::TaskHandle> TaskManager::Start(const driverpb::TaskConf
   const PluginConfig plugin = config_();
   // Everything made for the task, undone in reverse if the start fails.
   Rollback rollback;
-  absl::StatusOr<LaunchedVm> launched = RunStartPipeline(task, plugin, StartDepsFor(task, plugin, cancelled), rollback);
+  absl::StatusOr<LaunchedVm> launched =
+      RunStartPipeline(task, plugin, StartDepsFor(task.identity, plugin, cancelled), rollback);
   if (!launched.ok()) return launched.status();
   // The last point to give up: after this the VM is registered and Nomad holds it.
   if (cancelled && cancelled()) return StartCancelled();
-  const LaunchedVm& vm = *launched;
-  driverpb::TaskHandle handle;
-  handle.set_version(1);
-  *handle.mutable_config() = task;
-  handle.set_state(driverpb::RUNNING);
-  handle.set_driver_state(vm.record.Encode());
-  if (absl::Status status = Register(task, *std::move(launched)); !status.ok()) return status;
+  const DriverStateRecord record = launched->record;
+  if (absl::Status status = Register(task.identity, *std::move(launched)); !status.ok()) return status;
   rollback.Commit();  // the VM owns what was made now
   EvictImages(plugin);
-  return handle;
+  return record;
 }
 
-StartDeps TaskManager::StartDepsFor(const driverpb::TaskConfig& task, const PluginConfig& plugin,
+StartDeps TaskManager::StartDepsFor(const TaskIdentity& task, const PluginConfig& plugin,
                                     const std::function<bool()>& cancelled) {
   StartDeps deps;
   deps.host = host_;
@@ -222,7 +217,7 @@ StartDeps TaskManager::StartDepsFor(const driverpb::TaskConfig& task, const Plug
   return deps;
 }
 
-absl::Status TaskManager::Register(const driverpb::TaskConfig& task, LaunchedVm launched) {
+absl::Status TaskManager::Register(const TaskIdentity& task, LaunchedVm launched) {
   const DriverStateRecord record = launched.record;
   auto vm = std::make_shared<VmTask>(task, record, std::move(launched.supervisor_pidfd),
                                      std::move(launched.qemu_pidfd), std::move(launched.qmp));
@@ -231,10 +226,10 @@ absl::Status TaskManager::Register(const driverpb::TaskConfig& task, LaunchedVm 
   });
   if (absl::Status status = Track(vm); !status.ok()) {
     absl::MutexLock lock(&mu_);
-    tasks_.erase(task.id());
+    tasks_.erase(task.id);
     return status;
   }
-  log::Info("VM started", {{"task_id", task.id()},
+  log::Info("VM started", {{"task_id", task.id},
                            {"qemu_pid", record.qemu_pid},
                            {"supervisor_pid", record.supervisor_pid},
                            {"run_state", launched.run_state}});
@@ -244,8 +239,8 @@ absl::Status TaskManager::Register(const driverpb::TaskConfig& task, LaunchedVm 
   return absl::OkStatus();
 }
 
-absl::Status TaskManager::Recover(const driverpb::TaskHandle& handle) {
-  const std::string& id = handle.config().id();
+absl::Status TaskManager::Recover(const TaskIdentity& task, const std::string& driver_state) {
+  const std::string& id = task.id;
   if (id.empty()) return absl::InvalidArgumentError("task handle has no task id");
   {
     // A concurrent start or recovery of the same task is waited for, so one
@@ -263,7 +258,7 @@ absl::Status TaskManager::Recover(const driverpb::TaskHandle& handle) {
     absl::MutexLock lock(&mu_);
     starting_.erase(id);
   });
-  absl::StatusOr<DriverStateRecord> record = DriverStateRecord::Decode(handle.driver_state());
+  absl::StatusOr<DriverStateRecord> record = DriverStateRecord::Decode(driver_state);
   if (!record.ok()) return WithTaskPrefix(record.status(), id);
   struct stat st;
   if (::stat(record->state_dir.c_str(), &st) != 0) {
@@ -278,8 +273,7 @@ absl::Status TaskManager::Recover(const driverpb::TaskHandle& handle) {
     qemu_pidfd.reset(*fd);
   }
   const bool running = supervisor_pidfd.valid();
-  auto vm = std::make_shared<VmTask>(handle.config(), *record, std::move(supervisor_pidfd), std::move(qemu_pidfd), nullptr);
-  const driverpb::TaskConfig task = handle.config();
+  auto vm = std::make_shared<VmTask>(task, *record, std::move(supervisor_pidfd), std::move(qemu_pidfd), nullptr);
   vm->SetEventSink([this, task](const std::string& message, const std::map<std::string, std::string>& annotations) {
     Emit(task, message, annotations);
   });
@@ -334,29 +328,19 @@ absl::Status TaskManager::Destroy(const std::string& id, bool force) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<driverpb::InspectTaskResponse> TaskManager::Inspect(const std::string& id) {
+absl::StatusOr<TaskStatusInfo> TaskManager::Inspect(const std::string& id) {
   absl::StatusOr<std::shared_ptr<VmTask>> task = Find(id);
   if (!task.ok()) return task.status();
   const VmTask& vm = **task;
-  driverpb::InspectTaskResponse response;
-  driverpb::TaskStatus* status = response.mutable_task();
-  status->set_id(id);
-  status->set_name(vm.config().name());
-  status->mutable_started_at()->set_seconds(absl::ToUnixSeconds(vm.record().started_at));
-  const std::optional<ExitResult> result = vm.result();
-  status->set_state(result ? driverpb::EXITED : driverpb::RUNNING);
-  if (result) {
-    status->mutable_completed_at()->set_seconds(absl::ToUnixSeconds(result->completed_at));
-    status->mutable_result()->set_exit_code(result->exit_code);
-    status->mutable_result()->set_signal(result->signal);
-    status->mutable_result()->set_oom_killed(result->oom_killed);
-  }
-  auto& attrs = *response.mutable_driver()->mutable_attributes();
-  attrs["qemu_pid"] = std::to_string(vm.record().qemu_pid);
-  attrs["supervisor_pid"] = std::to_string(vm.record().supervisor_pid);
-  attrs["qmp_socket"] = vm.record().qmp_socket;
-  attrs["state_dir"] = vm.record().state_dir;
-  return response;
+  TaskStatusInfo info;
+  info.identity = vm.identity();
+  info.started_at = vm.record().started_at;
+  info.exit = vm.result();
+  info.attributes = {{"qemu_pid", std::to_string(vm.record().qemu_pid)},
+                     {"supervisor_pid", std::to_string(vm.record().supervisor_pid)},
+                     {"qmp_socket", vm.record().qmp_socket},
+                     {"state_dir", vm.record().state_dir}};
+  return info;
 }
 
 absl::Status TaskManager::Signal(const std::string& id, const std::string& signal) {

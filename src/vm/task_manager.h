@@ -1,6 +1,7 @@
-// The driver's task lifecycle, independent of gRPC: start a VM through its
-// supervisor, wait for it, stop, destroy, inspect, signal, and recover VMs
-// after a plugin restart from Nomad's TaskHandle alone.
+// The driver's task registry, independent of gRPC and Nomad's messages:
+// start a VM (the start pipeline, then registration), wait for it, stop,
+// destroy, inspect, signal, and recover VMs after a plugin restart from the
+// driver state Nomad kept.
 #pragma once
 
 #include <functional>
@@ -12,7 +13,6 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
-#include "nomad/driver.pb.h"
 #include "base/timeouts.h"
 #include "host/cgroups.h"
 #include "host/vm_host.h"
@@ -38,6 +38,14 @@ struct TaskManagerOptions {
   std::function<absl::Status(StartStage)> before_stage;
 };
 
+// What Inspect reports about a task.
+struct TaskStatusInfo {
+  TaskIdentity identity;
+  absl::Time started_at;
+  std::optional<ExitResult> exit;  // nullopt while running
+  std::map<std::string, std::string> attributes;  // qemu_pid, supervisor_pid, qmp_socket, state_dir
+};
+
 // nomad-qemu-supervisor next to the running binary (the plugin_dir layout).
 std::string DefaultSupervisorPath();
 
@@ -50,19 +58,20 @@ class TaskManager {
   using ConfigSource = std::function<PluginConfig()>;
   TaskManager(TaskManagerOptions options, ConfigSource config, Fingerprinter* fingerprinter, EventBus* events);
 
-  // Runs the task's VM; returns Nomad's TaskHandle once QEMU answers on QMP.
-  // On failure nothing is left behind: no process, socket or state directory.
-  // `cancelled` (may be empty) is asked while the start waits; once it says
-  // true the start stops, undoes what it made and returns Cancelled.
-  absl::StatusOr<driverpb::TaskHandle> Start(const driverpb::TaskConfig& task,
-                                             const std::function<bool()>& cancelled = {});
-  // Re-attaches to a VM from its handle (a task we still track is fine too).
-  absl::Status Recover(const driverpb::TaskHandle& handle);
+  // Runs the task's VM; returns its driver state (for Nomad's TaskHandle)
+  // once QEMU answers on QMP. On failure nothing is left behind: no process,
+  // socket or state directory. `cancelled` (may be empty) is asked while the
+  // start waits; once it says true the start stops, undoes what it made and
+  // returns Cancelled.
+  absl::StatusOr<DriverStateRecord> Start(const TaskRequest& task, const std::function<bool()>& cancelled = {});
+  // Re-attaches to a VM from the driver state Nomad kept (a task we still
+  // track is fine too).
+  absl::Status Recover(const TaskIdentity& task, const std::string& driver_state);
   // The exit once known; nullopt while still running after `timeout`.
   absl::StatusOr<std::optional<ExitResult>> Wait(const std::string& id, absl::Duration timeout);
   absl::Status Stop(const std::string& id, absl::Duration timeout, const std::string& signal);
   absl::Status Destroy(const std::string& id, bool force);
-  absl::StatusOr<driverpb::InspectTaskResponse> Inspect(const std::string& id);
+  absl::StatusOr<TaskStatusInfo> Inspect(const std::string& id);
   absl::Status Signal(const std::string& id, const std::string& signal);
 
   // A task's VM, for reading its stats.
@@ -79,17 +88,16 @@ class TaskManager {
 
  private:
   absl::StatusOr<std::shared_ptr<VmTask>> Find(const std::string& id);
-  StartDeps StartDepsFor(const driverpb::TaskConfig& task, const PluginConfig& plugin,
-                         const std::function<bool()>& cancelled);
+  StartDeps StartDepsFor(const TaskIdentity& task, const PluginConfig& plugin, const std::function<bool()>& cancelled);
   // Makes the launched VM a task: tracked, watched, announced.
-  absl::Status Register(const driverpb::TaskConfig& task, LaunchedVm launched);
+  absl::Status Register(const TaskIdentity& task, LaunchedVm launched);
   // Registers the task and starts watching its supervisor.
   absl::Status Track(std::shared_ptr<VmTask> task);
   void OnSupervisorExit(const std::string& id);
-  void Emit(const driverpb::TaskConfig& task, const std::string& message,
+  void Emit(const TaskIdentity& task, const std::string& message,
             const std::map<std::string, std::string>& annotations = {});
   // Tells the operator where the VM runs and under which limits.
-  void EmitIsolation(const driverpb::TaskConfig& task, const VmSpec& spec, const PluginConfig& plugin,
+  void EmitIsolation(const TaskIdentity& task, const VmSpec& spec, const PluginConfig& plugin,
                      const CgroupLimits& limits, const DriverStateRecord& record, const std::string& netns);
   ImageCache& CacheAt(const std::string& dir);
   // Keeps the image cache under image_cache_max_size, sparing images in use.

@@ -154,9 +154,9 @@ std::optional<TaskEventText> DescribeQmpEvent(const QmpEvent& event) {
   return out;
 }
 
-VmTask::VmTask(driverpb::TaskConfig config, DriverStateRecord record, UniqueFd supervisor_pidfd, UniqueFd qemu_pidfd,
+VmTask::VmTask(TaskIdentity identity, DriverStateRecord record, UniqueFd supervisor_pidfd, UniqueFd qemu_pidfd,
                std::unique_ptr<QmpClient> qmp)
-    : config_(std::move(config)),
+    : identity_(std::move(identity)),
       record_(std::move(record)),
       supervisor_pidfd_(std::move(supervisor_pidfd)),
       qemu_pidfd_(std::move(qemu_pidfd)) {

@@ -18,13 +18,11 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "nomad/driver.pb.h"
 #include "host/cgroups.h"
+#include "policy/task_request.h"
 #include "qemu/qmp_client.h"
 
 namespace ndq {
-
-namespace driverpb = hashicorp::nomad::plugins::drivers::proto;
 
 // Nomad's TaskHandle.driver_state: enough for a fresh plugin process to find
 // the VM again, encoded as JSON.
@@ -81,14 +79,14 @@ std::optional<TaskEventText> DescribeQmpEvent(const QmpEvent& event);
 class VmTask {
  public:
   // Takes ownership of the pidfds (-1 when the process is already gone).
-  VmTask(driverpb::TaskConfig config, DriverStateRecord record, UniqueFd supervisor_pidfd, UniqueFd qemu_pidfd,
+  VmTask(TaskIdentity identity, DriverStateRecord record, UniqueFd supervisor_pidfd, UniqueFd qemu_pidfd,
          std::unique_ptr<QmpClient> qmp);
   ~VmTask();
   VmTask(const VmTask&) = delete;
   VmTask& operator=(const VmTask&) = delete;
 
-  const std::string& id() const { return config_.id(); }
-  const driverpb::TaskConfig& config() const { return config_; }
+  const std::string& id() const { return identity_.id; }
+  const TaskIdentity& identity() const { return identity_; }
   const DriverStateRecord& record() const { return record_; }
   int supervisor_pidfd() const { return supervisor_pidfd_.get(); }
 
@@ -149,7 +147,7 @@ class VmTask {
   // Resumes a VM paused through QMP; true when it was paused.
   bool ResumeIfPaused(QmpClient& qmp) ABSL_EXCLUSIVE_LOCKS_REQUIRED(control_mu_);
 
-  const driverpb::TaskConfig config_;
+  const TaskIdentity identity_;
   const DriverStateRecord record_;
   const UniqueFd supervisor_pidfd_;  // invalid when the process was already gone
   const UniqueFd qemu_pidfd_;

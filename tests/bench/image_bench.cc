@@ -22,6 +22,7 @@
 
 namespace ndq {
 namespace {
+namespace driverpb = hashicorp::nomad::plugins::drivers::proto;
 
 using testing::FakeAlloc;
 using testing::HttpTestServer;

@@ -28,6 +28,7 @@ extern char** environ;
 
 namespace ndq {
 namespace {
+namespace driverpb = hashicorp::nomad::plugins::drivers::proto;
 
 using testing::FakeAlloc;
 using testing::PluginHarness;

@@ -17,6 +17,7 @@
 #include <google/protobuf/util/json_util.h>
 #include <spdlog/spdlog.h>
 
+#include "driver/task_proto.h"
 #include "nomad/driver.pb.h"
 #include "qemu/cmdline.h"
 #include "policy/task_config.h"
@@ -48,7 +49,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   ndq::PluginConfig plugin;
   const std::map<std::string, std::string> emulators = {{"x86_64", "/usr/bin/qemu-system-x86_64"},
                                                         {"aarch64", "/usr/bin/qemu-system-aarch64"}};
-  absl::StatusOr<ndq::VmSpec> spec = ndq::PlanVm(*config, task, plugin, emulators);
+  absl::StatusOr<ndq::VmSpec> spec = ndq::PlanVm(*config, ndq::TaskRequestFromProto(task), plugin, emulators);
   if (!spec.ok()) return 0;
   // What a plan promises.
   for (const ndq::PortForward& forward : spec->port_forwards) {

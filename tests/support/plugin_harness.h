@@ -27,9 +27,12 @@
 #include "host/run_command.h"
 #include "base/small_file.h"
 
-namespace ndq::testing {
-
+namespace ndq {
+// The tests speak Nomad's messages, as Nomad does.
 namespace driverpb = hashicorp::nomad::plugins::drivers::proto;
+}  // namespace ndq
+
+namespace ndq::testing {
 
 // A TCP port on 127.0.0.1 that was free a moment ago.
 inline int FreePort() {

@@ -164,6 +164,19 @@ TEST(ImageCache, AFailedAcquireLeavesNoLease) {
                            }));
 }
 
+// The lease is taken before anything else: on a host where the cache
+// directory does not exist yet, the first leased Acquire makes it.
+TEST(ImageCache, TheFirstLeasedAcquireMakesTheCacheDirectory) {
+  TempDir src, parent;
+  const std::string image = MakeFile(src, "a.img", 4096);
+  ImageCache cache(parent / "not/yet/there");
+  ImageCache::AcquireOptions leased;
+  leased.lease = "task1";
+  absl::StatusOr<CachedImage> cached = cache.Acquire("sha256-fd", {image}, CopyDownloader().Get(), leased);
+  ASSERT_TRUE(cached.ok()) << cached.status();
+  EXPECT_TRUE(fs::exists(cached->path));
+}
+
 TEST(ImageCache, AWaitingCallerCanGiveUp) {
   TempDir src, cache_dir;
   const std::string image = MakeFile(src, "a.img", 1 << 20);

@@ -17,6 +17,7 @@
 #include "../support/temp_dir.h"
 #include "base/error_kind.h"
 #include "driver/error_classification.h"
+#include "driver/task_proto.h"
 #include "host/fingerprint.h"
 #include "vm/event_bus.h"
 #include "vm/task_manager.h"
@@ -54,7 +55,10 @@ class StartPipelineTest : public ::testing::Test {
   }
 
   // A task booting image_ through image_source, so every stage makes something.
-  driverpb::TaskConfig Task() const { return alloc_.Task({{"image_source", image_}, {"accelerator", "tcg"}}); }
+  TaskRequest Task() const {
+    if (!task_) task_ = TaskRequestFromProto(alloc_.Task({{"image_source", image_}, {"accelerator", "tcg"}}));
+    return *task_;
+  }
 
   // Everything a start may make, still there.
   std::vector<std::string> Leftovers() const {
@@ -78,6 +82,7 @@ class StartPipelineTest : public ::testing::Test {
   FakeVmHost host_;
   Fingerprinter fingerprinter_{std::getenv("PATH") != nullptr ? std::getenv("PATH") : "/usr/bin", "/dev/kvm"};
   EventBus events_;
+  mutable std::optional<TaskRequest> task_;  // one task ID per test
 };
 
 // The error a failing stage returns reaches the caller as it is, with the
@@ -100,7 +105,7 @@ TEST_F(StartPipelineTest, EachStageFailingInTurnLeavesNothingBehind) {
       return stage == failing ? failures.at(stage) : absl::OkStatus();
     });
     const int spawned_before = host_.supervisors_spawned();
-    absl::StatusOr<driverpb::TaskHandle> handle = manager->Start(Task());
+    absl::StatusOr<DriverStateRecord> handle = manager->Start(Task());
     ASSERT_FALSE(handle.ok());
     EXPECT_EQ(handle.status().message(), failures.at(failing).message());
     EXPECT_EQ(Retryable(handle.status()), Retryable(failures.at(failing)));
@@ -109,13 +114,13 @@ TEST_F(StartPipelineTest, EachStageFailingInTurnLeavesNothingBehind) {
     // A failure at await QMP comes after a real process was started.
     EXPECT_EQ(host_.supervisors_spawned() - spawned_before, failing == StartStage::kAwaitQmp ? 1 : 0);
     EXPECT_THAT(Leftovers(), IsEmpty());
-    EXPECT_FALSE(manager->Get(Task().id()).ok());
+    EXPECT_FALSE(manager->Get(Task().identity.id).ok());
   }
 }
 
 TEST_F(StartPipelineTest, QemuNeverAnsweringTimesOutRetryablyAndKillsTheSupervisor) {
   auto manager = Manager();
-  absl::StatusOr<driverpb::TaskHandle> handle = manager->Start(Task());
+  absl::StatusOr<DriverStateRecord> handle = manager->Start(Task());
   ASSERT_FALSE(handle.ok());
   EXPECT_EQ(handle.status().code(), absl::StatusCode::kDeadlineExceeded) << std::string(handle.status().message());
   EXPECT_THAT(handle.status().message(), HasSubstr("QEMU did not answer on its QMP socket within 300ms"));
@@ -130,7 +135,7 @@ TEST_F(StartPipelineTest, QemuNeverAnsweringTimesOutRetryablyAndKillsTheSupervis
 TEST_F(StartPipelineTest, HostFailuresKeepTheirKind) {
   auto manager = Manager();
   host_.FailSpawnWith(ErrnoError("cannot run the supervisor", EAGAIN));
-  absl::StatusOr<driverpb::TaskHandle> handle = manager->Start(Task());
+  absl::StatusOr<DriverStateRecord> handle = manager->Start(Task());
   ASSERT_FALSE(handle.ok());
   EXPECT_EQ(KindOf(handle.status()), ErrorKind::kHostResource);
   EXPECT_TRUE(Retryable(handle.status())) << "a host out of processes may have room later";
@@ -153,7 +158,7 @@ TEST_F(StartPipelineTest, ACallerGivingUpStopsTheStartBeforeTheNextStage) {
     if (stage == StartStage::kOpenDisks) gave_up = true;  // the caller leaves during this stage
     return absl::OkStatus();
   });
-  absl::StatusOr<driverpb::TaskHandle> handle = manager->Start(Task(), [&] { return gave_up; });
+  absl::StatusOr<DriverStateRecord> handle = manager->Start(Task(), [&] { return gave_up; });
   ASSERT_FALSE(handle.ok());
   EXPECT_EQ(handle.status().code(), absl::StatusCode::kCancelled);
   EXPECT_EQ(ran.back(), StartStage::kOpenDisks);
@@ -167,7 +172,7 @@ TEST_F(StartPipelineTest, AStartThatFailedCanBeRepeated) {
     return stage == StartStage::kLaunch && ++attempts == 1 ? absl::UnavailableError("injected once")
                                                            : absl::OkStatus();
   });
-  const driverpb::TaskConfig task = Task();
+  const TaskRequest task = Task();
   EXPECT_EQ(manager->Start(task).status().message(), "injected once");
   // The second attempt gets as far as the fake host allows (no QMP): the
   // first left no state dir or mark that would refuse it as a duplicate.

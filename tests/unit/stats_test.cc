@@ -1,4 +1,4 @@
-#include "host/stats.h"
+#include "driver/stats.h"
 
 #include <fcntl.h>
 #include <signal.h>

@@ -17,7 +17,6 @@
 namespace ndq {
 namespace {
 
-using ::ndq::testing::FakeAlloc;
 using ::ndq::testing::FakeVmHost;
 using ::ndq::testing::TempDir;
 using ::testing::HasSubstr;
@@ -34,12 +33,8 @@ class TaskManagerTest : public ::testing::Test {
     manager_ = std::make_unique<TaskManager>(options, [this] { return plugin_; }, &fingerprinter_, &events_);
   }
 
-  driverpb::TaskHandle Handle(const std::string& id, const DriverStateRecord& record) {
-    driverpb::TaskHandle handle;
-    handle.mutable_config()->set_id(id);
-    handle.mutable_config()->set_name("web");
-    handle.set_driver_state(record.Encode());
-    return handle;
+  absl::Status Recover(const std::string& id, const std::string& driver_state) {
+    return manager_->Recover(TaskIdentity{id, "web", "a"}, driver_state);
   }
 
   TempDir state_, cache_;
@@ -59,20 +54,17 @@ TEST_F(TaskManagerTest, UnknownTasksAreNotFoundButDestroyingOneIsFine) {
 }
 
 TEST_F(TaskManagerTest, ATaskWithoutIdIsRefused) {
-  driverpb::TaskConfig task;
-  EXPECT_EQ(manager_->Start(task).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(manager_->Start(TaskRequest{}).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(TaskManagerTest, RecoverRefusesDamagedOrMissingState) {
-  EXPECT_EQ(manager_->Recover(Handle("", DriverStateRecord{})).code(), absl::StatusCode::kInvalidArgument);
-  driverpb::TaskHandle garbage = Handle("a/web/1", DriverStateRecord{});
-  garbage.set_driver_state("not json");
-  const absl::Status damaged = manager_->Recover(garbage);
+  EXPECT_EQ(Recover("", DriverStateRecord{}.Encode()).code(), absl::StatusCode::kInvalidArgument);
+  const absl::Status damaged = Recover("a/web/1", "not json");
   EXPECT_FALSE(damaged.ok());
   EXPECT_THAT(damaged.message(), HasSubstr("task a/web/1"));
   DriverStateRecord gone;
   gone.state_dir = state_ / "0000000000000000";
-  const absl::Status missing = manager_->Recover(Handle("a/web/1", gone));
+  const absl::Status missing = Recover("a/web/1", gone.Encode());
   EXPECT_EQ(missing.code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(missing.message(), HasSubstr("is gone"));
 }
@@ -85,16 +77,18 @@ TEST_F(TaskManagerTest, AVmThatEndedMeanwhileIsRecoveredAsExited) {
   std::filesystem::create_directories(record.state_dir);
   record.supervisor_pid = 999999999;  // beyond pid_max: certainly not running
   record.qemu_pid = 999999998;
-  ASSERT_TRUE(manager_->Recover(Handle("a/web/2", record)).ok());
+  ASSERT_TRUE(Recover("a/web/2", record.Encode()).ok());
   absl::StatusOr<std::optional<ExitResult>> exit = manager_->Wait("a/web/2", absl::Seconds(5));
   ASSERT_TRUE(exit.ok()) << exit.status();
   ASSERT_TRUE(exit->has_value());
   EXPECT_FALSE((*exit)->error.empty()) << "no exit record: the reason says so";
-  absl::StatusOr<driverpb::InspectTaskResponse> inspected = manager_->Inspect("a/web/2");
+  absl::StatusOr<TaskStatusInfo> inspected = manager_->Inspect("a/web/2");
   ASSERT_TRUE(inspected.ok());
-  EXPECT_EQ(inspected->task().state(), driverpb::EXITED);
+  EXPECT_TRUE(inspected->exit.has_value());
+  EXPECT_EQ(inspected->identity.name, "web");
+  EXPECT_EQ(inspected->attributes.at("state_dir"), record.state_dir);
   // Recovering twice is a no-op; destroying removes the state directory.
-  EXPECT_TRUE(manager_->Recover(Handle("a/web/2", record)).ok());
+  EXPECT_TRUE(Recover("a/web/2", record.Encode()).ok());
   EXPECT_TRUE(manager_->Destroy("a/web/2", false).ok());
   EXPECT_FALSE(std::filesystem::exists(record.state_dir));
 }

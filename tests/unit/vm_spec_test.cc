@@ -1,5 +1,7 @@
 #include "qemu/vm_spec.h"
 
+#include "driver/task_proto.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -39,7 +41,7 @@ class PlanVm : public ::testing::Test {
     config_.image_path = "local/linux.img";
   }
 
-  absl::StatusOr<VmSpec> Plan() const { return ndq::PlanVm(config_, task_, plugin_, emulators_); }
+  absl::StatusOr<VmSpec> Plan() const { return ndq::PlanVm(config_, TaskRequestFromProto(task_), plugin_, emulators_); }
 
   // The error text of a plan expected to fail.
   std::string Problems() const {

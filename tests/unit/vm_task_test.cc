@@ -120,10 +120,7 @@ class VmTaskTest : public ::testing::Test {
       supervisor_fd.reset(*OpenVerifiedPidfd(supervisor_.pid(), 0));
       qemu_fd.reset(*OpenVerifiedPidfd(qemu_.pid(), 0));
     }
-    driverpb::TaskConfig config;
-    config.set_id("alloc/web/1");
-    config.set_name("web");
-    return std::make_unique<VmTask>(config, record, std::move(supervisor_fd), std::move(qemu_fd), nullptr);
+    return std::make_unique<VmTask>(TaskIdentity{"alloc/web/1", "web", "alloc"}, record, std::move(supervisor_fd), std::move(qemu_fd), nullptr);
   }
   TempDir dir_;
   testing::ChildProcess supervisor_{{"/bin/sleep", "60"}};

@@ -1,4 +1,4 @@
-#include "host/stats.h"
+#include "driver/stats.h"
 
 #include "absl/time/clock.h"
 #include "host/process_watch.h"
