@@ -3,7 +3,7 @@
 // Configs are msgpack the way Nomad encodes them (cty: every schema attribute
 // present, unset ones nil, port_map as a list of maps); QMP and guest-agent
 // scripts come from the transcripts recorded from QEMU 7.2 and qemu-ga 7.2 in
-// tests/unit/qmp_transcripts. The committed corpora under tests/fuzz/corpus
+// tests/unit/qemu/qmp_transcripts. The committed corpora under tests/fuzz/corpus
 // were made with it; hand-made seeds (qcow2 headers, sizes, checksums) sit
 // next to the generated ones.
 #include <sys/stat.h>
@@ -182,7 +182,7 @@ std::string ScriptFromTranscript(const std::string& path, const std::vector<std:
 }
 
 void QmpScripts(const std::string& src) {
-  const std::string dir = src + "/tests/unit/qmp_transcripts/";
+  const std::string dir = src + "/tests/unit/qemu/qmp_transcripts/";
   for (const char* name : {"powerdown", "status_cycle", "errors"}) {
     Write("fuzz_qmp", name, ScriptFromTranscript(dir + name + ".qmp", {}));
   }
@@ -214,7 +214,7 @@ void QmpScripts(const std::string& src) {
 
 void GuestAgentScripts(const std::string& src) {
   Write("fuzz_guest_agent", "qemu_ga_transcript",
-        ScriptFromTranscript(src + "/tests/unit/qmp_transcripts/guest_agent.qga", {"123456789", "42"}));
+        ScriptFromTranscript(src + "/tests/unit/qemu/qmp_transcripts/guest_agent.qga", {"123456789", "42"}));
   // The fuzz client's own sequence: sync, guest-ping, guest-info,
   // guest-exec-status, guest-shutdown + sync, sync.
   const std::string nul(1, '\0');

@@ -8,9 +8,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "../fakes/fake_vm_host.h"
-#include "../support/plugin_harness.h"
-#include "../support/temp_dir.h"
+#include "../../fakes/fake_vm_host.h"
+#include "../../support/plugin_harness.h"
+#include "../../support/temp_dir.h"
 #include "host/fingerprint.h"
 #include "vm/event_bus.h"
 

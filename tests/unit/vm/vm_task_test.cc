@@ -12,8 +12,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "../support/child_process.h"
-#include "../support/temp_dir.h"
+#include "../../support/child_process.h"
+#include "../../support/temp_dir.h"
 #include "host/process_watch.h"
 
 namespace ndq {

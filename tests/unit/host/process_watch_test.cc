@@ -17,8 +17,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "../support/child_process.h"
-#include "../support/temp_dir.h"
+#include "../../support/child_process.h"
+#include "../../support/temp_dir.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"

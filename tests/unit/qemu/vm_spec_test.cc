@@ -9,7 +9,7 @@
 #include <filesystem>
 #include <fstream>
 
-#include "../support/temp_dir.h"
+#include "../../support/temp_dir.h"
 
 namespace ndq {
 namespace {

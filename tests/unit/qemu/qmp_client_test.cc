@@ -1,5 +1,5 @@
 // QmpClient and GuestAgentClient against transcripts recorded from the real
-// QEMU 7.2 and qemu-ga 7.2 (tests/unit/qmp_transcripts, re-recorded by
+// QEMU 7.2 and qemu-ga 7.2 (tests/unit/qemu/qmp_transcripts, re-recorded by
 // capture.py there), replayed by a scripted peer on a socketpair.
 #include "qemu/qmp_client.h"
 
@@ -46,7 +46,7 @@ Step ToClient(std::string text) { return {Step::kToClient, std::move(text)}; }
 Step Eof() { return {Step::kEof, ""}; }
 
 std::vector<Step> LoadTranscript(const std::string& name) {
-  const std::string path = absl::StrCat(NDQ_SOURCE_DIR, "/tests/unit/qmp_transcripts/", name);
+  const std::string path = absl::StrCat(NDQ_SOURCE_DIR, "/tests/unit/qemu/qmp_transcripts/", name);
   std::ifstream in(path);
   EXPECT_TRUE(in.good()) << "cannot open " << path;
   std::vector<Step> steps;

@@ -3,7 +3,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "../support/msgpack_writer.h"
+#include "../../support/msgpack_writer.h"
 
 namespace nomadplugin {
 namespace {

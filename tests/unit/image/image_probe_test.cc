@@ -7,7 +7,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "../support/temp_dir.h"
+#include "../../support/temp_dir.h"
 #include "host/run_command.h"
 
 namespace ndq {

@@ -10,7 +10,7 @@
 #include <fstream>
 #include <set>
 
-#include "../support/temp_dir.h"
+#include "../../support/temp_dir.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"

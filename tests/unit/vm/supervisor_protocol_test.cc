@@ -15,8 +15,8 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include "../../src/supervisor/exit_record.h"
-#include "../support/temp_dir.h"
+#include "../../../src/supervisor/exit_record.h"
+#include "../../support/temp_dir.h"
 #include "absl/strings/str_cat.h"
 
 namespace ndq::supervisor {

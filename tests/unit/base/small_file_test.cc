@@ -12,7 +12,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "../support/temp_dir.h"
+#include "../../support/temp_dir.h"
 #include "absl/strings/str_cat.h"
 
 namespace ndq {

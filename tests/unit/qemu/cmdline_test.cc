@@ -24,7 +24,7 @@
 #include <sstream>
 #include <utility>
 
-#include "../support/temp_dir.h"
+#include "../../support/temp_dir.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -224,7 +224,7 @@ TEST(CmdlineBuildQemuArgv, JobArgsAfterOursAndBeforeTheNetwork) {
 // --- golden files -------------------------------------------------------------
 
 const std::string& GoldenDir() {
-  static const std::string dir = std::string(NDQ_SOURCE_DIR) + "/tests/unit/cmdline_golden";
+  static const std::string dir = std::string(NDQ_SOURCE_DIR) + "/tests/unit/qemu/cmdline_golden";
   return dir;
 }
 

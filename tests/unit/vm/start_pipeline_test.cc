@@ -12,9 +12,9 @@
 #include <gtest/gtest.h>
 
 #include "absl/strings/str_join.h"
-#include "../fakes/fake_vm_host.h"
-#include "../support/plugin_harness.h"
-#include "../support/temp_dir.h"
+#include "../../fakes/fake_vm_host.h"
+#include "../../support/plugin_harness.h"
+#include "../../support/temp_dir.h"
 #include "base/error_kind.h"
 #include "driver/error_classification.h"
 #include "driver/task_proto.h"
