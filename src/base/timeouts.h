@@ -52,6 +52,41 @@ inline constexpr absl::Duration kExitEventDrain = absl::Seconds(1);
 // asynchronously); then rmdir.
 inline constexpr absl::Duration kCgroupDrain = absl::Seconds(5);
 
+// QMP and the guest agent -------------------------------------------------------
+// One QMP or guest-agent command's answer: QEMU answers in milliseconds; a
+// guest agent may be slow in a busy guest.
+inline constexpr absl::Duration kQmpCommand = absl::Seconds(10);
+// Connecting to a running VM's QMP or agent socket, and each command a stop
+// or powerdown sends: short, so the whole stays within kPowerdownBudget.
+inline constexpr absl::Duration kQmpQuick = absl::Seconds(2);
+// Reconnecting QMP in the background after a plugin restart, per attempt.
+inline constexpr absl::Duration kQmpReconnect = absl::Seconds(1);
+// How often guest-sync is sent again while the agent has not answered.
+inline constexpr absl::Duration kAgentSyncResend = absl::Seconds(1);
+
+// Images -------------------------------------------------------------------------
+// A download's connection set-up, and how long a transfer may stay below the
+// low-speed floor before it is retried (resuming).
+inline constexpr absl::Duration kDownloadConnect = absl::Seconds(10);
+inline constexpr absl::Duration kDownloadLowSpeed = absl::Seconds(30);
+// Back-off between download attempts: doubling from the first, capped.
+inline constexpr absl::Duration kDownloadFirstBackoff = absl::Milliseconds(500);
+inline constexpr absl::Duration kDownloadMaxBackoff = absl::Seconds(30);
+// How often a back-off wait looks whether the start was cancelled.
+inline constexpr absl::Duration kDownloadCancelPoll = absl::Milliseconds(100);
+// The image cache's per-key lock around creating or removing a file (not a
+// download): held for milliseconds, so 30 s means a stuck holder.
+inline constexpr absl::Duration kCacheKeyLock = absl::Seconds(30);
+
+// Nomad's streams --------------------------------------------------------------
+// Fingerprint: re-sent this often when nothing changed (as Nomad's drivers
+// do); the host is looked at every kFingerprintCheck (cheap: stat and list).
+inline constexpr absl::Duration kFingerprintResend = absl::Seconds(30);
+inline constexpr absl::Duration kFingerprintCheck = absl::Seconds(1);
+// TaskStats looks for a client that left once a second, not five times:
+// 20 VMs' streams stay cheap (docs/benchmarks.md).
+inline constexpr absl::Duration kStatsCancelCheck = absl::Seconds(1);
+
 // Host probes -----------------------------------------------------------------
 // One `qemu-system-* --version` (and friends) at fingerprint time.
 inline constexpr absl::Duration kFingerprintProbe = absl::Seconds(10);

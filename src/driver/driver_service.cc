@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 
+#include "base/timeouts.h"
 #include "nomadplugin/hclog.h"
 #include "driver/error_classification.h"
 #include "driver/task_proto.h"
@@ -256,7 +257,7 @@ grpc::Status DriverService::InspectTask(grpc::ServerContext*, const driverpb::In
   return grpc::Status::OK;
 }
 
-constexpr absl::Duration kStatsCancelCheck = absl::Seconds(1);
+constexpr absl::Duration kStatsCancelCheck = timeouts::kStatsCancelCheck;
 
 grpc::Status DriverService::TaskStats(grpc::ServerContext* context, const driverpb::TaskStatsRequest* request,
                                       grpc::ServerWriter<driverpb::TaskStatsResponse>* writer) {

@@ -4,6 +4,7 @@
 #include <memory>
 #include <optional>
 
+#include "base/timeouts.h"
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "nomad/base.grpc.pb.h"
@@ -59,9 +60,9 @@ driverpb::DriverCapabilities Capabilities();
 class DriverService final : public driverpb::Driver::Service {
  public:
   // How often the fingerprint is re-sent when nothing changed, as Nomad's drivers do.
-  static constexpr absl::Duration kFingerprintPeriod = absl::Seconds(30);
+  static constexpr absl::Duration kFingerprintPeriod = timeouts::kFingerprintResend;
   // How often the host is looked at for changes (cheap: directory listing and stat).
-  static constexpr absl::Duration kChangeCheckPeriod = absl::Seconds(1);
+  static constexpr absl::Duration kChangeCheckPeriod = timeouts::kFingerprintCheck;
 
   DriverService(DriverSettings* settings, Fingerprinter* fingerprinter, TaskManager* tasks, EventBus* events,
                 nomadplugin::Lifecycle* lifecycle)

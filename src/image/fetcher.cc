@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "base/timeouts.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -32,11 +33,11 @@ namespace ndq {
 namespace {
 
 constexpr size_t kReadChunk = 1 << 20;
-constexpr absl::Duration kMaxBackoff = absl::Seconds(30);
+constexpr absl::Duration kMaxBackoff = timeouts::kDownloadMaxBackoff;
 constexpr char kSystemCaBundle[] = "/etc/ssl/certs/ca-certificates.crt";
 // How often a back-off wait looks at FetchOptions::cancelled (a predicate, so
 // there is nothing to block on).
-constexpr absl::Duration kCancelPoll = absl::Milliseconds(100);
+constexpr absl::Duration kCancelPoll = timeouts::kDownloadCancelPoll;
 
 bool IsCancelled(const FetchOptions& options) { return options.cancelled && options.cancelled(); }
 

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "base/timeouts.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "image/checksum.h"
@@ -15,10 +16,10 @@
 namespace ndq {
 
 struct FetchOptions {
-  absl::Duration connect_timeout = absl::Seconds(10);
+  absl::Duration connect_timeout = timeouts::kDownloadConnect;
   // A transfer slower than this for low_speed_time is aborted (and retried, resuming).
   int64_t low_speed_bytes_per_sec = 1024;
-  absl::Duration low_speed_time = absl::Seconds(30);
+  absl::Duration low_speed_time = timeouts::kDownloadLowSpeed;
   // For the whole call, retries and back-off included.
   absl::Duration total_timeout = absl::Hours(1);
   int64_t max_bytes = 0;  // 0: unlimited
@@ -28,7 +29,7 @@ struct FetchOptions {
   // to libcurl with CURLOPT_CAINFO_BLOB, because CURLOPT_CAINFO would replace it.
   std::string ca_file;
   int retries = 3;  // extra attempts after the first, for transient errors only
-  absl::Duration initial_backoff = absl::Milliseconds(500);  // doubles per retry, capped at 30 s
+  absl::Duration initial_backoff = timeouts::kDownloadFirstBackoff;  // doubles per retry, capped
   // done: bytes in the file so far; total: expected size, -1 when unknown.
   std::function<void(int64_t done, int64_t total, double bytes_per_sec)> progress;
   absl::Duration progress_interval = absl::Seconds(1);

@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <optional>
 
+#include "base/timeouts.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -84,7 +85,7 @@ bool HasLease(const std::string& dir, const std::string& key) {
 }
 
 // Eviction's locks: held only while a file is created or removed.
-constexpr absl::Duration kShortLock = absl::Seconds(30);
+constexpr absl::Duration kShortLock = timeouts::kCacheKeyLock;
 
 }  // namespace
 

@@ -16,6 +16,7 @@
 #include <random>
 #include <utility>
 
+#include "base/timeouts.h"
 #include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
@@ -37,7 +38,7 @@ constexpr char kSentinel = '\xff';
 // Copying or dumping a parsed message recurses once per level, so what QEMU or
 // the guest sends is parsed with a bound (no real message comes near it).
 constexpr size_t kMaxJsonDepth = nomadplugin::kDefaultMaxJsonDepth;
-constexpr absl::Duration kSyncResendInterval = absl::Seconds(1);
+constexpr absl::Duration kSyncResendInterval = timeouts::kAgentSyncResend;
 
 int PollMs(absl::Time deadline) {
   const absl::Duration left = deadline - absl::Now();

@@ -15,6 +15,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "base/timeouts.h"
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -52,7 +53,7 @@ std::string QmpErrorClass(const absl::Status& status);
 // at once with the reason.
 class QmpClient {
  public:
-  static constexpr absl::Duration kDefaultTimeout = absl::Seconds(10);
+  static constexpr absl::Duration kDefaultTimeout = timeouts::kQmpCommand;
 
   // Connects to the QMP socket QEMU serves (`-qmp unix:PATH,server=on,wait=off`,
   // or a socket chardev with `-mon chardev=...,mode=control`), reads the
@@ -148,7 +149,7 @@ class QmpClient {
 // arrive, so the next call first resynchronizes with guest-sync-delimited.
 class GuestAgentClient {
  public:
-  static constexpr absl::Duration kDefaultTimeout = absl::Seconds(10);
+  static constexpr absl::Duration kDefaultTimeout = timeouts::kQmpCommand;
 
   // Connects (retrying while QEMU has not created the socket yet) and
   // synchronizes with the agent, all within `timeout`. Fails when no agent

@@ -217,7 +217,7 @@ void VmTask::SetEventSink(TaskEventSink sink) {
     connect_thread_ = std::thread([this] {
       absl::MutexLock control(&control_mu_);
       if (result()) return;
-      absl::StatusOr<std::shared_ptr<QmpClient>> qmp = Qmp(absl::Seconds(1));
+      absl::StatusOr<std::shared_ptr<QmpClient>> qmp = Qmp(timeouts::kQmpReconnect);
       if (qmp.ok()) {
         log::Info("QMP session reopened after recovery; relaying QEMU events", {{"task_id", id()}});
       } else {
@@ -273,9 +273,9 @@ absl::StatusOr<std::shared_ptr<QmpClient>> VmTask::Qmp(absl::Duration connect_ti
 }
 
 bool VmTask::ResumeIfPaused(QmpClient& qmp) {
-  absl::StatusOr<std::string> state = qmp.QueryStatus(absl::Seconds(2));
+  absl::StatusOr<std::string> state = qmp.QueryStatus(timeouts::kQmpQuick);
   if (!state.ok() || *state != "paused") return false;
-  absl::Status status = qmp.Cont(absl::Seconds(2));
+  absl::Status status = qmp.Cont(timeouts::kQmpQuick);
   if (!status.ok()) {
     log::Warn("could not resume the paused VM", {{"task_id", id()}, {"error", std::string(status.message())}});
     return false;
@@ -324,14 +324,14 @@ absl::Status VmTask::RequestPowerdown(absl::Duration budget) {
 absl::Status VmTask::RequestPowerdownLocked(absl::Time deadline) {
   auto left = [deadline] { return std::max(deadline - absl::Now(), absl::Milliseconds(1)); };
   // A paused guest could not act on the request.
-  if (absl::StatusOr<std::shared_ptr<QmpClient>> qmp = Qmp(std::min(left(), absl::Seconds(2))); qmp.ok()) {
+  if (absl::StatusOr<std::shared_ptr<QmpClient>> qmp = Qmp(std::min(left(), timeouts::kQmpQuick)); qmp.ok()) {
     ResumeIfPaused(**qmp);
   }
   // Each request's event is emitted before the request goes out, so that it
   // precedes whatever the guest does about it (QEMU's SHUTDOWN event).
   if (record_.guest_agent) {
     absl::StatusOr<std::unique_ptr<GuestAgentClient>> agent =
-        GuestAgentClient::Connect(record_.guest_agent_socket, std::min(left(), absl::Seconds(2)), record_.qemu_pid);
+        GuestAgentClient::Connect(record_.guest_agent_socket, std::min(left(), timeouts::kQmpQuick), record_.qemu_pid);
     absl::Status status = agent.status();
     if (agent.ok()) {
       Emit("Asked the guest agent to shut down");

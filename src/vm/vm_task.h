@@ -139,7 +139,7 @@ class VmTask {
  private:
   // The QMP session, reconnected when needed (after a plugin restart); every
   // new session relays QEMU's events.
-  absl::StatusOr<std::shared_ptr<QmpClient>> Qmp(absl::Duration connect_timeout = absl::Seconds(2))
+  absl::StatusOr<std::shared_ptr<QmpClient>> Qmp(absl::Duration connect_timeout = timeouts::kQmpQuick)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(control_mu_);
   absl::Status RequestPowerdownLocked(absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(control_mu_);
   void RelayQmpEvent(const QmpEvent& event);
