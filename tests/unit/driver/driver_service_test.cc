@@ -11,8 +11,6 @@
 #include "../../support/plugin_harness.h"
 #include "../../support/temp_dir.h"
 #include "base/error_kind.h"
-#include "google_rpc/status.pb.h"
-#include "nomad/structs.pb.h"
 
 namespace ndq {
 namespace {
@@ -21,16 +19,6 @@ using ::ndq::testing::FakeAlloc;
 using ::ndq::testing::FakeVmHost;
 using ::ndq::testing::TempDir;
 using ::testing::HasSubstr;
-
-std::optional<bool> Recoverable(const grpc::Status& status) {
-  google::rpc::Status rich;
-  hashicorp::nomad::plugins::shared::structs::RecoverableError detail;
-  if (!rich.ParseFromString(status.error_details()) || rich.details_size() != 1 ||
-      !rich.details(0).UnpackTo(&detail)) {
-    return std::nullopt;
-  }
-  return detail.recoverable();
-}
 
 class DriverServiceTest : public ::testing::Test {
  protected:
@@ -72,7 +60,7 @@ TEST_F(DriverServiceTest, ABadConfigIsAFinalStartFailure) {
   const grpc::Status status = Start({{"image_path", "local/disk.qcow2"}, {"accelerator", "warp"}});
   EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_THAT(status.error_message(), HasSubstr("accelerator"));
-  EXPECT_EQ(Recoverable(status), false);
+  EXPECT_EQ(::ndq::testing::StartIsRecoverable(status), false);
 }
 
 TEST_F(DriverServiceTest, AHostShortOfProcessesIsARetryableStartFailure) {
@@ -81,7 +69,7 @@ TEST_F(DriverServiceTest, AHostShortOfProcessesIsARetryableStartFailure) {
   const grpc::Status status = Start({{"image_path", "local/disk.img"}, {"image_format", "raw"}});
   EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_THAT(status.error_message(), HasSubstr("cannot run the supervisor"));
-  EXPECT_EQ(Recoverable(status), true);
+  EXPECT_EQ(::ndq::testing::StartIsRecoverable(status), true);
   EXPECT_TRUE(host_.live_cgroups().empty());
 }
 
