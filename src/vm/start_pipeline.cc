@@ -222,10 +222,7 @@ absl::Status MakeStateDir(const std::string& root, const std::string& id, const 
     }
     return ErrnoStatus("cannot create " + dir);
   }
-  rollback.Push([dir] {
-    std::error_code ignored;
-    std::filesystem::remove_all(dir, ignored);
-  });
+  rollback.Push([dir] { RemoveStateDir(dir); });
   place.state_fd.reset(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
   if (!place.state_fd.valid()) return ErrnoStatus("cannot open " + dir);
   if (::mkdirat(place.state_fd.get(), kRunDirName, 0700) != 0) return ErrnoStatus("cannot create " + place.run_dir);
@@ -421,6 +418,11 @@ ExitResult FinalExit(const DriverStateRecord& record) {
                                 record.memory_limit_bytes >> 20, " MiB");
   }
   return result;
+}
+
+void RemoveStateDir(const std::string& dir) {
+  std::error_code ignored;
+  std::filesystem::remove_all(dir, ignored);
 }
 
 absl::Status StartCancelled() {

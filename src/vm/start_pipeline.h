@@ -84,6 +84,10 @@ std::string TaskKey(const std::string& id);
 // OOM killer ended it.
 ExitResult FinalExit(const DriverStateRecord& record);
 
+// Removes a task's state directory and everything in it (a start's undo,
+// and Destroy).
+void RemoveStateDir(const std::string& dir);
+
 // The status of a start whose caller gave up.
 absl::Status StartCancelled();
 

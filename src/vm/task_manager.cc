@@ -20,11 +20,6 @@ namespace {
 
 namespace log = nomadplugin::hclog;
 
-void RemoveStateDir(const std::string& dir) {
-  std::error_code ignored;
-  std::filesystem::remove_all(dir, ignored);
-}
-
 absl::Status WithTaskPrefix(const absl::Status& status, const std::string& id) {
   return absl::Status(status.code(), absl::StrCat("task ", id, ": ", status.message()));
 }
@@ -321,7 +316,7 @@ absl::Status TaskManager::Destroy(const std::string& id, bool force) {
     absl::MutexLock lock(&mu_);
     tasks_.erase(id);
   }
-  RemoveTaskCgroup((*task)->record().cgroup);
+  host_->RemoveCgroup((*task)->record().cgroup);
   RemoveStateDir((*task)->record().state_dir);
   CacheAt(CacheDir()).Release((*task)->record().cached_image, TaskKey(id));
   log::Debug("task destroyed", {{"task_id", id}});
