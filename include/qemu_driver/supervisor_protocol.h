@@ -27,13 +27,20 @@ inline constexpr char kTempSuffix[] = ".tmp";
 
 // Command line:
 //   nomad-qemu-supervisor --state-dir DIR --stdout PATH --stderr PATH [--user NAME]
-//                         [--cgroup PROCS_FILE]... [--netns PATH] [--pass-fds N] -- QEMU ARGS...
+//                         [--cgroup PROCS_FILE]... [--netns PATH] [--pass-fds N]
+//                         [--swtpm PATH --swtpm-state DIR --swtpm-socket PATH] -- QEMU ARGS...
 // --pass-fds N: fds 3 .. 3+N-1, open when the supervisor starts, reach QEMU
 // as they are (the disk images the plugin admitted and opened); every other
 // inherited fd is closed.
 // QEMU's child joins each --cgroup (a cgroup.procs file) and the network
 // namespace --netns (e.g. /var/run/netns/NAME) before exec, and before it
 // drops privileges for --user.
+// --swtpm, --swtpm-state, --swtpm-socket (all three or none): before QEMU, the
+// supervisor starts `PATH socket --tpm2` with its state in DIR and its control
+// socket at --swtpm-socket (the socket QEMU's tpm emulator connects to), placed
+// like QEMU (cgroups, netns, --user; DIR must be writable by that user). QEMU
+// starts only once that socket exists; swtpm is stopped before exit.json is
+// written. swtpm's option syntax splits on commas, so neither path may hold one.
 inline constexpr char kArgStateDir[] = "--state-dir";
 inline constexpr char kArgStdout[] = "--stdout";
 inline constexpr char kArgStderr[] = "--stderr";
@@ -41,6 +48,9 @@ inline constexpr char kArgUser[] = "--user";
 inline constexpr char kArgCgroup[] = "--cgroup";
 inline constexpr char kArgNetns[] = "--netns";
 inline constexpr char kArgPassFds[] = "--pass-fds";
+inline constexpr char kArgSwtpm[] = "--swtpm";
+inline constexpr char kArgSwtpmState[] = "--swtpm-state";
+inline constexpr char kArgSwtpmSocket[] = "--swtpm-socket";
 inline constexpr int kFirstPassedFd = 3;
 inline constexpr int kMaxPassedFds = 32;
 inline constexpr int kMaxCgroups = 8;  // one per v1 controller is five
@@ -87,6 +97,10 @@ struct Placement {
   std::vector<std::string> cgroup_procs;  // at most kMaxCgroups
   std::string netns;                      // empty: the supervisor's own
   int passed_fds = 0;                     // fds kFirstPassedFd.. handed to QEMU
+  // A TPM for the VM: the swtpm binary, its state directory and its control
+  // socket. All empty: no TPM. "= {}" keeps brace-initialized Placements that
+  // stop at passed_fds free of missing-initializer warnings.
+  std::string swtpm_path = {}, swtpm_state_dir = {}, swtpm_socket = {};
 };
 
 // The supervisor's argv (argv[0] = supervisor_path). An empty `user` runs QEMU

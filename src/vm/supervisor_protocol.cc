@@ -129,6 +129,10 @@ std::vector<std::string> SupervisorArgv(const std::string& supervisor_path, cons
     argv.push_back(kArgPassFds);
     argv.push_back(std::to_string(placement.passed_fds));
   }
+  if (!placement.swtpm_path.empty()) {
+    argv.insert(argv.end(), {kArgSwtpm, placement.swtpm_path, kArgSwtpmState, placement.swtpm_state_dir,
+                             kArgSwtpmSocket, placement.swtpm_socket});
+  }
   argv.push_back(kArgEndOfOptions);
   argv.insert(argv.end(), qemu_argv.begin(), qemu_argv.end());
   return argv;

@@ -376,11 +376,22 @@ TEST(SupervisorArgv, QemuArgumentsAreCopiedVerbatimAfterTheSeparator) {
   EXPECT_EQ(std::count(argv.begin(), separator, std::string(kArgUser)), 0) << "no --user was asked for";
 }
 
+TEST(SupervisorArgv, AnSwtpmComesAsThreeOptionsBeforeTheEndOfOptions) {
+  Placement placement;
+  placement.swtpm_path = "/usr/bin/swtpm";
+  placement.swtpm_state_dir = "/run/t/tpm";
+  placement.swtpm_socket = "/run/t/tpm.sock";
+  EXPECT_THAT(SupervisorArgv("/opt/sup", "/run/t", "/o", "/e", "", {"/q"}, placement),
+              ElementsAre("/opt/sup", "--state-dir", "/run/t", "--stdout", "/o", "--stderr", "/e", "--swtpm",
+                          "/usr/bin/swtpm", "--swtpm-state", "/run/t/tpm", "--swtpm-socket", "/run/t/tpm.sock", "--",
+                          "/q"));
+}
+
 TEST(SupervisorArgv, NoPassedFdsAndNoNetnsAddNoFlags) {
   Placement placement;
   placement.passed_fds = 0;
   const std::vector<std::string> argv = SupervisorArgv("/opt/sup", "/run/t", "/o", "/e", "", {"/q"}, placement);
-  for (const char* flag : {kArgPassFds, kArgNetns, kArgCgroup, kArgUser}) {
+  for (const char* flag : {kArgPassFds, kArgNetns, kArgCgroup, kArgUser, kArgSwtpm, kArgSwtpmState, kArgSwtpmSocket}) {
     EXPECT_EQ(std::count(argv.begin(), argv.end(), std::string(flag)), 0) << flag;
   }
 }
