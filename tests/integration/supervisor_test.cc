@@ -827,6 +827,49 @@ TEST_F(SwtpmTest, BadSwtpmOptionsAreUsageErrors) {
   }
 }
 
+TEST_F(SwtpmTest, SwtpmRunsAsQemusUserInQemusCgroupWithoutItsFds) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to switch users and make cgroups";
+  const std::string cgroup = "/sys/fs/cgroup/memory/ndq-swtpm-test-" + std::to_string(::getpid());
+  if (::mkdir(cgroup.c_str(), 0755) != 0) GTEST_SKIP() << "no writable v1 memory hierarchy: " << std::strerror(errno);
+  // The plugin's part: the TPM directory belongs to the VM's user.
+  ASSERT_EQ(::chown(tpm_.path().c_str(), 65534, 65534), 0);
+  const std::string go = tpm_ / "go";  // where the "QEMU", as nobody, can reach it
+  ASSERT_EQ(::mkfifo(go.c_str(), 0666), 0);
+  Placement placement;
+  placement.cgroup_procs = {cgroup + "/cgroup.procs"};
+  placement.swtpm_path = kSwtpm;
+  placement.swtpm_state_dir = tpm_.path();
+  placement.swtpm_socket = Socket();
+  const pid_t sup = Spawn(SupervisorArgv(kSupervisor, state_.path(), Out(), Err(), "nobody",
+                                         Shell("test -S " + Socket() + " && read line < " + go), placement));
+  ASSERT_GT(WaitQemuPid(), 0);
+  const pid_t swtpm = WaitSwtpmPid();
+  ASSERT_GT(swtpm, 0);
+  EXPECT_THAT(ProcStatus(swtpm, "Uid"), StartsWith("65534\t65534\t65534"));
+  EXPECT_THAT(ReadFile("/proc/" + std::to_string(swtpm) + "/cgroup"),
+              HasSubstr(cgroup.substr(std::strlen("/sys/fs/cgroup/memory")) + "\n"));
+  struct stat st {};
+  ASSERT_EQ(::stat(Socket().c_str(), &st), 0);
+  EXPECT_EQ(st.st_uid, 65534u);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  // 0-2 and swtpm's own; nothing of the supervisor's or the job's outputs.
+  for (const std::string& fd : ListDir("/proc/" + std::to_string(swtpm) + "/fd")) {
+    std::error_code ec;
+    const std::string target = std::filesystem::read_symlink("/proc/" + std::to_string(swtpm) + "/fd/" + fd, ec);
+    EXPECT_NE(target, Out());
+    EXPECT_NE(target, Err());
+  }
+
+  int writer = -1;
+  ASSERT_TRUE(WaitFor([&] { return (writer = ::open(go.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC)) >= 0; }));
+  ASSERT_EQ(::write(writer, "go\n", 3), 3);
+  ::close(writer);
+  ExpectSupervisorExit(sup, kExitOk);
+  EXPECT_EQ(Record().exit_code, 0) << Record().error;
+  EXPECT_THAT(Swtpms(), ::testing::IsEmpty());
+  EXPECT_TRUE(WaitFor([&] { return ::rmdir(cgroup.c_str()) == 0; })) << std::strerror(errno);
+}
+
 TEST_F(SwtpmTest, KillingTheSupervisorKillsSwtpm) {
   const pid_t sup = Spawn(TpmArgv(Shell("exec sleep 30")));
   ASSERT_GT(WaitQemuPid(), 0);
