@@ -8,6 +8,10 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   libcurl4-openssl-dev libssl-dev nlohmann-json3-dev libspdlog-dev libgtest-dev libgmock-dev
   qemu-system-x86 qemu-utils
+  # UEFI firmware (OVMF) for VMs that boot with UEFI or Secure Boot
+  ovmf
+  # a TPM per VM (tpm = true): the swtpm emulator the supervisor starts, and its tools
+  swtpm swtpm-tools
   # the sanitizer and fuzz builds (scripts/test.sh): clang, its sanitizer
   # runtimes and libFuzzer; dpkg-dev unpacks Abseil's source for the TSan build
   clang libclang-rt-14-dev libfuzzer-14-dev dpkg-dev

@@ -8,6 +8,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <optional>
+#include <utility>
 
 #include "base/timeouts.h"
 #include "absl/strings/ascii.h"
@@ -35,6 +37,43 @@ std::string PrimaryEmulator(const std::vector<std::string>& names) {
     if (std::find(names.begin(), names.end(), preferred) != names.end()) return preferred;
   }
   return names.front();
+}
+
+// The names of `found` that `allowlist` admits (all when it is empty).
+std::vector<std::string> AllowedEmulators(const std::map<std::string, std::string>& found,
+                                          const std::vector<std::string>& allowlist) {
+  std::vector<std::string> allowed;
+  for (const auto& [name, path] : found) {
+    if (allowlist.empty() || std::find(allowlist.begin(), allowlist.end(), name) != allowlist.end()) {
+      allowed.push_back(name);
+    }
+  }
+  return allowed;
+}
+
+bool IsRegularFile(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+std::optional<FirmwareFiles> PresentFirmware(const FirmwareFiles& files) {
+  if (IsRegularFile(files.code) && IsRegularFile(files.vars)) return files;
+  return std::nullopt;
+}
+
+// `args` run on `path`, its output when it exits 0; empty otherwise (a probe
+// that fails only leaves that list empty).
+std::string ProbeOutput(const std::string& path, const std::vector<std::string>& args) {
+  std::vector<std::string> argv = {path};
+  argv.insert(argv.end(), args.begin(), args.end());
+  absl::StatusOr<CommandResult> result = RunCommand(argv, kProbeTimeout);
+  return result.ok() && result->exit_code == 0 ? std::move(result->output) : std::string();
+}
+
+std::vector<std::string> SortedUnique(std::vector<std::string> names) {
+  std::sort(names.begin(), names.end());
+  names.erase(std::unique(names.begin(), names.end()), names.end());
+  return names;
 }
 
 }  // namespace
@@ -65,6 +104,41 @@ std::vector<std::string> ParseAcceleratorList(absl::string_view accel_help_outpu
   return out;
 }
 
+std::vector<std::string> ParseMachineList(absl::string_view machine_help_output) {
+  std::vector<std::string> out;
+  for (absl::string_view line : absl::StrSplit(machine_help_output, '\n')) {
+    line = absl::StripAsciiWhitespace(line);
+    // The header ("Supported machines are:") is the one line ending in a colon.
+    if (line.empty() || absl::EndsWith(line, ":")) continue;
+    out.emplace_back(line.substr(0, line.find_first_of(" \t")));
+  }
+  return SortedUnique(std::move(out));
+}
+
+std::vector<std::string> ParseNetDeviceList(absl::string_view device_help_output) {
+  std::vector<std::string> out;
+  bool in_section = false;
+  for (absl::string_view line : absl::StrSplit(device_help_output, '\n')) {
+    line = absl::StripAsciiWhitespace(line);
+    if (absl::EndsWith(line, ":") && !absl::StartsWith(line, "name ")) {
+      in_section = line == "Network devices:";  // each section starts with such a title
+      continue;
+    }
+    if (!in_section) continue;
+    // name "e1000", bus PCI, alias "e1000-82540em", desc "Intel Gigabit Ethernet"
+    for (absl::string_view key : {"name \"", "alias \""}) {
+      const size_t at = line.find(key);
+      // A field of its own: at the start or after ", ", not inside a description.
+      const bool field = at == 0 || (at != absl::string_view::npos && at >= 2 && line.substr(at - 2, 2) == ", ");
+      if (!field) continue;
+      absl::string_view value = line.substr(at + key.size());
+      const size_t end = value.find('"');
+      if (end != absl::string_view::npos && end > 0) out.emplace_back(value.substr(0, end));
+    }
+  }
+  return SortedUnique(std::move(out));
+}
+
 bool KvmUsable(const std::string& device) {
   const int fd = ::open(device.c_str(), O_RDWR | O_CLOEXEC);
   if (fd < 0) return false;
@@ -73,8 +147,10 @@ bool KvmUsable(const std::string& device) {
   return version == KVM_API_VERSION;
 }
 
-Fingerprinter::Fingerprinter(std::string path_env, std::string kvm_device)
-    : path_dirs_(absl::StrSplit(path_env, ':', absl::SkipEmpty())), kvm_device_(std::move(kvm_device)) {}
+Fingerprinter::Fingerprinter(std::string path_env, std::string kvm_device, FirmwarePaths firmware)
+    : path_dirs_(absl::StrSplit(path_env, ':', absl::SkipEmpty())),
+      kvm_device_(std::move(kvm_device)),
+      firmware_(std::move(firmware)) {}
 
 const std::vector<std::string>& Fingerprinter::EmulatorNamesIn(const std::string& dir) {
   DirListing& listing = listings_[dir];
@@ -109,12 +185,16 @@ std::map<std::string, std::string> Fingerprinter::FindEmulators() {
   return found;
 }
 
-Fingerprinter::BinaryFacts Fingerprinter::FactsFor(const std::string& path) {
+Fingerprinter::BinaryIdentity Fingerprinter::IdentityOf(const std::string& path) {
   struct stat st {};
   ::stat(path.c_str(), &st);
-  const BinaryIdentity identity{static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino),
-                                static_cast<uint64_t>(st.st_size),
-                                static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec};
+  return BinaryIdentity{static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino),
+                        static_cast<uint64_t>(st.st_size),
+                        static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec};
+}
+
+Fingerprinter::BinaryFacts Fingerprinter::FactsFor(const std::string& path) {
+  const BinaryIdentity identity = IdentityOf(path);
   {
     absl::MutexLock lock(&mu_);
     if (auto it = facts_.find(path); it != facts_.end() && it->second.identity == identity) {
@@ -146,10 +226,34 @@ Fingerprinter::BinaryFacts Fingerprinter::RunProbes(const std::string& path) {
     }
   }
   if (facts.error.empty()) {
-    absl::StatusOr<CommandResult> accels = RunCommand({path, "-accel", "help"}, kProbeTimeout);
-    if (accels.ok() && accels->exit_code == 0) facts.accelerators = ParseAcceleratorList(accels->output);
+    facts.accelerators = ParseAcceleratorList(ProbeOutput(path, {"-accel", "help"}));
+    facts.machines = ParseMachineList(ProbeOutput(path, {"-machine", "help"}));
+    facts.net_devices = ParseNetDeviceList(ProbeOutput(path, {"-device", "help"}));
   }
   return facts;
+}
+
+std::string Fingerprinter::UsableSwtpm() {
+  std::string path;
+  for (const std::string& dir : path_dirs_) {
+    if (IsExecutableFile(dir + "/swtpm")) {
+      path = dir + "/swtpm";
+      break;
+    }
+  }
+  if (path.empty()) return "";
+  const BinaryIdentity identity = IdentityOf(path);
+  {
+    absl::MutexLock lock(&mu_);
+    if (swtpm_.path == path && swtpm_.identity == identity) return swtpm_.runs ? path : "";
+    ++probes_;
+  }
+  // A binary that cannot even print its version (a broken libtpms, say) would
+  // fail every TPM job's start; better not to advertise it.
+  const bool runs = absl::StrContains(ProbeOutput(path, {"--version"}), "TPM emulator");
+  absl::MutexLock lock(&mu_);
+  swtpm_ = SwtpmFacts{path, identity, runs};
+  return runs ? path : "";
 }
 
 Fingerprint Fingerprinter::Probe(const std::vector<std::string>& emulators_allowlist) {
@@ -163,13 +267,7 @@ Fingerprint Fingerprinter::Probe(const std::vector<std::string>& emulators_allow
     fp.description = "no qemu-system-* binary found on PATH (" + absl::StrJoin(path_dirs_, ":") + ")";
     return fp;
   }
-  std::vector<std::string> allowed;
-  for (const auto& [name, path] : found) {
-    if (emulators_allowlist.empty() ||
-        std::find(emulators_allowlist.begin(), emulators_allowlist.end(), name) != emulators_allowlist.end()) {
-      allowed.push_back(name);
-    }
-  }
+  const std::vector<std::string> allowed = AllowedEmulators(found, emulators_allowlist);
   if (allowed.empty()) {
     std::vector<std::string> names;
     for (const auto& [name, path] : found) names.push_back(name);
@@ -199,7 +297,33 @@ Fingerprint Fingerprinter::Probe(const std::vector<std::string>& emulators_allow
   fp.attributes["driver.qemu.emulators"] = absl::StrJoin(allowed, ",");
   fp.attributes["driver.qemu.accelerators"] = absl::StrJoin(accelerators, ",");
   fp.attributes["driver.qemu.kvm"] = kvm;
+  fp.attributes["driver.qemu.machines"] = absl::StrJoin(facts.machines, ",");
+  // Set only when present, so a constraint on `true` is the whole test.
+  if (PresentFirmware(firmware_.uefi)) fp.attributes["driver.qemu.firmware.uefi"] = true;
+  if (PresentFirmware(firmware_.secure_boot)) fp.attributes["driver.qemu.firmware.secure_boot"] = true;
+  if (!UsableSwtpm().empty()) fp.attributes["driver.qemu.tpm"] = true;
   return fp;
+}
+
+HostCapabilities Fingerprinter::Capabilities(const std::vector<std::string>& emulators_allowlist) {
+  std::map<std::string, std::string> found;
+  {
+    absl::MutexLock lock(&mu_);
+    found = FindEmulators();
+  }
+  HostCapabilities caps;
+  for (const std::string& name : AllowedEmulators(found, emulators_allowlist)) {
+    const std::string& path = found.at(name);
+    caps.emulators[name] = path;
+    const BinaryFacts facts = FactsFor(path);
+    if (!facts.error.empty()) continue;
+    caps.machines[name] = facts.machines;
+    caps.net_devices[name] = facts.net_devices;
+  }
+  caps.uefi = PresentFirmware(firmware_.uefi);
+  caps.secure_boot = PresentFirmware(firmware_.secure_boot);
+  caps.swtpm = UsableSwtpm();
+  return caps;
 }
 
 std::map<std::string, std::string> Fingerprinter::Emulators() {

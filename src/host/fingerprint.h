@@ -1,17 +1,20 @@
 // What this host offers for running VMs: which qemu-system emulators are on
-// PATH, their version and accelerators, and whether /dev/kvm is usable. These
-// become the node attributes job constraints match on (driver.qemu.*).
+// PATH, their version, accelerators, machine types and NIC models, whether
+// /dev/kvm is usable, UEFI firmware and swtpm. These become the node
+// attributes job constraints match on (driver.qemu.*) and the
+// HostCapabilities that planning checks a job against.
 #pragma once
 
 #include <cstdint>
 #include <map>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <variant>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "host/capabilities.h"
 
 namespace ndq {
 
@@ -35,13 +38,30 @@ std::string ParseQemuVersion(absl::string_view version_output);
 // Names listed by `qemu-system-* -accel help`, e.g. {"kvm", "tcg"}.
 std::vector<std::string> ParseAcceleratorList(absl::string_view accel_help_output);
 
+// Machine type names from `qemu-system-* -machine help`: the first column of
+// each row, aliases ("pc", "q35") included, sorted.
+std::vector<std::string> ParseMachineList(absl::string_view machine_help_output);
+
+// NIC models from the "Network devices:" section of `qemu-system-* -device
+// help`: each device's name and its alias when it has one (both are valid
+// -device values, e.g. "virtio-net-pci" and "virtio-net"), sorted.
+std::vector<std::string> ParseNetDeviceList(absl::string_view device_help_output);
+
 // True when `device` opens read-write and answers the KVM API version ioctl.
 bool KvmUsable(const std::string& device);
 
+// Where UEFI firmware is looked for. The defaults are Debian 12's ovmf package
+// (4 MiB builds); a flavour counts when both its files are regular files.
+struct FirmwarePaths {
+  FirmwareFiles uefi = {"/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"};
+  FirmwareFiles secure_boot = {"/usr/share/OVMF/OVMF_CODE_4M.secboot.fd", "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"};
+};
+
 class Fingerprinter {
  public:
-  // `path_env` is searched like PATH; `kvm_device` is normally /dev/kvm.
-  Fingerprinter(std::string path_env, std::string kvm_device);
+  // `path_env` is searched like PATH (for emulators and swtpm); `kvm_device`
+  // is normally /dev/kvm.
+  Fingerprinter(std::string path_env, std::string kvm_device, FirmwarePaths firmware = {});
 
   // Safe to call often: a binary is executed again only when its file changed.
   Fingerprint Probe(const std::vector<std::string>& emulators_allowlist);
@@ -49,7 +69,14 @@ class Fingerprinter {
   // Every qemu-system-* on PATH: emulator name ("x86_64") -> binary path.
   std::map<std::string, std::string> Emulators();
 
-  // How many times a binary was probed (run with --version and -accel help).
+  // The emulators in `emulators_allowlist` (all when it is empty) with their
+  // machine types and NIC models, firmware and swtpm. Emulators whose probe
+  // failed are listed without machines or NIC models. Binaries are run only
+  // when they changed, as for Probe.
+  HostCapabilities Capabilities(const std::vector<std::string>& emulators_allowlist);
+
+  // How many times a binary was probed (an emulator: run with --version,
+  // -accel help, -machine help and -device help; swtpm: with --version).
   int binary_probes() const;
 
  private:
@@ -65,6 +92,13 @@ class Fingerprinter {
     std::string version;  // empty when it could not be read
     std::string error;    // why, for the health description
     std::vector<std::string> accelerators;
+    std::vector<std::string> machines;
+    std::vector<std::string> net_devices;
+  };
+  struct SwtpmFacts {
+    std::string path;
+    BinaryIdentity identity;
+    bool runs = false;  // `swtpm --version` succeeded
   };
 
   // emulator name ("x86_64") -> binary path, first match on PATH wins.
@@ -74,9 +108,13 @@ class Fingerprinter {
   // Cached per binary identity; the binary runs only on a miss, without mu_.
   BinaryFacts FactsFor(const std::string& path) ABSL_LOCKS_EXCLUDED(mu_);
   static BinaryFacts RunProbes(const std::string& path);
+  static BinaryIdentity IdentityOf(const std::string& path);
+  // The swtpm binary on PATH when it runs; empty otherwise. Run once per change.
+  std::string UsableSwtpm() ABSL_LOCKS_EXCLUDED(mu_);
 
   const std::vector<std::string> path_dirs_;
   const std::string kvm_device_;
+  const FirmwarePaths firmware_;
   mutable absl::Mutex mu_;
   std::map<std::string, BinaryFacts> facts_ ABSL_GUARDED_BY(mu_);
   struct DirListing {
@@ -84,6 +122,7 @@ class Fingerprinter {
     std::vector<std::string> names;
   };
   std::map<std::string, DirListing> listings_ ABSL_GUARDED_BY(mu_);
+  SwtpmFacts swtpm_ ABSL_GUARDED_BY(mu_);
   int probes_ ABSL_GUARDED_BY(mu_) = 0;
 };
 

@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "log.h"
+#include "signal_fd.h"
 
 namespace ndq::supervisor {
 namespace {
@@ -19,20 +20,6 @@ namespace {
 // arrived" that a writer could wait on while also watching for SIGTERM, and a
 // plain blocking open(2) could not be interrupted without a signal handler.
 constexpr int kReaderPollMs = 100;
-
-// True when a SIGTERM was among the pending signals.
-bool ConsumeSignals(int signal_fd) {
-  bool term = false;
-  signalfd_siginfo info[4];
-  for (;;) {
-    const ssize_t n = ::read(signal_fd, info, sizeof info);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return term;
-    for (size_t i = 0; i < static_cast<size_t>(n) / sizeof info[0]; ++i) {
-      if (info[i].ssi_signo == SIGTERM) term = true;
-    }
-  }
-}
 
 }  // namespace
 
@@ -65,7 +52,7 @@ int OpenOutput(const char* what, const char* path, int signal_fd, ErrorText* err
       logged_wait = true;
     }
     pollfd pfd = {signal_fd, POLLIN, 0};
-    if (::poll(&pfd, 1, kReaderPollMs) > 0 && ConsumeSignals(signal_fd)) {
+    if (::poll(&pfd, 1, kReaderPollMs) > 0 && DrainSignals(signal_fd)) {
       error->Set("SIGTERM while waiting for a reader on %s FIFO %s", what, path);
       return -1;
     }

@@ -84,6 +84,9 @@ int FormatPid(pid_t pid, char (&out)[16]) {
     FailInChild(report_fd, Step::kRedirect, errno);
   }
   ::close(null_fd);
+  if (s.close_passed_fds > 0) {
+    ::close_range(kFirstPassedFd, static_cast<unsigned>(kFirstPassedFd + s.close_passed_fds - 1), 0);
+  }
 
   // Before exec, so all of QEMU's memory is charged to its cgroup; before
   // dropping privileges, which both need.
@@ -133,7 +136,7 @@ bool ResolveUser(const char* name, RunAs* out, ErrorText* error) {
   return true;
 }
 
-pid_t StartQemu(const ChildSetup& setup, ErrorText* error) {
+pid_t StartChild(const ChildSetup& setup, ErrorText* error) {
   int report[2];
   if (::pipe2(report, O_CLOEXEC) != 0) {
     error->Set("pipe: %s", std::strerror(errno));

@@ -1,4 +1,5 @@
-// Starts QEMU as the supervisor's child, bound to the supervisor's lifetime.
+// Starts QEMU, and swtpm beside it, as the supervisor's children, bound to the
+// supervisor's lifetime.
 #pragma once
 
 #include <sys/types.h>
@@ -27,12 +28,15 @@ struct ChildSetup {
   int cgroup_fds[kMaxCgroups] = {};  // cgroup.procs files, opened for writing
   int cgroup_count = 0;
   int netns_fd = -1;                 // a network namespace to enter; -1: stay
+  // Closes the fds kFirstPassedFd.. (QEMU's disk images, open without
+  // close-on-exec) in a child that must not hold them: swtpm.
+  int close_passed_fds = 0;
 };
 
-// Forks and execs QEMU: stdin /dev/null, default signal dispositions, an empty
-// signal mask, in its cgroups and network namespace, and SIGKILL when the
-// supervisor dies. Returns the pid once the
-// exec succeeded; on failure returns -1 with *error set and the child reaped.
-pid_t StartQemu(const ChildSetup& setup, ErrorText* error);
+// Forks and execs setup.argv (QEMU or swtpm): stdin /dev/null, default signal
+// dispositions, an empty signal mask, in its cgroups and network namespace, as
+// run_as, and SIGKILL when the supervisor dies. Returns the pid once the exec
+// succeeded; on failure returns -1 with *error set and the child reaped.
+pid_t StartChild(const ChildSetup& setup, ErrorText* error);
 
 }  // namespace ndq::supervisor

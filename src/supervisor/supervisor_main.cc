@@ -25,6 +25,7 @@
 #include "output_files.h"
 #include "qemu_child.h"
 #include "qemu_driver/supervisor_protocol.h"
+#include "swtpm.h"
 #include "tail_buffer.h"
 
 namespace ndq::supervisor {
@@ -32,7 +33,8 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: nomad-qemu-supervisor --state-dir DIR --stdout PATH --stderr PATH [--user NAME]\n"
-    "                             [--cgroup PROCS_FILE]... [--netns PATH] [--pass-fds N] -- QEMU [ARGS...]\n";
+    "                             [--cgroup PROCS_FILE]... [--netns PATH] [--pass-fds N]\n"
+    "                             [--swtpm PATH --swtpm-state DIR --swtpm-socket PATH] -- QEMU [ARGS...]\n";
 // After QEMU is gone, a process it left behind may still hold the stderr pipe
 // and keep writing; stop draining after this much.
 constexpr size_t kMaxDrainBytes = 1 << 20;
@@ -48,6 +50,7 @@ struct Options {
   int cgroup_count = 0;
   const char* netns = nullptr;
   const char* pass_fds = nullptr;  // read before anything else (PassedFdCount)
+  SwtpmOptions swtpm;
   char** qemu_argv = nullptr;  // NULL-terminated: the tail of our own argv
 };
 
@@ -94,6 +97,9 @@ bool ParseArgs(int argc, char** argv, Options* opts, ErrorText* error) {
                         : std::strcmp(arg, kArgUser) == 0   ? &opts->user
                         : std::strcmp(arg, kArgNetns) == 0  ? &opts->netns
                         : std::strcmp(arg, kArgPassFds) == 0 ? &opts->pass_fds
+                        : std::strcmp(arg, kArgSwtpm) == 0 ? &opts->swtpm.path
+                        : std::strcmp(arg, kArgSwtpmState) == 0 ? &opts->swtpm.state_dir
+                        : std::strcmp(arg, kArgSwtpmSocket) == 0 ? &opts->swtpm.socket
                         : cgroup                            ? &opts->cgroups[opts->cgroup_count++]
                                                             : nullptr;
     if (slot == nullptr) {
@@ -118,6 +124,7 @@ bool ParseArgs(int argc, char** argv, Options* opts, ErrorText* error) {
     error->Set("%s takes a count from 1 to %d, got \"%s\"", kArgPassFds, kMaxPassedFds, opts->pass_fds);
     return false;
   }
+  if (!CheckSwtpmOptions(opts->swtpm, error)) return false;
   if (opts->qemu_argv == nullptr || opts->qemu_argv[0] == nullptr) {
     error->Set("no QEMU command after \"%s\"", kArgEndOfOptions);
     return false;
@@ -337,8 +344,8 @@ void WritePidFile(int dir_fd, pid_t qemu) {
   }
 }
 
-// Logs how QEMU ended (its wait status) and records it in exit.json.
-int RecordQemuExit(int dir_fd, pid_t qemu, int status, int64_t started_at_ms, const StderrTail& tail) {
+// Logs how QEMU ended (its wait status) and returns what exit.json records.
+ExitFacts QemuExitFacts(pid_t qemu, int status, int64_t started_at_ms, const StderrTail& tail) {
   ExitFacts facts;
   facts.started_at_ms = started_at_ms;
   facts.exited_at_ms = NowUnixMs();
@@ -355,7 +362,7 @@ int RecordQemuExit(int dir_fd, pid_t qemu, int status, int64_t started_at_ms, co
   static char tail_text[kStderrTailBytes];
   facts.stderr_tail = tail_text;
   facts.stderr_tail_len = tail.CopyOut(tail_text);
-  return RecordExit(dir_fd, facts, kExitOk);
+  return facts;
 }
 
 int Run(int argc, char** argv) {
@@ -385,16 +392,29 @@ int Run(int argc, char** argv) {
   Child child;
   if (!PrepareChild(opts, signal_fd, &child, &error)) return CouldNotRun(dir_fd, started_at_ms, error);
 
+  // Before QEMU, whose TPM backend connects to swtpm's socket at start-up.
+  const pid_t swtpm = opts.swtpm.path == nullptr
+                          ? 0
+                          : StartSwtpm(opts.swtpm, child.setup, passed_fds, signal_fd, &error);
+  if (swtpm < 0) return CouldNotRun(dir_fd, started_at_ms, error);
+
   started_at_ms = NowUnixMs();
-  const pid_t qemu = StartQemu(child.setup, &error);
+  const pid_t qemu = StartChild(child.setup, &error);
   CloseChildFds(child.setup, passed_fds);
-  if (qemu < 0) return CouldNotRun(dir_fd, started_at_ms, error);
+  if (qemu < 0) {
+    StopSwtpm(swtpm, signal_fd);
+    return CouldNotRun(dir_fd, started_at_ms, error);
+  }
   WritePidFile(dir_fd, qemu);
   Log("QEMU running as pid %d", static_cast<int>(qemu));
 
   static StderrTail tail;
   const int status = Supervise(qemu, signal_fd, child.stderr_pipe, child.stderr_out, &tail);
-  return RecordQemuExit(dir_fd, qemu, status, started_at_ms, tail);
+  const ExitFacts facts = QemuExitFacts(qemu, status, started_at_ms, tail);
+  // Gone before exit.json appears: a plugin that sees the record may remove
+  // the TPM's state directory.
+  StopSwtpm(swtpm, signal_fd);
+  return RecordExit(dir_fd, facts, kExitOk);
 }
 
 }  // namespace

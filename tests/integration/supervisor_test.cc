@@ -9,7 +9,9 @@
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -48,6 +50,7 @@ using Clock = std::chrono::steady_clock;
 
 constexpr char kSupervisor[] = NDQ_SUPERVISOR_BINARY;
 constexpr char kQemu[] = "/usr/bin/qemu-system-x86_64";
+constexpr char kSwtpm[] = "/usr/bin/swtpm";
 constexpr auto kTimeout = std::chrono::seconds(20);
 // QEMU start-up under TCG on a loaded 2-core machine.
 constexpr auto kQemuTimeout = std::chrono::seconds(60);
@@ -109,6 +112,26 @@ uint64_t SignalMask(pid_t pid, const std::string& key) {
   return hex.empty() ? 0 : std::stoull(hex, nullptr, 16);
 }
 uint64_t Bit(int sig) { return uint64_t{1} << (sig - 1); }
+
+// The argv of a live process; empty for a zombie or a process that is gone.
+std::vector<std::string> Cmdline(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline", std::ios::binary);
+  std::vector<std::string> args;
+  for (std::string arg; std::getline(in, arg, '\0');) args.push_back(arg);
+  return args;
+}
+
+// Live processes with `arg` as one whole argument.
+std::vector<pid_t> ProcessesWithArg(const std::string& arg) {
+  std::vector<pid_t> pids;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    const std::vector<std::string> args = Cmdline(std::stoi(name));
+    if (std::find(args.begin(), args.end(), arg) != args.end()) pids.push_back(std::stoi(name));
+  }
+  return pids;
+}
 
 // "Pss:   241 kB" from /proc/PID/smaps_rollup, in kB.
 long SmapsRollupKb(pid_t pid, const std::string& key) {
@@ -280,6 +303,15 @@ class SupervisorTest : public ::testing::Test {
     EXPECT_EQ(ListDir(state_.path()), names);
   }
 
+  // Killed (if still running) and waited for at TearDown.
+  void Track(pid_t pid) {
+    for (const Tracked& t : tracked_) {
+      if (t.pid == pid) return;
+    }
+    const int fd = PidfdOpen(pid);
+    if (fd >= 0) tracked_.push_back({pid, fd});
+  }
+
   TempDir state_;
   TempDir logs_;
 
@@ -296,13 +328,6 @@ class SupervisorTest : public ::testing::Test {
     return args;
   }
 
-  void Track(pid_t pid) {
-    for (const Tracked& t : tracked_) {
-      if (t.pid == pid) return;
-    }
-    const int fd = PidfdOpen(pid);
-    if (fd >= 0) tracked_.push_back({pid, fd});
-  }
 
   // Guards TearDown against killing an unrelated process that reused a pid.
   bool OwnProcess(pid_t pid) const {
@@ -688,6 +713,232 @@ TEST_F(SupervisorTest, SupervisesRealQemuInUnderFourMegabytes) {
   EXPECT_EQ(r.error, "");
   EXPECT_THAT(r.stderr_tail, HasSubstr("terminating on signal 15 from pid " + std::to_string(sup)));
   EXPECT_EQ(ReadFile(Out()), "");  // -nodefaults: no serial console
+}
+
+// --- swtpm beside QEMU ---
+
+class SwtpmTest : public SupervisorTest {
+ protected:
+  void SetUp() override {
+    SupervisorTest::SetUp();
+    if (::access(kSwtpm, X_OK) != 0) GTEST_SKIP() << kSwtpm << " not installed (Debian package swtpm)";
+    ASSERT_FALSE(tpm_.path().empty());
+  }
+
+  std::string Socket() const { return tpm_ / "ctrl.sock"; }
+  // The argument only our swtpm has: its --tpmstate value names this test's directory.
+  std::string TpmStateArg() const { return "dir=" + tpm_.path() + ",mode=0600"; }
+  std::vector<pid_t> Swtpms() const { return ProcessesWithArg(TpmStateArg()); }
+
+  std::vector<std::string> TpmArgv(const std::vector<std::string>& qemu_argv, const std::string& swtpm = kSwtpm) {
+    Placement placement;
+    placement.swtpm_path = swtpm;
+    placement.swtpm_state_dir = tpm_.path();
+    placement.swtpm_socket = Socket();
+    return SupervisorArgv(kSupervisor, state_.path(), Out(), Err(), "", qemu_argv, placement);
+  }
+
+  // Waits for our swtpm and tracks it (TearDown kills it if a test left it).
+  pid_t WaitSwtpmPid() {
+    std::vector<pid_t> pids;
+    EXPECT_TRUE(WaitFor([&] { return (pids = Swtpms()).size() == 1; })) << pids.size() << " swtpm processes";
+    if (pids.size() != 1) return -1;
+    Track(pids[0]);
+    return pids[0];
+  }
+
+  TempDir tpm_;
+};
+
+TEST_F(SwtpmTest, RunsWhileQemuRunsAndIsGoneBeforeTheRecord) {
+  const std::string go = logs_ / "go";
+  ASSERT_EQ(::mkfifo(go.c_str(), 0600), 0);
+  // The stand-in QEMU finds the socket at once: it existed before QEMU started.
+  const pid_t sup = Spawn(TpmArgv(Shell("test -S " + Socket() + " || exit 1; read line < " + go + "; exit 7")));
+  ASSERT_GT(WaitQemuPid(), 0);
+  const pid_t swtpm = WaitSwtpmPid();
+  ASSERT_GT(swtpm, 0);
+  EXPECT_EQ(ProcStatus(swtpm, "PPid"), std::to_string(sup));
+  EXPECT_THAT(Cmdline(swtpm), ElementsAre(kSwtpm, "socket", "--tpm2", "--tpmstate", TpmStateArg(), "--ctrl",
+                                          "type=unixio,path=" + Socket() + ",mode=0600", "--terminate"));
+  // Its output goes to supervisor.log; the job's stdout and stderr are QEMU's alone.
+  std::error_code ec;
+  const std::string fds = "/proc/" + std::to_string(swtpm) + "/fd/";
+  EXPECT_EQ(std::filesystem::read_symlink(fds + "1", ec).string(), Log());
+  EXPECT_EQ(std::filesystem::read_symlink(fds + "2", ec).string(), Log());
+  EXPECT_TRUE(LogContains("control socket " + Socket() + " ready after "));
+
+  int writer = -1;
+  ASSERT_TRUE(WaitFor([&] { return (writer = ::open(go.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC)) >= 0; }));
+  ASSERT_EQ(::write(writer, "go\n", 3), 3);
+  ::close(writer);
+  ExpectSupervisorExit(sup, kExitOk);
+  EXPECT_EQ(Record().exit_code, 7);
+  // Stopped and reaped before exit.json was written: no waiting needed here.
+  EXPECT_THAT(Swtpms(), ::testing::IsEmpty());
+  EXPECT_TRUE(LogContains("swtpm pid " + std::to_string(swtpm) + " exited with code 0"));
+}
+
+TEST_F(SwtpmTest, AFailingSwtpmIsRecordedAndQemuNeverRuns) {
+  const pid_t sup = Spawn(TpmArgv(Shell("echo ran"), "/bin/false"));
+  ExpectSupervisorExit(sup, kExitCouldNotRun);
+  ExitRecord r = Record();
+  EXPECT_EQ(r.exit_code, kCouldNotRunExitCode);
+  EXPECT_EQ(r.error, "swtpm failed to start: it exited with code 1 before creating its control socket " + Socket() +
+                         " (its output is in supervisor.log)");
+  EXPECT_EQ(ReadFile(Out()), "") << "QEMU must not have run";
+  EXPECT_FALSE(Exists(state_ / kPidFile));
+
+  const pid_t missing = Spawn(TpmArgv(Shell("echo ran"), "/nonexistent/swtpm"));
+  ExpectSupervisorExit(missing, kExitCouldNotRun);
+  EXPECT_EQ(Record().error, "swtpm failed to start: exec /nonexistent/swtpm: No such file or directory");
+  EXPECT_EQ(ReadFile(Out()), "");
+}
+
+TEST_F(SwtpmTest, AnSwtpmThatNeverListensIsKilledAfterTheTimeout) {
+  // Runs, but never creates the socket; the supervisor gives up after 5 s.
+  const std::string fake = logs_ / "swtpm";
+  { std::ofstream(fake) << "#!/bin/sh\nexec sleep 600\n"; }
+  ASSERT_EQ(::chmod(fake.c_str(), 0755), 0);
+  const pid_t sup = Spawn(TpmArgv(Shell("echo ran"), fake));
+  ExpectSupervisorExit(sup, kExitCouldNotRun);
+  EXPECT_EQ(Record().error, "swtpm failed to start: no control socket " + Socket() + " after 5000 ms");
+  EXPECT_EQ(ReadFile(Out()), "");
+  EXPECT_THAT(ProcessesWithArg(TpmStateArg()), ::testing::IsEmpty()) << "the stuck swtpm was left running";
+}
+
+TEST_F(SwtpmTest, BadSwtpmOptionsAreUsageErrors) {
+  const std::vector<std::string> base = {kSupervisor, "--state-dir", state_.path(), "--stdout", Out(),
+                                         "--stderr", Err()};
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"--swtpm", kSwtpm, "--", "/bin/true"}, "--swtpm, --swtpm-state and --swtpm-socket go together"},
+      {{"--swtpm", kSwtpm, "--swtpm-state", "/a,b", "--swtpm-socket", "/s", "--", "/bin/true"},
+       "swtpm path \"/a,b\" contains a comma"},
+      {{"--swtpm", kSwtpm, "--swtpm-state", "/a", "--swtpm-socket", "/" + std::string(120, 's'), "--", "/bin/true"},
+       "is longer than a unix socket path can be"},
+  };
+  for (const auto& [extra, message] : cases) {
+    SCOPED_TRACE(message);
+    std::vector<std::string> argv = base;
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    const pid_t sup = Spawn(argv);
+    ExpectSupervisorExit(sup, kExitUsage);
+    EXPECT_TRUE(LogContains(message)) << ReadFile(Log());
+  }
+}
+
+TEST_F(SwtpmTest, SwtpmRunsAsQemusUserInQemusCgroupWithoutItsFds) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to switch users and make cgroups";
+  const std::string cgroup = "/sys/fs/cgroup/memory/ndq-swtpm-test-" + std::to_string(::getpid());
+  if (::mkdir(cgroup.c_str(), 0755) != 0) GTEST_SKIP() << "no writable v1 memory hierarchy: " << std::strerror(errno);
+  // The plugin's part: the TPM directory belongs to the VM's user.
+  ASSERT_EQ(::chown(tpm_.path().c_str(), 65534, 65534), 0);
+  const std::string go = tpm_ / "go";  // where the "QEMU", as nobody, can reach it
+  ASSERT_EQ(::mkfifo(go.c_str(), 0666), 0);
+  Placement placement;
+  placement.cgroup_procs = {cgroup + "/cgroup.procs"};
+  placement.swtpm_path = kSwtpm;
+  placement.swtpm_state_dir = tpm_.path();
+  placement.swtpm_socket = Socket();
+  const pid_t sup = Spawn(SupervisorArgv(kSupervisor, state_.path(), Out(), Err(), "nobody",
+                                         Shell("test -S " + Socket() + " && read line < " + go), placement));
+  ASSERT_GT(WaitQemuPid(), 0);
+  const pid_t swtpm = WaitSwtpmPid();
+  ASSERT_GT(swtpm, 0);
+  EXPECT_THAT(ProcStatus(swtpm, "Uid"), StartsWith("65534\t65534\t65534"));
+  EXPECT_THAT(ReadFile("/proc/" + std::to_string(swtpm) + "/cgroup"),
+              HasSubstr(cgroup.substr(std::strlen("/sys/fs/cgroup/memory")) + "\n"));
+  struct stat st {};
+  ASSERT_EQ(::stat(Socket().c_str(), &st), 0);
+  EXPECT_EQ(st.st_uid, 65534u);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  // 0-2 and swtpm's own; nothing of the supervisor's or the job's outputs.
+  for (const std::string& fd : ListDir("/proc/" + std::to_string(swtpm) + "/fd")) {
+    std::error_code ec;
+    const std::string target = std::filesystem::read_symlink("/proc/" + std::to_string(swtpm) + "/fd/" + fd, ec);
+    EXPECT_NE(target, Out());
+    EXPECT_NE(target, Err());
+  }
+
+  int writer = -1;
+  ASSERT_TRUE(WaitFor([&] { return (writer = ::open(go.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC)) >= 0; }));
+  ASSERT_EQ(::write(writer, "go\n", 3), 3);
+  ::close(writer);
+  ExpectSupervisorExit(sup, kExitOk);
+  EXPECT_EQ(Record().exit_code, 0) << Record().error;
+  EXPECT_THAT(Swtpms(), ::testing::IsEmpty());
+  EXPECT_TRUE(WaitFor([&] { return ::rmdir(cgroup.c_str()) == 0; })) << std::strerror(errno);
+}
+
+TEST_F(SwtpmTest, KillingTheSupervisorKillsSwtpm) {
+  const pid_t sup = Spawn(TpmArgv(Shell("exec sleep 30")));
+  ASSERT_GT(WaitQemuPid(), 0);
+  const pid_t swtpm = WaitSwtpmPid();
+  ASSERT_GT(swtpm, 0);
+  const int swtpm_fd = PidfdOpen(swtpm);
+  ASSERT_GE(swtpm_fd, 0);
+  ASSERT_EQ(::kill(sup, SIGKILL), 0);
+  EXPECT_TRUE(WaitPidfd(swtpm_fd, kTimeout)) << "swtpm outlived its supervisor";
+  ::close(swtpm_fd);
+  EXPECT_TRUE(WaitFor([&] { return Swtpms().empty(); }));
+}
+
+// Writes one QMP command to `fd` and returns the reply line that carries
+// "return" or "error" (events before it are skipped); "" on timeout.
+std::string QmpCommand(int fd, const std::string& command) {
+  const std::string line = command + "\n";
+  if (::write(fd, line.data(), line.size()) != static_cast<ssize_t>(line.size())) return "";
+  std::string buffer;
+  const auto deadline = Clock::now() + kQemuTimeout;
+  while (Clock::now() < deadline) {
+    for (size_t nl; (nl = buffer.find('\n')) != std::string::npos; buffer.erase(0, nl + 1)) {
+      const std::string reply = buffer.substr(0, nl);
+      if (reply.find("\"return\"") != std::string::npos || reply.find("\"error\"") != std::string::npos) return reply;
+    }
+    pollfd p = {fd, POLLIN, 0};
+    if (::poll(&p, 1, 1000) <= 0) continue;
+    char buf[4096];
+    const ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n <= 0) return "";
+    buffer.append(buf, static_cast<size_t>(n));
+  }
+  return "";
+}
+
+// The real pair: a paused TCG QEMU with a TIS TPM on swtpm's socket.
+TEST_F(SwtpmTest, RealQemuGetsItsTpmAndSwtpmEndsWithIt) {
+  if (::access(kQemu, X_OK) != 0) GTEST_SKIP() << kQemu << " not installed";
+  const std::string qmp = state_ / "qmp.sock";
+  const pid_t sup = Spawn(TpmArgv({kQemu, "-machine", "accel=tcg", "-S", "-nodefaults", "-display", "none",
+                                   "-qmp", "unix:" + qmp + ",server=on,wait=off",
+                                   "-chardev", "socket,id=chrtpm,path=" + Socket(),
+                                   "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+                                   "-device", "tpm-tis,tpmdev=tpm0"}));
+  ASSERT_GT(WaitQemuPid(), 0);
+  const pid_t swtpm = WaitSwtpmPid();
+  ASSERT_GT(swtpm, 0);
+
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, qmp.c_str(), sizeof addr.sun_path - 1);
+  ASSERT_TRUE(WaitFor([&] { return ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0; },
+                      kQemuTimeout)) << ReadFile(Log()) << ReadFile(Err());
+  EXPECT_THAT(QmpCommand(fd, R"({"execute":"qmp_capabilities"})"), HasSubstr(R"("return": {})"));
+  const std::string tpm = QmpCommand(fd, R"({"execute":"query-tpm"})");
+  EXPECT_THAT(tpm, HasSubstr(R"("model": "tpm-tis")"));
+  EXPECT_THAT(tpm, HasSubstr(R"("type": "emulator")"));
+  EXPECT_THAT(tpm, HasSubstr(R"("id": "tpm0")"));
+  std::cout << "[ QMP      ] query-tpm: " << tpm << std::endl;
+
+  EXPECT_THAT(QmpCommand(fd, R"({"execute":"quit"})"), HasSubstr(R"("return")"));
+  ::close(fd);
+  ExpectSupervisorExit(sup, kExitOk, kQemuTimeout);
+  const ExitRecord r = Record();
+  EXPECT_EQ(r.exit_code, 0);
+  EXPECT_EQ(r.error, "");
+  EXPECT_THAT(Swtpms(), ::testing::IsEmpty());
 }
 
 // --- The plugin's side of the contract ---
