@@ -12,6 +12,10 @@ PACKAGES=(
   ovmf
   # a TPM per VM (tpm = true): the swtpm emulator the supervisor starts, and its tools
   swtpm swtpm-tools
+  # the cloud-init seed image (libisofs); the tests read it back with cloud-init's
+  # NoCloud code, and with fuseiso where the kernel has no iso9660 (cloud-init's
+  # package only adds service links: nothing starts without systemd or sysvinit)
+  libisofs-dev cloud-init fuseiso
   # the sanitizer and fuzz builds (scripts/test.sh): clang, its sanitizer
   # runtimes and libFuzzer; dpkg-dev unpacks Abseil's source for the TSan build
   clang libclang-rt-14-dev libfuzzer-14-dev dpkg-dev
