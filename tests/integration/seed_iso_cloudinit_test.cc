@@ -217,6 +217,38 @@ void ExpectCloudInitRead(const json& got, const std::string& device, const SeedF
   EXPECT_EQ(got["network_config"], network);
 }
 
+// Meta-data made from hostile values, parsed by cloud-init's own YAML loader,
+// gives back exactly those values.
+TEST(SeedIsoCloudInitTest, HostileValuesSurviveCloudInitsYaml) {
+  const std::vector<std::string> values = {
+      "a: b", "- [x, {y: z}]", "# comment", "\"quoted\" 'single' \\back", "line\nbreak\r\ttab",
+      "*alias &anchor !tag %directive @ `", "caf\xc3\xa9 \xe2\x80\xa8 \xc2\x85 \xf0\x9f\x98\x80", "", " ", "null",
+      "~", "true", "0x10", "1e3", "---", "..."};
+  testing::TempDir work;
+  ASSERT_FALSE(work.path().empty());
+  json documents = json::array();
+  for (size_t i = 0; i < values.size(); ++i) {
+    std::string path = work / ("meta-data-" + std::to_string(i));
+    std::ofstream(path) << DefaultMetaData(values[i], values[values.size() - 1 - i], {"ssh-rsa AAAA " + values[i]});
+    documents.push_back(path);
+  }
+  { std::ofstream(work / "load.py") << "import json, sys\nfrom cloudinit import util\n"
+                                       "print(json.dumps([util.load_yaml(util.load_file(p)) for p in sys.argv[1:]]))\n"; }
+  std::vector<std::string> argv = {"/usr/bin/python3", work / "load.py"};
+  for (const auto& path : documents) argv.push_back(path);
+  absl::StatusOr<std::string> out = RunOk(argv);
+  ASSERT_TRUE(out.ok()) << out.status();
+  json loaded = json::parse(*out, nullptr, /*allow_exceptions=*/false);
+  ASSERT_TRUE(loaded.is_array()) << *out;
+  ASSERT_EQ(loaded.size(), values.size());
+  for (size_t i = 0; i < values.size(); ++i) {
+    json expected = {{"instance-id", values[i]},
+                     {"local-hostname", values[values.size() - 1 - i]},
+                     {"public-keys", {"ssh-rsa AAAA " + values[i]}}};
+    EXPECT_EQ(loaded[i], expected) << "value " << i;
+  }
+}
+
 TEST(SeedIsoCloudInitTest, NoCloudReadsTheSeed) {
   ASSERT_EQ(::geteuid(), 0u) << "this test attaches a loop device and mounts it: run it as root";
   ASSERT_EQ(::access("/dev/loop-control", F_OK), 0) << "no /dev/loop-control: this host has no loop devices";
