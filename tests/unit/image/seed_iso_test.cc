@@ -138,9 +138,19 @@ TEST(SeedIsoTest, WritesAnIso9660VolumeNamedCidata) {
   EXPECT_EQ(pvd.substr(1, 5), "CD001");
   EXPECT_EQ(pvd[6], '\x01');
   EXPECT_EQ(pvd.substr(40, 32), "cidata" + std::string(26, ' '));
-  // The contents are stored as given (the names are checked by the kernel in
-  // the integration test).
+  // The contents are stored as given.
   EXPECT_NE(image.find("#cloud-config\nruncmd: [echo, hi]\n"), std::string::npos);
+  // Each exact name is there twice: as a Rock Ridge NM entry (what Linux's
+  // isofs shows; length 5 + name, version 1, no flags) and as a Joliet name
+  // (UCS-2, big-endian). The integration test reads them through a mount.
+  for (const std::string name : {"user-data", "meta-data", "network-config"}) {
+    std::string nm = std::string("NM") + static_cast<char>(5 + name.size()) + std::string("\x01\x00", 2) + name;
+    EXPECT_NE(image.find(nm), std::string::npos) << name;
+    std::string joliet;
+    for (char c : name) joliet += std::string(1, '\0') + c;
+    EXPECT_NE(image.find(joliet), std::string::npos) << name;
+  }
+  EXPECT_EQ(image.find("vendor-data"), std::string::npos);  // not given, not written
   EXPECT_EQ(Entries(dir.path()), std::vector<std::string>{"seed.iso"});
   struct stat st {};
   ASSERT_EQ(::stat(path.c_str(), &st), 0);
