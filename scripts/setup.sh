@@ -23,6 +23,11 @@ PACKAGES=(
   iproute2
   # the test guest (tests/fixtures/build-test-guest.sh)
   busybox-static syslinux syslinux-common mtools dosfstools cpio
+  # its ISO (xorriso, isolinux) and UEFI (systemd-boot's EFI stub, objcopy)
+  # variants; the signed shim and GRUB it downloads itself, never installs
+  xorriso isolinux systemd-boot-efi binutils
+  # UEFI / Secure Boot firmware and the TPM emulator, for those guests
+  ovmf swtpm swtpm-tools
 )
 
 missing=()
