@@ -26,8 +26,6 @@ PACKAGES=(
   # its ISO (xorriso, isolinux) and UEFI (systemd-boot's EFI stub, objcopy)
   # variants; the signed shim and GRUB it downloads itself, never installs
   xorriso isolinux systemd-boot-efi binutils
-  # UEFI / Secure Boot firmware and the TPM emulator, for those guests
-  ovmf swtpm swtpm-tools
 )
 
 missing=()

@@ -85,7 +85,7 @@ void ConfigReader::WrongType(absl::string_view field, absl::string_view want, co
 }
 
 void ConfigReader::AddProblem(absl::string_view field, absl::string_view problem) {
-  problems_.push_back(absl::StrCat("\"", field, "\" ", problem));
+  problems_.push_back(absl::StrCat("\"", prefix_, field, "\" ", problem));
 }
 
 std::optional<std::string> ConfigReader::String(absl::string_view field) {
@@ -170,6 +170,45 @@ std::optional<std::map<std::string, int64_t>> ConfigReader::IntegerMapList(absl:
   }
   if (!ok) return std::nullopt;
   return out;
+}
+
+std::optional<ConfigReader> ConfigReader::Block(absl::string_view field) {
+  const nlohmann::json* value = Find(field);
+  if (value == nullptr) return std::nullopt;
+  const nlohmann::json* map = value;
+  if (value->is_array() && value->size() == 1) map = &(*value)[0];
+  if (!map->is_object()) {
+    WrongType(field, "a block", *value);
+    return std::nullopt;
+  }
+  ConfigReader nested(*map, what_);
+  nested.prefix_ = absl::StrCat(prefix_, field, ".");
+  return nested;
+}
+
+std::vector<ConfigReader> ConfigReader::BlockList(absl::string_view field) {
+  std::vector<ConfigReader> blocks;
+  const nlohmann::json* value = Find(field);
+  if (value == nullptr) return blocks;
+  nlohmann::json list = value->is_object() ? nlohmann::json::array({*value}) : *value;
+  if (!list.is_array()) {
+    WrongType(field, "a list of blocks", *value);
+    return blocks;
+  }
+  for (size_t i = 0; i < list.size(); ++i) {
+    if (!list[i].is_object()) {
+      WrongType(absl::StrCat(field, "[", i, "]"), "a block", list[i]);
+      continue;
+    }
+    ConfigReader nested(list[i], what_);
+    nested.prefix_ = absl::StrCat(prefix_, field, "[", i, "].");
+    blocks.push_back(std::move(nested));
+  }
+  return blocks;
+}
+
+void ConfigReader::Absorb(const ConfigReader& nested) {
+  problems_.insert(problems_.end(), nested.problems_.begin(), nested.problems_.end());
 }
 
 void ConfigReader::RejectUnknownFields(const std::vector<absl::string_view>& known) {

@@ -21,12 +21,12 @@ struct FirmwareFiles {
 };
 
 struct HostCapabilities {
-  std::map<std::string, std::string> emulators;                // "x86_64" -> binary path
-  std::map<std::string, std::vector<std::string>> machines;     // emulator -> machine type names
-  std::map<std::string, std::vector<std::string>> net_devices;  // emulator -> NIC device models
-  std::optional<FirmwareFiles> uefi;         // OVMF, no Secure Boot
-  std::optional<FirmwareFiles> secure_boot;  // OVMF's secboot code, Microsoft keys enrolled
-  std::string swtpm;                         // swtpm binary; empty: no TPM on this host
+  std::map<std::string, std::string> emulators = {};                // "x86_64" -> binary path
+  std::map<std::string, std::vector<std::string>> machines = {};     // emulator -> machine type names
+  std::map<std::string, std::vector<std::string>> net_devices = {};  // emulator -> NIC device models
+  std::optional<FirmwareFiles> uefi = {};         // OVMF, no Secure Boot
+  std::optional<FirmwareFiles> secure_boot = {};  // OVMF's secboot code, Microsoft keys enrolled
+  std::string swtpm = {};                         // swtpm binary; empty: no TPM on this host
 };
 
 }  // namespace ndq

@@ -55,26 +55,14 @@ FetchOptions OptionsFor(const PluginConfig& plugin, const LocalOpener& open_loca
   return options;
 }
 
-// The task config field that names sources[i] (image_source first, then image_sources).
-std::string SourceField(const TaskConfig& config, size_t i) {
-  if (config.image_source) {
-    if (i == 0) return "image_source";
-    --i;
-  }
-  return absl::StrCat("image_sources[", i, "]");
-}
-
 // Admits every local source before anything else happens, so a refused one
 // is answered with admission's own error (it names nothing but the job's
 // path) instead of after the cache's lock, and nothing of it is read.
-absl::Status AdmitLocalSources(const TaskConfig& config, const std::vector<std::string>& sources,
-                               const LocalOpener& open_local) {
+absl::Status AdmitLocalSources(const SourceRequest& request, const LocalOpener& open_local) {
   if (!open_local) return absl::OkStatus();
   std::vector<std::pair<std::string, std::string>> local;  // (field, source)
-  for (size_t i = 0; i < sources.size(); ++i) {
-    local.emplace_back(SourceField(config, i), sources[i]);
-  }
-  if (config.checksum_url) local.emplace_back("checksum_url", *config.checksum_url);
+  for (size_t i = 0; i < request.sources.size(); ++i) local.emplace_back(request.fields[i], request.sources[i]);
+  if (request.checksum_url) local.emplace_back("checksum_url", *request.checksum_url);
   for (const auto& [field, source] : local) {
     std::optional<absl::StatusOr<std::string>> path = LocalSourcePath(source);
     if (!path) continue;  // a network source
@@ -120,7 +108,7 @@ absl::StatusOr<Checksum> ChecksumFromUrl(const std::string& checksum_url, const 
 
 // PrepareTaskDisk's arguments, for the steps it takes.
 struct DiskRequest {
-  const TaskConfig& config;
+  const SourceRequest& config;
   const std::vector<std::string>& sources;
   const std::string& task_dir;
   const PluginConfig& plugin;
@@ -134,7 +122,14 @@ struct DiskRequest {
 // The checksum the image must have: the task config's checksum, or the entry
 // in checksum_url's file; none when the plugin allows unverified images.
 absl::StatusOr<std::optional<Checksum>> ExpectedChecksum(const DiskRequest& req) {
-  if (req.config.checksum) return std::optional<Checksum>(*ParseChecksum(*req.config.checksum));
+  if (req.config.checksum) {
+    absl::StatusOr<Checksum> parsed = ParseChecksum(*req.config.checksum);
+    if (!parsed.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("task config \"", req.config.checksum_field, "\": ", parsed.status().message()));
+    }
+    return std::optional<Checksum>(*parsed);
+  }
   if (!req.config.checksum_url) return std::optional<Checksum>();
   absl::StatusOr<Checksum> fetched = ChecksumFromUrl(*req.config.checksum_url, req.sources.front(), req.plugin,
                                                      ScratchDir(req.cache), req.open_local, req.cancelled);
@@ -154,7 +149,7 @@ std::string CacheKey(const std::optional<Checksum>& checksum, const std::string&
 // `checksum`) unless the cache holds it already.
 absl::StatusOr<CachedImage> AcquireImage(const DiskRequest& req, const std::optional<Checksum>& checksum) {
   const DiskEventSink& events = req.events;
-  FetchOptions options = OptionsFor(req.plugin, req.open_local, "image_source", req.cancelled);
+  FetchOptions options = OptionsFor(req.plugin, req.open_local, req.config.fields.front(), req.cancelled);
   ImageCache::Downloader download = [&](const std::string& source,
                                         const std::string& dest) -> absl::StatusOr<int64_t> {
     events("Downloading image", {{"source", source}});
@@ -177,18 +172,20 @@ absl::StatusOr<CachedImage> AcquireImage(const DiskRequest& req, const std::opti
   acquire.cancelled = req.cancelled;
   absl::StatusOr<CachedImage> cached = req.cache.Acquire(CacheKey(checksum, req.sources.front()), req.sources, download, acquire);
   if (!cached.ok()) {
-    return absl::Status(cached.status().code(), absl::StrCat("task config \"image_source\": ", cached.status().message()));
+    return absl::Status(cached.status().code(),
+                        absl::StrCat("task config \"", req.config.fields.front(), "\": ", cached.status().message()));
   }
   if (cached->hit) events("Image cache hit", {{"image", cached->path}});
   return cached;
 }
 
 // The task config's image_format, or else the format probed from the image.
-absl::StatusOr<std::string> ImageFormat(const TaskConfig& config, const std::string& image) {
-  if (config.image_format) return *config.image_format;
+absl::StatusOr<std::string> ImageFormat(const SourceRequest& config, const std::string& image) {
+  if (config.format) return *config.format;
   absl::StatusOr<std::string> format = ProbeStandaloneFormat(image);
   if (!format.ok()) {
-    return absl::Status(format.status().code(), absl::StrCat("task config \"image_source\": ", format.status().message()));
+    return absl::Status(format.status().code(),
+                        absl::StrCat("task config \"", config.fields.front(), "\": ", format.status().message()));
   }
   return format;
 }
@@ -206,34 +203,95 @@ absl::Status OverlayFailure(const std::string& message) {
 
 // Creates disk->overlay in the task dir: a qcow2 file backed by the cached image.
 absl::Status CreateOverlay(const DiskRequest& req, TaskDisk* disk) {
-  constexpr char kOverlayName[] = "image-overlay.qcow2";
-  disk->overlay = req.task_dir + "/" + kOverlayName;
-  const std::string qemu_img = FindOnPath("qemu-img");
-  if (qemu_img.empty()) return absl::FailedPreconditionError("qemu-img is not on PATH (package qemu-utils)");
-  // The task dir is the job's to write: whatever it left under the overlay's
-  // name (a link to a host file, say) is removed, not followed, and the file
-  // is created afresh here; qemu-img then writes through our open file.
-  UniqueFd dir(::open(req.task_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!dir.valid()) return absl::InternalError(absl::StrCat("cannot open task dir ", req.task_dir, ": ", std::strerror(errno)));
-  ::unlinkat(dir.get(), kOverlayName, 0);
-  UniqueFd overlay(::openat(dir.get(), kOverlayName, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
-  if (!overlay.valid()) {
-    return absl::InternalError(absl::StrCat("cannot create ", disk->overlay, ": ", std::strerror(errno)));
-  }
-  std::vector<std::string> argv = {qemu_img, "create", "-q", "-f", "qcow2", "-F", disk->format, "-b", disk->cached_image,
-                                   absl::StrCat("/proc/", ::getpid(), "/fd/", overlay.get())};
-  if (req.config.disk_size) argv.push_back(std::to_string(*ParseSize(*req.config.disk_size)));
-  absl::StatusOr<CommandResult> created = RunCommand(argv, timeouts::kOverlayCreate);
-  if (!created.ok() || created->exit_code != 0) {
-    ::unlinkat(dir.get(), kOverlayName, 0);
-    return OverlayFailure(absl::StrCat("cannot create the task's disk on ", disk->cached_image, ": ",
-                                       created.ok() ? created->output : std::string(created.status().message())));
-  }
+  disk->overlay = req.task_dir + "/" + req.config.overlay_name;
+  absl::Status created = CreateOverlayIn(req.task_dir, req.config.overlay_name, disk->cached_image, disk->format,
+                                         req.config.size);
+  if (!created.ok()) return created;
   req.events("Task disk created", {{"overlay", disk->overlay}, {"backing", disk->cached_image}});
   return absl::OkStatus();
 }
 
 }  // namespace
+
+absl::Status CreateOverlayIn(const std::string& task_dir, const std::string& name, const std::string& backing,
+                             const std::string& backing_format, std::optional<int64_t> size) {
+  const std::string path = task_dir + "/" + name;
+  const std::string qemu_img = FindOnPath("qemu-img");
+  if (qemu_img.empty()) return absl::FailedPreconditionError("qemu-img is not on PATH (package qemu-utils)");
+  // The task dir is the job's to write: whatever it left under the overlay's
+  // name (a link to a host file, say) is removed, not followed, and the file
+  // is created afresh here; qemu-img then writes through our open file.
+  UniqueFd dir(::open(task_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir.valid()) return absl::InternalError(absl::StrCat("cannot open task dir ", task_dir, ": ", std::strerror(errno)));
+  ::unlinkat(dir.get(), name.c_str(), 0);
+  UniqueFd overlay(::openat(dir.get(), name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
+  if (!overlay.valid()) return absl::InternalError(absl::StrCat("cannot create ", path, ": ", std::strerror(errno)));
+  std::vector<std::string> argv = {qemu_img, "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", backing};
+  // With a size given, -u: qemu-img does not open the backing file at all.
+  if (size) argv.push_back("-u");
+  argv.push_back(absl::StrCat("/proc/", ::getpid(), "/fd/", overlay.get()));
+  if (size) argv.push_back(std::to_string(*size));
+  absl::StatusOr<CommandResult> created = RunCommand(argv, timeouts::kOverlayCreate);
+  if (!created.ok() || created->exit_code != 0) {
+    ::unlinkat(dir.get(), name.c_str(), 0);
+    return OverlayFailure(absl::StrCat("cannot create the task's disk on ", backing, ": ",
+                                       created.ok() ? created->output : std::string(created.status().message())));
+  }
+  return absl::OkStatus();
+}
+
+SourceRequest BootSourceRequest(const TaskConfig& config, const std::vector<std::string>& sources) {
+  SourceRequest request;
+  request.sources = sources;
+  for (size_t i = 0; i < sources.size(); ++i) {
+    const bool named = config.image_source.has_value();
+    request.fields.push_back(named && i == 0 ? std::string("image_source")
+                                             : absl::StrCat("image_sources[", named ? i - 1 : i, "]"));
+  }
+  request.checksum = config.checksum;
+  request.checksum_url = config.checksum_url;
+  request.format = config.image_format;
+  if (config.disk_size) {
+    if (absl::StatusOr<int64_t> size = ParseSize(*config.disk_size); size.ok()) request.size = *size;
+  }
+  return request;
+}
+
+absl::Status CheckSourceRequest(const SourceRequest& request, const PluginConfig& plugin) {
+  absl::StatusOr<NetworkSourcePolicy> policy = NetworkSourcePolicy::Create(plugin.image_source_allowlist);
+  if (!policy.ok()) return policy.status();
+  // Network sources outside the operator's allowlist are refused here, before
+  // any I/O; the fetcher checks again (and every redirect, and the address).
+  auto check = [&](const std::string& field, const std::string& url) -> absl::Status {
+    if (!SupportedSource(url)) {
+      return absl::InvalidArgumentError(absl::StrCat("task config \"", field, "\": unsupported URL \"", url,
+                                                     "\" (use http://, https://, file:// or an absolute path)"));
+    }
+    if (!IsNetworkSource(url)) return absl::OkStatus();
+    absl::StatusOr<std::string> admitted = policy->Admit(url);
+    if (admitted.ok()) return absl::OkStatus();
+    return absl::Status(admitted.status().code(), absl::StrCat("task config \"", field, "\": ", admitted.status().message()));
+  };
+  for (size_t i = 0; i < request.sources.size(); ++i) {
+    if (absl::Status s = check(request.fields[i], request.sources[i]); !s.ok()) return s;
+  }
+  if (request.checksum && request.checksum_url) {
+    return absl::InvalidArgumentError("task config: set one of \"checksum\" and \"checksum_url\", not both");
+  }
+  if (request.checksum) {
+    absl::StatusOr<Checksum> parsed = ParseChecksum(*request.checksum);
+    if (!parsed.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("task config \"", request.checksum_field, "\": ", parsed.status().message()));
+    }
+  } else if (!request.checksum_url && !plugin.allow_unverified_images) {
+    return absl::InvalidArgumentError(absl::StrCat("task config \"", request.checksum_field, "\": required for ",
+                                                   request.fields.front(),
+                                                   "; the plugin config does not set allow_unverified_images"));
+  }
+  if (request.checksum_url) return check("checksum_url", *request.checksum_url);
+  return absl::OkStatus();
+}
 
 absl::StatusOr<std::vector<std::string>> ImageSources(const TaskConfig& config, const PluginConfig& plugin) {
   std::vector<std::string> sources;
@@ -246,56 +304,22 @@ absl::StatusOr<std::vector<std::string>> ImageSources(const TaskConfig& config, 
   if (config.image_path) {
     return absl::InvalidArgumentError("task config: set exactly one of \"image_path\" and \"image_source\", not both");
   }
-  absl::StatusOr<NetworkSourcePolicy> policy = NetworkSourcePolicy::Create(plugin.image_source_allowlist);
-  if (!policy.ok()) return policy.status();
-  // Network sources outside the operator's allowlist are refused here, before
-  // any I/O; the fetcher checks again (and every redirect, and the address).
-  auto check_network = [&](const std::string& field, const std::string& url) -> absl::Status {
-    if (!IsNetworkSource(url)) return absl::OkStatus();
-    absl::StatusOr<std::string> admitted = policy->Admit(url);
-    if (admitted.ok()) return absl::OkStatus();
-    return absl::Status(admitted.status().code(),
-                        absl::StrCat("task config \"", field, "\": ", admitted.status().message()));
-  };
-  for (size_t i = 0; i < sources.size(); ++i) {
-    const std::string& source = sources[i];
-    const std::string field = SourceField(config, i);
-    if (!SupportedSource(source)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "task config \"", field, "\": unsupported URL \"", source, "\" (use http://, https://, file:// or an absolute path)"));
-    }
-    if (absl::Status s = check_network(field, source); !s.ok()) return s;
-  }
-  if (config.checksum && config.checksum_url) {
-    return absl::InvalidArgumentError("task config: set one of \"checksum\" and \"checksum_url\", not both");
-  }
-  if (config.checksum) {
-    absl::StatusOr<Checksum> parsed = ParseChecksum(*config.checksum);
-    if (!parsed.ok()) return absl::InvalidArgumentError(absl::StrCat("task config \"checksum\": ", parsed.status().message()));
-  } else if (!config.checksum_url && !plugin.allow_unverified_images) {
-    return absl::InvalidArgumentError(
-        "task config \"checksum\": required for image_source (or checksum_url); the plugin config does not set "
-        "allow_unverified_images");
-  }
-  if (config.checksum_url && !SupportedSource(*config.checksum_url)) {
-    return absl::InvalidArgumentError(absl::StrCat("task config \"checksum_url\": unsupported URL \"", *config.checksum_url, "\""));
-  }
-  if (config.checksum_url) {
-    if (absl::Status s = check_network("checksum_url", *config.checksum_url); !s.ok()) return s;
-  }
   if (config.disk_size) {
     absl::StatusOr<int64_t> size = ParseSize(*config.disk_size);
     if (!size.ok()) return absl::InvalidArgumentError(absl::StrCat("task config \"disk_size\": ", size.status().message()));
   }
+  if (absl::Status checked = CheckSourceRequest(BootSourceRequest(config, sources), plugin); !checked.ok()) {
+    return checked;
+  }
   return sources;
 }
 
-absl::StatusOr<TaskDisk> PrepareTaskDisk(const TaskConfig& config, const std::vector<std::string>& sources,
-                                         const std::string& task_dir, const PluginConfig& plugin, ImageCache& cache,
-                                         const DiskEventSink& events, const LocalOpener& open_local,
-                                         const std::function<bool()>& cancelled, const std::string& lease) {
-  const DiskRequest req{config, sources, task_dir, plugin, cache, events, open_local, cancelled, lease};
-  if (absl::Status admitted = AdmitLocalSources(config, sources, open_local); !admitted.ok()) return admitted;
+absl::StatusOr<TaskDisk> PrepareTaskDisk(const SourceRequest& request, const std::string& task_dir,
+                                         const PluginConfig& plugin, ImageCache& cache, const DiskEventSink& events,
+                                         const LocalOpener& open_local, const std::function<bool()>& cancelled,
+                                         const std::string& lease) {
+  const DiskRequest req{request, request.sources, task_dir, plugin, cache, events, open_local, cancelled, lease};
+  if (absl::Status admitted = AdmitLocalSources(request, open_local); !admitted.ok()) return admitted;
   absl::StatusOr<std::optional<Checksum>> checksum = ExpectedChecksum(req);
   if (!checksum.ok()) return checksum.status();
   absl::StatusOr<CachedImage> cached = AcquireImage(req, *checksum);
@@ -304,11 +328,23 @@ absl::StatusOr<TaskDisk> PrepareTaskDisk(const TaskConfig& config, const std::ve
   TaskDisk disk;
   disk.cached_image = cached->path;
   disk.cache_hit = cached->hit;
-  absl::StatusOr<std::string> format = ImageFormat(config, cached->path);
+  absl::StatusOr<std::string> format = ImageFormat(request, cached->path);
   if (!format.ok()) return format.status();
   disk.format = *std::move(format);
+  if (request.overlay_name.empty()) {
+    disk.overlay = cached->path;
+    return disk;
+  }
   if (absl::Status created = CreateOverlay(req, &disk); !created.ok()) return created;
   return disk;
+}
+
+absl::StatusOr<TaskDisk> PrepareTaskDisk(const TaskConfig& config, const std::vector<std::string>& sources,
+                                         const std::string& task_dir, const PluginConfig& plugin, ImageCache& cache,
+                                         const DiskEventSink& events, const LocalOpener& open_local,
+                                         const std::function<bool()>& cancelled, const std::string& lease) {
+  return PrepareTaskDisk(BootSourceRequest(config, sources), task_dir, plugin, cache, events, open_local, cancelled,
+                         lease);
 }
 
 }  // namespace ndq

@@ -17,11 +17,40 @@
 namespace ndq {
 
 struct TaskDisk {
-  std::string overlay;       // the task's disk, in its task dir
+  std::string overlay;       // the task's disk, in its task dir (the cached image when no overlay was asked for)
   std::string cached_image;  // the shared, read-only backing image
   std::string format;        // of the cached image
   bool cache_hit = false;
 };
+
+// Images to fetch through the verified cache for one drive, and the task
+// config fields they came from (for messages): the boot disk's image_source
+// and mirrors, a disk block's image_source, cdrom_source.
+struct SourceRequest {
+  std::vector<std::string> sources;
+  std::vector<std::string> fields;  // fields[i] names sources[i]
+  std::optional<std::string> checksum;
+  std::string checksum_field = "checksum";
+  std::optional<std::string> checksum_url;  // the boot disk only
+  std::optional<std::string> format;        // the image's format; probed when unset
+  std::optional<int64_t> size;              // grow the overlay to this many bytes
+  // The task's overlay on the cached image (in the task dir); empty: the
+  // cached image itself is the drive, read-only (a CD-ROM).
+  std::string overlay_name = "image-overlay.qcow2";
+};
+
+// Creates `task_dir/name` afresh (whatever the job left there is removed,
+// never followed): a qcow2 overlay on `backing`, grown to `size` if given.
+absl::Status CreateOverlayIn(const std::string& task_dir, const std::string& name, const std::string& backing,
+                             const std::string& backing_format, std::optional<int64_t> size);
+
+// The boot disk's request: image_source, then image_sources.
+SourceRequest BootSourceRequest(const TaskConfig& config, const std::vector<std::string>& sources);
+
+// Checks a request without any I/O: URL schemes, network URLs against the
+// plugin's image_source_allowlist, the checksum's form, and a checksum
+// required unless the operator allows unverified images.
+absl::Status CheckSourceRequest(const SourceRequest& request, const PluginConfig& plugin);
 
 // Checks the image options of `config` without any I/O: exactly one of
 // image_path and image_source(s), URL schemes, network URLs (sources and
@@ -44,6 +73,11 @@ using LocalOpener = std::function<absl::StatusOr<int>(const std::string& field, 
 // empty) aborts downloads once it says true (Cancelled, nothing left behind).
 // `lease` (a task key) leases the cached image to the task (ImageCache::Release
 // ends it), so no eviction removes it while the task may use it.
+absl::StatusOr<TaskDisk> PrepareTaskDisk(const SourceRequest& request, const std::string& task_dir,
+                                         const PluginConfig& plugin, ImageCache& cache, const DiskEventSink& events,
+                                         const LocalOpener& open_local = {},
+                                         const std::function<bool()>& cancelled = {}, const std::string& lease = "");
+// The boot disk's: BootSourceRequest(config, sources).
 absl::StatusOr<TaskDisk> PrepareTaskDisk(const TaskConfig& config, const std::vector<std::string>& sources,
                                          const std::string& task_dir, const PluginConfig& plugin, ImageCache& cache,
                                          const DiskEventSink& events, const LocalOpener& open_local = {},

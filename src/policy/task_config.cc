@@ -5,6 +5,108 @@
 namespace ndq {
 
 namespace hs = nomadplugin::hclspec;
+using nomadplugin::ConfigReader;
+
+namespace {
+
+hs::Spec CloudInitSpec() {
+  return hs::Object({
+      {"user_data", hs::Attr("user_data", "string")},
+      {"user_data_file", hs::Attr("user_data_file", "string")},
+      {"meta_data", hs::Attr("meta_data", "string")},
+      {"meta_data_file", hs::Attr("meta_data_file", "string")},
+      {"network_config", hs::Attr("network_config", "string")},
+      {"network_config_file", hs::Attr("network_config_file", "string")},
+      {"vendor_data", hs::Attr("vendor_data", "string")},
+      {"vendor_data_file", hs::Attr("vendor_data_file", "string")},
+      {"ssh_authorized_keys", hs::Attr("ssh_authorized_keys", "list(string)")},
+  });
+}
+
+hs::Spec DiskSpec() {
+  return hs::Object({
+      {"image_path", hs::Attr("image_path", "string")},
+      {"image_source", hs::Attr("image_source", "string")},
+      {"checksum", hs::Attr("checksum", "string")},
+      {"size", hs::Attr("size", "string")},
+      {"format", hs::Attr("format", "string")},
+      {"interface", hs::Attr("interface", "string")},
+      {"cache", hs::Attr("cache", "string")},
+      {"discard", hs::Attr("discard", "string")},
+      {"serial", hs::Attr("serial", "string")},
+      {"readonly", hs::Attr("readonly", "bool")},
+  });
+}
+
+// Names of an Object spec's attributes, for reject_unknown.
+std::vector<absl::string_view> Names(const hs::Spec& spec) {
+  std::vector<absl::string_view> names;
+  for (const auto& [name, unused] : spec.object().attributes()) names.push_back(name);
+  return names;
+}
+
+CloudInitConfig DecodeCloudInit(ConfigReader& r) {
+  CloudInitConfig c;
+  c.user_data = r.String("user_data");
+  c.user_data_file = r.String("user_data_file");
+  c.meta_data = r.String("meta_data");
+  c.meta_data_file = r.String("meta_data_file");
+  c.network_config = r.String("network_config");
+  c.network_config_file = r.String("network_config_file");
+  c.vendor_data = r.String("vendor_data");
+  c.vendor_data_file = r.String("vendor_data_file");
+  c.ssh_authorized_keys = r.StringList("ssh_authorized_keys").value_or(std::vector<std::string>{});
+  return c;
+}
+
+DiskConfig DecodeDisk(ConfigReader& r) {
+  DiskConfig d;
+  d.image_path = r.String("image_path");
+  d.image_source = r.String("image_source");
+  d.checksum = r.String("checksum");
+  d.size = r.String("size");
+  d.format = r.String("format");
+  d.interface = r.String("interface");
+  d.cache = r.String("cache");
+  d.discard = r.String("discard");
+  d.serial = r.String("serial");
+  d.readonly = r.Bool("readonly").value_or(false);
+  return d;
+}
+
+// The blocks: cloud_init and disk.
+void DecodeBlocks(ConfigReader& reader, bool reject_unknown, TaskConfig& config) {
+  if (std::optional<ConfigReader> block = reader.Block("cloud_init")) {
+    if (reject_unknown) block->RejectUnknownFields(Names(CloudInitSpec()));
+    config.cloud_init = DecodeCloudInit(*block);
+    reader.Absorb(*block);
+  }
+  for (ConfigReader& block : reader.BlockList("disk")) {
+    if (reject_unknown) block.RejectUnknownFields(Names(DiskSpec()));
+    config.disks.push_back(DecodeDisk(block));
+    reader.Absorb(block);
+  }
+}
+
+void DecodeHardware(ConfigReader& r, TaskConfig& c) {
+  c.disk_interface = r.String("disk_interface");
+  c.disk_cache = r.String("disk_cache");
+  c.disk_discard = r.String("disk_discard");
+  c.kernel = r.String("kernel");
+  c.initrd = r.String("initrd");
+  c.kernel_cmdline = r.String("kernel_cmdline");
+  c.cdrom = r.String("cdrom");
+  c.cdrom_source = r.String("cdrom_source");
+  c.cdrom_checksum = r.String("cdrom_checksum");
+  c.boot_order = r.String("boot_order");
+  c.net_device = r.String("net_device");
+  c.mac_address = r.String("mac_address");
+  c.firmware = r.String("firmware");
+  c.secure_boot = r.Bool("secure_boot").value_or(false);
+  c.tpm = r.Bool("tpm").value_or(false);
+}
+
+}  // namespace
 
 nomadplugin::hclspec::Spec TaskConfigSpec() {
   // image_path is optional here, unlike Nomad's driver, because image_source
@@ -27,6 +129,23 @@ nomadplugin::hclspec::Spec TaskConfigSpec() {
       {"guest_agent", hs::Attr("guest_agent", "bool")},
       {"args", hs::Attr("args", "list(string)")},
       {"port_map", hs::Attr("port_map", "list(map(number))")},
+      {"disk_interface", hs::Attr("disk_interface", "string")},
+      {"disk_cache", hs::Attr("disk_cache", "string")},
+      {"disk_discard", hs::Attr("disk_discard", "string")},
+      {"disk", hs::BlockList("disk", DiskSpec())},
+      {"cloud_init", hs::Block("cloud_init", false, CloudInitSpec())},
+      {"kernel", hs::Attr("kernel", "string")},
+      {"initrd", hs::Attr("initrd", "string")},
+      {"kernel_cmdline", hs::Attr("kernel_cmdline", "string")},
+      {"cdrom", hs::Attr("cdrom", "string")},
+      {"cdrom_source", hs::Attr("cdrom_source", "string")},
+      {"cdrom_checksum", hs::Attr("cdrom_checksum", "string")},
+      {"boot_order", hs::Attr("boot_order", "string")},
+      {"net_device", hs::Attr("net_device", "string")},
+      {"mac_address", hs::Attr("mac_address", "string")},
+      {"firmware", hs::Attr("firmware", "string")},
+      {"secure_boot", hs::Attr("secure_boot", "bool")},
+      {"tpm", hs::Attr("tpm", "bool")},
   });
 }
 
@@ -35,10 +154,7 @@ absl::StatusOr<TaskConfig> DecodeTaskConfig(const std::string& msgpack, bool rej
       nomadplugin::ConfigReader::FromMsgpack(msgpack, "task config");
   if (!reader.ok()) return reader.status();
   if (reject_unknown) {
-    const nomadplugin::hclspec::Spec spec = TaskConfigSpec();
-    std::vector<absl::string_view> known;
-    for (const auto& [name, unused] : spec.object().attributes()) known.push_back(name);
-    reader->RejectUnknownFields(known);
+    reader->RejectUnknownFields(Names(TaskConfigSpec()));
   }
   TaskConfig config;
   config.image_path = reader->String("image_path");
@@ -58,6 +174,8 @@ absl::StatusOr<TaskConfig> DecodeTaskConfig(const std::string& msgpack, bool rej
   config.guest_agent = reader->Bool("guest_agent").value_or(false);
   config.args = reader->StringList("args").value_or(std::vector<std::string>{});
   config.port_map = reader->IntegerMapList("port_map").value_or(std::map<std::string, int64_t>{});
+  DecodeHardware(*reader, config);
+  DecodeBlocks(*reader, reject_unknown, config);
   if (absl::Status status = reader->status(); !status.ok()) return status;
   return config;
 }

@@ -14,6 +14,32 @@
 
 namespace ndq {
 
+// cloud_init { ... }: a NoCloud seed the driver builds for the guest. Each
+// document is given inline or as a file (`*_file`, admitted like any file
+// the job names), not both.
+struct CloudInitConfig {
+  std::optional<std::string> user_data, user_data_file;
+  std::optional<std::string> meta_data, meta_data_file;
+  std::optional<std::string> network_config, network_config_file;
+  std::optional<std::string> vendor_data, vendor_data_file;
+  std::vector<std::string> ssh_authorized_keys;
+};
+
+// disk { ... }: one more drive. From image_path, image_source (+ checksum),
+// or neither: a blank disk of `size` in the task dir.
+struct DiskConfig {
+  std::optional<std::string> image_path;
+  std::optional<std::string> image_source;
+  std::optional<std::string> checksum;
+  std::optional<std::string> size;
+  std::optional<std::string> format;
+  std::optional<std::string> interface;
+  std::optional<std::string> cache;
+  std::optional<std::string> discard;
+  std::optional<std::string> serial;
+  bool readonly = false;
+};
+
 struct TaskConfig {
   std::optional<std::string> image_path;
   std::optional<std::string> image_source;
@@ -39,6 +65,29 @@ struct TaskConfig {
   std::vector<std::string> args;
   // port label -> guest port
   std::map<std::string, int64_t> port_map;
+
+  // The boot disk's drive options (drive_interface stays as an alias).
+  std::optional<std::string> disk_interface;
+  std::optional<std::string> disk_cache;
+  std::optional<std::string> disk_discard;
+  std::vector<DiskConfig> disks;  // `disk` blocks, in order
+  std::optional<CloudInitConfig> cloud_init;
+  // Direct kernel boot.
+  std::optional<std::string> kernel;
+  std::optional<std::string> initrd;
+  std::optional<std::string> kernel_cmdline;
+  // A CD-ROM: a local ISO, or one downloaded through the verified cache.
+  std::optional<std::string> cdrom;
+  std::optional<std::string> cdrom_source;
+  std::optional<std::string> cdrom_checksum;
+  std::optional<std::string> boot_order;  // "disk" or "cdrom"
+  // The NIC.
+  std::optional<std::string> net_device;
+  std::optional<std::string> mac_address;
+  // Firmware and security devices.
+  std::optional<std::string> firmware;  // "bios" or "uefi"
+  bool secure_boot = false;
+  bool tpm = false;
 };
 
 nomadplugin::hclspec::Spec TaskConfigSpec();

@@ -19,36 +19,72 @@ std::string EscapeQemuOptionValue(const std::string& value) { return absl::StrRe
 
 namespace {
 
-// The QEMU node name of disk layer `i` (0 is the image the guest sees).
-std::string DiskNodeName(size_t i) { return i == 0 ? "image0" : absl::StrCat("image0-b", i); }
+// The QEMU node name of layer `i` of drive `base` (0 is what the guest sees).
+std::string NodeName(const std::string& base, size_t i) { return i == 0 ? base : absl::StrCat(base, "-b", i); }
 
-// Each disk layer is an fd set QEMU got from the driver (-add-fd), a file
-// node reading it (/dev/fdset/N) and a format node on top, with the backing
-// chain linked explicitly, so QEMU never opens an image by name. Defined
-// bottom-up, as a node must exist before another names it.
-void AppendDisk(const VmSpec& spec, std::vector<std::string>& argv) {
-  const auto esc = EscapeQemuOptionValue;
-  for (size_t i = spec.disk.size(); i-- > 0;) {
-    const DiskNode& node = spec.disk[i];
-    const std::string set = absl::StrCat(i + 1);
-    const std::string name = DiskNodeName(i);
-    const std::string read_only = node.read_only ? ",read-only=on" : "";
-    std::string format = absl::StrCat("driver=", esc(node.format), ",node-name=", name, ",file=", name, "-file");
-    if (i + 1 < spec.disk.size()) absl::StrAppend(&format, ",backing=", DiskNodeName(i + 1));
-    absl::StrAppend(&format, read_only);
-    argv.insert(argv.end(), {"-add-fd", absl::StrCat("fd=", node.fd, ",set=", set), "-blockdev",
-                             absl::StrCat("driver=file,node-name=", name, "-file,filename=/dev/fdset/", set, read_only),
-                             "-blockdev", format});
+// Node options for a Packer-style cache mode and a discard mode, set on every
+// node of a chain (-blockdev nodes do not inherit them).
+std::string NodeTuning(const std::string& cache, const std::string& discard) {
+  std::string out;
+  if (cache == "none" || cache == "directsync") out += ",cache.direct=on";
+  if (cache == "unsafe") out += ",cache.no-flush=on";
+  if (!discard.empty()) absl::StrAppend(&out, ",discard=", EscapeQemuOptionValue(discard));
+  return out;
+}
+
+// Device options for the guest-visible side of the same modes.
+std::string DeviceTuning(const std::string& cache, const std::string& serial, int boot_index) {
+  std::string out;
+  if (cache == "writethrough" || cache == "directsync") out += ",write-cache=off";
+  if (!serial.empty()) absl::StrAppend(&out, ",serial=", EscapeQemuOptionValue(serial));
+  if (boot_index > 0) absl::StrAppend(&out, ",bootindex=", boot_index);
+  return out;
+}
+
+// Writes -add-fd and -blockdev nodes for a chain, bottom layer first.
+class NodeWriter {
+ public:
+  explicit NodeWriter(std::vector<std::string>& argv) : argv_(argv) {}
+
+  // Each layer is an fd set QEMU got from the driver (-add-fd), a file node
+  // reading it (/dev/fdset/N) and a format node on top, with the backing
+  // chain linked explicitly, so QEMU never opens an image by name. Defined
+  // bottom-up, as a node must exist before another names it.
+  void Chain(const std::string& base, const std::vector<DiskNode>& nodes, const std::string& tuning) {
+    const auto esc = EscapeQemuOptionValue;
+    // Fd set numbers follow the chain top first, continuing after earlier chains.
+    const size_t first_set = sets_ + 1;
+    sets_ += nodes.size();
+    for (size_t i = nodes.size(); i-- > 0;) {
+      const DiskNode& node = nodes[i];
+      const std::string set = absl::StrCat(first_set + i);
+      const std::string name = NodeName(base, i);
+      const std::string read_only = node.read_only ? ",read-only=on" : "";
+      std::string format = absl::StrCat("driver=", esc(node.format), ",node-name=", name, ",file=", name, "-file");
+      if (i + 1 < nodes.size()) absl::StrAppend(&format, ",backing=", NodeName(base, i + 1));
+      absl::StrAppend(&format, read_only, tuning);
+      argv_.insert(argv_.end(), {"-add-fd", absl::StrCat("fd=", node.fd, ",set=", set), "-blockdev",
+                                 absl::StrCat("driver=file,node-name=", name, "-file,filename=/dev/fdset/", set,
+                                              read_only, tuning),
+                                 "-blockdev", format});
+    }
   }
-  if (spec.disk.empty()) return;
-  // What -drive if=X would have attached, as devices taking the node.
+
+ private:
+  std::vector<std::string>& argv_;
+  size_t sets_ = 0;
+};
+
+// What -drive if=X would have attached for the boot disk, as devices taking the node.
+void AppendBootDevice(const VmSpec& spec, std::vector<std::string>& argv) {
   const std::string& iface = spec.drive_interface;
+  const std::string tuning = DeviceTuning(spec.boot_cache, "", spec.boot_index);
   if (iface == "ide") {
-    argv.insert(argv.end(), {"-device", "ide-hd,drive=image0"});
+    argv.insert(argv.end(), {"-device", "ide-hd,drive=image0" + tuning});
   } else if (iface == "virtio") {
-    argv.insert(argv.end(), {"-device", "virtio-blk,drive=image0"});
+    argv.insert(argv.end(), {"-device", "virtio-blk,drive=image0" + tuning});
   } else if (iface == "scsi") {
-    argv.insert(argv.end(), {"-device", "lsi53c895a,id=scsi0", "-device", "scsi-hd,drive=image0,bus=scsi0.0"});
+    argv.insert(argv.end(), {"-device", "lsi53c895a,id=scsi0", "-device", "scsi-hd,drive=image0,bus=scsi0.0" + tuning});
   } else if (iface == "floppy") {
     argv.insert(argv.end(), {"-device", "floppy,drive=image0"});
   } else if (iface == "sd") {
@@ -59,6 +95,72 @@ void AppendDisk(const VmSpec& spec, std::vector<std::string>& argv) {
   // "none": the job attaches image0 itself through args (-device ...,drive=image0).
 }
 
+// The device that shows a planned drive to the guest.
+void AppendDriveDevice(const Drive& drive, bool* scsi_controller, std::vector<std::string>& argv) {
+  const std::string tail = absl::StrCat("drive=", drive.id, DeviceTuning(drive.cache, drive.serial, drive.boot_index));
+  if (drive.media == DriveMedia::kCdrom) {
+    argv.insert(argv.end(), {"-device", "ide-cd," + tail});
+  } else if (drive.interface == "virtio") {
+    argv.insert(argv.end(), {"-device", "virtio-blk-pci," + tail});
+  } else if (drive.interface == "ide") {
+    argv.insert(argv.end(), {"-device", "ide-hd," + tail});
+  } else if (drive.interface == "nvme") {
+    argv.insert(argv.end(), {"-device", "nvme," + tail});
+  } else if (drive.interface == "scsi") {
+    if (!*scsi_controller) argv.insert(argv.end(), {"-device", "virtio-scsi-pci,id=vscsi0"});
+    *scsi_controller = true;
+    argv.insert(argv.end(), {"-device", "scsi-hd,bus=vscsi0.0," + tail});
+  }
+}
+
+void AppendDrives(const VmSpec& spec, std::vector<std::string>& argv) {
+  NodeWriter nodes(argv);
+  nodes.Chain("image0", spec.disk, NodeTuning(spec.boot_cache, spec.boot_discard));
+  if (!spec.disk.empty()) AppendBootDevice(spec, argv);
+  bool scsi_controller = false;
+  for (const Drive& drive : spec.drives) {
+    if (drive.nodes.empty()) continue;  // not opened: nothing to attach
+    nodes.Chain(drive.id, drive.nodes, NodeTuning(drive.cache, drive.discard));
+    AppendDriveDevice(drive, &scsi_controller, argv);
+  }
+  // UEFI: the firmware's code (read-only) and the task's own variable store
+  // are pflash nodes like any disk, named by the machine's pflash0/pflash1.
+  const Firmware& fw = spec.firmware;
+  if (fw.uefi && fw.code_fd >= 0 && fw.vars_fd >= 0) {
+    nodes.Chain("fw-code", {DiskNode{"raw", true, fw.code_fd}}, "");
+    nodes.Chain("fw-vars", {DiskNode{"raw", false, fw.vars_fd}}, "");
+    if (fw.secure_boot) argv.insert(argv.end(), {"-global", "driver=cfi.pflash01,property=secure,value=on"});
+  }
+}
+
+// QEMU opens -kernel and -initrd by name: it gets the admitted files as
+// /proc/self/fd/N, which reopens exactly the inode the driver checked.
+void AppendKernel(const KernelBoot& boot, std::vector<std::string>& argv) {
+  if (boot.kernel.empty() || boot.kernel_fd < 0) return;
+  argv.insert(argv.end(), {"-kernel", absl::StrCat("/proc/self/fd/", boot.kernel_fd)});
+  if (boot.initrd_fd >= 0) argv.insert(argv.end(), {"-initrd", absl::StrCat("/proc/self/fd/", boot.initrd_fd)});
+  if (!boot.cmdline.empty()) argv.insert(argv.end(), {"-append", boot.cmdline});
+}
+
+// swtpm's socket; CRB is the interface q35 guests (Windows 11) expect.
+void AppendTpm(const VmSpec& spec, const RuntimePaths& paths, std::vector<std::string>& argv) {
+  if (!spec.tpm) return;
+  const bool q35 = spec.machine_type == "q35" || spec.machine_type.rfind("pc-q35-", 0) == 0;
+  argv.insert(argv.end(), {"-chardev", absl::StrCat("socket,id=tpm0-chr,path=", EscapeQemuOptionValue(paths.tpm_socket)),
+                           "-tpmdev", "emulator,id=tpm0,chardev=tpm0-chr", "-device",
+                           q35 ? "tpm-crb,tpmdev=tpm0" : "tpm-tis,tpmdev=tpm0"});
+}
+
+// The -machine value: type and accelerator, plus what UEFI and Secure Boot need.
+std::string MachineOption(const VmSpec& spec) {
+  const auto esc = EscapeQemuOptionValue;
+  std::string out = absl::StrCat("type=", esc(spec.machine_type), ",accel=", esc(spec.accelerator));
+  const Firmware& fw = spec.firmware;
+  if (fw.uefi && fw.code_fd >= 0 && fw.vars_fd >= 0) out += ",pflash0=fw-code,pflash1=fw-vars";
+  if (fw.secure_boot) out += ",smm=on";
+  return out;
+}
+
 }  // namespace
 
 std::vector<std::string> BuildQemuArgv(const VmSpec& spec, const RuntimePaths& paths) {
@@ -66,7 +168,7 @@ std::vector<std::string> BuildQemuArgv(const VmSpec& spec, const RuntimePaths& p
   std::vector<std::string> argv = {
       spec.emulator_path,
       "-machine",
-      absl::StrCat("type=", esc(spec.machine_type), ",accel=", esc(spec.accelerator)),
+      MachineOption(spec),
       // guest= spelled out: "-name a=b" would read "a" as a key and fail.
       "-name",
       absl::StrCat("guest=", esc(spec.name)),
@@ -77,7 +179,8 @@ std::vector<std::string> BuildQemuArgv(const VmSpec& spec, const RuntimePaths& p
   if (spec.cpus > 0 && !ArgsUseOption(spec.args, "smp")) {
     argv.insert(argv.end(), {"-smp", absl::StrCat(spec.cpus)});
   }
-  AppendDisk(spec, argv);
+  AppendDrives(spec, argv);
+  AppendKernel(spec.kernel, argv);
   argv.push_back("-nographic");
   if (spec.sandbox) {
     // QEMU's seccomp filter: no obsolete syscalls, no setuid/setgid or
@@ -99,6 +202,7 @@ std::vector<std::string> BuildQemuArgv(const VmSpec& spec, const RuntimePaths& p
                 {"-chardev", absl::StrCat("socket,path=", esc(paths.guest_agent_socket), ",server=on,wait=off,id=qga0"),
                  "-device", "virtio-serial", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"});
   }
+  AppendTpm(spec, paths, argv);
   argv.insert(argv.end(), spec.args.begin(), spec.args.end());
 
   std::vector<std::string> netdev;
@@ -107,11 +211,13 @@ std::vector<std::string> BuildQemuArgv(const VmSpec& spec, const RuntimePaths& p
     netdev.push_back(absl::StrCat("hostfwd=", esc(forward.protocol), ":", esc(forward.host_ip), ":", forward.host_port,
                                   "-:", forward.guest_port));
   }
-  // Without forwards or DNS settings QEMU's default network is left alone, as
-  // in Nomad's driver.
-  if (!netdev.empty()) {
-    argv.insert(argv.end(), {"-netdev", absl::StrCat("user,id=user.0,", absl::StrJoin(netdev, ",")), "-device",
-                             "virtio-net,netdev=user.0"});
+  // Without any network option QEMU's default network is left alone, as in
+  // Nomad's driver.
+  if (!netdev.empty() || spec.own_nic) {
+    std::string nic = absl::StrCat(spec.net_device.empty() ? "virtio-net" : esc(spec.net_device), ",netdev=user.0");
+    if (!spec.mac_address.empty()) absl::StrAppend(&nic, ",mac=", esc(spec.mac_address));
+    argv.insert(argv.end(), {"-netdev", absl::StrCat("user,id=user.0", netdev.empty() ? "" : ",", absl::StrJoin(netdev, ",")),
+                             "-device", nic});
   }
   if (spec.accelerator == "kvm") argv.push_back("-enable-kvm");
   return argv;

@@ -13,6 +13,7 @@ namespace ndq {
 struct RuntimePaths {
   std::string qmp_socket;          // always opened when set
   std::string guest_agent_socket;  // used when spec.guest_agent
+  std::string tpm_socket = {};     // swtpm's control socket, used when spec.tpm
 };
 
 // A value for QEMU's comma-separated key=value syntax: each ',' is doubled so
@@ -25,8 +26,10 @@ std::string EscapeQemuOptionValue(const std::string& value);
 //   -m <MB>M [-smp <cpus>]
 //   [-add-fd fd=<n>,set=<k> -blockdev <file node> -blockdev <format node>]... (bottom layer first)
 //   [-device <disk device for drive_interface>,drive=image0]
+//   [the same for each drive: disks, CD-ROM, seed] [UEFI pflash nodes]
+//   [-kernel /proc/self/fd/N [-initrd ...] [-append ...]] [TPM]
 //   -nographic [-sandbox on,...] [-chardev ...qmp0 -mon chardev=qmp0,mode=control]
-//   [guest agent channel] <args...> [-netdev user,... -device virtio-net,...]
+//   [guest agent channel] <args...> [-netdev user,... -device <net_device>,...,mac=...]
 //   [-enable-kvm]
 std::vector<std::string> BuildQemuArgv(const VmSpec& spec, const RuntimePaths& paths);
 

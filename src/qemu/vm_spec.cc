@@ -14,6 +14,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "policy/allowlist.h"
+#include "qemu/hardware_plan.h"
 
 namespace ndq {
 namespace {
@@ -37,12 +38,6 @@ constexpr int64_t kMinMemoryMb = 128;
 constexpr int64_t kMaxMemoryMb = 4000000;
 // Far above any real CPU number; keeps a hostile cpuset from meaning much.
 constexpr int kMaxCpuId = 1 << 16;
-
-std::string Quoted(absl::string_view s) { return absl::StrCat("\"", s, "\""); }
-
-std::string QuotedList(const std::vector<std::string>& items) {
-  return absl::StrJoin(items, ", ", [](std::string* out, const std::string& s) { out->append(Quoted(s)); });
-}
 
 // Nomad treats an empty string like an unset option.
 std::string OrDefault(const std::optional<std::string>& value, const char* fallback) {
@@ -157,7 +152,11 @@ void PlanImage(const TaskConfig& config, const PreparedImage* prepared, VmSpec& 
     problems.push_back("task config \"checksum\": only checks image_source downloads; it is not used with image_path");
   }
   if (!config.image_path.has_value()) {
-    problems.push_back("task config \"image_path\" must be set");
+    if (BootsWithoutImage(config)) {
+      if (config.image_format) problems.push_back("task config \"image_format\": the task has no image_path");
+      return;
+    }
+    problems.push_back("task config \"image_path\" must be set (or boot from cdrom, cdrom_source or kernel)");
     return;
   }
   if (config.image_path->empty()) {
@@ -169,9 +168,9 @@ void PlanImage(const TaskConfig& config, const PreparedImage* prepared, VmSpec& 
   if (config.image_format.has_value()) spec.image_format = *config.image_format;
 }
 
-void PlanEmulator(const TaskConfig& config, const PluginConfig& plugin,
-                  const std::map<std::string, std::string>& emulators, VmSpec& spec,
+void PlanEmulator(const TaskConfig& config, const PluginConfig& plugin, const HostCapabilities& host, VmSpec& spec,
                   std::vector<std::string>& problems) {
+  const std::map<std::string, std::string>& emulators = host.emulators;
   // "qemu-system-x86_64" is accepted as Nomad 1.11.1 required the full name.
   const std::string given = OrDefault(config.emulator, kDefaultEmulator);
   absl::string_view name = given;
@@ -194,20 +193,43 @@ void PlanEmulator(const TaskConfig& config, const PluginConfig& plugin,
   spec.emulator_path = it->second;
 }
 
-void PlanMachine(const TaskConfig& config, VmSpec& spec, std::vector<std::string>& problems) {
+// The boot disk's interface: drive_interface, or its newer name disk_interface.
+std::string BootInterface(const TaskConfig& config, std::vector<std::string>& problems) {
+  if (config.disk_interface && config.drive_interface && *config.disk_interface != *config.drive_interface) {
+    problems.push_back("task config: \"disk_interface\" and its alias \"drive_interface\" disagree; set one");
+  }
+  return OrDefault(config.disk_interface ? config.disk_interface : config.drive_interface, kDefaultDriveInterface);
+}
+
+// A machine the emulator does not list is refused here rather than by QEMU.
+void CheckMachineOffered(const HostCapabilities& host, const VmSpec& spec, std::vector<std::string>& problems) {
+  const auto machines = host.machines.find(spec.emulator);
+  if (machines == host.machines.end() || machines->second.empty()) return;
+  if (std::find(machines->second.begin(), machines->second.end(), spec.machine_type) != machines->second.end()) return;
+  problems.push_back(absl::StrCat("task config \"machine_type\": ", Quoted(spec.machine_type),
+                                  " is not a machine of qemu-system-", spec.emulator,
+                                  " on this client (see the node attribute driver.qemu.machines)"));
+}
+
+void PlanMachine(const TaskConfig& config, const HostCapabilities& host, VmSpec& spec,
+                 std::vector<std::string>& problems) {
   spec.accelerator = OrDefault(config.accelerator, kDefaultAccelerator);
   if (std::find(Accelerators().begin(), Accelerators().end(), spec.accelerator) == Accelerators().end()) {
     problems.push_back(absl::StrCat("task config \"accelerator\": ", Quoted(spec.accelerator),
                                     " is not supported; use one of ", absl::StrJoin(Accelerators(), ", ")));
   }
-  spec.machine_type = OrDefault(config.machine_type, kDefaultMachineType);
+  // Secure Boot planned q35 already when the job named no machine.
+  const std::string planned = spec.machine_type.empty() ? kDefaultMachineType : spec.machine_type;
+  spec.machine_type = OrDefault(config.machine_type, planned.c_str());
   if (absl::StripAsciiWhitespace(spec.machine_type).empty()) {
     problems.push_back("task config \"machine_type\" must not be blank");
   } else if (spec.machine_type.find(',') != std::string::npos) {
     problems.push_back(absl::StrCat("task config \"machine_type\": ", Quoted(spec.machine_type),
                                     " must be a machine name only (no commas); use args for machine properties"));
+  } else {
+    CheckMachineOffered(host, spec, problems);
   }
-  spec.drive_interface = OrDefault(config.drive_interface, kDefaultDriveInterface);
+  spec.drive_interface = BootInterface(config, problems);
   if (std::find(DriveInterfaces().begin(), DriveInterfaces().end(), spec.drive_interface) == DriveInterfaces().end()) {
     problems.push_back(absl::StrCat("task config \"drive_interface\": ", Quoted(spec.drive_interface),
                                     " is not supported; use one of ", absl::StrJoin(DriveInterfaces(), ", ")));
@@ -217,6 +239,9 @@ void PlanMachine(const TaskConfig& config, VmSpec& spec, std::vector<std::string
     problems.push_back(
         "task config \"drive_interface\": \"mtd\" cannot take the image the driver opens for QEMU; use \"none\" "
         "and attach it with args if the plugin's args_allowlist permits");
+  } else if (spec.drive_interface == "pflash" && spec.firmware.uefi) {
+    problems.push_back("task config \"drive_interface\": \"pflash\" is where the UEFI firmware goes; not with "
+                       "firmware = \"uefi\"");
   }
 }
 
@@ -316,7 +341,7 @@ absl::StatusOr<int> CountCpuset(const std::string& cpuset) {
     int first = 0, last = 0;
     if (!ParseCpuId(bounds[0], &first) || !ParseCpuId(bounds.back(), &last) || first > last) {
       return absl::InvalidArgumentError(
-          absl::StrCat(Quoted(part), " in ", Quoted(cpuset), " is not a CPU number or range like 0-3"));
+          absl::StrCat(Quoted(std::string(part)), " in ", Quoted(cpuset), " is not a CPU number or range like 0-3"));
     }
     ranges.emplace(first, last);
   }
@@ -331,12 +356,13 @@ absl::StatusOr<int> CountCpuset(const std::string& cpuset) {
 }
 
 absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config, const TaskRequest& task, const PluginConfig& plugin,
-                              const std::map<std::string, std::string>& emulators, const PreparedImage* prepared) {
+                              const HostCapabilities& host, const PreparedImage* prepared) {
   VmSpec spec;
   std::vector<std::string> problems;
   PlanImage(config, prepared, spec, problems);
-  PlanEmulator(config, plugin, emulators, spec, problems);
-  PlanMachine(config, spec, problems);
+  PlanEmulator(config, plugin, host, spec, problems);
+  PlanFirmware(config, host, spec, problems);
+  PlanMachine(config, host, spec, problems);
   PlanResources(task.resources, spec, problems);
   PlanSize(config, spec, problems);
   if (absl::Status args = CheckArgsAllowed(config.args, plugin.args_allowlist); !args.ok()) {
@@ -345,6 +371,9 @@ absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config, const TaskRequest& task,
   spec.args = config.args;
   PlanPortForwards(config, task, spec, problems);
   PlanDns(task, spec, problems);
+  PlanNic(config, task, host, spec, problems);
+  PlanKernel(config, spec, problems);
+  PlanDrives(config, plugin, spec, problems);
   spec.name = task.identity.name;
   spec.graceful_shutdown = config.graceful_shutdown;
   spec.guest_agent = config.guest_agent;

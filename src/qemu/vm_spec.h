@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "host/capabilities.h"
 #include "policy/plugin_config.h"
 #include "policy/task_config.h"
 #include "policy/task_request.h"
@@ -36,6 +37,60 @@ struct DiskNode {
   bool read_only = true;
   int fd = -1;  // the descriptor's number in QEMU's process
   bool operator==(const DiskNode& o) const { return format == o.format && read_only == o.read_only && fd == o.fd; }
+};
+
+// Where a drive's file comes from. Planning only checks and records this;
+// the start's media stage makes or fetches the file, and the open-disks stage
+// admits and opens it like the boot image.
+enum class DriveOrigin {
+  kJobFile,   // a path the job names (admitted at start)
+  kDownload,  // urls + checksum, through the verified image cache
+  kBlank,     // a sparse disk of size_bytes the driver creates in the task dir
+  kSeed,      // the cloud-init seed the driver builds
+};
+
+struct DriveSource {
+  DriveOrigin origin = DriveOrigin::kJobFile;
+  std::string field;  // the task config field it came from, for messages
+  std::string path;   // kJobFile: the job's path
+  std::vector<std::string> urls;  // kDownload: tried in order
+  std::string checksum;           // kDownload: "sha256:..." (empty: unverified)
+  std::string format;             // empty: probed
+  int64_t size_bytes = 0;         // kBlank: its size; kDownload/kJobFile: grow an overlay to it
+};
+
+enum class DriveMedia { kDisk, kCdrom };
+
+// A drive other than the boot disk: a `disk` block, the CD-ROM or the seed.
+struct Drive {
+  std::string id;  // QEMU node name: "disk1".., "cdrom0", "seed0"
+  DriveMedia media = DriveMedia::kDisk;
+  std::string interface;  // virtio, scsi, ide or nvme (a CD-ROM: ide)
+  std::string cache;      // Packer's disk_cache values; empty: QEMU's default (writeback)
+  std::string discard;    // "unmap", "ignore"; empty: QEMU's default
+  std::string serial;
+  bool read_only = false;
+  int boot_index = 0;  // 1 boots first; 0: not a boot device
+  DriveSource source;
+  std::vector<DiskNode> nodes;  // the opened file and its chain, top first (filled at start)
+};
+
+// Direct kernel boot: the files are admitted and handed over as fds;
+// QEMU reads them through /proc/self/fd (it opens -kernel by name).
+struct KernelBoot {
+  std::string kernel;  // as the job wrote it
+  std::string initrd;
+  std::string cmdline;
+  int kernel_fd = -1;  // the descriptors' numbers in QEMU's process
+  int initrd_fd = -1;
+};
+
+struct Firmware {
+  bool uefi = false;
+  bool secure_boot = false;
+  FirmwareFiles files;  // the host's OVMF code and vars template
+  int code_fd = -1;     // filled at start: the code (read-only) and the task's own vars
+  int vars_fd = -1;
 };
 
 struct VmSpec {
@@ -66,6 +121,21 @@ struct VmSpec {
   // proxy address; queries still go to the host's resolvers). They are kept
   // here so the caller can tell the operator they were ignored.
   std::vector<std::string> ignored_dns_servers;
+
+  // The boot disk's tuning (disk_cache, disk_discard) and boot index.
+  std::string boot_cache;
+  std::string boot_discard;
+  int boot_index = 0;
+  std::vector<Drive> drives;  // `disk` blocks in order, then the CD-ROM, then the seed
+  KernelBoot kernel;           // kernel empty: the firmware boots a drive
+  // The NIC: model and MAC (always set; stable per alloc and task unless the
+  // job gives one). QEMU's default NIC is left alone when the job sets no
+  // network option at all, as in Nomad's driver.
+  std::string net_device;
+  std::string mac_address;
+  bool own_nic = false;  // the driver attaches the NIC (forwards, DNS, net_device or mac_address set)
+  Firmware firmware;
+  bool tpm = false;
 };
 
 // Checks everything and applies Nomad's defaults (emulator x86_64, accelerator
@@ -79,10 +149,13 @@ struct PreparedImage {
   std::string path;
   std::string format;  // empty: probed at start
 };
-absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config,
-                              const TaskRequest& task,
-                              const PluginConfig& plugin, const std::map<std::string, std::string>& emulators,
-                              const PreparedImage* prepared = nullptr);
+absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config, const TaskRequest& task, const PluginConfig& plugin,
+                              const HostCapabilities& host, const PreparedImage* prepared = nullptr);
+
+// The MAC a task gets when its job names none: locally administered,
+// unicast, and the same for the same alloc and task, so a restarted task
+// keeps its address.
+std::string StableMacAddress(const std::string& alloc_id, const std::string& task_name);
 
 // Number of CPUs in a cpuset list such as "0-3,8,10-11" (7); empty is 0.
 absl::StatusOr<int> CountCpuset(const std::string& cpuset);

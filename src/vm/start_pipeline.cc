@@ -22,6 +22,7 @@
 #include "base/timeouts.h"
 #include "host/process_watch.h"
 #include "image/task_disk.h"
+#include "vm/start_media.h"
 #include "nomadplugin/hclog.h"
 #include "qemu/cmdline.h"
 #include "qemu_driver/supervisor_protocol.h"
@@ -52,10 +53,25 @@ struct AdmittedImage {
   AdmissionScope scope;
 };
 
-// The image and every file of its chain, open; QEMU gets these fds.
+// Every file QEMU gets, open, in the order it receives them (fd 3, 4, ...),
+// and where each went: the boot chain, each drive's chain, the kernel and
+// initrd, the firmware.
 struct OpenDisks {
-  std::vector<DiskLayer> layers;
-  std::vector<DiskNode> nodes;  // how QEMU reaches each layer (fd numbers)
+  std::vector<UniqueFd> fds;
+  std::vector<DiskNode> boot;
+  std::vector<std::vector<DiskNode>> drives;  // one per spec.drives
+  int kernel_fd = -1, initrd_fd = -1, code_fd = -1, vars_fd = -1;
+
+  // Hands `fd` to QEMU; returns its number there.
+  int Pass(UniqueFd fd) {
+    fds.push_back(std::move(fd));
+    return supervisor::kFirstPassedFd + static_cast<int>(fds.size()) - 1;
+  }
+  std::vector<DiskNode> PassChain(std::vector<DiskLayer> layers) {
+    std::vector<DiskNode> nodes;
+    for (DiskLayer& layer : layers) nodes.push_back(DiskNode{layer.format, !layer.writable, Pass(std::move(layer.fd))});
+    return nodes;
+  }
 };
 
 // The VM's place on the host: state directory, sockets, cgroup, user.
@@ -65,6 +81,8 @@ struct HostPlace {
   std::string run_dir;
   std::string qemu_user;
   CgroupLimits limits;
+  std::string tpm_state_dir;  // with tpm: swtpm's state, in the task dir
+  std::string tpm_socket;     // with tpm: swtpm's control socket, in run/
 };
 
 struct Supervisor {
@@ -143,25 +161,83 @@ absl::StatusOr<AdmittedImage> AdmitImage(const TaskRequest& task, const DecodedT
   return image;
 }
 
+// --- prepare media --------------------------------------------------------------------
+
+absl::StatusOr<MediaFiles> PrepareMediaFor(const TaskRequest& task, const DecodedTask& decoded,
+                                           const PluginConfig& plugin, const VmSpec& spec, const AdmittedImage& image,
+                                           const StartDeps& deps, Rollback& rollback) {
+  const MediaContext context{task, decoded.config, plugin, image.scope, deps.cache, deps.emit, deps.cancelled,
+                             TaskKey(task.identity.id)};
+  return PrepareMedia(spec, context, rollback);
+}
+
 // --- open disks ----------------------------------------------------------------------
 
-// The image and every file its chain pulls in are admitted and opened here;
-// QEMU gets the open files, never the paths.
-absl::StatusOr<OpenDisks> OpenDisksFor(const VmSpec& spec, const AdmittedImage& image) {
-  absl::StatusOr<AdmittedFile> top = AdmitFile(image.field, spec.image_path, image.scope, FileAccess::kReadWriteIfPossible);
+// A file and every file its chain pulls in, admitted and opened.
+absl::StatusOr<std::vector<DiskLayer>> OpenChain(const std::string& field, const std::string& path,
+                                                 const std::string& format, bool read_only,
+                                                 const AdmissionScope& scope) {
+  absl::StatusOr<AdmittedFile> top =
+      AdmitFile(field, path, scope, read_only ? FileAccess::kReadOnly : FileAccess::kReadWriteIfPossible);
   if (!top.ok()) return top.status();
-  absl::StatusOr<std::vector<DiskLayer>> layers =
-      OpenImageChain(*std::move(top), spec.image_format, image.field, image.scope);
-  if (!layers.ok()) return layers.status();
-  if (static_cast<int>(layers->size()) > supervisor::kMaxPassedFds) {
-    return absl::InvalidArgumentError(absl::StrCat("task config \"", image.field, "\": the image has too many layers"));
-  }
+  return OpenImageChain(*std::move(top), format, field, scope);
+}
+
+// A file QEMU reads by name (kernel, initrd), admitted; "" stays unset.
+absl::StatusOr<int> PassFile(const std::string& field, const std::string& path, const AdmissionScope& scope,
+                             OpenDisks& disks) {
+  if (path.empty()) return -1;
+  absl::StatusOr<AdmittedFile> file = AdmitFile(field, path, scope, FileAccess::kReadOnly);
+  if (!file.ok()) return file.status();
+  return disks.Pass(std::move(file->fd));
+}
+
+// The firmware: the host's code read-only, the task's variable store read-write.
+absl::Status OpenFirmware(const VmSpec& spec, const MediaFiles& media, const AdmissionScope& task_only,
+                          OpenDisks& disks) {
+  if (!spec.firmware.uefi) return absl::OkStatus();
+  UniqueFd code(::open(spec.firmware.files.code.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!code.valid()) return ErrnoStatus("cannot open the UEFI firmware " + spec.firmware.files.code);
+  absl::StatusOr<AdmittedFile> vars = AdmitFile("firmware", media.uefi_vars, task_only, FileAccess::kReadWriteIfPossible);
+  if (!vars.ok()) return vars.status();
+  if (!vars->writable) return absl::FailedPreconditionError("the task's UEFI variable store is not writable");
+  disks.code_fd = disks.Pass(std::move(code));
+  disks.vars_fd = disks.Pass(std::move(vars->fd));
+  return absl::OkStatus();
+}
+
+// The images, every file their chains pull in, the kernel and the firmware
+// are admitted and opened here; QEMU gets the open files, never the paths.
+absl::StatusOr<OpenDisks> OpenDisksFor(const VmSpec& spec, const AdmittedImage& image, const MediaFiles& media) {
   OpenDisks disks;
-  for (size_t i = 0; i < layers->size(); ++i) {
-    disks.nodes.push_back(
-        DiskNode{(*layers)[i].format, !(*layers)[i].writable, supervisor::kFirstPassedFd + static_cast<int>(i)});
+  AdmissionScope scope = image.scope;
+  // The cached images this task leased are drive files too (read-only).
+  scope.allowed_dirs.insert(scope.allowed_dirs.end(), media.cached_images.begin(), media.cached_images.end());
+  if (!spec.image_path.empty()) {
+    absl::StatusOr<std::vector<DiskLayer>> boot = OpenChain(image.field, spec.image_path, spec.image_format, false, scope);
+    if (!boot.ok()) return boot.status();
+    disks.boot = disks.PassChain(*std::move(boot));
   }
-  disks.layers = *std::move(layers);
+  for (size_t i = 0; i < spec.drives.size(); ++i) {
+    const Drive& drive = spec.drives[i];
+    absl::StatusOr<std::vector<DiskLayer>> chain =
+        OpenChain(drive.source.field, media.drives[i].path, media.drives[i].format, drive.read_only, scope);
+    if (!chain.ok()) return chain.status();
+    disks.drives.push_back(disks.PassChain(*std::move(chain)));
+  }
+  absl::StatusOr<int> kernel = PassFile("kernel", spec.kernel.kernel, scope, disks);
+  if (!kernel.ok()) return kernel.status();
+  disks.kernel_fd = *kernel;
+  absl::StatusOr<int> initrd = PassFile("initrd", spec.kernel.initrd, scope, disks);
+  if (!initrd.ok()) return initrd.status();
+  disks.initrd_fd = *initrd;
+  const AdmissionScope task_only{scope.task_dir, scope.alloc_dir, {}};
+  if (absl::Status fw = OpenFirmware(spec, media, task_only, disks); !fw.ok()) return fw;
+  if (static_cast<int>(disks.fds.size()) > supervisor::kMaxPassedFds) {
+    return absl::InvalidArgumentError(absl::StrCat("task config: the VM's disks, their backing files, kernel and firmware "
+                                                   "come to ", disks.fds.size(), " files; at most ",
+                                                   supervisor::kMaxPassedFds, " can be passed to QEMU"));
+  }
   return disks;
 }
 
@@ -232,8 +308,36 @@ absl::Status MakeStateDir(const std::string& root, const std::string& id, const 
   return absl::OkStatus();
 }
 
-absl::StatusOr<HostPlace> PrepareHost(const TaskRequest& task, const PluginConfig& plugin,
-                                      const VmSpec& spec, const AdmittedImage& image, const StartDeps& deps,
+// swtpm keeps the TPM's state in the task dir, so it lasts as long as the
+// alloc (like the UEFI variables); its user is QEMU's. The directory is made
+// without following links and handed over through its open fd.
+absl::Status MakeTpmStateDir(const std::string& task_dir, const std::optional<passwd>& user, HostPlace& place,
+                             Rollback& rollback) {
+  UniqueFd dir(::open(task_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir.valid()) return ErrnoStatus("cannot open task dir " + task_dir);
+  const std::string path = task_dir + "/" + kTpmStateDirName;
+  // swtpm's own option syntax (dir=PATH,mode=...) cannot quote a comma.
+  if (path.find(',') != std::string::npos || place.run_dir.find(',') != std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("task config \"tpm\": the task's directory ", task_dir, " holds a comma, which swtpm cannot take"));
+  }
+  if (::mkdirat(dir.get(), kTpmStateDirName, 0700) == 0) {
+    rollback.Push([path] { ::rmdir(path.c_str()); });  // only while still empty
+  } else if (errno != EEXIST) {
+    return ErrnoStatus("cannot create " + path);
+  }
+  UniqueFd tpm(::openat(dir.get(), kTpmStateDirName, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  if (!tpm.valid()) return absl::FailedPreconditionError(absl::StrCat(path, " is not a directory the driver made"));
+  if (user && ::fchown(tpm.get(), user->pw_uid, user->pw_gid) != 0) {
+    return ErrnoStatus("cannot hand " + path + " to user " + place.qemu_user);
+  }
+  place.tpm_state_dir = path;
+  place.tpm_socket = place.run_dir + "/swtpm.sock";
+  return absl::OkStatus();
+}
+
+absl::StatusOr<HostPlace> PrepareHost(const TaskRequest& task, const PluginConfig& plugin, const VmSpec& spec,
+                                      const AdmittedImage& image, const MediaFiles& media, const StartDeps& deps,
                                       Rollback& rollback) {
   HostPlace place;
   DriverStateRecord& record = place.record;
@@ -242,7 +346,8 @@ absl::StatusOr<HostPlace> PrepareHost(const TaskRequest& task, const PluginConfi
   record.qmp_socket = place.run_dir + "/" + kQmpSocketName;
   record.guest_agent = spec.guest_agent;
   record.graceful_shutdown = spec.graceful_shutdown;
-  record.cached_image = image.cached_image;
+  if (!image.cached_image.empty()) record.cached_images.push_back(image.cached_image);
+  record.cached_images.insert(record.cached_images.end(), media.cached_images.begin(), media.cached_images.end());
   if (spec.guest_agent) record.guest_agent_socket = place.run_dir + "/qga.sock";
   if (record.qmp_socket.size() >= 100) {
     return absl::FailedPreconditionError(absl::StrCat("state_dir \"", deps.state_root, "\" is too long: QMP socket path ",
@@ -251,6 +356,9 @@ absl::StatusOr<HostPlace> PrepareHost(const TaskRequest& task, const PluginConfi
   absl::StatusOr<std::optional<passwd>> user = QemuUser(task, plugin, &place.qemu_user);
   if (!user.ok()) return user.status();
   if (absl::Status made = MakeStateDir(deps.state_root, task.identity.id, *user, place, rollback); !made.ok()) return made;
+  if (spec.tpm) {
+    if (absl::Status made = MakeTpmStateDir(task.task_dir(), *user, place, rollback); !made.ok()) return made;
+  }
 
   place.limits = PlanCgroupLimits(task, plugin);
   absl::StatusOr<std::optional<TaskCgroup>> cgroup = deps.host->CreateCgroup(
@@ -270,11 +378,21 @@ absl::StatusOr<Supervisor> Launch(const TaskRequest& task, const VmSpec& spec,
                                   OpenDisks& disks, const HostPlace& place, const std::string& netns,
                                   const StartDeps& deps, Rollback& rollback) {
   VmSpec launched = spec;
-  launched.disk = disks.nodes;
+  launched.disk = disks.boot;
+  for (size_t i = 0; i < launched.drives.size(); ++i) launched.drives[i].nodes = disks.drives[i];
+  launched.kernel.kernel_fd = disks.kernel_fd;
+  launched.kernel.initrd_fd = disks.initrd_fd;
+  launched.firmware.code_fd = disks.code_fd;
+  launched.firmware.vars_fd = disks.vars_fd;
   const DriverStateRecord& record = place.record;
   const std::vector<std::string> qemu_argv =
-      BuildQemuArgv(launched, RuntimePaths{record.qmp_socket, record.guest_agent_socket});
-  supervisor::Placement placement{record.cgroup.ProcsFiles(), netns, static_cast<int>(disks.layers.size())};
+      BuildQemuArgv(launched, RuntimePaths{record.qmp_socket, record.guest_agent_socket, place.tpm_socket});
+  supervisor::Placement placement{record.cgroup.ProcsFiles(), netns, static_cast<int>(disks.fds.size())};
+  if (spec.tpm) {
+    placement.swtpm_path = deps.capabilities.swtpm;
+    placement.swtpm_state_dir = place.tpm_state_dir;
+    placement.swtpm_socket = place.tpm_socket;
+  }
   const std::vector<std::string> argv = supervisor::SupervisorArgv(
       deps.supervisor_path, record.state_dir, task.stdout_path.empty() ? "/dev/null" : task.stdout_path,
       task.stderr_path.empty() ? "/dev/null" : task.stderr_path, place.qemu_user, qemu_argv, placement);
@@ -283,10 +401,10 @@ absl::StatusOr<Supervisor> Launch(const TaskRequest& task, const VmSpec& spec,
   Supervisor supervisor;
   supervisor.started_at = absl::Now();
   std::vector<int> image_fds;
-  for (const DiskLayer& layer : disks.layers) image_fds.push_back(layer.fd.get());
+  for (const UniqueFd& fd : disks.fds) image_fds.push_back(fd.get());
   absl::StatusOr<pid_t> pid = deps.host->SpawnSupervisor(argv, place.state_fd.get(), image_fds);
   if (!pid.ok()) return pid.status();
-  disks.layers.clear();  // QEMU holds them now; ours would only keep the files open
+  disks.fds.clear();  // QEMU holds them now; ours would only keep the files open
   supervisor.pid = *pid;
   rollback.Push([host = deps.host, pid = *pid] { host->KillSupervisor(pid); });
   supervisor.start_ticks = ProcessStartTicks(*pid).value_or(0);
@@ -392,6 +510,7 @@ const char* StartStageName(StartStage stage) {
     case StartStage::kDecode: return "decode";
     case StartStage::kAdmitImage: return "admit image";
     case StartStage::kPlanVm: return "plan VM";
+    case StartStage::kPrepareMedia: return "prepare media";
     case StartStage::kOpenDisks: return "open disks";
     case StartStage::kPrepareHost: return "prepare host";
     case StartStage::kLaunch: return "launch supervisor";
@@ -438,13 +557,18 @@ absl::StatusOr<LaunchedVm> RunStartPipeline(const TaskRequest& task, const Plugi
   });
   if (!image.ok()) return image.status();
   absl::StatusOr<VmSpec> spec = RunStage(StartStage::kPlanVm, deps, [&] {
-    return PlanVm(decoded->config, task, plugin, deps.emulators, image->prepared ? &*image->prepared : nullptr);
+    return PlanVm(decoded->config, task, plugin, deps.capabilities, image->prepared ? &*image->prepared : nullptr);
   });
   if (!spec.ok()) return spec.status();
-  absl::StatusOr<OpenDisks> disks = RunStage(StartStage::kOpenDisks, deps, [&] { return OpenDisksFor(*spec, *image); });
+  absl::StatusOr<MediaFiles> media = RunStage(StartStage::kPrepareMedia, deps, [&] {
+    return PrepareMediaFor(task, *decoded, plugin, *spec, *image, deps, rollback);
+  });
+  if (!media.ok()) return media.status();
+  absl::StatusOr<OpenDisks> disks =
+      RunStage(StartStage::kOpenDisks, deps, [&] { return OpenDisksFor(*spec, *image, *media); });
   if (!disks.ok()) return disks.status();
   absl::StatusOr<HostPlace> place = RunStage(StartStage::kPrepareHost, deps, [&] {
-    return PrepareHost(task, plugin, *spec, *image, deps, rollback);
+    return PrepareHost(task, plugin, *spec, *image, *media, deps, rollback);
   });
   if (!place.ok()) return place.status();
   absl::StatusOr<Supervisor> supervisor = RunStage(StartStage::kLaunch, deps, [&] {

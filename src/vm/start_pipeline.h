@@ -1,7 +1,7 @@
 // StartTask as a list of stages:
 //
-//   decode → admit image → plan VM → open disks → prepare host → launch
-//   supervisor → await QMP
+//   decode → admit image → plan VM → prepare media → open disks → prepare
+//   host → launch supervisor → await QMP
 //
 // (registering the VM is the caller's, TaskManager::Start). Each stage is a
 // function from typed input to typed output; each pushes the undo of what it
@@ -21,6 +21,7 @@
 #include "absl/time/time.h"
 #include "base/rollback.h"
 #include "base/unique_fd.h"
+#include "host/capabilities.h"
 #include "host/cgroups.h"
 #include "host/vm_host.h"
 #include "image/image_cache.h"
@@ -35,19 +36,29 @@
 
 namespace ndq {
 
-enum class StartStage { kDecode, kAdmitImage, kPlanVm, kOpenDisks, kPrepareHost, kLaunch, kAwaitQmp };
-inline constexpr StartStage kAllStartStages[] = {StartStage::kDecode,      StartStage::kAdmitImage,
-                                                 StartStage::kPlanVm,      StartStage::kOpenDisks,
-                                                 StartStage::kPrepareHost, StartStage::kLaunch,
-                                                 StartStage::kAwaitQmp};
+enum class StartStage {
+  kDecode,
+  kAdmitImage,
+  kPlanVm,
+  kPrepareMedia,
+  kOpenDisks,
+  kPrepareHost,
+  kLaunch,
+  kAwaitQmp
+};
+inline constexpr StartStage kAllStartStages[] = {StartStage::kDecode,       StartStage::kAdmitImage,
+                                                 StartStage::kPlanVm,       StartStage::kPrepareMedia,
+                                                 StartStage::kOpenDisks,    StartStage::kPrepareHost,
+                                                 StartStage::kLaunch,       StartStage::kAwaitQmp};
 const char* StartStageName(StartStage stage);
 
-// What the start uses from outside: the host, the image store, the emulators
-// found at fingerprint time, where state goes, and where events go.
+// What the start uses from outside: the host, the image store, what the
+// fingerprint found (emulators, firmware, swtpm), where state goes, and where
+// events go.
 struct StartDeps {
   VmHost* host = nullptr;
   ImageCache* cache = nullptr;
-  std::map<std::string, std::string> emulators;
+  HostCapabilities capabilities;
   std::string supervisor_path;
   std::string state_root;
   absl::Duration qmp_timeout;

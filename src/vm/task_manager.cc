@@ -67,7 +67,7 @@ void TaskManager::EvictImages(const PluginConfig& plugin) {
   {
     absl::MutexLock lock(&mu_);
     for (const auto& [id, task] : tasks_) {
-      if (!task->record().cached_image.empty() && !task->result()) in_use.insert(task->record().cached_image);
+      if (!task->result()) in_use.insert(task->record().cached_images.begin(), task->record().cached_images.end());
     }
   }
   absl::StatusOr<std::vector<std::string>> removed = CacheAt(CacheDir()).Evict(plugin.image_cache_max_size, in_use);
@@ -200,7 +200,8 @@ StartDeps TaskManager::StartDepsFor(const TaskIdentity& task, const PluginConfig
   StartDeps deps;
   deps.host = host_;
   deps.cache = &CacheAt(CacheDir());
-  deps.emulators = fingerprinter_->Emulators();
+  // Unfiltered: planning applies the allowlist and names it in its error.
+  deps.capabilities = fingerprinter_->Capabilities({});
   deps.supervisor_path = plugin.supervisor_path.empty() ? options_.supervisor_path : plugin.supervisor_path;
   deps.state_root = StateRoot();
   deps.qmp_timeout = options_.start_timeout;
@@ -318,7 +319,7 @@ absl::Status TaskManager::Destroy(const std::string& id, bool force) {
   }
   host_->RemoveCgroup((*task)->record().cgroup);
   RemoveStateDir((*task)->record().state_dir);
-  CacheAt(CacheDir()).Release((*task)->record().cached_image, TaskKey(id));
+  for (const std::string& image : (*task)->record().cached_images) CacheAt(CacheDir()).Release(image, TaskKey(id));
   log::Debug("task destroyed", {{"task_id", id}});
   return absl::OkStatus();
 }

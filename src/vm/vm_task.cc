@@ -30,7 +30,7 @@ std::string DriverStateRecord::Encode() const {
       {"qemu_start_ticks", qemu_start_ticks},
       {"graceful_shutdown", graceful_shutdown},
       {"guest_agent", guest_agent},
-      {"cached_image", cached_image},
+      {"cached_images", cached_images},
       {"cgroup", {{"version", CgroupVersionName(cgroup.version)}, {"dirs", cgroup.dirs}, {"created", cgroup.created}}},
       {"memory_limit_bytes", memory_limit_bytes},
       {"started_at_unix_ms", absl::ToUnixMillis(started_at)},
@@ -56,7 +56,9 @@ absl::StatusOr<DriverStateRecord> DriverStateRecord::Decode(const std::string& b
     r.qemu_start_ticks = json.value("qemu_start_ticks", uint64_t{0});
     r.graceful_shutdown = json.value("graceful_shutdown", false);
     r.guest_agent = json.value("guest_agent", false);
-    r.cached_image = json.value("cached_image", "");
+    r.cached_images = json.value("cached_images", std::vector<std::string>{});
+    // Records written before drives had images of their own name one.
+    if (const std::string one = json.value("cached_image", ""); !one.empty()) r.cached_images.push_back(one);
     if (const auto cgroup = json.find("cgroup"); cgroup != json.end() && cgroup->is_object()) {
       const std::string version = cgroup->value("version", "none");
       r.cgroup.version = version == "v1" ? CgroupVersion::kV1 : version == "v2" ? CgroupVersion::kV2 : CgroupVersion::kNone;

@@ -37,7 +37,8 @@ struct DriverStateRecord {
   uint64_t qemu_start_ticks = 0;
   bool graceful_shutdown = false;
   bool guest_agent = false;
-  std::string cached_image;  // the shared image the task's disk is backed by, if any
+  // The shared cached images the task's drives use (leased to the task).
+  std::vector<std::string> cached_images;
   TaskCgroup cgroup;         // version kNone: the VM runs without cgroup isolation
   int64_t memory_limit_bytes = 0;  // the cgroup's hard memory limit; 0: none
   absl::Time started_at = absl::UnixEpoch();

@@ -47,9 +47,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   (void)ndq::CountCpuset(task.resources().linux_resources().cpuset_cpus());
 
   ndq::PluginConfig plugin;
-  const std::map<std::string, std::string> emulators = {{"x86_64", "/usr/bin/qemu-system-x86_64"},
-                                                        {"aarch64", "/usr/bin/qemu-system-aarch64"}};
-  absl::StatusOr<ndq::VmSpec> spec = ndq::PlanVm(*config, ndq::TaskRequestFromProto(task), plugin, emulators);
+  ndq::HostCapabilities host;
+  host.emulators = {{"x86_64", "/usr/bin/qemu-system-x86_64"}, {"aarch64", "/usr/bin/qemu-system-aarch64"}};
+  absl::StatusOr<ndq::VmSpec> spec = ndq::PlanVm(*config, ndq::TaskRequestFromProto(task), plugin, host);
   if (!spec.ok()) return 0;
   // What a plan promises.
   for (const ndq::PortForward& forward : spec->port_forwards) {

@@ -40,6 +40,16 @@ class ConfigReader {
   // an HCL block or map as a list of maps). A single map is accepted too.
   std::optional<std::map<std::string, int64_t>> IntegerMapList(absl::string_view field);
 
+  // A nested block (hclspec Block): a reader of its map whose problems name
+  // the field as "block.field". nullopt when absent. Nomad sends a block as a
+  // map; a list holding one map is taken too.
+  std::optional<ConfigReader> Block(absl::string_view field);
+  // Repeatable blocks (hclspec BlockList): one reader per block, named
+  // "block[i].field" in problems. Empty when absent.
+  std::vector<ConfigReader> BlockList(absl::string_view field);
+  // Takes over the problems a nested reader found.
+  void Absorb(const ConfigReader& nested);
+
   // Records a problem for every field not in `known` (for hand-written JSON,
   // where a typo would otherwise be ignored silently).
   void RejectUnknownFields(const std::vector<absl::string_view>& known);
@@ -58,6 +68,7 @@ class ConfigReader {
 
   nlohmann::json root_;
   std::string what_;
+  std::string prefix_;  // "block." for a nested block's reader
   std::vector<std::string> problems_;
 };
 

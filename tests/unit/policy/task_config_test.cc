@@ -3,6 +3,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <nlohmann/json.hpp>
+
 #include "../../support/msgpack_writer.h"
 
 namespace ndq {
@@ -22,9 +24,23 @@ TEST(TaskConfig, SchemaCoversNomadsQemuOptions) {
       {"checksum_url", "string"},    {"image_format", "string"},  {"disk_size", "string"},
       {"cpus", "number"},            {"instance_type", "string"},
   };
+  // Ours beyond Nomad's: cloud images and VM hardware.
+  const std::map<std::string, std::string> hardware = {
+      {"disk_interface", "string"}, {"disk_cache", "string"},     {"disk_discard", "string"},
+      {"kernel", "string"},         {"initrd", "string"},         {"kernel_cmdline", "string"},
+      {"cdrom", "string"},          {"cdrom_source", "string"},   {"cdrom_checksum", "string"},
+      {"boot_order", "string"},     {"net_device", "string"},     {"mac_address", "string"},
+      {"firmware", "string"},       {"secure_boot", "bool"},      {"tpm", "bool"},
+  };
   const auto spec = TaskConfigSpec();
   const auto& attrs = spec.object().attributes();
-  EXPECT_EQ(attrs.size(), expected.size());
+  EXPECT_EQ(attrs.size(), expected.size() + hardware.size() + 2);  // + the disk and cloud_init blocks
+  EXPECT_EQ(attrs.at("disk").block_list().name(), "disk");
+  EXPECT_EQ(attrs.at("cloud_init").block_value().name(), "cloud_init");
+  for (const auto& [name, type] : hardware) {
+    ASSERT_TRUE(attrs.count(name)) << name;
+    EXPECT_EQ(attrs.at(name).attr().type(), type) << name;
+  }
   for (const auto& [name, type] : expected) {
     ASSERT_TRUE(attrs.count(name)) << name;
     EXPECT_EQ(attrs.at(name).attr().name(), name);
@@ -96,6 +112,48 @@ TEST(TaskConfig, WrongTypeNamesTheOption) {
   const absl::StatusOr<TaskConfig> c = DecodeTaskConfig(w.bytes());
   ASSERT_FALSE(c.ok());
   EXPECT_THAT(std::string(c.status().message()), HasSubstr("\"port_map\" must be a map of numbers"));
+}
+
+// Blocks arrive as Nomad's hcldec makes them: a block as a map, repeated
+// blocks as a list of maps.
+TEST(TaskConfig, DecodesDiskAndCloudInitBlocks) {
+  const nlohmann::json config = {
+      {"kernel", "local/vmlinuz"},
+      {"tpm", true},
+      {"disk",
+       {{{"size", "10GiB"}, {"interface", "nvme"}, {"serial", "data1"}, {"readonly", false}},
+        {{"image_path", "local/ro.qcow2"}, {"readonly", true}}}},
+      {"cloud_init", {{"user_data", "#cloud-config\n"}, {"ssh_authorized_keys", {"ssh-ed25519 AAAA k"}}}},
+  };
+  const std::vector<uint8_t> bytes = nlohmann::json::to_msgpack(config);
+  const absl::StatusOr<TaskConfig> c = DecodeTaskConfig(std::string(bytes.begin(), bytes.end()), true);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->kernel, "local/vmlinuz");
+  EXPECT_TRUE(c->tpm);
+  ASSERT_EQ(c->disks.size(), 2u);
+  EXPECT_EQ(c->disks[0].size, "10GiB");
+  EXPECT_EQ(c->disks[0].interface, "nvme");
+  EXPECT_EQ(c->disks[0].serial, "data1");
+  EXPECT_EQ(c->disks[1].image_path, "local/ro.qcow2");
+  EXPECT_TRUE(c->disks[1].readonly);
+  ASSERT_TRUE(c->cloud_init.has_value());
+  EXPECT_EQ(c->cloud_init->user_data, "#cloud-config\n");
+  EXPECT_EQ(c->cloud_init->ssh_authorized_keys, std::vector<std::string>{"ssh-ed25519 AAAA k"});
+}
+
+TEST(TaskConfig, BlockProblemsNameTheBlockAndIndex) {
+  const nlohmann::json config = {
+      {"disk", {{{"size", 10}}, {{"readonly", "yes"}, {"sise", "1G"}}}},
+      {"cloud_init", {{"user_data", 7}}},
+  };
+  const std::vector<uint8_t> bytes = nlohmann::json::to_msgpack(config);
+  const absl::StatusOr<TaskConfig> c = DecodeTaskConfig(std::string(bytes.begin(), bytes.end()), true);
+  ASSERT_FALSE(c.ok());
+  const std::string message(c.status().message());
+  EXPECT_THAT(message, HasSubstr("\"disk[0].size\" must be a string"));
+  EXPECT_THAT(message, HasSubstr("\"disk[1].readonly\" must be a bool"));
+  EXPECT_THAT(message, HasSubstr("\"disk[1].sise\" is not a known option"));
+  EXPECT_THAT(message, HasSubstr("\"cloud_init.user_data\" must be a string"));
 }
 
 // A job's config nested a million levels deep overflowed the stack of the

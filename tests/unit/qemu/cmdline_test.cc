@@ -245,10 +245,60 @@ std::string ReadFile(const std::string& path) {
   return text.str();
 }
 
+std::vector<DiskNode> NodesFromJson(const json& v) {
+  std::vector<DiskNode> nodes;
+  for (const json& n : v) {
+    nodes.push_back(DiskNode{n.at("format").get<std::string>(), n.at("read_only").get<bool>(), n.at("fd").get<int>()});
+  }
+  return nodes;
+}
+
+// A planned drive: {"id", "media": "disk"|"cdrom", "interface", "cache",
+// "discard", "serial", "read_only", "boot_index", "nodes"}.
+Drive DriveFromJson(const json& d) {
+  Drive drive;
+  for (const auto& [key, v] : d.items()) {
+    if (key == "id") drive.id = v.get<std::string>();
+    else if (key == "media") drive.media = v.get<std::string>() == "cdrom" ? DriveMedia::kCdrom : DriveMedia::kDisk;
+    else if (key == "interface") drive.interface = v.get<std::string>();
+    else if (key == "cache") drive.cache = v.get<std::string>();
+    else if (key == "discard") drive.discard = v.get<std::string>();
+    else if (key == "serial") drive.serial = v.get<std::string>();
+    else if (key == "read_only") drive.read_only = v.get<bool>();
+    else if (key == "boot_index") drive.boot_index = v.get<int>();
+    else if (key == "nodes") drive.nodes = NodesFromJson(v);
+    else ADD_FAILURE() << "unknown drive field in golden file: " << key;
+  }
+  return drive;
+}
+
+// The hardware beyond the boot image (hardware_plan.h).
+void AddHardwareSetters(std::map<std::string, std::function<void(VmSpec&, const json&)>>& setters) {
+  setters["boot_cache"] = [](VmSpec& s, const json& v) { s.boot_cache = v.get<std::string>(); };
+  setters["boot_discard"] = [](VmSpec& s, const json& v) { s.boot_discard = v.get<std::string>(); };
+  setters["boot_index"] = [](VmSpec& s, const json& v) { s.boot_index = v.get<int>(); };
+  setters["drives"] = [](VmSpec& s, const json& v) {
+    for (const json& d : v) s.drives.push_back(DriveFromJson(d));
+  };
+  setters["kernel"] = [](VmSpec& s, const json& v) {
+    s.kernel = KernelBoot{v.value("kernel", ""), v.value("initrd", ""), v.value("cmdline", ""),
+                          v.value("kernel_fd", -1), v.value("initrd_fd", -1)};
+  };
+  setters["net_device"] = [](VmSpec& s, const json& v) { s.net_device = v.get<std::string>(); };
+  setters["mac_address"] = [](VmSpec& s, const json& v) { s.mac_address = v.get<std::string>(); };
+  setters["own_nic"] = [](VmSpec& s, const json& v) { s.own_nic = v.get<bool>(); };
+  setters["firmware"] = [](VmSpec& s, const json& v) {
+    s.firmware = Firmware{v.value("uefi", false), v.value("secure_boot", false),
+                          FirmwareFiles{v.value("code", ""), v.value("vars", "")}, v.value("code_fd", -1),
+                          v.value("vars_fd", -1)};
+  };
+  setters["tpm"] = [](VmSpec& s, const json& v) { s.tpm = v.get<bool>(); };
+}
+
 // Strict: an unknown key is a typo in a golden file, not something to ignore.
 VmSpec SpecFromJson(const json& j) {
   using Setter = std::function<void(VmSpec&, const json&)>;
-  static const auto* setters = new std::map<std::string, Setter>{
+  static auto* setters = new std::map<std::string, Setter>{
       {"emulator", [](VmSpec& s, const json& v) { s.emulator = v.get<std::string>(); }},
       {"emulator_path", [](VmSpec& s, const json& v) { s.emulator_path = v.get<std::string>(); }},
       {"machine_type", [](VmSpec& s, const json& v) { s.machine_type = v.get<std::string>(); }},
@@ -257,13 +307,7 @@ VmSpec SpecFromJson(const json& j) {
       {"image_path", [](VmSpec& s, const json& v) { s.image_path = v.get<std::string>(); }},
       {"image_format", [](VmSpec& s, const json& v) { s.image_format = v.get<std::string>(); }},
       {"sandbox", [](VmSpec& s, const json& v) { s.sandbox = v.get<bool>(); }},
-      {"disk",
-       [](VmSpec& s, const json& v) {
-         for (const json& n : v) {
-           s.disk.push_back(
-               DiskNode{n.at("format").get<std::string>(), n.at("read_only").get<bool>(), n.at("fd").get<int>()});
-         }
-       }},
+      {"disk", [](VmSpec& s, const json& v) { s.disk = NodesFromJson(v); }},
       {"memory_mb", [](VmSpec& s, const json& v) { s.memory_mb = v.get<int64_t>(); }},
       {"memory_max_mb", [](VmSpec& s, const json& v) { s.memory_max_mb = v.get<int64_t>(); }},
       {"cpus", [](VmSpec& s, const json& v) { s.cpus = v.get<int>(); }},
@@ -283,6 +327,8 @@ VmSpec SpecFromJson(const json& j) {
          }
        }},
   };
+  static const bool hardware = (AddHardwareSetters(*setters), true);
+  (void)hardware;
   VmSpec spec;
   for (const auto& [key, value] : j.items()) {
     const auto it = setters->find(key);
@@ -302,6 +348,8 @@ RuntimePaths PathsFromJson(const json& j) {
       p.qmp_socket = v.get<std::string>();
     } else if (key == "guest_agent_socket") {
       p.guest_agent_socket = v.get<std::string>();
+    } else if (key == "tpm_socket") {
+      p.tpm_socket = v.get<std::string>();
     } else {
       ADD_FAILURE() << "unknown RuntimePaths field in golden file: " << key;
     }
@@ -367,7 +415,10 @@ TEST(CmdlineGoldenFiles, CoverEveryFeature) {
   for (const char* name :
        {"minimal_defaults", "kvm_with_cpus", "guest_agent", "port_forwards_task_network", "port_forwards_group_ports",
         "dns_search", "args_with_smp", "commas_in_image_path", "format_set", "everything", "backing_chain_sandboxed",
-        "drive_interface_scsi", "drive_interface_floppy", "drive_interface_pflash", "drive_interface_none"}) {
+        "drive_interface_scsi", "drive_interface_floppy", "drive_interface_pflash", "drive_interface_none",
+        "extra_disks_every_interface", "boot_disk_tuning", "cdrom_boot_first", "cloud_init_seed", "kernel_boot",
+        "nic_model_and_mac", "nic_without_forwards", "uefi", "secure_boot_tpm_q35", "tpm_pc",
+        "hostile_values_escaped"}) {
     EXPECT_THAT(cases, Contains(name));
   }
 }

@@ -41,7 +41,7 @@ class PlanVm : public ::testing::Test {
     config_.image_path = "local/linux.img";
   }
 
-  absl::StatusOr<VmSpec> Plan() const { return ndq::PlanVm(config_, TaskRequestFromProto(task_), plugin_, emulators_); }
+  absl::StatusOr<VmSpec> Plan() const { return ndq::PlanVm(config_, TaskRequestFromProto(task_), plugin_, host_); }
 
   // The error text of a plan expected to fail.
   std::string Problems() const {
@@ -70,8 +70,7 @@ class PlanVm : public ::testing::Test {
   TaskConfig config_;
   driverpb::TaskConfig task_;
   PluginConfig plugin_;
-  std::map<std::string, std::string> emulators_ = {{"x86_64", "/usr/bin/qemu-system-x86_64"},
-                                                   {"aarch64", "/opt/qemu/bin/qemu-system-aarch64"}};
+  HostCapabilities host_ = {{{"x86_64", "/usr/bin/qemu-system-x86_64"}, {"aarch64", "/opt/qemu/bin/qemu-system-aarch64"}}};
 };
 
 TEST_F(PlanVm, MinimalConfigGetsNomadsDefaults) {
@@ -193,7 +192,7 @@ TEST_F(PlanVm, EmulatorMustBeInstalled) {
   config_.emulator = "riscv64";
   EXPECT_THAT(Problems(), AllOf(HasSubstr("\"emulator\": \"riscv64\" (qemu-system-riscv64) was not found"),
                                 HasSubstr("available: \"aarch64\", \"x86_64\"")));
-  emulators_.clear();
+  host_.emulators.clear();
   config_.emulator.reset();
   EXPECT_THAT(Problems(), HasSubstr("no qemu-system-* binary was found"));
 }
@@ -453,6 +452,251 @@ TEST_F(PlanVm, MalformedInstanceTypesAreRefused) {
   config_.instance_type = "c1m512";
   config_.cpus = 1;
   EXPECT_THAT(Problems(), HasSubstr("one of \"cpus\" and \"instance_type\""));
+}
+
+}  // namespace
+}  // namespace ndq
+
+namespace ndq {
+namespace {
+
+// --- hardware beyond the boot image (hardware_plan) ----------------------------
+
+TEST_F(PlanVm, DiskBlocksArePlannedInOrderWithDefaults) {
+  DiskConfig blank;
+  blank.size = "1GiB";
+  blank.serial = "data1";
+  DiskConfig file;
+  file.image_path = "local/data.qcow2";
+  file.interface = "nvme";
+  file.readonly = true;
+  file.cache = "none";
+  file.discard = "unmap";
+  config_.disks = {blank, file};
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  ASSERT_EQ(spec->drives.size(), 2u);
+  EXPECT_EQ(spec->drives[0].id, "disk1");
+  EXPECT_EQ(spec->drives[0].interface, "virtio");
+  EXPECT_EQ(spec->drives[0].source.origin, DriveOrigin::kBlank);
+  EXPECT_EQ(spec->drives[0].source.size_bytes, int64_t{1} << 30);
+  EXPECT_EQ(spec->drives[0].source.format, "raw");
+  EXPECT_EQ(spec->drives[1].source.origin, DriveOrigin::kJobFile);
+  EXPECT_EQ(spec->drives[1].serial, "disk2") << "NVMe needs a serial; the drive's name is the default";
+  EXPECT_TRUE(spec->drives[1].read_only);
+  EXPECT_EQ(spec->drives[1].cache, "none");
+  EXPECT_EQ(spec->boot_index, 1) << "with more drives the boot disk must boot first";
+}
+
+TEST_F(PlanVm, HostileDriveValuesAreRefusedByName) {
+  DiskConfig disk;
+  disk.size = "lots";
+  disk.interface = "virtio,drive=x";
+  disk.cache = "none,file=/etc/shadow";
+  disk.discard = "trim";
+  disk.serial = "a,b=c";
+  disk.format = "raw,x=y";
+  config_.disks = {disk, DiskConfig{}};
+  config_.disk_cache = "fast";
+  const std::string problems = Problems();
+  EXPECT_THAT(problems, HasSubstr("\"disk[0].size\": \"lots\" is not a size"));
+  EXPECT_THAT(problems, HasSubstr("\"disk[0].interface\": \"virtio,drive=x\" is not supported"));
+  EXPECT_THAT(problems, HasSubstr("\"disk[0].cache\": \"none,file=/etc/shadow\" is not supported"));
+  EXPECT_THAT(problems, HasSubstr("\"disk[0].discard\": \"trim\" is not supported"));
+  EXPECT_THAT(problems, HasSubstr("\"disk[0].serial\": \"a,b=c\" must be 1 to 20"));
+  EXPECT_THAT(problems, HasSubstr("\"disk[0].format\": \"raw,x=y\" is not supported"));
+  EXPECT_THAT(problems, HasSubstr("\"disk[1]\": set image_path, image_source, or size"));
+  EXPECT_THAT(problems, HasSubstr("\"disk_cache\": \"fast\" is not supported"));
+}
+
+TEST_F(PlanVm, DiskSourcesAreExclusiveAndDownloadsNeedAChecksum) {
+  DiskConfig both;
+  both.image_path = "local/a.img";
+  both.image_source = "https://example.com/a.img";
+  DiskConfig unverified;
+  unverified.image_source = "https://example.com/b.img";
+  config_.disks = {both, unverified};
+  const std::string problems = Problems();
+  EXPECT_THAT(problems, HasSubstr("\"disk[0]\": set at most one of \"image_path\" and \"image_source\""));
+  EXPECT_THAT(problems, HasSubstr("\"disk[1].checksum\": required for image_source"));
+  plugin_.allow_unverified_images = true;
+  config_.disks = {unverified};
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->drives[0].source.origin, DriveOrigin::kDownload);
+}
+
+TEST_F(PlanVm, CdromOrKernelBootsWithoutAnImage) {
+  config_.image_path.reset();
+  EXPECT_THAT(Problems(), HasSubstr("\"image_path\" must be set (or boot from cdrom, cdrom_source or kernel)"));
+  config_.cdrom = "local/install.iso";
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  ASSERT_EQ(spec->drives.size(), 1u);
+  EXPECT_EQ(spec->drives[0].media, DriveMedia::kCdrom);
+  EXPECT_TRUE(spec->drives[0].read_only);
+  EXPECT_EQ(spec->drives[0].boot_index, 1);
+  config_.cdrom.reset();
+  config_.kernel = "local/vmlinuz";
+  config_.initrd = "local/initrd";
+  config_.kernel_cmdline = "console=ttyS0 quiet";
+  spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->kernel.kernel, "local/vmlinuz");
+  EXPECT_EQ(spec->kernel.cmdline, "console=ttyS0 quiet");
+  EXPECT_TRUE(spec->drives.empty());
+}
+
+TEST_F(PlanVm, CdromAndKernelOptionsAreChecked) {
+  config_.cdrom = "local/a.iso";
+  config_.cdrom_source = "https://example.com/a.iso";
+  config_.initrd = "local/initrd";
+  config_.boot_order = "network";
+  const std::string problems = Problems();
+  EXPECT_THAT(problems, HasSubstr("set at most one of \"cdrom\" and \"cdrom_source\""));
+  EXPECT_THAT(problems, HasSubstr("\"initrd\": needs kernel"));
+  EXPECT_THAT(problems, HasSubstr("\"boot_order\": \"network\" is not supported"));
+  config_ = TaskConfig{};
+  config_.image_path = "local/linux.img";
+  config_.kernel = "local/vmlinuz";
+  config_.kernel_cmdline = "console=ttyS0\ninit=/bin/sh";
+  EXPECT_THAT(Problems(), HasSubstr("\"kernel_cmdline\": must be one line of printable characters"));
+  config_.kernel_cmdline.reset();
+  config_.boot_order = "cdrom";
+  EXPECT_THAT(Problems(), HasSubstr("\"boot_order\": \"cdrom\" needs cdrom or cdrom_source"));
+  config_.boot_order.reset();
+  config_.cdrom_source = "https://example.com/a.iso";
+  EXPECT_THAT(Problems(), HasSubstr("\"cdrom_checksum\": required for cdrom_source"));
+}
+
+TEST_F(PlanVm, CdromBootOrderSetsBootIndexes) {
+  config_.cdrom = "local/install.iso";
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->boot_index, 1);
+  EXPECT_EQ(spec->drives[0].boot_index, 2);
+  config_.boot_order = "cdrom";
+  spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->boot_index, 2);
+  EXPECT_EQ(spec->drives[0].boot_index, 1);
+}
+
+TEST_F(PlanVm, MacAddressDefaultsToAStableLocalOne) {
+  task_.set_alloc_id("1f2e3d4c-0000-4000-8000-123456789abc");
+  config_.port_map = {};
+  config_.net_device = "e1000";
+  absl::StatusOr<VmSpec> first = Plan();
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_TRUE(first->own_nic) << "net_device asks for the driver's NIC";
+  EXPECT_EQ(first->mac_address, StableMacAddress("1f2e3d4c-0000-4000-8000-123456789abc", "web"));
+  const int octet = std::stoi(first->mac_address.substr(0, 2), nullptr, 16);
+  EXPECT_EQ(octet & 0x03, 0x02) << "locally administered, unicast: " << first->mac_address;
+  absl::StatusOr<VmSpec> again = Plan();
+  EXPECT_EQ(again->mac_address, first->mac_address) << "a restarted task keeps its MAC";
+  EXPECT_NE(StableMacAddress("other-alloc", "web"), first->mac_address);
+  EXPECT_NE(StableMacAddress("1f2e3d4c-0000-4000-8000-123456789abc", "db"), first->mac_address);
+}
+
+TEST_F(PlanVm, NoNetworkOptionsLeaveQemusDefaultNic) {
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_FALSE(spec->own_nic);
+}
+
+TEST_F(PlanVm, BadMacAddressesAreRefused) {
+  for (const char* mac : {"02:00:00:00:00", "02:00:00:00:00:0g", "02-00-00-00-00-01", "02:00:00:00:00:01,x=y"}) {
+    config_.mac_address = mac;
+    EXPECT_THAT(Problems(), HasSubstr("is not a MAC address")) << mac;
+  }
+  config_.mac_address = "01:00:5e:00:00:01";
+  EXPECT_THAT(Problems(), HasSubstr("is a multicast address"));
+  config_.mac_address = "00:00:00:00:00:00";
+  EXPECT_THAT(Problems(), HasSubstr("all-zero"));
+  config_.mac_address = "52:54:00:AB:cd:01";
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->mac_address, "52:54:00:ab:cd:01");
+}
+
+TEST_F(PlanVm, NetDeviceMustBeOneTheEmulatorHas) {
+  host_.net_devices["x86_64"] = {"e1000", "rtl8139", "virtio-net-pci"};
+  config_.net_device = "ne2k_isa";
+  EXPECT_THAT(Problems(), HasSubstr("\"net_device\": \"ne2k_isa\" is not a NIC model of qemu-system-x86_64; it has "
+                                    "\"e1000\", \"rtl8139\", \"virtio-net-pci\""));
+  config_.net_device = "e1000,romfile=/etc/shadow";
+  EXPECT_THAT(Problems(), HasSubstr("is not a device name"));
+  config_.net_device = "rtl8139";
+  EXPECT_TRUE(Plan().ok());
+}
+
+TEST_F(PlanVm, FirmwareNeedsWhatTheHostHas) {
+  config_.firmware = "uefi";
+  EXPECT_THAT(Problems(), HasSubstr("\"firmware\": this client has no UEFI firmware (Debian package ovmf)"));
+  host_.uefi = FirmwareFiles{"/ovmf/code.fd", "/ovmf/vars.fd"};
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_TRUE(spec->firmware.uefi);
+  EXPECT_EQ(spec->firmware.files.code, "/ovmf/code.fd");
+  EXPECT_EQ(spec->machine_type, "pc");
+  config_.secure_boot = true;
+  EXPECT_THAT(Problems(), HasSubstr("\"secure_boot\": this client has no Secure Boot UEFI firmware"));
+  host_.secure_boot = FirmwareFiles{"/ovmf/secboot.fd", "/ovmf/vars.ms.fd"};
+  spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->machine_type, "q35") << "Secure Boot needs SMM, which q35 has";
+  EXPECT_EQ(spec->firmware.files.code, "/ovmf/secboot.fd");
+  config_.machine_type = "pc";
+  EXPECT_THAT(Problems(), HasSubstr("\"secure_boot\": needs a q35 machine (for SMM); machine_type is \"pc\""));
+  config_.machine_type.reset();
+  config_.firmware = "bios";
+  EXPECT_THAT(Problems(), HasSubstr("\"secure_boot\": needs firmware = \"uefi\""));
+  config_.firmware = "coreboot";
+  EXPECT_THAT(Problems(), HasSubstr("\"firmware\": \"coreboot\" is not supported"));
+}
+
+TEST_F(PlanVm, TpmNeedsSwtpm) {
+  config_.tpm = true;
+  EXPECT_THAT(Problems(), HasSubstr("\"tpm\": swtpm is not installed on this client"));
+  host_.swtpm = "/usr/bin/swtpm";
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_TRUE(spec->tpm);
+}
+
+TEST_F(PlanVm, MachineMustBeOneTheEmulatorOffers) {
+  host_.machines["x86_64"] = {"pc", "pc-i440fx-7.2", "q35"};
+  config_.machine_type = "virt";
+  EXPECT_THAT(Problems(), HasSubstr("\"machine_type\": \"virt\" is not a machine of qemu-system-x86_64"));
+  config_.machine_type = "q35";
+  EXPECT_TRUE(Plan().ok());
+}
+
+TEST_F(PlanVm, CloudInitDocumentsAreGivenOnce) {
+  config_.cloud_init = CloudInitConfig{};
+  config_.cloud_init->user_data = "#cloud-config";
+  config_.cloud_init->user_data_file = "local/user-data";
+  config_.cloud_init->meta_data_file = "";
+  const std::string problems = Problems();
+  EXPECT_THAT(problems, HasSubstr("\"cloud_init.user_data\": set at most one of \"user_data\" and \"user_data_file\""));
+  EXPECT_THAT(problems, HasSubstr("\"cloud_init.meta_data_file\": must not be empty"));
+  config_.cloud_init->user_data_file.reset();
+  config_.cloud_init->meta_data_file.reset();
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  ASSERT_EQ(spec->drives.size(), 1u);
+  EXPECT_EQ(spec->drives[0].id, "seed0");
+  EXPECT_EQ(spec->drives[0].source.origin, DriveOrigin::kSeed);
+  EXPECT_TRUE(spec->drives[0].read_only);
+}
+
+TEST_F(PlanVm, DiskInterfaceIsDriveInterfacesNewName) {
+  config_.disk_interface = "virtio";
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->drive_interface, "virtio");
+  config_.drive_interface = "ide";
+  EXPECT_THAT(Problems(), HasSubstr("\"disk_interface\" and its alias \"drive_interface\" disagree"));
 }
 
 }  // namespace

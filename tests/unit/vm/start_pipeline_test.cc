@@ -54,9 +54,17 @@ class StartPipelineTest : public ::testing::Test {
     return std::make_unique<TaskManager>(options, [this] { return plugin_; }, &fingerprinter_, &events_);
   }
 
-  // A task booting image_ through image_source, so every stage makes something.
+  // A task booting image_ through image_source, with a blank disk, a
+  // cloud-init seed, UEFI and a TPM, so every stage makes something.
   TaskRequest Task() const {
-    if (!task_) task_ = TaskRequestFromProto(alloc_.Task({{"image_source", image_}, {"accelerator", "tcg"}}));
+    if (!task_) {
+      task_ = TaskRequestFromProto(alloc_.Task({{"image_source", image_},
+                                                {"accelerator", "tcg"},
+                                                {"disk", {{{"size", "1M"}}}},
+                                                {"cloud_init", {{"user_data", "#cloud-config\n"}}},
+                                                {"firmware", "uefi"},
+                                                {"tpm", true}}));
+    }
     return *task_;
   }
 
@@ -71,7 +79,9 @@ class StartPipelineTest : public ::testing::Test {
       const std::string name = entry.path().filename();
       if (name.rfind(".lease-", 0) == 0 || name.find(".part") != std::string::npos) found.push_back(name);
     }
-    if (fs::exists(alloc_.task_dir() + "/image-overlay.qcow2")) found.push_back("overlay");
+    for (const char* name : {"image-overlay.qcow2", "disk1.raw", "cidata.iso", "uefi-vars.fd", "tpm"}) {
+      if (fs::exists(alloc_.task_dir() + "/" + name)) found.push_back(name);
+    }
     return found;
   }
 
@@ -92,6 +102,7 @@ TEST_F(StartPipelineTest, EachStageFailingInTurnLeavesNothingBehind) {
       {StartStage::kDecode, absl::InvalidArgumentError("injected: bad config")},
       {StartStage::kAdmitImage, ErrnoError("injected: cache", ENOSPC)},
       {StartStage::kPlanVm, absl::InvalidArgumentError("injected: plan")},
+      {StartStage::kPrepareMedia, ErrnoError("injected: blank disk", ENOSPC)},
       {StartStage::kOpenDisks, absl::PermissionDeniedError("injected: refused image")},
       {StartStage::kPrepareHost, ErrnoError("injected: state dir", EMFILE)},
       {StartStage::kLaunch, ErrnoError("injected: spawn", EAGAIN)},
@@ -107,7 +118,7 @@ TEST_F(StartPipelineTest, EachStageFailingInTurnLeavesNothingBehind) {
     const int spawned_before = host_.supervisors_spawned();
     absl::StatusOr<DriverStateRecord> handle = manager->Start(Task());
     ASSERT_FALSE(handle.ok());
-    EXPECT_EQ(handle.status().message(), failures.at(failing).message());
+    EXPECT_EQ(std::string(handle.status().message()), std::string(failures.at(failing).message()));
     EXPECT_EQ(Retryable(handle.status()), Retryable(failures.at(failing)));
     EXPECT_EQ(ran.back(), failing) << "no stage runs after a failure";
     EXPECT_EQ(ran.size(), static_cast<size_t>(failing) + 1) << "every stage before it ran";

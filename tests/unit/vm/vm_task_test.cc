@@ -33,7 +33,7 @@ DriverStateRecord FullRecord() {
   record.qemu_start_ticks = 987654322;
   record.graceful_shutdown = true;
   record.guest_agent = true;
-  record.cached_image = "/var/cache/nomad-driver-qemu/images/sha256-ab";
+  record.cached_images = {"/var/cache/nomad-driver-qemu/images/sha256-ab", "/var/cache/nomad-driver-qemu/images/sha256-cd"};
   record.cgroup.version = CgroupVersion::kV2;
   record.cgroup.dirs = {{"memory", "/sys/fs/cgroup/nomad/x"}, {"cpu", "/sys/fs/cgroup/nomad/x"}};
   record.cgroup.created = {"/sys/fs/cgroup/nomad/x"};
@@ -55,7 +55,7 @@ TEST(DriverStateRecord, EveryFieldSurvivesTheRoundTripThroughNomad) {
   EXPECT_EQ(back->qemu_start_ticks, record.qemu_start_ticks);
   EXPECT_EQ(back->graceful_shutdown, record.graceful_shutdown);
   EXPECT_EQ(back->guest_agent, record.guest_agent);
-  EXPECT_EQ(back->cached_image, record.cached_image);
+  EXPECT_EQ(back->cached_images, record.cached_images);
   EXPECT_EQ(back->cgroup.version, record.cgroup.version);
   EXPECT_EQ(back->cgroup.dirs, record.cgroup.dirs);
   EXPECT_EQ(back->cgroup.created, record.cgroup.created);
