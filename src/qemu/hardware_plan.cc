@@ -206,7 +206,7 @@ void PlanBootOrder(const TaskConfig& config, VmSpec& spec, std::vector<std::stri
     if (drive.media == DriveMedia::kCdrom) cdrom = &drive;
   }
   const bool has_disk = !spec.image_path.empty();
-  const std::string order = config.boot_order.value_or(has_disk ? "disk" : "cdrom");
+  const std::string order = config.boot_order.value_or(cdrom != nullptr && !has_disk ? "cdrom" : "disk");
   if (order != "disk" && order != "cdrom") {
     problems.push_back(absl::StrCat(Field("boot_order"), ": ", Quoted(order), " is not supported; use \"disk\" or \"cdrom\""));
     return;
