@@ -95,15 +95,41 @@ void AppendBootDevice(const VmSpec& spec, std::vector<std::string>& argv) {
   // "none": the job attaches image0 itself through args (-device ...,drive=image0).
 }
 
+bool IsQ35(const VmSpec& spec) {
+  return spec.machine_type == "q35" || spec.machine_type.rfind("pc-q35-", 0) == 0;
+}
+
+// IDE devices are placed explicitly: QEMU puts an unplaced one on the first
+// bus and fails once that bus is full ("IDE unit 1 is in use", measured with
+// 7.2). pc has two buses of two units, q35's AHCI six ports of one; slot 2
+// (pc: secondary master; q35: port 2) holds QEMU's own empty default CD-ROM.
+class IdeSlots {
+ public:
+  explicit IdeSlots(const VmSpec& spec) : q35_(IsQ35(spec)) {
+    // The boot disk, when IDE, took the first slot by QEMU's own choice.
+    if (!spec.disk.empty() && spec.drive_interface == "ide") next_ = 1;
+  }
+  std::string Next() {
+    if (next_ == kDefaultCdromSlot) ++next_;
+    const int slot = next_++;
+    return q35_ ? absl::StrCat("bus=ide.", slot, ",") : absl::StrCat("bus=ide.", slot / 2, ",unit=", slot % 2, ",");
+  }
+
+ private:
+  static constexpr int kDefaultCdromSlot = 2;
+  bool q35_;
+  int next_ = 0;
+};
+
 // The device that shows a planned drive to the guest.
-void AppendDriveDevice(const Drive& drive, bool* scsi_controller, std::vector<std::string>& argv) {
+void AppendDriveDevice(const Drive& drive, IdeSlots& ide, bool* scsi_controller, std::vector<std::string>& argv) {
   const std::string tail = absl::StrCat("drive=", drive.id, DeviceTuning(drive.cache, drive.serial, drive.boot_index));
   if (drive.media == DriveMedia::kCdrom) {
-    argv.insert(argv.end(), {"-device", "ide-cd," + tail});
+    argv.insert(argv.end(), {"-device", "ide-cd," + ide.Next() + tail});
   } else if (drive.interface == "virtio") {
     argv.insert(argv.end(), {"-device", "virtio-blk-pci," + tail});
   } else if (drive.interface == "ide") {
-    argv.insert(argv.end(), {"-device", "ide-hd," + tail});
+    argv.insert(argv.end(), {"-device", "ide-hd," + ide.Next() + tail});
   } else if (drive.interface == "nvme") {
     argv.insert(argv.end(), {"-device", "nvme," + tail});
   } else if (drive.interface == "scsi") {
@@ -118,10 +144,11 @@ void AppendDrives(const VmSpec& spec, std::vector<std::string>& argv) {
   nodes.Chain("image0", spec.disk, NodeTuning(spec.boot_cache, spec.boot_discard));
   if (!spec.disk.empty()) AppendBootDevice(spec, argv);
   bool scsi_controller = false;
+  IdeSlots ide(spec);
   for (const Drive& drive : spec.drives) {
     if (drive.nodes.empty()) continue;  // not opened: nothing to attach
     nodes.Chain(drive.id, drive.nodes, NodeTuning(drive.cache, drive.discard));
-    AppendDriveDevice(drive, &scsi_controller, argv);
+    AppendDriveDevice(drive, ide, &scsi_controller, argv);
   }
   // UEFI: the firmware's code (read-only) and the task's own variable store
   // are pflash nodes like any disk, named by the machine's pflash0/pflash1.
@@ -145,7 +172,7 @@ void AppendKernel(const KernelBoot& boot, std::vector<std::string>& argv) {
 // swtpm's socket; CRB is the interface q35 guests (Windows 11) expect.
 void AppendTpm(const VmSpec& spec, const RuntimePaths& paths, std::vector<std::string>& argv) {
   if (!spec.tpm) return;
-  const bool q35 = spec.machine_type == "q35" || spec.machine_type.rfind("pc-q35-", 0) == 0;
+  const bool q35 = IsQ35(spec);
   argv.insert(argv.end(), {"-chardev", absl::StrCat("socket,id=tpm0-chr,path=", EscapeQemuOptionValue(paths.tpm_socket)),
                            "-tpmdev", "emulator,id=tpm0,chardev=tpm0-chr", "-device",
                            q35 ? "tpm-crb,tpmdev=tpm0" : "tpm-tis,tpmdev=tpm0"});

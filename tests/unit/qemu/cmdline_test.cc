@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <filesystem>
+#include <tuple>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -25,6 +26,7 @@
 #include <utility>
 
 #include "../../support/temp_dir.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -501,6 +503,36 @@ std::string WaitForFileOrExit(const std::string& dir, const std::string& file, p
 // Our argv, run by the real binary: QEMU must accept every option, open the
 // image whose name has a comma (not a second file), and take the escaped
 // name and socket paths literally. -S keeps the guest from running.
+// Starts QEMU with `files` opened as fds 3, 4, ... (as the supervisor hands
+// them on; read-only for names ending in ".ro", as QEMU wants the access mode
+// of a read-only node) and its output in `log`.
+::testing::AssertionResult SpawnQemu(const std::vector<std::string>& argv, const std::vector<std::string>& files,
+                                     const std::string& log, ChildGuard* child) {
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
+  std::vector<int> fds;
+  for (size_t i = 0; i < files.size(); ++i) {
+    const bool read_only = absl::EndsWith(files[i], ".ro");
+    fds.push_back(::open(files[i].c_str(), (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC));
+    if (fds.back() < 0) return ::testing::AssertionFailure() << "cannot open " << files[i];
+  }
+  // Moved out of the way first, so no dup2 overwrites an fd still to be read.
+  for (int& fd : fds) fd = ::fcntl(fd, F_DUPFD_CLOEXEC, 100);
+  for (size_t i = 0; i < fds.size(); ++i) posix_spawn_file_actions_adddup2(&actions, fds[i], 3 + static_cast<int>(i));
+  std::vector<std::string> storage = argv;
+  std::vector<char*> cargv;
+  for (std::string& a : storage) cargv.push_back(a.data());
+  cargv.push_back(nullptr);
+  const int rc = ::posix_spawn(&child->pid, argv[0].c_str(), &actions, nullptr, cargv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  for (int fd : fds) ::close(fd);
+  if (rc != 0) return ::testing::AssertionFailure() << "posix_spawn " << argv[0];
+  return ::testing::AssertionSuccess();
+}
+
 TEST(CmdlineQemu, RealQemuAcceptsTheArgv) {
   const std::string qemu = FindOnPath("qemu-system-x86_64");
   if (qemu.empty()) GTEST_SKIP() << "qemu-system-x86_64 is not installed";
@@ -531,25 +563,9 @@ TEST(CmdlineQemu, RealQemuAcceptsTheArgv) {
   const std::vector<std::string> argv = BuildQemuArgv(spec, paths);
 
   const std::string log = dir + "/qemu.log";
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-  posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
   // The image reaches QEMU only as fd 3, as the supervisor hands it on.
-  const int image_fd = ::open(image.c_str(), O_RDWR | O_CLOEXEC);
-  ASSERT_GE(image_fd, 0);
-  posix_spawn_file_actions_adddup2(&actions, image_fd, 3);
-  std::vector<std::string> storage = argv;
-  std::vector<char*> cargv;
-  for (std::string& a : storage) cargv.push_back(a.data());
-  cargv.push_back(nullptr);
   ChildGuard child;
-  const int rc = ::posix_spawn(&child.pid, qemu.c_str(), &actions, nullptr, cargv.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  ::close(image_fd);
-  ASSERT_EQ(rc, 0) << "posix_spawn " << qemu;
-
+  ASSERT_TRUE(SpawnQemu(argv, {image}, log, &child));
   const std::string waited = WaitForFileOrExit(dir, paths.qmp_socket, child.pid, absl::Seconds(60));
   ASSERT_EQ(waited, "") << "argv: " << absl::StrJoin(argv, " ") << "\nQEMU output:\n" << ReadFile(log);
 
@@ -576,6 +592,75 @@ TEST(CmdlineQemu, RealQemuAcceptsTheArgv) {
   ASSERT_TRUE(usernet.ok()) << usernet.status();
   EXPECT_THAT(usernet->get<std::string>(), HasSubstr(absl::StrCat("127.0.0.1 ", port)));
   EXPECT_TRUE(fs::exists(paths.guest_agent_socket));
+}
+
+// Every disk interface, cache and discard mode, a CD-ROM with a boot order,
+// and a NIC model with its MAC, as QEMU 7.2 takes them.
+TEST(CmdlineQemu, RealQemuAcceptsEveryDriveAndNicOption) {
+  const std::string qemu = FindOnPath("qemu-system-x86_64");
+  if (qemu.empty()) GTEST_SKIP() << "qemu-system-x86_64 is not installed";
+  TempDir tmp;
+  const std::string dir = fs::canonical(tmp.path()).string();
+  std::vector<std::string> files;
+  for (int i = 0; i < 6; ++i) {
+    files.push_back(absl::StrCat(dir, "/disk", i, i == 5 ? ".ro" : ".img"));  // the last is the CD-ROM
+    std::ofstream(files.back(), std::ios::binary) << std::string(1 << 20, '\0');
+  }
+  VmSpec spec = BaseSpec();
+  spec.emulator_path = qemu;
+  spec.memory_mb = 128;
+  spec.disk = {DiskNode{"raw", false, 3}};
+  spec.boot_index = 2;
+  spec.boot_cache = "writethrough";
+  spec.args = {"-S"};
+  const std::vector<std::tuple<std::string, std::string, std::string, std::string>> disks = {
+      {"virtio", "none", "unmap", "data1"}, {"scsi", "writethrough", "", "data2"},
+      {"ide", "unsafe", "ignore", "data3"}, {"nvme", "directsync", "unmap", "data4"}};
+  for (size_t i = 0; i < disks.size(); ++i) {
+    Drive drive;
+    drive.id = absl::StrCat("disk", i + 1);
+    std::tie(drive.interface, drive.cache, drive.discard, drive.serial) = disks[i];
+    drive.nodes = {DiskNode{"raw", false, 4 + static_cast<int>(i)}};
+    spec.drives.push_back(drive);
+  }
+  Drive cdrom;
+  cdrom.id = "cdrom0";
+  cdrom.media = DriveMedia::kCdrom;
+  cdrom.read_only = true;
+  cdrom.boot_index = 1;
+  cdrom.nodes = {DiskNode{"raw", true, 8}};
+  spec.drives.push_back(cdrom);
+  spec.net_device = "e1000";
+  spec.mac_address = "02:12:34:56:78:9a";
+  spec.own_nic = true;
+  const RuntimePaths paths{dir + "/qmp.sock", ""};
+  const std::vector<std::string> argv = BuildQemuArgv(spec, paths);
+  ChildGuard child;
+  ASSERT_TRUE(SpawnQemu(argv, files, dir + "/qemu.log", &child));
+  ASSERT_EQ(WaitForFileOrExit(dir, paths.qmp_socket, child.pid, absl::Seconds(60)), "")
+      << "argv: " << absl::StrJoin(argv, " ") << "\nQEMU output:\n" << ReadFile(dir + "/qemu.log");
+  absl::StatusOr<std::unique_ptr<QmpClient>> qmp = QmpClient::Connect(paths.qmp_socket, absl::Seconds(30));
+  ASSERT_TRUE(qmp.ok()) << qmp.status() << "\nargv: " << absl::StrJoin(argv, " ") << "\nQEMU output:\n"
+                        << ReadFile(dir + "/qemu.log");
+  absl::StatusOr<json> qtree = (*qmp)->Execute("human-monitor-command", {{"command-line", "info qtree"}});
+  ASSERT_TRUE(qtree.ok()) << qtree.status();
+  const std::string tree = qtree->get<std::string>();
+  for (const char* serial : {"data1", "data2", "data3", "data4"}) {
+    EXPECT_THAT(tree, HasSubstr(absl::StrCat("serial = \"", serial, "\""))) << serial;
+  }
+  EXPECT_THAT(tree, HasSubstr("dev: ide-cd"));
+  EXPECT_THAT(tree, HasSubstr("dev: nvme"));
+  EXPECT_THAT(tree, HasSubstr("dev: virtio-scsi-pci"));
+  EXPECT_THAT(tree, HasSubstr("mac = \"02:12:34:56:78:9a\""));
+  EXPECT_THAT(tree, HasSubstr("dev: e1000"));
+  absl::StatusOr<json> blocks = (*qmp)->Execute("query-block");
+  ASSERT_TRUE(blocks.ok()) << blocks.status();
+  std::vector<std::string> nodes;
+  for (const json& block : *blocks) {
+    if (block.contains("inserted")) nodes.push_back(block["inserted"].value("node-name", ""));
+  }
+  EXPECT_THAT(nodes, ::testing::UnorderedElementsAre("image0", "disk1", "disk2", "disk3", "disk4", "cdrom0"))
+      << blocks->dump();
 }
 
 }  // namespace
