@@ -29,6 +29,7 @@ using ::ndq::testing::EventRecorder;
 using ::ndq::testing::FakeAlloc;
 using ::ndq::testing::FreePort;
 using ::ndq::testing::HttpTestServer;
+using ::ndq::testing::Sha256Of;
 using ::ndq::testing::kGuestBootTimeout;
 using ::ndq::testing::PluginHarness;
 using ::ndq::testing::StartIsRecoverable;
@@ -40,16 +41,6 @@ using ::testing::HasSubstr;
 using ::testing::Not;
 namespace fs = std::filesystem;
 namespace driverpb = hashicorp::nomad::plugins::drivers::proto;
-
-std::string Sha256Of(const std::string& path) {
-  absl::StatusOr<Hasher> hasher = Hasher::Create("sha256");
-  std::ifstream in(path, std::ios::binary);
-  std::vector<char> buf(1 << 20);
-  while (in.read(buf.data(), static_cast<std::streamsize>(buf.size())) || in.gcount() > 0) {
-    hasher->Update(buf.data(), static_cast<size_t>(in.gcount()));
-  }
-  return hasher->FinalHex();
-}
 
 std::string HttpGet(const std::string& url) {
   auto out = RunCommand({"/usr/bin/curl", "-s", "--max-time", "5", url}, absl::Seconds(10));

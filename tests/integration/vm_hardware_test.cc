@@ -29,6 +29,7 @@ using ::ndq::testing::FakeAlloc;
 using ::ndq::testing::FreePort;
 using ::ndq::testing::Guest;
 using ::ndq::testing::HttpTestServer;
+using ::ndq::testing::Sha256Of;
 using ::ndq::testing::kGuestBootTimeout;
 using ::ndq::testing::PluginHarness;
 using ::ndq::testing::ProcessesMentioning;
@@ -48,16 +49,6 @@ std::string Page(int port, const std::string& path) {
                          absl::StrCat("http://127.0.0.1:", port, "/", path)},
                         absl::Seconds(10));
   return out.ok() && out->exit_code == 0 ? out->output : "";
-}
-
-std::string Sha256Of(const std::string& path) {
-  absl::StatusOr<Hasher> hasher = Hasher::Create("sha256");
-  std::ifstream in(path, std::ios::binary);
-  std::vector<char> buf(1 << 20);
-  while (in.read(buf.data(), static_cast<std::streamsize>(buf.size())) || in.gcount() > 0) {
-    hasher->Update(buf.data(), static_cast<size_t>(in.gcount()));
-  }
-  return hasher->FinalHex();
 }
 
 void MakeImage(const std::string& path, const std::string& format, const std::string& size) {
@@ -267,6 +258,10 @@ TEST_F(VmHardwareTest, HostileOptionsAreRefusedAndLeaveNothing) {
       {{{"kernel", "local/shadow-link"}}, "\"kernel\""},
       {{{"kernel", Guest("guest-vmlinuz")}, {"initrd", "/etc/shadow"}}, "\"initrd\""},
       {{{"cdrom", "/etc/shadow"}}, "\"cdrom\""},
+      {{{"cdrom_source", "file:///etc/shadow"}, {"cdrom_checksum", "sha256:" + std::string(64, 'a')}},
+       "\"cdrom_source\""},
+      {{{"disk", {{{"image_source", "/etc/shadow"}, {"checksum", "sha256:" + std::string(64, 'a')}}}}},
+       "\"disk[0].image_source\""},
       {{{"disk", {{{"image_path", "/etc/shadow"}}}}}, "\"disk[0].image_path\""},
       {{{"disk", {{{"image_path", "local/data.qcow2"}, {"size", "1M"}}}}}, "\"disk[0].size\""},
       {{{"disk", {{{"size", "1G"}, {"serial", "x,file=/etc/shadow"}}}}}, "\"disk[0].serial\""},

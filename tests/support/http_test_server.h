@@ -2,6 +2,9 @@
 // and reaped when the object goes away.
 #pragma once
 
+#include <fstream>
+#include <vector>
+
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -18,8 +21,20 @@
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "host/run_command.h"
+#include "image/checksum.h"
 
 namespace ndq::testing {
+
+// The sha256 of a file the tests serve, as hex.
+inline std::string Sha256Of(const std::string& path) {
+  absl::StatusOr<Hasher> hasher = Hasher::Create("sha256");
+  std::ifstream in(path, std::ios::binary);
+  std::vector<char> buf(1 << 20);
+  while (in.read(buf.data(), static_cast<std::streamsize>(buf.size())) || in.gcount() > 0) {
+    hasher->Update(buf.data(), static_cast<size_t>(in.gcount()));
+  }
+  return hasher->FinalHex();
+}
 
 const char kServerScript[] = NDQ_SOURCE_DIR "/tests/support/http_test_server.py";
 
