@@ -311,9 +311,14 @@ TEST_F(FetcherTest, ProgressIsThrottled) {
   ASSERT_GE(reports.size(), 3u);
   EXPECT_LE(reports.size(), 12u);
   EXPECT_EQ(reports.back().second, static_cast<int64_t>(data_.size()));
-  // Every report but the final one is at least an interval after the previous one.
+  // Every report but the final one is at least an interval after the previous
+  // one. The fetcher throttles on its own clock reading, taken just before it
+  // calls back; ours is taken inside the callback, so a callback that ran late
+  // makes the next gap look shorter by that delay (199.995 ms was seen under
+  // TSan). 5 ms of that jitter is allowed; an unthrottled stream reports every
+  // few milliseconds.
   for (size_t i = 1; i + 1 < reports.size(); ++i) {
-    EXPECT_GE(reports[i].first - reports[i - 1].first, absl::Milliseconds(200)) << i;
+    EXPECT_GE(reports[i].first - reports[i - 1].first, absl::Milliseconds(195)) << i;
     EXPECT_GE(reports[i].second, reports[i - 1].second);
   }
 }
