@@ -132,14 +132,8 @@ absl::StatusOr<MediaFiles::DriveFile> Download(const Drive& drive, const MediaCo
   if (source.size_bytes > 0) request.size = source.size_bytes;
   request.overlay_name = drive.media == DriveMedia::kCdrom ? "" : drive.id + "-overlay.qcow2";
   if (absl::Status checked = CheckSourceRequest(request, ctx.plugin); !checked.ok()) return checked;
-  const AdmissionScope& scope = ctx.scope;
-  const LocalOpener admit_local = [&scope](const std::string& field, const std::string& path) -> absl::StatusOr<int> {
-    absl::StatusOr<AdmittedFile> file = AdmitFile(field, path, scope, FileAccess::kReadOnly);
-    if (!file.ok()) return file.status();
-    return file->fd.release();
-  };
   absl::StatusOr<TaskDisk> disk = PrepareTaskDisk(request, ctx.task.task_dir(), ctx.plugin, *ctx.cache, ctx.emit,
-                                                  admit_local, ctx.cancelled, ctx.lease);
+                                                  AdmittingOpener(ctx.scope), ctx.cancelled, ctx.lease);
   if (!disk.ok()) return disk.status();
   rollback.Push([cache = ctx.cache, cached = disk->cached_image, lease = ctx.lease] { cache->Release(cached, lease); });
   media.cached_images.push_back(disk->cached_image);
@@ -288,6 +282,14 @@ absl::StatusOr<MediaFiles::DriveFile> PrepareDrive(const Drive& drive, const Med
 }
 
 }  // namespace
+
+LocalOpener AdmittingOpener(const AdmissionScope& scope) {
+  return [&scope](const std::string& field, const std::string& path) -> absl::StatusOr<int> {
+    absl::StatusOr<AdmittedFile> file = AdmitFile(field, path, scope, FileAccess::kReadOnly);
+    if (!file.ok()) return file.status();
+    return file->fd.release();
+  };
+}
 
 absl::StatusOr<MediaFiles> PrepareMedia(const VmSpec& spec, const MediaContext& context, Rollback& rollback) {
   MediaFiles media;

@@ -17,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "base/rollback.h"
 #include "image/image_cache.h"
+#include "image/task_disk.h"
 #include "policy/allowlist.h"
 #include "policy/plugin_config.h"
 #include "policy/task_config.h"
@@ -47,6 +48,11 @@ struct MediaContext {
   std::function<bool()> cancelled;
   std::string lease;  // the task key, for cache leases
 };
+
+// Opens a local download source (a path or file:// URL) only through
+// admission in `scope`, read-only: what image_source, a disk's image_source
+// and cdrom_source hand the fetcher. `scope` must outlive the opener.
+LocalOpener AdmittingOpener(const AdmissionScope& scope);
 
 absl::StatusOr<MediaFiles> PrepareMedia(const VmSpec& spec, const MediaContext& context, Rollback& rollback);
 

@@ -141,15 +141,9 @@ absl::StatusOr<AdmittedImage> AdmitImage(const TaskRequest& task, const DecodedT
   const std::string task_dir = task.task_dir();
   AdmittedImage image{std::nullopt, "image_path", "", AdmissionScope{task_dir, task.alloc_dir, plugin.image_paths}};
   if (decoded.sources.empty()) return image;
-  const AdmissionScope& scope = image.scope;
-  const LocalOpener admit_local = [&scope](const std::string& field, const std::string& path) -> absl::StatusOr<int> {
-    absl::StatusOr<AdmittedFile> file = AdmitFile(field, path, scope, FileAccess::kReadOnly);
-    if (!file.ok()) return file.status();
-    return file->fd.release();
-  };
   const std::string lease = TaskKey(task.identity.id);
   absl::StatusOr<TaskDisk> disk = PrepareTaskDisk(decoded.config, decoded.sources, task_dir, plugin, *deps.cache,
-                                                  deps.emit, admit_local, deps.cancelled, lease);
+                                                  deps.emit, AdmittingOpener(image.scope), deps.cancelled, lease);
   if (!disk.ok()) return disk.status();
   rollback.Push([cache = deps.cache, cached = disk->cached_image, lease] { cache->Release(cached, lease); });
   rollback.Push([overlay = disk->overlay] { ::unlink(overlay.c_str()); });
