@@ -89,6 +89,22 @@ TEST_F(GuestExecTest, EchoExitsZeroWithItsOutput) {
   EXPECT_FALSE(result->output.stdout_truncated);
 }
 
+TEST_F(GuestExecTest, ArgumentsReachTheProgramAsTheyAreWithoutAShell) {
+  auto result = Run(Command({"/bin/echo", "a  b", "$HOME", "*", "'q'"}));
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->output.stdout_data, "a  b $HOME * 'q'\n");
+}
+
+// qemu-ga 7.2 reports the exit only once stdout and stderr are closed: a
+// background child that keeps them holds the result back until it ends.
+TEST_F(GuestExecTest, AChildHoldingTheOutputDelaysTheResult) {
+  const absl::Time start = absl::Now();
+  auto result = Run(Command({"/bin/sh", "-c", "sleep 0.7 & echo x"}));
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->output.stdout_data, "x\n");
+  EXPECT_GE(absl::Now() - start, absl::Milliseconds(600));
+}
+
 TEST_F(GuestExecTest, ProgramsAreFoundOnThePathAndEnvReplacesTheEnvironment) {
   GuestExecRequest request = Command({"env"});
   request.env = {"A=B", "C=with spaces"};
