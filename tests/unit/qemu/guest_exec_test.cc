@@ -151,6 +151,18 @@ TEST(guest_exec, LargeOutputFitsTheStatusReply) {
   EXPECT_EQ(result->output.stdout_data, output);
 }
 
+// Only the status call GuestExec makes gets the larger bound; other calls keep
+// refusing a reply over 1 MiB, and the client resynchronizes after it.
+TEST(guest_exec, OtherCallsKeepTheOneMebibyteBound) {
+  FakeAgent fake(absl::ZeroDuration(), std::string(2 << 20, 'x'));
+  auto agent = GuestAgentClient::Adopt(fake.client_fd(), "fake agent", absl::Seconds(5));
+  ASSERT_TRUE(agent.ok()) << agent.status();
+  ASSERT_TRUE((*agent)->Execute("guest-exec", {{"path", "/bin/big"}}).ok());
+  auto reply = (*agent)->Execute("guest-exec-status", {{"pid", 42}});
+  EXPECT_TRUE(absl::IsDataLoss(reply.status())) << reply.status();
+  EXPECT_TRUE((*agent)->Execute("guest-exec", {{"path", "/bin/true"}}).ok());
+}
+
 TEST(guest_exec, ACommandTheAgentForgotIsNotFound) {
   FakeAgent fake(absl::ZeroDuration(), "");
   auto agent = GuestAgentClient::Adopt(fake.client_fd(), "fake agent", absl::Seconds(5));
