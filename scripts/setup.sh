@@ -8,6 +8,9 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   libcurl4-openssl-dev libssl-dev nlohmann-json3-dev libspdlog-dev libgtest-dev libgmock-dev
   qemu-system-x86 qemu-utils
+  # the real guest agent, run on the host by the guest-exec tests (the package only
+  # adds a systemd unit: nothing starts here)
+  qemu-guest-agent
   # UEFI firmware (OVMF) for VMs that boot with UEFI or Secure Boot
   ovmf
   # a TPM per VM (tpm = true): the swtpm emulator the supervisor starts, and its tools

@@ -32,8 +32,6 @@ using nlohmann::json;
 constexpr absl::string_view kErrorClassPayload = "ndq.qemu/qmp-error-class";
 // No sane reply comes near this; a peer that sends more without a newline is broken.
 constexpr size_t kMaxQmpLine = 64 << 20;
-// Guest agent replies come from inside the guest, which we do not trust.
-constexpr size_t kMaxAgentLine = 1 << 20;
 constexpr char kSentinel = '\xff';
 // Copying or dumping a parsed message recurses once per level, so what QEMU or
 // the guest sends is parsed with a bound (no real message comes near it).
@@ -747,7 +745,7 @@ absl::Status GuestAgentClient::FillLocked(absl::Time deadline, absl::string_view
       // The public caller rewrites this with its own timeout.
       return absl::DeadlineExceededError(waiting_for);
     }
-    char chunk[4096];
+    char chunk[64 << 10];
     const ssize_t n = ::recv(fd_, chunk, sizeof chunk, MSG_DONTWAIT);
     if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
     if (n <= 0) {
@@ -757,9 +755,9 @@ absl::Status GuestAgentClient::FillLocked(absl::Time deadline, absl::string_view
                                                  waiting_for, " (the VM exited?)"));
     }
     input_.append(chunk, static_cast<size_t>(n));
-    if (input_.size() > kMaxAgentLine) {
+    if (input_.size() > max_line_) {
       // Only a misbehaving guest sends this much; keep the tail, drop sync.
-      input_.erase(0, input_.size() - kMaxAgentLine);
+      input_.erase(0, input_.size() - max_line_);
       in_sync_ = false;
     }
     return absl::OkStatus();
@@ -768,13 +766,15 @@ absl::Status GuestAgentClient::FillLocked(absl::Time deadline, absl::string_view
 
 absl::StatusOr<std::string> GuestAgentClient::ReadLineLocked(absl::Time deadline) {
   size_t nl;
-  while ((nl = input_.find('\n')) == std::string::npos) {
-    if (input_.size() >= kMaxAgentLine) {
+  size_t scanned = 0;  // a long reply arrives in many pieces: search each byte once
+  while ((nl = input_.find('\n', scanned)) == std::string::npos) {
+    if (input_.size() >= max_line_) {
       input_.clear();
       in_sync_ = false;
-      return absl::DataLossError(absl::StrCat(peer_, ": the guest agent sent over ", kMaxAgentLine,
+      return absl::DataLossError(absl::StrCat(peer_, ": the guest agent sent over ", max_line_,
                                               " bytes without a line break"));
     }
+    scanned = input_.size();
     absl::Status status = FillLocked(deadline, "reply");
     if (!status.ok()) return status;
   }
@@ -843,7 +843,7 @@ absl::Status GuestAgentClient::SyncLocked(absl::Time deadline) {
 }
 
 absl::StatusOr<json> GuestAgentClient::Execute(const std::string& command, const json& arguments,
-                                               absl::Duration timeout) {
+                                               absl::Duration timeout, size_t max_reply_bytes) {
   if (!arguments.is_null() && !arguments.is_object()) {
     return absl::InvalidArgumentError(
         absl::StrCat("guest agent command ", command, ": arguments must be a JSON object, got ",
@@ -860,9 +860,11 @@ absl::StatusOr<json> GuestAgentClient::Execute(const std::string& command, const
   if (!arguments.is_null()) request["arguments"] = arguments;
   absl::Status status = SendLocked(Dump(request) + "\n", deadline);
   if (!status.ok()) return status;
+  max_line_ = std::max(max_reply_bytes, kMaxReplyBytes);
   absl::StatusOr<std::string> line = ReadLineLocked(deadline);
   // Delimited lines answer syncs, never commands: leftovers of an earlier sync.
   while (line.ok() && line->find(kSentinel) != std::string::npos) line = ReadLineLocked(deadline);
+  max_line_ = kMaxReplyBytes;
   if (!line.ok()) {
     if (absl::IsDeadlineExceeded(line.status())) {
       return absl::DeadlineExceededError(absl::StrCat(peer_, ": the guest agent did not answer ", command,

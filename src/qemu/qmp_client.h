@@ -172,10 +172,16 @@ class GuestAgentClient {
   // while the guest end of the channel (re)opens can be lost.
   absl::Status Sync(absl::Duration timeout = kDefaultTimeout);
 
+  // Replies come from inside the guest, which we do not trust, so a reply
+  // longer than this is refused (DataLoss) and the client resynchronizes.
+  static constexpr size_t kMaxReplyBytes = 1 << 20;
+
   // Runs a command that replies, returning its "return" value; error replies
-  // become a Status as for QmpClient::Execute.
+  // become a Status as for QmpClient::Execute. `max_reply_bytes` raises the
+  // bound for this one reply (guest-exec-status carries a command's output).
   absl::StatusOr<nlohmann::json> Execute(const std::string& command, const nlohmann::json& arguments = nullptr,
-                                         absl::Duration timeout = kDefaultTimeout);
+                                         absl::Duration timeout = kDefaultTimeout,
+                                         size_t max_reply_bytes = kMaxReplyBytes);
   absl::Status Ping(absl::Duration timeout = kDefaultTimeout);
   // guest-info: the agent's version and supported commands.
   absl::StatusOr<nlohmann::json> Info(absl::Duration timeout = kDefaultTimeout);
@@ -208,6 +214,7 @@ class GuestAgentClient {
   std::string input_ ABSL_GUARDED_BY(mu_);
   bool in_sync_ ABSL_GUARDED_BY(mu_) = false;
   bool eof_ ABSL_GUARDED_BY(mu_) = false;
+  size_t max_line_ ABSL_GUARDED_BY(mu_) = kMaxReplyBytes;  // the bound for the reply being read
 };
 
 }  // namespace ndq
