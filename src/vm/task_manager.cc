@@ -165,6 +165,19 @@ absl::StatusOr<std::shared_ptr<const VmTask>> TaskManager::Get(const std::string
   return std::shared_ptr<const VmTask>(*task);
 }
 
+absl::StatusOr<GuestExecResult> TaskManager::Exec(const std::string& id, const GuestExecRequest& request,
+                                                  const TaskExecOptions& options) {
+  absl::StatusOr<std::shared_ptr<VmTask>> task = Find(id);
+  if (!task.ok()) return task.status();
+  return ExecInTask(**task, request, options);
+}
+
+absl::Status TaskManager::CheckExec(const std::string& id) {
+  absl::StatusOr<std::shared_ptr<VmTask>> task = Find(id);
+  if (!task.ok()) return task.status();
+  return CheckExecTarget(**task);
+}
+
 absl::StatusOr<DriverStateRecord> TaskManager::Start(const TaskRequest& task, const std::function<bool()>& cancelled) {
   const std::string& id = task.identity.id;
   if (id.empty()) return absl::InvalidArgumentError("task config has no id");

@@ -23,6 +23,7 @@
 #include "host/process_watch.h"
 #include "qemu/vm_spec.h"
 #include "vm/start_pipeline.h"
+#include "vm/task_exec.h"
 #include "vm/vm_task.h"
 
 namespace ndq {
@@ -76,6 +77,12 @@ class TaskManager {
 
   // A task's VM, for reading its stats.
   absl::StatusOr<std::shared_ptr<const VmTask>> Get(const std::string& id);
+  // Runs a command in a task's guest (`nomad alloc exec`, see vm/task_exec.h).
+  absl::StatusOr<GuestExecResult> Exec(const std::string& id, const GuestExecRequest& request,
+                                       const TaskExecOptions& options);
+  // Exec's errors that come before the command: no such task, an exited one,
+  // no guest agent or none answering (it connects the agent).
+  absl::Status CheckExec(const std::string& id);
 
   // Whether VMs get cgroup limits here; the first time it is not so, says
   // why in the log.

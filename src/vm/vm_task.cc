@@ -332,12 +332,12 @@ absl::Status VmTask::RequestPowerdownLocked(absl::Time deadline) {
   // Each request's event is emitted before the request goes out, so that it
   // precedes whatever the guest does about it (QEMU's SHUTDOWN event).
   if (record_.guest_agent) {
-    absl::StatusOr<std::unique_ptr<GuestAgentClient>> agent =
-        GuestAgentClient::Connect(record_.guest_agent_socket, std::min(left(), timeouts::kQmpQuick), record_.qemu_pid);
+    absl::StatusOr<std::shared_ptr<GuestAgentClient>> agent = GuestAgent(std::min(left(), timeouts::kQmpQuick));
     absl::Status status = agent.status();
     if (agent.ok()) {
       Emit("Asked the guest agent to shut down");
       status = (*agent)->Shutdown("powerdown", left());
+      if (!status.ok()) DropGuestAgent(*agent);
     }
     if (status.ok()) {
       log::Info("guest agent asked to power off", {{"task_id", id()}});
@@ -359,6 +359,36 @@ absl::Status VmTask::RequestPowerdownLocked(absl::Time deadline) {
     Emit(absl::StrCat("ACPI powerdown failed: ", status.message()));
   }
   return status;
+}
+
+absl::StatusOr<std::shared_ptr<GuestAgentClient>> VmTask::GuestAgent(absl::Duration connect_timeout) {
+  if (!record_.guest_agent) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("task ", id(), " runs without the guest agent (its config does not set guest_agent = true)"));
+  }
+  if (result()) return absl::FailedPreconditionError(absl::StrCat("task ", id(), " has exited"));
+  absl::MutexLock lock(&agent_mu_);
+  if (agent_ != nullptr) return agent_;
+  absl::StatusOr<std::unique_ptr<GuestAgentClient>> agent =
+      GuestAgentClient::Connect(record_.guest_agent_socket, connect_timeout, record_.qemu_pid);
+  if (!agent.ok()) {
+    return absl::UnavailableError(absl::StrCat("the guest agent of task ", id(), " does not answer within ",
+                                               absl::FormatDuration(connect_timeout),
+                                               " (is qemu-guest-agent running in the guest?): ",
+                                               agent.status().message()));
+  }
+  agent_ = std::move(*agent);
+  return agent_;
+}
+
+void VmTask::DropGuestAgent(const std::shared_ptr<GuestAgentClient>& agent) {
+  std::shared_ptr<GuestAgentClient> dropped;
+  {
+    absl::MutexLock lock(&agent_mu_);
+    if (agent_ != agent) return;
+    dropped = std::move(agent_);
+  }
+  dropped->Close();
 }
 
 absl::Status VmTask::Signal(int signal) {

@@ -126,6 +126,16 @@ class VmTask {
   // resumes without delaying the caller.
   void SetEventSink(TaskEventSink sink);
 
+  // The task's guest agent session, connected on first use (and again after
+  // DropGuestAgent). Exec sessions and powerdown share it because QEMU's agent
+  // socket serves one client at a time; the client serializes the calls.
+  // FailedPrecondition when the task runs without guest_agent or has exited,
+  // Unavailable when no agent answers within `connect_timeout`.
+  absl::StatusOr<std::shared_ptr<GuestAgentClient>> GuestAgent(absl::Duration connect_timeout);
+  // Forgets `agent` after it failed (a broken or desynchronized session), so
+  // the next GuestAgent call connects anew. No-op if another took its place.
+  void DropGuestAgent(const std::shared_ptr<GuestAgentClient>& agent);
+
   // Waits up to `timeout` for QEMU's QMP session to end, so that every event
   // QEMU sent before it exited has been relayed. Returns at once without a
   // session. For the exit event, which must come after them.
@@ -166,6 +176,10 @@ class VmTask {
   std::shared_ptr<QmpClient> qmp_ ABSL_GUARDED_BY(qmp_mu_);
   // Opens the QMP session of a recovered task (see SetEventSink).
   std::thread connect_thread_ ABSL_GUARDED_BY(sink_mu_);
+
+  // Held while connecting; taken after control_mu_ (powerdown), never before.
+  absl::Mutex agent_mu_;
+  std::shared_ptr<GuestAgentClient> agent_ ABSL_GUARDED_BY(agent_mu_);
 
   mutable absl::Mutex mu_;
   std::optional<ExitResult> result_ ABSL_GUARDED_BY(mu_);

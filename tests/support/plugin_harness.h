@@ -148,6 +148,9 @@ class PluginHarness {
     client_.reset();
     nomadplugin::LaunchOptions options;
     options.binary = NDQ_PLUGIN_BINARY;
+    // NDQ_PLUGIN_STDERR=1 shows the plugin's log lines (debugging a test).
+    const char* echo = std::getenv("NDQ_PLUGIN_STDERR");
+    options.echo_stderr = echo != nullptr && std::string(echo) == "1";
     auto plugin = nomadplugin::PluginProcess::Launch(options);
     ASSERT_TRUE(plugin.ok()) << plugin.status();
     plugin_ = std::move(*plugin);
