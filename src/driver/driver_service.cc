@@ -114,7 +114,8 @@ driverpb::DriverCapabilities Capabilities() {
   // Bridge networking: Nomad makes the namespace, QEMU joins it.
   caps.add_network_isolation_modes(driverpb::NetworkIsolationSpec::GROUP);
   caps.set_must_create_network(false);
-  caps.set_mount_configs(driverpb::DriverCapabilities::NO_MOUNTS);
+  // Volume mounts (host volumes, CSI) become virtio-9p shares (qemu/share_plan.h).
+  caps.set_mount_configs(driverpb::DriverCapabilities::ANY_MOUNTS);
   return caps;
 }
 

@@ -146,6 +146,9 @@ nomadplugin::hclspec::Spec TaskConfigSpec() {
       {"firmware", hs::Attr("firmware", "string")},
       {"secure_boot", hs::Attr("secure_boot", "bool")},
       {"tpm", hs::Attr("tpm", "bool")},
+      // Shares (qemu/share_plan.h). No option names a host path: only Nomad's
+      // own alloc dirs and volume mounts are ever shared.
+      {"share_alloc_dirs", hs::Attr("share_alloc_dirs", "bool")},
   });
 }
 
@@ -175,6 +178,7 @@ absl::StatusOr<TaskConfig> DecodeTaskConfig(const std::string& msgpack, bool rej
   config.args = reader->StringList("args").value_or(std::vector<std::string>{});
   config.port_map = reader->IntegerMapList("port_map").value_or(std::map<std::string, int64_t>{});
   DecodeHardware(*reader, config);
+  config.share_alloc_dirs = reader->Bool("share_alloc_dirs").value_or(false);
   DecodeBlocks(*reader, reject_unknown, config);
   if (absl::Status status = reader->status(); !status.ok()) return status;
   return config;

@@ -88,6 +88,8 @@ struct TaskConfig {
   std::optional<std::string> firmware;  // "bios" or "uefi"
   bool secure_boot = false;
   bool tpm = false;
+  // Shares: the alloc's alloc/, the task's local/ and secrets/ over virtio-9p.
+  bool share_alloc_dirs = false;
 };
 
 nomadplugin::hclspec::Spec TaskConfigSpec();

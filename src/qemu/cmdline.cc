@@ -178,6 +178,33 @@ void AppendTpm(const VmSpec& spec, const RuntimePaths& paths, std::vector<std::s
                            q35 ? "tpm-crb,tpmdev=tpm0" : "tpm-tis,tpmdev=tpm0"});
 }
 
+// virtio-9p shares (qemu/share_plan.h). The root is the directory the driver
+// opened and checked, reopened by QEMU through /proc/self/fd/N; only the tag
+// is spliced, commas doubled.
+// security_model=mapped-xattr: the guest's owners and modes are kept in
+// user.virtfs.* xattrs, never applied to the host file. The host sees every
+// file the guest writes as an ordinary file owned by QEMU's user, mode fmode
+// (0644; directories dmode 0755). So it works for the unprivileged qemu_user
+// (passthrough would have to chown to the guest's uid, which needs root), and
+// a guest's setuid bit or chmod never reaches the host (with none or
+// passthrough, guest root could leave a setuid-root file in the alloc dir when
+// QEMU runs as root). The cost: a writable share needs user xattrs on its file
+// system (ext4, xfs, btrfs, tmpfs from Linux 6.6; not NFS before 4.2).
+// multidevs=remap: a volume may span file systems (submounts); remapping keeps
+// inode numbers unique in the guest instead of QEMU only warning.
+void AppendShares(const VmSpec& spec, std::vector<std::string>& argv) {
+  for (size_t i = 0; i < spec.shares.size(); ++i) {
+    const Share& share = spec.shares[i];
+    if (share.fd < 0) continue;  // not opened: nothing to share
+    const std::string id = absl::StrCat("share", i);
+    argv.insert(argv.end(), {"-fsdev",
+                             absl::StrCat("local,id=", id, ",path=/proc/self/fd/", share.fd,
+                                          ",security_model=mapped-xattr,fmode=0644,dmode=0755,multidevs=remap", share.read_only ? ",readonly=on" : ""),
+                             "-device",
+                             absl::StrCat("virtio-9p-pci,fsdev=", id, ",mount_tag=", EscapeQemuOptionValue(share.tag))});
+  }
+}
+
 // The -machine value: type and accelerator, plus what UEFI and Secure Boot need.
 std::string MachineOption(const VmSpec& spec) {
   const auto esc = EscapeQemuOptionValue;
@@ -230,6 +257,7 @@ std::vector<std::string> BuildQemuArgv(const VmSpec& spec, const RuntimePaths& p
                  "-device", "virtio-serial", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"});
   }
   AppendTpm(spec, paths, argv);
+  AppendShares(spec, argv);
   argv.insert(argv.end(), spec.args.begin(), spec.args.end());
 
   std::vector<std::string> netdev;

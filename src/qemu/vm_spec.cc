@@ -15,6 +15,7 @@
 #include "absl/strings/strip.h"
 #include "policy/allowlist.h"
 #include "qemu/hardware_plan.h"
+#include "qemu/share_plan.h"
 
 namespace ndq {
 namespace {
@@ -374,6 +375,7 @@ absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config, const TaskRequest& task,
   PlanNic(config, task, host, spec, problems);
   PlanKernel(config, spec, problems);
   PlanDrives(config, plugin, spec, problems);
+  PlanShares(config, task, spec, problems);
   spec.name = task.identity.name;
   spec.graceful_shutdown = config.graceful_shutdown;
   spec.guest_agent = config.guest_agent;

@@ -93,6 +93,20 @@ struct Firmware {
   int vars_fd = -1;
 };
 
+// A host directory shown to the guest over virtio-9p (qemu/share_plan.h).
+// QEMU gets the directory the driver opened and checked, as /proc/self/fd/N.
+enum class ShareOrigin { kAllocDir, kVolume };
+struct Share {
+  std::string tag;        // the guest's mount tag: "alloc", "local", "secrets" or a volume's destination
+  ShareOrigin origin = ShareOrigin::kAllocDir;
+  std::string host_path;  // kAllocDir: the dir's name under the alloc ("alloc", "<task>/local"); kVolume: Nomad's path
+  bool read_only = false;
+  int fd = -1;  // the open directory's number in QEMU's process (filled at start)
+  bool operator==(const Share& o) const {
+    return tag == o.tag && origin == o.origin && host_path == o.host_path && read_only == o.read_only && fd == o.fd;
+  }
+};
+
 struct VmSpec {
   std::string emulator;       // "x86_64", without "qemu-system-"
   std::string emulator_path;  // the binary found by the fingerprinter
@@ -136,6 +150,7 @@ struct VmSpec {
   bool own_nic = false;  // the driver attaches the NIC (forwards, DNS, net_device or mac_address set)
   Firmware firmware;
   bool tpm = false;
+  std::vector<Share> shares;  // share_alloc_dirs, then Nomad's volume mounts
 };
 
 // Checks everything and applies Nomad's defaults (emulator x86_64, accelerator

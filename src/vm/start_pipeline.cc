@@ -25,6 +25,7 @@
 #include "vm/start_media.h"
 #include "nomadplugin/hclog.h"
 #include "qemu/cmdline.h"
+#include "qemu/share_plan.h"
 #include "qemu_driver/supervisor_protocol.h"
 
 namespace ndq {
@@ -61,6 +62,7 @@ struct OpenDisks {
   std::vector<DiskNode> boot;
   std::vector<std::vector<DiskNode>> drives;  // one per spec.drives
   int kernel_fd = -1, initrd_fd = -1, code_fd = -1, vars_fd = -1;
+  std::vector<int> share_fds;  // one per spec.shares
 
   // Hands `fd` to QEMU; returns its number there.
   int Pass(UniqueFd fd) {
@@ -121,7 +123,10 @@ absl::StatusOr<std::string> TaskNetns(const TaskRequest& task) {
 }
 
 absl::StatusOr<DecodedTask> Decode(const TaskRequest& task, const PluginConfig& plugin) {
-  absl::StatusOr<TaskConfig> config = DecodeTaskConfig(task.driver_config);
+  // Strict: Nomad encodes the job's block against our own schema, so every
+  // key it sends is one we know; anything else did not come through Nomad's
+  // HCL (e.g. a hand-made option naming a host path to share) and is refused.
+  absl::StatusOr<TaskConfig> config = DecodeTaskConfig(task.driver_config, /*reject_unknown=*/true);
   if (!config.ok()) return config.status();
   absl::StatusOr<std::vector<std::string>> sources = ImageSources(*config, plugin);
   if (!sources.ok()) return sources.status();
@@ -227,9 +232,12 @@ absl::StatusOr<OpenDisks> OpenDisksFor(const VmSpec& spec, const AdmittedImage& 
   disks.initrd_fd = *initrd;
   const AdmissionScope task_only{scope.task_dir, scope.alloc_dir, {}};
   if (absl::Status fw = OpenFirmware(spec, media, task_only, disks); !fw.ok()) return fw;
+  absl::StatusOr<std::vector<UniqueFd>> shares = OpenShareDirs(spec.shares, image.scope.alloc_dir);
+  if (!shares.ok()) return shares.status();
+  for (UniqueFd& dir : *shares) disks.share_fds.push_back(disks.Pass(std::move(dir)));
   if (static_cast<int>(disks.fds.size()) > supervisor::kMaxPassedFds) {
-    return absl::InvalidArgumentError(absl::StrCat("task config: the VM's disks, their backing files, kernel and firmware "
-                                                   "come to ", disks.fds.size(), " files; at most ",
+    return absl::InvalidArgumentError(absl::StrCat("task config: the VM's disks, their backing files, kernel, firmware "
+                                                   "and shared directories come to ", disks.fds.size(), " files; at most ",
                                                    supervisor::kMaxPassedFds, " can be passed to QEMU"));
   }
   return disks;
@@ -378,6 +386,7 @@ absl::StatusOr<Supervisor> Launch(const TaskRequest& task, const VmSpec& spec,
   launched.kernel.initrd_fd = disks.initrd_fd;
   launched.firmware.code_fd = disks.code_fd;
   launched.firmware.vars_fd = disks.vars_fd;
+  for (size_t i = 0; i < launched.shares.size(); ++i) launched.shares[i].fd = disks.share_fds[i];
   const DriverStateRecord& record = place.record;
   const std::vector<std::string> qemu_argv =
       BuildQemuArgv(launched, RuntimePaths{record.qmp_socket, record.guest_agent_socket, place.tpm_socket});
