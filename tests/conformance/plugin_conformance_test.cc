@@ -193,7 +193,8 @@ TEST(Driver, CapabilitiesAreHonest) {
   EXPECT_TRUE(caps->exec());  // through the guest agent
   EXPECT_TRUE(caps->send_signals());
   EXPECT_EQ(caps->fs_isolation(), driverpb::DriverCapabilities::NONE);
-  EXPECT_EQ(caps->mount_configs(), driverpb::DriverCapabilities::NO_MOUNTS);
+  // Volume mounts become virtio-9p shares.
+  EXPECT_EQ(caps->mount_configs(), driverpb::DriverCapabilities::ANY_MOUNTS);
   EXPECT_THAT(caps->network_isolation_modes(), ::testing::Contains(driverpb::NetworkIsolationSpec::HOST));
 }
 

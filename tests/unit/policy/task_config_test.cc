@@ -32,9 +32,16 @@ TEST(TaskConfig, SchemaCoversNomadsQemuOptions) {
       {"boot_order", "string"},     {"net_device", "string"},     {"mac_address", "string"},
       {"firmware", "string"},       {"secure_boot", "bool"},      {"tpm", "bool"},
   };
+  // Shares (qemu/share_plan.h).
+  const std::map<std::string, std::string> shares = {{"share_alloc_dirs", "bool"}};
   const auto spec = TaskConfigSpec();
   const auto& attrs = spec.object().attributes();
-  EXPECT_EQ(attrs.size(), expected.size() + hardware.size() + 2);  // + the disk and cloud_init blocks
+  // + the disk and cloud_init blocks
+  EXPECT_EQ(attrs.size(), expected.size() + hardware.size() + shares.size() + 2);
+  for (const auto& [name, type] : shares) {
+    ASSERT_TRUE(attrs.count(name)) << name;
+    EXPECT_EQ(attrs.at(name).attr().type(), type) << name;
+  }
   EXPECT_EQ(attrs.at("disk").block_list().name(), "disk");
   EXPECT_EQ(attrs.at("cloud_init").block_value().name(), "cloud_init");
   for (const auto& [name, type] : hardware) {
