@@ -186,9 +186,11 @@ void AppendTpm(const VmSpec& spec, const RuntimePaths& paths, std::vector<std::s
 // file the guest writes as an ordinary file owned by QEMU's user, mode fmode
 // (0644; directories dmode 0755). So it works for the unprivileged qemu_user
 // (passthrough would have to chown to the guest's uid, which needs root), and
-// a guest's setuid bit or chmod never reaches the host (with none or
-// passthrough, guest root could leave a setuid-root file in the alloc dir when
-// QEMU runs as root). The cost: a writable share needs user xattrs on its file
+// a guest's setuid bit or chmod never reaches the host. Measured with QEMU
+// 7.2 running as root: the guest's `chmod 4755` on a copied busybox left
+// -rwsr-xr-x root on the host with security_model=none (a setuid-root binary
+// in the alloc dir), -rw-r--r-- with mapped-xattr (the guest still sees
+// 4755). The cost: a writable share needs user xattrs on its file
 // system (ext4, xfs, btrfs, tmpfs from Linux 6.6; not NFS before 4.2).
 // multidevs=remap: a volume may span file systems (submounts); remapping keeps
 // inode numbers unique in the guest instead of QEMU only warning.
