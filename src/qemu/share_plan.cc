@@ -2,11 +2,14 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <limits.h>
+#include <pwd.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <memory>
 #include <set>
 
@@ -137,7 +140,54 @@ absl::StatusOr<UniqueFd> OpenVolume(const Share& share) {
   return dir;
 }
 
+// What the guest is told about a share in messages.
+std::string ShareField(const Share& share) {
+  if (share.origin == ShareOrigin::kVolume) return absl::StrCat("volume mount ", Quoted(share.tag));
+  return kAllocDirsField;
+}
+std::string ShareWhat(const Share& share) {
+  if (share.origin == ShareOrigin::kVolume) return absl::StrCat("host path ", Quoted(share.host_path));
+  return share.tag == "alloc" ? "the alloc's alloc/" : absl::StrCat("the task's ", share.tag, "/");
+}
+
+// POSIX permission bits for `uid` in `groups`: owner, else group, else other.
+bool MayReadAndSearch(const struct stat& st, uid_t uid, const std::vector<gid_t>& groups) {
+  mode_t bits = st.st_mode & 07;
+  if (st.st_uid == uid) {
+    bits = (st.st_mode >> 6) & 07;
+  } else if (std::find(groups.begin(), groups.end(), st.st_gid) != groups.end()) {
+    bits = (st.st_mode >> 3) & 07;
+  }
+  return (bits & 05) == 05;
+}
+
 }  // namespace
+
+absl::Status CheckSharesReadable(const std::vector<Share>& shares, const std::vector<int>& dirs,
+                                 const std::string& user_name) {
+  if (user_name.empty() || shares.empty()) return absl::OkStatus();
+  const passwd* pw = ::getpwnam(user_name.c_str());
+  if (pw == nullptr) return absl::InvalidArgumentError(absl::StrCat("QEMU's user ", Quoted(user_name), " does not exist"));
+  const uid_t uid = pw->pw_uid;
+  int count = 64;
+  std::vector<gid_t> groups(static_cast<size_t>(count));
+  if (::getgrouplist(pw->pw_name, pw->pw_gid, groups.data(), &count) < 0) {
+    groups.resize(static_cast<size_t>(count));
+    ::getgrouplist(pw->pw_name, pw->pw_gid, groups.data(), &count);
+  }
+  groups.resize(static_cast<size_t>(std::max(count, 0)));
+  for (size_t i = 0; i < shares.size() && i < dirs.size(); ++i) {
+    struct stat st;
+    if (::fstat(dirs[i], &st) != 0) return ErrnoError(absl::StrCat(ShareField(shares[i]), ": cannot stat"), errno);
+    if (uid == 0 || MayReadAndSearch(st, uid, groups)) continue;
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+    return absl::FailedPreconditionError(absl::StrCat(ShareField(shares[i]), ": QEMU's user ", Quoted(user_name),
+                                                      " cannot read ", ShareWhat(shares[i]), " (mode ", mode,
+                                                      ", owner uid ", st.st_uid, "); it needs r-x there"));
+  }
+  return absl::OkStatus();
+}
 
 void PlanShares(const TaskConfig& config, const TaskRequest& task, VmSpec& spec, std::vector<std::string>& problems) {
   std::set<std::string> seen;

@@ -35,4 +35,14 @@ void PlanShares(const TaskConfig& config, const TaskRequest& task, VmSpec& spec,
 // must be a directory. Errors name the option or mount, never a link's target.
 absl::StatusOr<std::vector<UniqueFd>> OpenShareDirs(const std::vector<Share>& shares, const std::string& alloc_dir);
 
+// Whether QEMU's user (`user_name`; empty: root, nothing to check) may open
+// each share's root, `dirs[i]` the driver's open fd of shares[i]: QEMU
+// reopens it as that user and needs read and search (r-x), judged by the mode
+// bits against the user's uid and groups (ACLs are not read). Without this a
+// share it cannot open fails QEMU's start naming only /proc/self/fd/N.
+// Write permission is not required: a root the user cannot write (Nomad's
+// alloc/ is 0755 root) is shared, and the guest's writes there fail.
+absl::Status CheckSharesReadable(const std::vector<Share>& shares, const std::vector<int>& dirs,
+                                 const std::string& user_name);
+
 }  // namespace ndq

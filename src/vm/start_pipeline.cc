@@ -374,6 +374,13 @@ absl::StatusOr<HostPlace> PrepareHost(const TaskRequest& task, const PluginConfi
   return place;
 }
 
+// Whether QEMU's user may open every shared directory (qemu/share_plan.h).
+absl::Status SharesReadable(const VmSpec& spec, const OpenDisks& disks, const HostPlace& place) {
+  std::vector<int> dirs;
+  for (int passed : disks.share_fds) dirs.push_back(disks.fds[passed - supervisor::kFirstPassedFd].get());
+  return CheckSharesReadable(spec.shares, dirs, place.qemu_user);
+}
+
 // --- launch ---------------------------------------------------------------------------
 
 absl::StatusOr<Supervisor> Launch(const TaskRequest& task, const VmSpec& spec,
@@ -574,6 +581,7 @@ absl::StatusOr<LaunchedVm> RunStartPipeline(const TaskRequest& task, const Plugi
     return PrepareHost(task, plugin, *spec, *image, *media, deps, rollback);
   });
   if (!place.ok()) return place.status();
+  if (absl::Status shares = SharesReadable(*spec, *disks, *place); !shares.ok()) return shares;
   absl::StatusOr<Supervisor> supervisor = RunStage(StartStage::kLaunch, deps, [&] {
     return Launch(task, *spec, *disks, *place, decoded->netns, deps, rollback);
   });

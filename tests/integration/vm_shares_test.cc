@@ -4,6 +4,7 @@
 // tries to write from-guest.txt (tests/fixtures/README.md, "9p shares").
 #include <sys/stat.h>
 #include <sys/xattr.h>
+#include <pwd.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -64,11 +65,19 @@ void AddMount(driverpb::TaskConfig& task, const std::string& task_path, const st
   mount->set_readonly(readonly);
 }
 
+// QEMU runs as an unprivileged qemu_user under its sandbox, as in production.
 class VmSharesTest : public ::testing::Test {
  protected:
+  static constexpr char kUser[] = "ndq-qemu-test";
   void SetUp() override {
+    if (::getpwnam(kUser) == nullptr) {
+      auto added = RunCommand({"/usr/sbin/useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", kUser},
+                              absl::Seconds(30));
+      ASSERT_TRUE(added.ok() && added->exit_code == 0) << (added.ok() ? added->output : "");
+    }
     ASSERT_TRUE(TestGuestDir().ok()) << TestGuestDir().status();
-    json plugin_config = {{"image_paths", {*TestGuestDir()}}};
+    json plugin_config = {{"image_paths", {*TestGuestDir()}}, {"qemu_user", kUser}};
+    ::chmod(state_.path().c_str(), 0711);  // as /run is: QEMU's user may pass to its run/
     state_dir_ = state_.path() + "/s";
     harness_ = std::make_unique<PluginHarness>(state_dir_, plugin_config);
   }
@@ -77,10 +86,17 @@ class VmSharesTest : public ::testing::Test {
     harness_.reset();
   }
 
-  // Nomad's secrets/ (a tmpfs in Nomad; a plain directory here) and a
-  // hello.txt in alloc/, local/ and secrets/.
+  // The modes Nomad gives (client/allocdir): alloc/ 0755 root with data/
+  // 0777 in it, the task dir, local/ and secrets/ (a tmpfs in Nomad; a plain
+  // directory here) 0777; and a hello.txt in alloc/, local/ and secrets/.
   static void LayOut(FakeAlloc& alloc) {
     fs::create_directories(alloc.task_dir() + "/secrets");
+    fs::create_directories(alloc.alloc_dir() + "/alloc/data");
+    fs::permissions(alloc.alloc_dir() + "/alloc", fs::perms(0755));
+    for (const std::string& dir : {alloc.alloc_dir() + "/alloc/data", alloc.task_dir(), alloc.task_dir() + "/local",
+                                   alloc.task_dir() + "/secrets"}) {
+      fs::permissions(dir, fs::perms(0777));
+    }
     Write(alloc.alloc_dir() + "/alloc/hello.txt", "hello alloc\n");
     Write(alloc.task_dir() + "/local/hello.txt", "hello local\n");
     Write(alloc.task_dir() + "/secrets/hello.txt", "hello secrets\n");
@@ -99,11 +115,16 @@ class VmSharesTest : public ::testing::Test {
 // One boot: alloc/, local/, secrets/ and two host volumes (one read-only) are
 // mounted in the guest; it reads what the host wrote, its writes land on the
 // host where allowed and are refused in secrets/ and the read-only volume.
+// The roots sit in 0700 temp dirs QEMU's user cannot pass through: it gets
+// each directory opened, never a path to walk.
 TEST_F(VmSharesTest, AllocDirsAndVolumesReachTheGuest) {
   FakeAlloc alloc("shares");
   alloc.AddOverlay(Guest("guest-generic.qcow2"));
   LayOut(alloc);
+  // The operator makes host volumes accessible to QEMU's user.
   TempDir ro_volume, rw_volume;
+  fs::permissions(ro_volume.path(), fs::perms(0755));
+  fs::permissions(rw_volume.path(), fs::perms(0777));
   Write(ro_volume.path() + "/hello.txt", "hello read-only volume\n");
   Write(rw_volume.path() + "/hello.txt", "hello volume\n");
 
@@ -128,24 +149,27 @@ TEST_F(VmSharesTest, AllocDirsAndVolumesReachTheGuest) {
   EXPECT_EQ(Page(port, "share-_srv_data-hello"), "hello read-only volume\n");
   EXPECT_EQ(Page(port, "share-_srv_rw-hello"), "hello volume\n");
 
-  EXPECT_EQ(Page(port, "share-alloc-write"), "ok\n");
   EXPECT_EQ(Page(port, "share-local-write"), "ok\n");
   EXPECT_EQ(Page(port, "share-_srv_rw-write"), "ok\n");
-  EXPECT_EQ(ReadFile(alloc.alloc_dir() + "/alloc/from-guest.txt"), kGuestWrote);
   EXPECT_EQ(ReadFile(alloc.task_dir() + "/local/from-guest.txt"), kGuestWrote);
   EXPECT_EQ(ReadFile(rw_volume.path() + "/from-guest.txt"), kGuestWrote);
 
   // mapped-xattr: the guest's owner and mode live in xattrs; the host file is
-  // QEMU's (root here), mode fmode, whatever the guest asked for.
+  // QEMU's user's, mode fmode, whatever the guest asked for.
   struct stat st {};
   ASSERT_EQ(::stat((alloc.task_dir() + "/local/from-guest.txt").c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 07777, 0644u);
+  EXPECT_EQ(st.st_uid, ::getpwnam(kUser)->pw_uid);
   EXPECT_GT(::getxattr((alloc.task_dir() + "/local/from-guest.txt").c_str(), "user.virtfs.uid", nullptr, 0), 0);
 
   EXPECT_EQ(Page(port, "share-secrets-write"), "refused\n");
   EXPECT_EQ(Page(port, "share-_srv_data-write"), "refused\n");
   EXPECT_FALSE(fs::exists(alloc.task_dir() + "/secrets/from-guest.txt"));
   EXPECT_FALSE(fs::exists(ro_volume.path() + "/from-guest.txt"));
+  // alloc/ itself is root's 0755, as Nomad makes it: shared, readable, and
+  // QEMU's user may not write at its top (alloc/data is 0777).
+  EXPECT_EQ(Page(port, "share-alloc-write"), "refused\n");
+  EXPECT_FALSE(fs::exists(alloc.alloc_dir() + "/alloc/from-guest.txt"));
 
   ASSERT_TRUE(harness_->Stop(handle.config().id(), absl::Seconds(20)).ok());
   ASSERT_TRUE(harness_->Destroy(handle.config().id(), true).ok());
@@ -180,6 +204,8 @@ TEST_F(VmSharesTest, HostileSharesAreRefusedAndLeaveNothing) {
        {"volume mount \"/srv/a,path=/etc\"", "9p mount tag"}},
       {"tag of an alloc dir", json::object(), {"secrets", outside.path()}, {"volume mount \"secrets\"", "already used"}},
       {"job names a share path", {{"share_paths", {"/etc"}}}, {}, {"\"share_paths\"", "is not a known option"}},
+      {"root QEMU's user cannot read", json::object(), {"/srv/data", outside.path()},
+       {"volume mount \"/srv/data\": QEMU's user \"ndq-qemu-test\" cannot read host path", "mode 0700"}},
   };
   const std::set<std::string> before = Listing(alloc.alloc_dir());
   for (const Case& c : cases) {

@@ -183,6 +183,35 @@ TEST_F(Shares, AnOddTaskNameIsNotADirectoryName) {
   EXPECT_THAT(Problems(), HasSubstr("\"share_alloc_dirs\": the task name \"..\" is not a directory name"));
 }
 
+// QEMU reopens each root as its user; one it cannot read is named up front.
+TEST_F(Shares, QemuUserMustBeAbleToReadEveryRoot) {
+  config_.share_alloc_dirs = true;
+  AddMount("/srv/data", root_ + "/vol", true);
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok());
+  for (const char* dir : {"/a/alloc", "/a/web/local", "/a/web/secrets", "/vol"}) {
+    fs::permissions(root_ + dir, fs::perms(0777));
+  }
+  fs::permissions(alloc_ + "/alloc", fs::perms(0755));  // as Nomad makes it: readable, not writable
+  absl::StatusOr<std::vector<UniqueFd>> dirs = OpenShareDirs(spec->shares, alloc_);
+  ASSERT_TRUE(dirs.ok());
+  std::vector<int> fds;
+  for (const UniqueFd& dir : *dirs) fds.push_back(dir.get());
+  EXPECT_TRUE(CheckSharesReadable(spec->shares, fds, "nobody").ok());
+  EXPECT_TRUE(CheckSharesReadable(spec->shares, fds, "").ok()) << "root";
+
+  fs::permissions(root_ + "/vol", fs::perms(0700));
+  absl::Status status = CheckSharesReadable(spec->shares, fds, "nobody");
+  EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(status.message(), HasSubstr("volume mount \"/srv/data\": QEMU's user \"nobody\" cannot read host path"));
+  EXPECT_THAT(status.message(), HasSubstr("(mode 0700, owner uid 0)"));
+
+  fs::permissions(root_ + "/vol", fs::perms(0755));
+  fs::permissions(alloc_ + "/web/secrets", fs::perms(0770));
+  EXPECT_THAT(CheckSharesReadable(spec->shares, fds, "nobody").message(),
+              HasSubstr("\"share_alloc_dirs\": QEMU's user \"nobody\" cannot read the task's secrets/"));
+}
+
 TEST(TaskConfigShares, ShareAllocDirsIsInTheSchemaAndNoOptionNamesAHostPath) {
   const nomadplugin::hclspec::Spec spec = TaskConfigSpec();
   const auto& attrs = spec.object().attributes();
