@@ -3,14 +3,11 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
-#include <limits.h>
 #include <pwd.h>
-#include <stdlib.h>
 #include <sys/stat.h>
 
 #include <algorithm>
 #include <cstdio>
-#include <memory>
 #include <set>
 
 #include "absl/strings/ascii.h"
@@ -118,26 +115,21 @@ absl::StatusOr<UniqueFd> OpenBelow(int root, const std::string& relative, const 
   return dir;
 }
 
-// Nomad's path, resolved (host volumes may well be links the operator made),
-// and a directory.
+// Nomad's path, links and all (an operator's host volume may well be a link),
+// opened in one step so what is checked is what QEMU gets; it must be a
+// directory.
 absl::StatusOr<UniqueFd> OpenVolume(const Share& share) {
   const std::string field = absl::StrCat("volume mount ", Quoted(share.tag));
-  std::unique_ptr<char, decltype(&::free)> real(::realpath(share.host_path.c_str(), nullptr), &::free);
-  if (real == nullptr) {
-    if (errno == ENOENT) {
-      return absl::InvalidArgumentError(absl::StrCat(field, ": host path ", Quoted(share.host_path), " does not exist"));
-    }
-    return ErrnoError(absl::StrCat(field, ": cannot resolve host path ", Quoted(share.host_path)), errno);
+  UniqueFd dir(::open(share.host_path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (dir.valid()) return dir;
+  const int err = errno;
+  if (err == ENOENT) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ": host path ", Quoted(share.host_path), " does not exist"));
   }
-  UniqueFd dir(::open(real.get(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!dir.valid()) {
-    if (errno == ENOTDIR) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(field, ": host path ", Quoted(share.host_path), " is not a directory"));
-    }
-    return ErrnoError(absl::StrCat(field, ": cannot open host path ", Quoted(share.host_path)), errno);
+  if (err == ENOTDIR) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ": host path ", Quoted(share.host_path), " is not a directory"));
   }
-  return dir;
+  return ErrnoError(absl::StrCat(field, ": cannot open host path ", Quoted(share.host_path)), err);
 }
 
 // What the guest is told about a share in messages.

@@ -31,8 +31,8 @@ void PlanShares(const TaskConfig& config, const TaskRequest& task, VmSpec& spec,
 // One open directory per share, in order. An alloc dir must be the directory
 // Nomad made: each component below `alloc_dir` is opened without following
 // symbolic links, so a local/ that an artifact or template replaced with a
-// link elsewhere is refused. A volume's host_path (Nomad's) is resolved and
-// must be a directory. Errors name the option or mount, never a link's target.
+// link elsewhere is refused. A volume's host_path (Nomad's) is opened
+// following links and must be a directory. Errors name the option or mount, never a link's target.
 absl::StatusOr<std::vector<UniqueFd>> OpenShareDirs(const std::vector<Share>& shares, const std::string& alloc_dir);
 
 // Whether QEMU's user (`user_name`; empty: root, nothing to check) may open
