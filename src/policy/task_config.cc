@@ -106,6 +106,13 @@ void DecodeHardware(ConfigReader& r, TaskConfig& c) {
   c.tpm = r.Bool("tpm").value_or(false);
 }
 
+// The console and the boot watch.
+void DecodeConsole(ConfigReader& r, TaskConfig& c) {
+  c.console = r.Bool("console").value_or(false);
+  c.boot_timeout = r.String("boot_timeout");
+  c.boot_ready_port = r.String("boot_ready_port");
+}
+
 }  // namespace
 
 nomadplugin::hclspec::Spec TaskConfigSpec() {
@@ -146,6 +153,9 @@ nomadplugin::hclspec::Spec TaskConfigSpec() {
       {"firmware", hs::Attr("firmware", "string")},
       {"secure_boot", hs::Attr("secure_boot", "bool")},
       {"tpm", hs::Attr("tpm", "bool")},
+      {"console", hs::Attr("console", "bool")},
+      {"boot_timeout", hs::Attr("boot_timeout", "string")},
+      {"boot_ready_port", hs::Attr("boot_ready_port", "string")},
   });
 }
 
@@ -175,6 +185,7 @@ absl::StatusOr<TaskConfig> DecodeTaskConfig(const std::string& msgpack, bool rej
   config.args = reader->StringList("args").value_or(std::vector<std::string>{});
   config.port_map = reader->IntegerMapList("port_map").value_or(std::map<std::string, int64_t>{});
   DecodeHardware(*reader, config);
+  DecodeConsole(*reader, config);
   DecodeBlocks(*reader, reject_unknown, config);
   if (absl::Status status = reader->status(); !status.ok()) return status;
   return config;

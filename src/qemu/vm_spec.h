@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "host/capabilities.h"
+#include "qemu/console_plan.h"
 #include "policy/plugin_config.h"
 #include "policy/task_config.h"
 #include "policy/task_request.h"
@@ -136,6 +137,9 @@ struct VmSpec {
   bool own_nic = false;  // the driver attaches the NIC (forwards, DNS, net_device or mac_address set)
   Firmware firmware;
   bool tpm = false;
+  // The console and the boot watch (qemu/console_plan.h).
+  ConsolePlan console;
+  BootWatchPlan boot_watch;
 };
 
 // Checks everything and applies Nomad's defaults (emulator x86_64, accelerator
