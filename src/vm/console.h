@@ -4,6 +4,8 @@
 
 #include <sys/types.h>
 
+#include <csignal>
+
 #include <optional>
 #include <string>
 
@@ -27,7 +29,7 @@ void RemoveConsoleDir(const std::string& dir);
 
 // The signal that asks for a screenshot (SignalTask); it is not forwarded
 // to QEMU.
-inline constexpr int kScreenshotSignal = 12;  // SIGUSR2
+inline constexpr int kScreenshotSignal = SIGUSR2;
 inline constexpr absl::Duration kScreenshotTimeout = absl::Seconds(10);
 // A PNG larger than this is refused (QEMU's 4K screen is ≈2 MiB).
 inline constexpr size_t kMaxScreenshotBytes = 64u << 20;
