@@ -182,9 +182,14 @@ TEST_F(VmConsoleTest, ConsoleSocketsScreenshotAndReadyPort) {
   EXPECT_TRUE(IsSocket(serial));
   EXPECT_TRUE(IsSocket(vnc));
   EXPECT_TRUE(events.WaitFor(id, "Console: serial (ttyS1) on " + serial, absl::Seconds(5)));
+  const absl::Time started = absl::Now();
   ASSERT_TRUE(WaitForFileToContain(alloc.stdout_path(), "GUEST-READY", kGuestBootTimeout))
       << "the task log keeps the serial console (ttyS0):\n" << ReadFile(alloc.stdout_path());
+  std::cerr << "GUEST-READY in the task log " << absl::Now() - started << " after StartTask returned\n";
   EXPECT_TRUE(events.WaitFor(id, "Guest ready: port \"http\" answered", absl::Seconds(30)));
+  for (const std::string& message : events.Messages(id)) {
+    if (message.rfind("Guest ready", 0) == 0) std::cerr << message << "\n";
+  }
 
   const std::string typed = TypeIntoSerial(serial, "echo ndq-$((1000+234))-marker", "ndq-1234-marker", absl::Seconds(20));
   EXPECT_THAT(typed, HasSubstr("ndq-1234-marker")) << typed;
