@@ -106,6 +106,13 @@ void DecodeHardware(ConfigReader& r, TaskConfig& c) {
   c.tpm = r.Bool("tpm").value_or(false);
 }
 
+// The console and the boot watch.
+void DecodeConsole(ConfigReader& r, TaskConfig& c) {
+  c.console = r.Bool("console").value_or(false);
+  c.boot_timeout = r.String("boot_timeout");
+  c.boot_ready_port = r.String("boot_ready_port");
+}
+
 }  // namespace
 
 nomadplugin::hclspec::Spec TaskConfigSpec() {
@@ -149,6 +156,9 @@ nomadplugin::hclspec::Spec TaskConfigSpec() {
       // Shares (qemu/share_plan.h). No option names a host path: only Nomad's
       // own alloc dirs and volume mounts are ever shared.
       {"share_alloc_dirs", hs::Attr("share_alloc_dirs", "bool")},
+      {"console", hs::Attr("console", "bool")},
+      {"boot_timeout", hs::Attr("boot_timeout", "string")},
+      {"boot_ready_port", hs::Attr("boot_ready_port", "string")},
   });
 }
 
@@ -179,6 +189,7 @@ absl::StatusOr<TaskConfig> DecodeTaskConfig(const std::string& msgpack, bool rej
   config.port_map = reader->IntegerMapList("port_map").value_or(std::map<std::string, int64_t>{});
   DecodeHardware(*reader, config);
   config.share_alloc_dirs = reader->Bool("share_alloc_dirs").value_or(false);
+  DecodeConsole(*reader, config);
   DecodeBlocks(*reader, reject_unknown, config);
   if (absl::Status status = reader->status(); !status.ok()) return status;
   return config;

@@ -207,6 +207,20 @@ void AppendShares(const VmSpec& spec, std::vector<std::string>& argv) {
   }
 }
 
+// console = true: ttyS0 stays on stdio (the task log, as -nographic had it:
+// the first -serial replaces that default, so it is named again), ttyS1 is
+// an interactive console on a unix socket, and VNC listens on another.
+// Verified with QEMU 7.2.22: -vnc works beside -nographic, and both socket
+// paths take doubled commas ("-vnc unix:DIR/a,,b/vnc.sock").
+void AppendConsole(const ConsolePlan& console, std::vector<std::string>& argv) {
+  if (!console.enabled) return;
+  argv.insert(argv.end(),
+              {"-serial", "mon:stdio", "-chardev",
+               absl::StrCat("socket,id=console0,path=", EscapeQemuOptionValue(console.serial_socket),
+                            ",server=on,wait=off"),
+               "-serial", "chardev:console0", "-vnc", "unix:" + EscapeQemuOptionValue(console.vnc_socket)});
+}
+
 // The -machine value: type and accelerator, plus what UEFI and Secure Boot need.
 std::string MachineOption(const VmSpec& spec) {
   const auto esc = EscapeQemuOptionValue;
@@ -260,6 +274,7 @@ std::vector<std::string> BuildQemuArgv(const VmSpec& spec, const RuntimePaths& p
   }
   AppendTpm(spec, paths, argv);
   AppendShares(spec, argv);
+  AppendConsole(spec.console, argv);
   argv.insert(argv.end(), spec.args.begin(), spec.args.end());
 
   std::vector<std::string> netdev;

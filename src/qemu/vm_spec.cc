@@ -380,6 +380,7 @@ absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config, const TaskRequest& task,
   spec.graceful_shutdown = config.graceful_shutdown;
   spec.guest_agent = config.guest_agent;
   spec.sandbox = plugin.sandbox;
+  PlanConsole(config, task, spec, problems);
   if (!problems.empty()) return absl::InvalidArgumentError(absl::StrJoin(problems, "; "));
   return spec;
 }

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "host/capabilities.h"
+#include "qemu/console_plan.h"
 #include "policy/plugin_config.h"
 #include "policy/task_config.h"
 #include "policy/task_request.h"
@@ -151,6 +152,9 @@ struct VmSpec {
   Firmware firmware;
   bool tpm = false;
   std::vector<Share> shares;  // share_alloc_dirs, then Nomad's volume mounts
+  // The console and the boot watch (qemu/console_plan.h).
+  ConsolePlan console;
+  BootWatchPlan boot_watch;
 };
 
 // Checks everything and applies Nomad's defaults (emulator x86_64, accelerator

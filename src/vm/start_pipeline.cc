@@ -22,6 +22,7 @@
 #include "base/timeouts.h"
 #include "host/process_watch.h"
 #include "image/task_disk.h"
+#include "vm/console.h"
 #include "vm/start_media.h"
 #include "nomadplugin/hclog.h"
 #include "qemu/cmdline.h"
@@ -360,6 +361,13 @@ absl::StatusOr<HostPlace> PrepareHost(const TaskRequest& task, const PluginConfi
   if (absl::Status made = MakeStateDir(deps.state_root, task.identity.id, *user, place, rollback); !made.ok()) return made;
   if (spec.tpm) {
     if (absl::Status made = MakeTpmStateDir(task.task_dir(), *user, place, rollback); !made.ok()) return made;
+  }
+  record.alloc_dir = task.alloc_dir;  // screenshots go to its alloc/logs
+  if (spec.console.enabled) {
+    std::optional<std::pair<uid_t, gid_t>> owner;
+    if (*user) owner = std::make_pair((*user)->pw_uid, (*user)->pw_gid);
+    if (absl::Status made = MakeConsoleDir(spec.console, owner, rollback); !made.ok()) return made;
+    record.console_dir = spec.console.dir;
   }
 
   place.limits = PlanCgroupLimits(task, plugin);

@@ -34,6 +34,8 @@ std::string DriverStateRecord::Encode() const {
       {"cgroup", {{"version", CgroupVersionName(cgroup.version)}, {"dirs", cgroup.dirs}, {"created", cgroup.created}}},
       {"memory_limit_bytes", memory_limit_bytes},
       {"started_at_unix_ms", absl::ToUnixMillis(started_at)},
+      {"console_dir", console_dir},
+      {"alloc_dir", alloc_dir},
   };
   return json.dump();
 }
@@ -67,6 +69,8 @@ absl::StatusOr<DriverStateRecord> DriverStateRecord::Decode(const std::string& b
     }
     r.memory_limit_bytes = json.value("memory_limit_bytes", int64_t{0});
     r.started_at = absl::FromUnixMillis(json.value("started_at_unix_ms", int64_t{0}));
+    r.console_dir = json.value("console_dir", "");
+    r.alloc_dir = json.value("alloc_dir", "");
   } catch (const nlohmann::json::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat("driver state is incomplete: ", e.what()));
   }
@@ -85,6 +89,7 @@ ExitResult LoadExitResult(const std::string& state_dir) {
   }
   result.exit_code = record->exit_code;
   result.signal = record->signal;
+  result.serial_tail = record->stdout_tail;
   if (record->signal != 0) result.exit_code = 128 + record->signal;
   if (record->exited_at_ms > 0) result.completed_at = absl::FromUnixMillis(record->exited_at_ms);
   if (!record->error.empty()) {
@@ -284,6 +289,16 @@ bool VmTask::ResumeIfPaused(QmpClient& qmp) {
   }
   log::Info("resumed the paused VM so it can power off", {{"task_id", id()}});
   return true;
+}
+
+absl::StatusOr<nlohmann::json> VmTask::ExecuteQmp(const std::string& command, const nlohmann::json& arguments,
+                                                  absl::Duration timeout) {
+  if (result()) return absl::FailedPreconditionError(absl::StrCat("task ", id(), " has already exited"));
+  const absl::Time deadline = absl::Now() + timeout;
+  absl::MutexLock lock(&control_mu_);
+  absl::StatusOr<std::shared_ptr<QmpClient>> qmp = Qmp(std::min(timeout, timeouts::kQmpQuick));
+  if (!qmp.ok()) return qmp.status();
+  return (*qmp)->Execute(command, arguments, std::max(deadline - absl::Now(), absl::Milliseconds(1)));
 }
 
 absl::Status VmTask::Pause() {

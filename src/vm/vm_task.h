@@ -42,6 +42,10 @@ struct DriverStateRecord {
   TaskCgroup cgroup;         // version kNone: the VM runs without cgroup isolation
   int64_t memory_limit_bytes = 0;  // the cgroup's hard memory limit; 0: none
   absl::Time started_at = absl::UnixEpoch();
+  // The console (issue 11): the directory of its sockets in the task dir
+  // (empty without console), and the alloc dir whose alloc/logs takes screenshots.
+  std::string console_dir;
+  std::string alloc_dir;
 
   std::string Encode() const;
   static absl::StatusOr<DriverStateRecord> Decode(const std::string& bytes);
@@ -52,6 +56,7 @@ struct ExitResult {
   int signal = 0;
   bool oom_killed = false;
   std::string error;  // why the VM ended abnormally, for WaitTask's err
+  std::string serial_tail;  // the last bytes of QEMU's stdout (the serial console, ttyS0), at most 4 KiB
   absl::Time completed_at = absl::UnixEpoch();
 };
 
@@ -114,6 +119,10 @@ class VmTask {
   // Every step together (the control lock, the agent, QMP) takes at most
   // `budget`.
   absl::Status RequestPowerdown(absl::Duration budget = kPowerdownBudget);
+  // Runs one QMP command on the task's session (e.g. screendump), within
+  // `timeout`; FailedPrecondition once the VM has exited.
+  absl::StatusOr<nlohmann::json> ExecuteQmp(const std::string& command, const nlohmann::json& arguments,
+                                            absl::Duration timeout);
   // Pauses the vCPUs (QMP stop); QEMU itself keeps running and answering.
   absl::Status Pause();
   // Continues QEMU's process (SIGCONT, in case it was SIGSTOPped) and the

@@ -32,13 +32,16 @@ TEST(TaskConfig, SchemaCoversNomadsQemuOptions) {
       {"boot_order", "string"},     {"net_device", "string"},     {"mac_address", "string"},
       {"firmware", "string"},       {"secure_boot", "bool"},      {"tpm", "bool"},
   };
-  // Shares (qemu/share_plan.h).
-  const std::map<std::string, std::string> shares = {{"share_alloc_dirs", "bool"}};
+  // Shares (qemu/share_plan.h) and the console and boot watch (issue 11).
+  const std::map<std::string, std::string> operate = {{"share_alloc_dirs", "bool"},
+                                                      {"console", "bool"},
+                                                      {"boot_timeout", "string"},
+                                                      {"boot_ready_port", "string"}};
   const auto spec = TaskConfigSpec();
   const auto& attrs = spec.object().attributes();
   // + the disk and cloud_init blocks
-  EXPECT_EQ(attrs.size(), expected.size() + hardware.size() + shares.size() + 2);
-  for (const auto& [name, type] : shares) {
+  EXPECT_EQ(attrs.size(), expected.size() + hardware.size() + operate.size() + 2);
+  for (const auto& [name, type] : operate) {
     ASSERT_TRUE(attrs.count(name)) << name;
     EXPECT_EQ(attrs.at(name).attr().type(), type) << name;
   }
@@ -92,6 +95,28 @@ TEST(TaskConfig, DecodesEveryOption) {
   EXPECT_EQ(c->image_format, "qcow2");
   EXPECT_EQ(c->disk_size, "20G");
   EXPECT_TRUE(c->image_sources.empty());
+}
+
+TEST(TaskConfig, DecodesConsoleOptions) {
+  MsgpackWriter w;
+  w.Map(4).Str("image_path").Str("a.img").Str("console").Bool(true).Str("boot_timeout").Str("90s");
+  w.Str("boot_ready_port").Str("http");
+  const absl::StatusOr<TaskConfig> c = DecodeTaskConfig(w.bytes(), /*reject_unknown=*/true);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->console);
+  EXPECT_EQ(c->boot_timeout, "90s");
+  EXPECT_EQ(c->boot_ready_port, "http");
+  MsgpackWriter unset;
+  unset.Map(3).Str("console").Nil().Str("boot_timeout").Nil().Str("boot_ready_port").Nil();
+  const absl::StatusOr<TaskConfig> d = DecodeTaskConfig(unset.bytes());
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_FALSE(d->console);
+  EXPECT_FALSE(d->boot_timeout.has_value());
+  MsgpackWriter wrong;
+  wrong.Map(1).Str("boot_timeout").FixInt(90);
+  const absl::StatusOr<TaskConfig> e = DecodeTaskConfig(wrong.bytes());
+  ASSERT_FALSE(e.ok());
+  EXPECT_THAT(std::string(e.status().message()), HasSubstr("\"boot_timeout\""));
 }
 
 TEST(TaskConfig, UnsetOptionsKeepDefaults) {

@@ -297,6 +297,13 @@ Drive DriveFromJson(const json& d) {
 
 // The hardware beyond the boot image (hardware_plan.h).
 void AddHardwareSetters(std::map<std::string, std::function<void(VmSpec&, const json&)>>& setters) {
+  // The console (issue 11); boot_watch plans no argv.
+  setters["console"] = [](VmSpec& s, const json& v) {
+    s.console.enabled = v.at("enabled").get<bool>();
+    s.console.dir = v.value("dir", "");
+    s.console.serial_socket = v.at("serial_socket").get<std::string>();
+    s.console.vnc_socket = v.at("vnc_socket").get<std::string>();
+  };
   setters["boot_cache"] = [](VmSpec& s, const json& v) { s.boot_cache = v.get<std::string>(); };
   setters["boot_discard"] = [](VmSpec& s, const json& v) { s.boot_discard = v.get<std::string>(); };
   setters["boot_index"] = [](VmSpec& s, const json& v) { s.boot_index = v.get<int>(); };
@@ -455,7 +462,8 @@ TEST(CmdlineGoldenFiles, CoverEveryFeature) {
         "drive_interface_scsi", "drive_interface_floppy", "drive_interface_pflash", "drive_interface_none",
         "extra_disks_every_interface", "boot_disk_tuning", "cdrom_boot_first", "cloud_init_seed", "kernel_boot",
         "nic_model_and_mac", "nic_without_forwards", "uefi", "secure_boot_tpm_q35", "tpm_pc",
-        "hostile_values_escaped", "shares_alloc_dirs", "shares_volumes_readonly", "shares_hostile_tag"}) {
+        "hostile_values_escaped", "shares_alloc_dirs", "shares_volumes_readonly", "shares_hostile_tag", "console",
+        "console_hostile_paths"}) {
     EXPECT_THAT(cases, Contains(name));
   }
 }
