@@ -88,10 +88,13 @@ bool BootWatch::Cancelled(absl::Duration timeout) {
 }
 
 bool BootWatch::AgentAnswers(absl::Duration timeout) {
-  const DriverStateRecord& record = context_.vm->record();
-  absl::StatusOr<std::unique_ptr<GuestAgentClient>> agent =
-      GuestAgentClient::Connect(record.guest_agent_socket, timeout, record.qemu_pid);
-  return agent.ok() && (*agent)->Ping(timeout).ok();
+  // The task's shared session: QEMU serves the agent's socket to one client,
+  // which an exec or a graceful stop during the boot may need too.
+  absl::StatusOr<std::shared_ptr<GuestAgentClient>> agent = context_.vm->GuestAgent(timeout);
+  if (!agent.ok()) return false;
+  if ((*agent)->Ping(timeout).ok()) return true;
+  context_.vm->DropGuestAgent(*agent);
+  return false;
 }
 
 // The port answers when the guest itself accepted our connection: QEMU's
