@@ -117,13 +117,17 @@ TEST_F(DriverServiceTest, RecoverTaskFillsTheIdAndTheTaskAnswersInspectAndWait) 
   EXPECT_FALSE(waited.err().empty()) << "no exit record: the reason says so";
 }
 
-TEST_F(DriverServiceTest, ExecIsRefusedWithAReason) {
+// Exec of a task the driver does not run is refused before any agent is asked
+// (running exec end to end: tests/integration/vm_exec_test.cc).
+TEST_F(DriverServiceTest, ExecOfAnUnknownTaskIsNotFound) {
   grpc::ServerContext context;
   driverpb::ExecTaskRequest request;
+  request.set_task_id("a/web/1");
+  request.add_command("true");
   driverpb::ExecTaskResponse response;
   const grpc::Status status = service_->ExecTask(&context, &request, &response);
-  EXPECT_FALSE(status.ok());
-  EXPECT_THAT(status.error_message(), HasSubstr("guest agent"));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(status.error_message(), HasSubstr("a/web/1"));
 }
 
 }  // namespace

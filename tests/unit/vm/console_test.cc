@@ -176,6 +176,7 @@ struct WatchOutcome {
 BootWatchContext AgentWatch(const std::string& socket, absl::Duration timeout, WatchOutcome& outcome) {
   DriverStateRecord record;
   record.guest_agent_socket = socket;
+  record.guest_agent = true;
   BootWatchContext context;
   context.vm = std::make_shared<VmTask>(TaskIdentity{"a/web/1", "web", "a"}, record, UniqueFd(), UniqueFd(), nullptr);
   context.plan.timeout = timeout;
