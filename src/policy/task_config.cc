@@ -106,6 +106,13 @@ void DecodeHardware(ConfigReader& r, TaskConfig& c) {
   c.tpm = r.Bool("tpm").value_or(false);
 }
 
+void DecodeNetwork(ConfigReader& r, TaskConfig& c) {
+  c.network_mode = r.String("network_mode");
+  c.bridge = r.String("bridge");
+  c.advertise_address = r.Bool("advertise_address").value_or(false);
+  c.advertise_timeout = r.String("advertise_timeout");
+}
+
 }  // namespace
 
 nomadplugin::hclspec::Spec TaskConfigSpec() {
@@ -146,6 +153,11 @@ nomadplugin::hclspec::Spec TaskConfigSpec() {
       {"firmware", hs::Attr("firmware", "string")},
       {"secure_boot", hs::Attr("secure_boot", "bool")},
       {"tpm", hs::Attr("tpm", "bool")},
+      // networking
+      {"network_mode", hs::Attr("network_mode", "string")},
+      {"bridge", hs::Attr("bridge", "string")},
+      {"advertise_address", hs::Attr("advertise_address", "bool")},
+      {"advertise_timeout", hs::Attr("advertise_timeout", "string")},
   });
 }
 
@@ -175,6 +187,7 @@ absl::StatusOr<TaskConfig> DecodeTaskConfig(const std::string& msgpack, bool rej
   config.args = reader->StringList("args").value_or(std::vector<std::string>{});
   config.port_map = reader->IntegerMapList("port_map").value_or(std::map<std::string, int64_t>{});
   DecodeHardware(*reader, config);
+  DecodeNetwork(*reader, config);
   DecodeBlocks(*reader, reject_unknown, config);
   if (absl::Status status = reader->status(); !status.ok()) return status;
   return config;

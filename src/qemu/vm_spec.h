@@ -93,6 +93,19 @@ struct Firmware {
   int vars_fd = -1;
 };
 
+// network_mode = "bridge" (src/qemu/network_plan.h): the NIC is a TAP the
+// driver makes on an operator-allowed host bridge and hands QEMU as an fd.
+struct BridgeNetwork {
+  bool enabled = false;  // network_mode = "bridge" (even when the bridge was refused)
+  std::string bridge;    // the host bridge, one of bridges_allowlist
+  int tap_fd = -1;       // the TAP's descriptor number in QEMU (filled at start)
+  // Wait for the guest agent to report the NIC's IPv4 address at start.
+  bool advertise_address = false;
+  int64_t advertise_timeout_ms = 0;
+  // port_map in bridge mode: label -> guest port, for Nomad's driver network.
+  std::map<std::string, int> guest_ports;
+};
+
 struct VmSpec {
   std::string emulator;       // "x86_64", without "qemu-system-"
   std::string emulator_path;  // the binary found by the fingerprinter
@@ -136,6 +149,7 @@ struct VmSpec {
   bool own_nic = false;  // the driver attaches the NIC (forwards, DNS, net_device or mac_address set)
   Firmware firmware;
   bool tpm = false;
+  BridgeNetwork network;  // enabled: the NIC is on a host bridge, not QEMU's user network
 };
 
 // Checks everything and applies Nomad's defaults (emulator x86_64, accelerator

@@ -44,6 +44,7 @@ struct TaskStatusInfo {
   absl::Time started_at;
   std::optional<ExitResult> exit;  // nullopt while running
   std::map<std::string, std::string> attributes;  // qemu_pid, supervisor_pid, qmp_socket, state_dir
+  AdvertisedNetwork network;  // advertise_address: the guest's own address (also after a recovery)
 };
 
 // nomad-qemu-supervisor next to the running binary (the plugin_dir layout).
@@ -100,6 +101,7 @@ class TaskManager {
   void EmitIsolation(const TaskIdentity& task, const VmSpec& spec, const PluginConfig& plugin,
                      const CgroupLimits& limits, const DriverStateRecord& record, const std::string& netns);
   ImageCache& CacheAt(const std::string& dir);
+  void RemoveLeftoverTap(const std::string& tap_name);
   // Keeps the image cache under image_cache_max_size, sparing images in use.
   void EvictImages(const PluginConfig& plugin);
 

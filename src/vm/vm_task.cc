@@ -19,7 +19,7 @@ namespace ndq {
 namespace log = nomadplugin::hclog;
 
 std::string DriverStateRecord::Encode() const {
-  const nlohmann::json json = {
+  nlohmann::json json = {
       {"version", kVersion},
       {"state_dir", state_dir},
       {"qmp_socket", qmp_socket},
@@ -35,6 +35,10 @@ std::string DriverStateRecord::Encode() const {
       {"memory_limit_bytes", memory_limit_bytes},
       {"started_at_unix_ms", absl::ToUnixMillis(started_at)},
   };
+  if (!tap_name.empty()) json["tap_name"] = tap_name;
+  if (!network.ip.empty()) {
+    json["network"] = {{"ip", network.ip}, {"port_map", network.port_map}, {"auto_advertise", network.auto_advertise}};
+  }
   return json.dump();
 }
 
@@ -67,6 +71,12 @@ absl::StatusOr<DriverStateRecord> DriverStateRecord::Decode(const std::string& b
     }
     r.memory_limit_bytes = json.value("memory_limit_bytes", int64_t{0});
     r.started_at = absl::FromUnixMillis(json.value("started_at_unix_ms", int64_t{0}));
+    r.tap_name = json.value("tap_name", "");
+    if (const auto network = json.find("network"); network != json.end() && network->is_object()) {
+      r.network.ip = network->value("ip", "");
+      r.network.port_map = network->value("port_map", std::map<std::string, int>{});
+      r.network.auto_advertise = network->value("auto_advertise", true);
+    }
   } catch (const nlohmann::json::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat("driver state is incomplete: ", e.what()));
   }
