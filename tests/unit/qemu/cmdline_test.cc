@@ -295,6 +295,14 @@ void AddHardwareSetters(std::map<std::string, std::function<void(VmSpec&, const 
                           v.value("vars_fd", -1)};
   };
   setters["tpm"] = [](VmSpec& s, const json& v) { s.tpm = v.get<bool>(); };
+  // network_mode = "bridge" (src/qemu/network_plan.h)
+  setters["network"] = [](VmSpec& s, const json& v) {
+    s.network.enabled = v.value("enabled", false);
+    s.network.bridge = v.value("bridge", "");
+    s.network.tap_fd = v.value("tap_fd", -1);
+    s.network.advertise_address = v.value("advertise_address", false);
+    s.network.guest_ports = v.value("guest_ports", std::map<std::string, int>{});
+  };
 }
 
 // Strict: an unknown key is a typo in a golden file, not something to ignore.
@@ -420,7 +428,7 @@ TEST(CmdlineGoldenFiles, CoverEveryFeature) {
         "drive_interface_scsi", "drive_interface_floppy", "drive_interface_pflash", "drive_interface_none",
         "extra_disks_every_interface", "boot_disk_tuning", "cdrom_boot_first", "cloud_init_seed", "kernel_boot",
         "nic_model_and_mac", "nic_without_forwards", "uefi", "secure_boot_tpm_q35", "tpm_pc",
-        "hostile_values_escaped"}) {
+        "hostile_values_escaped", "bridge_tap", "bridge_hostile_values"}) {
     EXPECT_THAT(cases, Contains(name));
   }
 }
