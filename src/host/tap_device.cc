@@ -3,12 +3,9 @@
 #include <fcntl.h>
 #include <net/if.h>  // before any linux/ header: glibc's ifreq, not the kernel's
 #include <linux/if_tun.h>
-#include <linux/netlink.h>
-#include <linux/rtnetlink.h>
 #include <linux/sockios.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -25,11 +22,6 @@ ifreq NamedRequest(const std::string& name) {
   ifreq request{};
   std::strncpy(request.ifr_name, name.c_str(), IFNAMSIZ - 1);
   return request;
-}
-
-bool IsDirectory(const std::string& path) {
-  struct stat st;
-  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
 }
 
 // Copies the bridge's MTU to the TAP (a bridge takes the smallest MTU of its
@@ -49,7 +41,12 @@ absl::Status AttachAndRaise(const std::string& tap, const std::string& bridge, i
   ifreq add = NamedRequest(bridge);
   add.ifr_ifindex = index;
   if (::ioctl(sock.get(), SIOCBRADDIF, &add) != 0) {
-    return ErrnoError(absl::StrCat("cannot attach TAP ", tap, " to bridge ", bridge), errno);
+    const int error = errno;
+    if (error == EOPNOTSUPP || error == EINVAL) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("\"", bridge, "\" (from the plugin's bridges_allowlist) is not a bridge"));
+    }
+    return ErrnoError(absl::StrCat("cannot attach TAP ", tap, " to bridge ", bridge), error);
   }
   ifreq flags = NamedRequest(tap);
   if (::ioctl(sock.get(), SIOCGIFFLAGS, &flags) != 0) return ErrnoError("cannot read TAP " + tap + "'s flags", errno);
@@ -68,9 +65,11 @@ absl::StatusOr<UniqueFd> CreateBridgedTap(const std::string& name, const std::st
   if (name.empty() || name.size() >= IFNAMSIZ || bridge.empty() || bridge.size() >= IFNAMSIZ) {
     return absl::InvalidArgumentError("TAP and bridge names must be 1 to 15 characters");
   }
-  if (!IsDirectory("/sys/class/net/" + bridge + "/bridge")) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "bridge \"", bridge, "\" (from the plugin's bridges_allowlist) does not exist on this host or is not a bridge"));
+  // Interfaces are looked up by ioctl, not in /sys/class/net: sysfs shows
+  // the namespace of whoever mounted it, which need not be the plugin's.
+  if (!InterfaceExists(bridge)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("bridge \"", bridge, "\" (from the plugin's bridges_allowlist) does not exist on this host"));
   }
   // TUNSETIFF would attach to an existing TAP of the name instead of failing.
   if (InterfaceExists(name)) {
@@ -88,41 +87,22 @@ absl::StatusOr<UniqueFd> CreateBridgedTap(const std::string& name, const std::st
   return tun;
 }
 
-// Hand-written rtnetlink (one message, no library): RTM_DELLINK by index,
-// acknowledged with NLMSG_ERROR (error 0 on success).
+// TUNSETIFF on an existing name attaches to it only when it is a TAP that no
+// one holds open (a persistent leftover); clearing TUNSETPERSIST then makes
+// our close remove it. A TAP still open in a QEMU gives EBUSY and any other
+// kind of interface EINVAL: both are left alone.
 absl::Status DeleteTap(const std::string& name) {
-  const unsigned index = ::if_nametoindex(name.c_str());
-  if (index == 0) return absl::OkStatus();
-  // Only ever a TAP (tun devices have tun_flags), never a bridge or a NIC.
-  if (::access(("/sys/class/net/" + name + "/tun_flags").c_str(), F_OK) != 0) {
-    return absl::FailedPreconditionError(absl::StrCat("network interface ", name, " is not a TAP; left alone"));
+  if (name.empty() || name.size() >= IFNAMSIZ || !InterfaceExists(name)) return absl::OkStatus();
+  UniqueFd tun(::open("/dev/net/tun", O_RDWR | O_CLOEXEC));
+  if (!tun.valid()) return ErrnoError("cannot open /dev/net/tun to remove TAP " + name, errno);
+  ifreq request = NamedRequest(name);
+  request.ifr_flags = IFF_TAP | IFF_NO_PI;
+  if (::ioctl(tun.get(), TUNSETIFF, &request) != 0) {
+    return ErrnoError(absl::StrCat("network interface ", name, " is not a TAP the driver can take over; left alone"),
+                      errno);
   }
-  UniqueFd sock(::socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE));
-  if (!sock.valid()) return ErrnoError("cannot open an rtnetlink socket", errno);
-  struct {
-    nlmsghdr header;
-    ifinfomsg info;
-  } request{};
-  request.header.nlmsg_len = sizeof request;
-  request.header.nlmsg_type = RTM_DELLINK;
-  request.header.nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK;
-  request.header.nlmsg_seq = 1;
-  request.info.ifi_family = AF_UNSPEC;
-  request.info.ifi_index = static_cast<int>(index);
-  sockaddr_nl kernel{};
-  kernel.nl_family = AF_NETLINK;
-  if (::sendto(sock.get(), &request, sizeof request, 0, reinterpret_cast<sockaddr*>(&kernel), sizeof kernel) < 0) {
-    return ErrnoError("cannot ask the kernel to delete TAP " + name, errno);
-  }
-  alignas(nlmsghdr) char reply[1024];
-  const ssize_t n = ::recv(sock.get(), reply, sizeof reply, 0);
-  if (n < static_cast<ssize_t>(NLMSG_LENGTH(sizeof(nlmsgerr)))) return ErrnoError("no answer deleting TAP " + name, errno);
-  const auto* header = reinterpret_cast<const nlmsghdr*>(reply);
-  if (header->nlmsg_type == NLMSG_ERROR) {
-    const int error = -static_cast<const nlmsgerr*>(NLMSG_DATA(header))->error;
-    if (error != 0 && error != ENODEV) return ErrnoError("cannot delete TAP " + name, error);
-  }
-  return absl::OkStatus();
+  if (::ioctl(tun.get(), TUNSETPERSIST, 0) != 0) return ErrnoError("cannot make TAP " + name + " non-persistent", errno);
+  return absl::OkStatus();  // removed when `tun` closes
 }
 
 }  // namespace ndq

@@ -24,16 +24,18 @@ namespace ndq {
 std::string TapName(const std::string& task_key);
 
 // Makes the TAP `name` (IFF_TAP | IFF_NO_PI, not persistent), gives it the
-// bridge's MTU, attaches it to `bridge` and brings it up. Returns the tun fd
-// (close-on-exec); closing it removes the TAP. Fails when an interface of
-// that name exists already, and when `bridge` is missing or not a bridge.
+// bridge's MTU, attaches it to `bridge` (SIOCBRADDIF) and brings it up.
+// Returns the tun fd (close-on-exec); closing it removes the TAP. Fails when
+// an interface of that name exists already, and when `bridge` is missing or
+// not a bridge. Only ioctls: no netlink, no sysfs.
 absl::StatusOr<UniqueFd> CreateBridgedTap(const std::string& name, const std::string& bridge);
 
 // Whether a network interface `name` exists in the plugin's namespace.
 bool InterfaceExists(const std::string& name);
 
-// Removes the interface `name` (rtnetlink RTM_DELLINK) when it exists and is
-// a TAP; nothing when it does not exist.
+// Removes a leftover TAP `name` that nobody holds open (e.g. made
+// persistent); nothing when it does not exist. A TAP still open in a QEMU,
+// or an interface of another kind, is left alone (an error says so).
 absl::Status DeleteTap(const std::string& name);
 
 }  // namespace ndq
