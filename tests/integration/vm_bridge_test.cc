@@ -8,6 +8,8 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <filesystem>
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -115,6 +117,17 @@ class BridgeNetns {
   std::unique_ptr<ChildProcess> dnsmasq_;
 };
 
+// How many of `pid`'s fds are open on /dev/net/tun (a TAP).
+int TunFds(pid_t pid) {
+  int count = 0;
+  std::error_code ignored;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ignored)) {
+    std::error_code error;
+    if (std::filesystem::read_symlink(entry.path(), error) == "/dev/net/tun") ++count;
+  }
+  return count;
+}
+
 bool InSubnet(const std::string& ip) {
   in_addr addr{};
   return ::inet_pton(AF_INET, ip.c_str(), &addr) == 1 && (ntohl(addr.s_addr) & 0xFFFFFF00u) == kSubnet;
@@ -200,8 +213,13 @@ TEST_F(VmBridgeTest, GuestAddressIsAdvertisedAndTheTapGoesWithTheVm) {
   // The guest's page answers at its own address from inside the namespace.
   EXPECT_THAT(netns_.Curl("http://" + ip + "/"), HasSubstr("hello from the nomad-driver-qemu test guest"));
   EXPECT_EQ(netns_.Curl("http://" + ip + "/ip"), ip + "\n");
-  // The TAP is on the bridge while the VM runs.
+  // The TAP is on the bridge while the VM runs, and QEMU holds its only fd:
+  // the plugin and the supervisor closed theirs, so the TAP ends with QEMU.
   EXPECT_THAT(netns_.Ports(kBridge), HasSubstr(" " + tap + ":"));
+  const DriverStateRecord record = ::ndq::testing::RecordOf(started.handle());
+  EXPECT_EQ(TunFds(record.qemu_pid), 1);
+  EXPECT_EQ(TunFds(record.supervisor_pid), 0);
+  EXPECT_EQ(TunFds(harness_->process().pid()), 0);
 
   driverpb::InspectTaskResponse inspected;
   ASSERT_TRUE(harness_->Inspect(task.id(), &inspected).ok());
