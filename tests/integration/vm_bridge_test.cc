@@ -13,7 +13,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "../support/child_process.h"
+#include "../support/bridge_netns.h"
 #include "../support/event_recorder.h"
 #include "../support/guest_task.h"
 #include "../support/plugin_harness.h"
@@ -30,7 +30,9 @@
 namespace ndq {
 namespace {
 
-using ::ndq::testing::ChildProcess;
+using ::ndq::testing::BridgeNetns;
+using ::ndq::testing::kBridge;
+using ::ndq::testing::InSubnet;
 using ::ndq::testing::EventRecorder;
 using ::ndq::testing::FakeAlloc;
 using ::ndq::testing::Guest;
@@ -45,78 +47,6 @@ using ::testing::IsEmpty;
 using ::testing::Not;
 using json = nlohmann::json;
 
-constexpr char kBridge[] = "br0";
-constexpr char kBridgeAddress[] = "10.213.0.1/24";
-constexpr uint32_t kSubnet = 0x0AD50000;  // 10.213.0.0/24
-
-absl::StatusOr<CommandResult> Run(const std::vector<std::string>& argv) { return RunCommand(argv, absl::Seconds(30)); }
-
-// A network namespace of the test's own (unique name, removed at the end)
-// with a bridge holding 10.213.0.1/24 and dnsmasq handing out leases on it.
-class BridgeNetns {
- public:
-  BridgeNetns() : name_(absl::StrCat("ndqt", ::getpid(), "-", ++count_)) {
-    ok_ = Ip({"netns", "add", name_}) && Ip({"-n", name_, "link", "set", "lo", "up"}) &&
-          Ip({"-n", name_, "link", "add", kBridge, "type", "bridge"}) &&
-          Ip({"-n", name_, "addr", "add", kBridgeAddress, "dev", kBridge}) &&
-          Ip({"-n", name_, "link", "set", kBridge, "up"}) &&
-          // Another bridge, which the plugin is not allowed to use.
-          Ip({"-n", name_, "link", "add", "br1", "type", "bridge"});
-    if (!ok_) return;
-    dnsmasq_ = std::make_unique<ChildProcess>(Exec({"/usr/sbin/dnsmasq", "--no-daemon", "--conf-file=/dev/null",
-                                                    "--port=0", "--user=root", "--interface=br0", "--bind-interfaces",
-                                                    "--dhcp-range=10.213.0.50,10.213.0.150,1h", "--dhcp-authoritative",
-                                                    "--dhcp-leasefile=" + dir_.path() + "/leases",
-                                                    "--pid-file=" + dir_.path() + "/dnsmasq.pid"}));
-    ok_ = dnsmasq_->pid() > 0;
-  }
-  ~BridgeNetns() {
-    dnsmasq_.reset();  // SIGKILL and reap
-    Ip({"netns", "del", name_});
-  }
-  bool ok() const { return ok_; }
-  const std::string& name() const { return name_; }
-
-  // argv run inside the namespace (nsenter switches only the network
-  // namespace and execs, so a process keeps its pid).
-  std::vector<std::string> Exec(std::vector<std::string> argv) const {
-    std::vector<std::string> out = {"/usr/bin/nsenter", "--net=/run/netns/" + name_, "--"};
-    out.insert(out.end(), argv.begin(), argv.end());
-    return out;
-  }
-  // `ip -o link show` in the namespace, one line per interface.
-  std::string Links() const {
-    auto out = Run({"/usr/sbin/ip", "-n", name_, "-o", "link", "show"});
-    return out.ok() ? out->output : "";
-  }
-  bool HasLink(const std::string& name) const { return Links().find(" " + name + ":") != std::string::npos; }
-  // The interfaces enslaved to `bridge`.
-  std::string Ports(const std::string& bridge) const {
-    auto out = Run({"/usr/sbin/ip", "-n", name_, "-o", "link", "show", "master", bridge});
-    return out.ok() ? out->output : "";
-  }
-  std::string Curl(const std::string& url) const {
-    auto out = RunCommand(Exec({"/usr/bin/curl", "-s", "--fail", "--max-time", "5", url}), absl::Seconds(15));
-    return out.ok() && out->exit_code == 0 ? out->output : "";
-  }
-
- private:
-  static bool Ip(const std::vector<std::string>& args) {
-    std::vector<std::string> argv = {"/usr/sbin/ip"};
-    argv.insert(argv.end(), args.begin(), args.end());
-    auto out = Run(argv);
-    EXPECT_TRUE(out.ok() && out->exit_code == 0) << absl::StrJoin(argv, " ") << ": "
-                                                 << (out.ok() ? out->output : std::string(out.status().message()));
-    return out.ok() && out->exit_code == 0;
-  }
-
-  static inline int count_ = 0;
-  TempDir dir_;
-  std::string name_;
-  bool ok_ = false;
-  std::unique_ptr<ChildProcess> dnsmasq_;
-};
-
 // How many of `pid`'s fds are open on /dev/net/tun (a TAP).
 int TunFds(pid_t pid) {
   int count = 0;
@@ -126,11 +56,6 @@ int TunFds(pid_t pid) {
     if (std::filesystem::read_symlink(entry.path(), error) == "/dev/net/tun") ++count;
   }
   return count;
-}
-
-bool InSubnet(const std::string& ip) {
-  in_addr addr{};
-  return ::inet_pton(AF_INET, ip.c_str(), &addr) == 1 && (ntohl(addr.s_addr) & 0xFFFFFF00u) == kSubnet;
 }
 
 class VmBridgeTest : public ::testing::Test {
