@@ -32,9 +32,17 @@ TEST(TaskConfig, SchemaCoversNomadsQemuOptions) {
       {"boot_order", "string"},     {"net_device", "string"},     {"mac_address", "string"},
       {"firmware", "string"},       {"secure_boot", "bool"},      {"tpm", "bool"},
   };
+  // Ours: bridge networking (src/qemu/network_plan.h).
+  const std::map<std::string, std::string> network = {
+      {"network_mode", "string"}, {"bridge", "string"}, {"advertise_address", "bool"}, {"advertise_timeout", "string"},
+  };
   const auto spec = TaskConfigSpec();
   const auto& attrs = spec.object().attributes();
-  EXPECT_EQ(attrs.size(), expected.size() + hardware.size() + 2);  // + the disk and cloud_init blocks
+  EXPECT_EQ(attrs.size(), expected.size() + hardware.size() + network.size() + 2);  // + the disk and cloud_init blocks
+  for (const auto& [name, type] : network) {
+    ASSERT_TRUE(attrs.count(name)) << name;
+    EXPECT_EQ(attrs.at(name).attr().type(), type) << name;
+  }
   EXPECT_EQ(attrs.at("disk").block_list().name(), "disk");
   EXPECT_EQ(attrs.at("cloud_init").block_value().name(), "cloud_init");
   for (const auto& [name, type] : hardware) {
