@@ -37,9 +37,13 @@ class BridgeNetns {
           // Another bridge, which the plugin is not allowed to use.
           Ip({"-n", name_, "link", "add", "br1", "type", "bridge"});
     if (!ok_) return;
+    // --dhcp-broadcast: replies broadcast rather than unicast to the offered
+    // address. The test guest's busybox udhcpc got its lease faster that way
+    // (bridge_bench, one pair of runs: 9.0 s vs 14.7 s to the advertised
+    // address), and the driver is not what is measured there.
     dnsmasq_ = std::make_unique<ChildProcess>(Exec({"/usr/sbin/dnsmasq", "--no-daemon", "--conf-file=/dev/null",
                                                     "--port=0", "--user=root", "--interface=br0", "--bind-interfaces",
-                                                    "--dhcp-range=10.213.0.50,10.213.0.150,1h", "--dhcp-authoritative",
+                                                    "--dhcp-range=10.213.0.50,10.213.0.150,1h", "--dhcp-authoritative", "--dhcp-broadcast",
                                                     "--dhcp-leasefile=" + dir_.path() + "/leases",
                                                     "--pid-file=" + dir_.path() + "/dnsmasq.pid"}));
     ok_ = dnsmasq_->pid() > 0;
