@@ -24,20 +24,15 @@ ifreq NamedRequest(const std::string& name) {
   return request;
 }
 
-// Copies the bridge's MTU to the TAP (a bridge takes the smallest MTU of its
-// ports, so a default-MTU TAP would shrink a jumbo-frame bridge), attaches
-// the TAP and brings it up.
+// Attaches the TAP (which fails for anything but a bridge), gives it the
+// bridge's MTU as read before (a bridge follows the smallest MTU of its
+// ports, so a default-MTU TAP would shrink a jumbo-frame bridge), and brings
+// it up.
 absl::Status AttachAndRaise(const std::string& tap, const std::string& bridge, int index) {
   UniqueFd sock(::socket(AF_LOCAL, SOCK_DGRAM | SOCK_CLOEXEC, 0));
   if (!sock.valid()) return ErrnoError("cannot open a socket to configure TAP " + tap, errno);
   ifreq mtu = NamedRequest(bridge);
-  if (::ioctl(sock.get(), SIOCGIFMTU, &mtu) == 0) {
-    ifreq set = NamedRequest(tap);
-    set.ifr_mtu = mtu.ifr_mtu;
-    if (::ioctl(sock.get(), SIOCSIFMTU, &set) != 0) {
-      return ErrnoError(absl::StrCat("cannot set TAP ", tap, "'s MTU to bridge ", bridge, "'s ", mtu.ifr_mtu), errno);
-    }
-  }
+  const bool have_mtu = ::ioctl(sock.get(), SIOCGIFMTU, &mtu) == 0;
   ifreq add = NamedRequest(bridge);
   add.ifr_ifindex = index;
   if (::ioctl(sock.get(), SIOCBRADDIF, &add) != 0) {
@@ -47,6 +42,13 @@ absl::Status AttachAndRaise(const std::string& tap, const std::string& bridge, i
           absl::StrCat("\"", bridge, "\" (from the plugin's bridges_allowlist) is not a bridge"));
     }
     return ErrnoError(absl::StrCat("cannot attach TAP ", tap, " to bridge ", bridge), error);
+  }
+  if (have_mtu) {
+    ifreq set = NamedRequest(tap);
+    set.ifr_mtu = mtu.ifr_mtu;
+    if (::ioctl(sock.get(), SIOCSIFMTU, &set) != 0) {
+      return ErrnoError(absl::StrCat("cannot set TAP ", tap, "'s MTU to bridge ", bridge, "'s ", mtu.ifr_mtu), errno);
+    }
   }
   ifreq flags = NamedRequest(tap);
   if (::ioctl(sock.get(), SIOCGIFFLAGS, &flags) != 0) return ErrnoError("cannot read TAP " + tap + "'s flags", errno);
