@@ -35,6 +35,8 @@ inline constexpr absl::Duration kImageProbe = absl::Seconds(30);
 // RecoverTask -----------------------------------------------------------------
 // A concurrent start or recovery of the same task: longer than kQmpStart +
 // kPidFileWait, so a start that will succeed is waited for.
+// (Not so for a start that waits for advertise_address, up to 10 min: a
+// recovery meanwhile fails Unavailable, and Nomad retries it.)
 inline constexpr absl::Duration kRecoverWait = absl::Seconds(60);
 
 // Stop and exit -----------------------------------------------------------------
