@@ -66,10 +66,13 @@ inline constexpr int kExitRecordFailed = 3;    // exit.json could not be written
 inline constexpr int kCouldNotRunExitCode = 127;
 // How much of QEMU's stderr the exit record keeps (the last bytes).
 inline constexpr size_t kStderrTailBytes = 4096;
+// How much of QEMU's stdout (the guest's serial console, ttyS0) it keeps.
+inline constexpr size_t kStdoutTailBytes = 4096;
 
 // exit.json, one JSON object:
 //   {"exit_code":7,"signal":0,"core_dumped":false,"started_at":1700000000000,
-//    "exited_at":1700000000123,"stderr_tail":"...","error":""}
+//    "exited_at":1700000000123,"stderr_tail":"...","stdout_tail":"...","error":""}
+//   (stdout_tail is absent in records of supervisors before issue 11)
 struct ExitRecord {
   int exit_code = -1;         // -1 when killed by a signal
   int signal = 0;             // 0 when QEMU exited by itself
@@ -77,6 +80,7 @@ struct ExitRecord {
   int64_t started_at_ms = 0;  // unix time in milliseconds
   int64_t exited_at_ms = 0;
   std::string stderr_tail;    // valid UTF-8 (invalid bytes became U+FFFD)
+  std::string stdout_tail;    // the same for stdout: the last of the serial console
   std::string error;          // non-empty: QEMU never ran, and why
 };
 

@@ -5,6 +5,7 @@
 #include "base/timeouts.h"
 #include "nomadplugin/hclog.h"
 #include "driver/error_classification.h"
+#include "driver/exec_service.h"
 #include "driver/task_proto.h"
 #include "absl/strings/str_join.h"
 #include "driver/stats.h"
@@ -13,15 +14,6 @@
 namespace ndq {
 
 const char kPluginVersion[] = NDQ_VERSION;
-
-namespace {
-
-
-constexpr char kExecUnsupported[] =
-    "exec is not supported by the qemu driver: the task is a virtual machine, with no process on the host "
-    "to run a command in (use SSH or the guest agent inside the VM)";
-
-}  // namespace
 
 void DriverSettings::Set(PluginConfig config, std::optional<basepb::NomadConfig> agent) {
   absl::MutexLock lock(&mu_);
@@ -114,7 +106,7 @@ driverpb::FingerprintResponse ToProto(const Fingerprint& fingerprint) {
 driverpb::DriverCapabilities Capabilities() {
   driverpb::DriverCapabilities caps;
   caps.set_send_signals(true);
-  caps.set_exec(false);
+  caps.set_exec(true);  // through the guest agent (driver/exec_service.h)
   // NONE, as Nomad's qemu driver: with IMAGE, Nomad would hand the task
   // container-style paths (NOMAD_TASK_DIR=/local) that mean nothing on the host.
   caps.set_fs_isolation(driverpb::DriverCapabilities::NONE);
@@ -122,7 +114,8 @@ driverpb::DriverCapabilities Capabilities() {
   // Bridge networking: Nomad makes the namespace, QEMU joins it.
   caps.add_network_isolation_modes(driverpb::NetworkIsolationSpec::GROUP);
   caps.set_must_create_network(false);
-  caps.set_mount_configs(driverpb::DriverCapabilities::NO_MOUNTS);
+  // Volume mounts (host volumes, CSI) become virtio-9p shares (qemu/share_plan.h).
+  caps.set_mount_configs(driverpb::DriverCapabilities::ANY_MOUNTS);
   return caps;
 }
 
@@ -288,15 +281,13 @@ grpc::Status DriverService::SignalTask(grpc::ServerContext*, const driverpb::Sig
   return ToGrpc(tasks_->Signal(request->task_id(), request->signal()));
 }
 
-grpc::Status DriverService::ExecTask(grpc::ServerContext*, const driverpb::ExecTaskRequest*,
-                                     driverpb::ExecTaskResponse*) {
-  return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, kExecUnsupported);
+grpc::Status DriverService::ExecTask(grpc::ServerContext* context, const driverpb::ExecTaskRequest* request,
+                                     driverpb::ExecTaskResponse* response) {
+  return ExecTaskOnce(*tasks_, context, *request, response, [this] { return lifecycle_->ShutdownRequested(); });
 }
 
-grpc::Status DriverService::ExecTaskStreaming(
-    grpc::ServerContext*,
-    grpc::ServerReaderWriter<driverpb::ExecTaskStreamingResponse, driverpb::ExecTaskStreamingRequest>*) {
-  return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, kExecUnsupported);
+grpc::Status DriverService::ExecTaskStreaming(grpc::ServerContext* context, ExecStream* stream) {
+  return ExecTaskStreamed(*tasks_, context, stream, [this] { return lifecycle_->ShutdownRequested(); });
 }
 
 }  // namespace ndq

@@ -45,6 +45,9 @@ TaskRequest TaskRequestFromProto(const driverpb::TaskConfig& task) {
   if (isolation.mode() != driverpb::NetworkIsolationSpec::HOST) request.netns_path = isolation.path();
   request.dns_searches.assign(task.dns().searches().begin(), task.dns().searches().end());
   request.dns_servers.assign(task.dns().servers().begin(), task.dns().servers().end());
+  for (const driverpb::Mount& mount : task.mounts()) {
+    request.mounts.push_back(VolumeMount{mount.task_path(), mount.host_path(), mount.readonly()});
+  }
   return request;
 }
 

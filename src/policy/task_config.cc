@@ -113,6 +113,13 @@ void DecodeNetwork(ConfigReader& r, TaskConfig& c) {
   c.advertise_timeout = r.String("advertise_timeout");
 }
 
+// The console and the boot watch.
+void DecodeConsole(ConfigReader& r, TaskConfig& c) {
+  c.console = r.Bool("console").value_or(false);
+  c.boot_timeout = r.String("boot_timeout");
+  c.boot_ready_port = r.String("boot_ready_port");
+}
+
 }  // namespace
 
 nomadplugin::hclspec::Spec TaskConfigSpec() {
@@ -158,6 +165,12 @@ nomadplugin::hclspec::Spec TaskConfigSpec() {
       {"bridge", hs::Attr("bridge", "string")},
       {"advertise_address", hs::Attr("advertise_address", "bool")},
       {"advertise_timeout", hs::Attr("advertise_timeout", "string")},
+      // Shares (qemu/share_plan.h). No option names a host path: only Nomad's
+      // own alloc dirs and volume mounts are ever shared.
+      {"share_alloc_dirs", hs::Attr("share_alloc_dirs", "bool")},
+      {"console", hs::Attr("console", "bool")},
+      {"boot_timeout", hs::Attr("boot_timeout", "string")},
+      {"boot_ready_port", hs::Attr("boot_ready_port", "string")},
   });
 }
 
@@ -188,6 +201,8 @@ absl::StatusOr<TaskConfig> DecodeTaskConfig(const std::string& msgpack, bool rej
   config.port_map = reader->IntegerMapList("port_map").value_or(std::map<std::string, int64_t>{});
   DecodeHardware(*reader, config);
   DecodeNetwork(*reader, config);
+  config.share_alloc_dirs = reader->Bool("share_alloc_dirs").value_or(false);
+  DecodeConsole(*reader, config);
   DecodeBlocks(*reader, reject_unknown, config);
   if (absl::Status status = reader->status(); !status.ok()) return status;
   return config;

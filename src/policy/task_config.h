@@ -98,6 +98,17 @@ struct TaskConfig {
   // return it to Nomad as the driver network (address_mode = "driver").
   bool advertise_address = false;
   std::optional<std::string> advertise_timeout;  // a duration, e.g. "2m"
+  // Shares: the alloc's alloc/, the task's local/ and secrets/ over virtio-9p.
+  bool share_alloc_dirs = false;
+
+  // The console you can see: QEMU's VNC server and an interactive serial
+  // port (ttyS1) on unix sockets in the task dir (never TCP).
+  bool console = false;
+  // How long the guest has to become ready (a duration like "90s"); ready is
+  // the guest agent answering guest-ping (guest_agent = true) or the
+  // port_map label boot_ready_port answering TCP.
+  std::optional<std::string> boot_timeout;
+  std::optional<std::string> boot_ready_port;
 };
 
 nomadplugin::hclspec::Spec TaskConfigSpec();

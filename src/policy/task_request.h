@@ -42,6 +42,15 @@ struct TaskResources {
   std::vector<GroupPort> group_ports;
 };
 
+// A volume Nomad mounts for the task (a host volume, a CSI volume): Nomad's
+// MountConfig. host_path is Nomad's (from the client's config or a CSI
+// plugin), never the job's; task_path is the job's volume_mount destination.
+struct VolumeMount {
+  std::string task_path;
+  std::string host_path;
+  bool readonly = false;
+};
+
 struct TaskRequest {
   TaskIdentity identity;
   std::string alloc_dir;
@@ -54,6 +63,7 @@ struct TaskRequest {
   std::string netns_path;
   std::vector<std::string> dns_searches;
   std::vector<std::string> dns_servers;
+  std::vector<VolumeMount> mounts;  // Nomad's volume mounts, in order
 
   std::string task_dir() const { return alloc_dir + "/" + identity.name; }
 };

@@ -178,6 +178,49 @@ void AppendTpm(const VmSpec& spec, const RuntimePaths& paths, std::vector<std::s
                            q35 ? "tpm-crb,tpmdev=tpm0" : "tpm-tis,tpmdev=tpm0"});
 }
 
+// virtio-9p shares (qemu/share_plan.h). The root is the directory the driver
+// opened and checked, reopened by QEMU through /proc/self/fd/N; only the tag
+// is spliced, commas doubled.
+// security_model=mapped-xattr: the guest's owners and modes are kept in
+// user.virtfs.* xattrs, never applied to the host file. The host sees every
+// file the guest writes as an ordinary file owned by QEMU's user, mode fmode
+// (0644; directories dmode 0755). So it works for the unprivileged qemu_user
+// (passthrough would have to chown to the guest's uid, which needs root), and
+// a guest's setuid bit or chmod never reaches the host. Measured with QEMU
+// 7.2 running as root: the guest's `chmod 4755` on a copied busybox left
+// -rwsr-xr-x root on the host with security_model=none (a setuid-root binary
+// in the alloc dir), -rw-r--r-- with mapped-xattr (the guest still sees
+// 4755). The cost: a writable share needs user xattrs on its file
+// system (ext4, xfs, btrfs, tmpfs from Linux 6.6; not NFS before 4.2).
+// multidevs=remap: a volume may span file systems (submounts); remapping keeps
+// inode numbers unique in the guest instead of QEMU only warning.
+void AppendShares(const VmSpec& spec, std::vector<std::string>& argv) {
+  for (size_t i = 0; i < spec.shares.size(); ++i) {
+    const Share& share = spec.shares[i];
+    if (share.fd < 0) continue;  // not opened: nothing to share
+    const std::string id = absl::StrCat("share", i);
+    argv.insert(argv.end(), {"-fsdev",
+                             absl::StrCat("local,id=", id, ",path=/proc/self/fd/", share.fd,
+                                          ",security_model=mapped-xattr,fmode=0644,dmode=0755,multidevs=remap", share.read_only ? ",readonly=on" : ""),
+                             "-device",
+                             absl::StrCat("virtio-9p-pci,fsdev=", id, ",mount_tag=", EscapeQemuOptionValue(share.tag))});
+  }
+}
+
+// console = true: ttyS0 stays on stdio (the task log, as -nographic had it:
+// the first -serial replaces that default, so it is named again), ttyS1 is
+// an interactive console on a unix socket, and VNC listens on another.
+// Verified with QEMU 7.2.22: -vnc works beside -nographic, and both socket
+// paths take doubled commas ("-vnc unix:DIR/a,,b/vnc.sock").
+void AppendConsole(const ConsolePlan& console, std::vector<std::string>& argv) {
+  if (!console.enabled) return;
+  argv.insert(argv.end(),
+              {"-serial", "mon:stdio", "-chardev",
+               absl::StrCat("socket,id=console0,path=", EscapeQemuOptionValue(console.serial_socket),
+                            ",server=on,wait=off"),
+               "-serial", "chardev:console0", "-vnc", "unix:" + EscapeQemuOptionValue(console.vnc_socket)});
+}
+
 // The -machine value: type and accelerator, plus what UEFI and Secure Boot need.
 std::string MachineOption(const VmSpec& spec) {
   const auto esc = EscapeQemuOptionValue;
@@ -259,6 +302,8 @@ std::vector<std::string> BuildQemuArgv(const VmSpec& spec, const RuntimePaths& p
                  "-device", "virtio-serial", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"});
   }
   AppendTpm(spec, paths, argv);
+  AppendShares(spec, argv);
+  AppendConsole(spec.console, argv);
   argv.insert(argv.end(), spec.args.begin(), spec.args.end());
 
   if (spec.network.enabled) AppendBridgeNic(spec, argv);

@@ -16,6 +16,7 @@
 #include "policy/allowlist.h"
 #include "qemu/hardware_plan.h"
 #include "qemu/network_plan.h"
+#include "qemu/share_plan.h"
 
 namespace ndq {
 namespace {
@@ -376,10 +377,12 @@ absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config, const TaskRequest& task,
   PlanNic(config, task, host, spec, problems);
   PlanKernel(config, spec, problems);
   PlanDrives(config, plugin, spec, problems);
+  PlanShares(config, task, spec, problems);
   spec.name = task.identity.name;
   spec.graceful_shutdown = config.graceful_shutdown;
   spec.guest_agent = config.guest_agent;
   spec.sandbox = plugin.sandbox;
+  PlanConsole(config, task, spec, problems);
   if (!problems.empty()) return absl::InvalidArgumentError(absl::StrJoin(problems, "; "));
   return spec;
 }

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "host/capabilities.h"
+#include "qemu/console_plan.h"
 #include "policy/plugin_config.h"
 #include "policy/task_config.h"
 #include "policy/task_request.h"
@@ -106,6 +107,20 @@ struct BridgeNetwork {
   std::map<std::string, int> guest_ports;
 };
 
+// A host directory shown to the guest over virtio-9p (qemu/share_plan.h).
+// QEMU gets the directory the driver opened and checked, as /proc/self/fd/N.
+enum class ShareOrigin { kAllocDir, kVolume };
+struct Share {
+  std::string tag;        // the guest's mount tag: "alloc", "local", "secrets" or a volume's destination
+  ShareOrigin origin = ShareOrigin::kAllocDir;
+  std::string host_path;  // kAllocDir: the dir's name under the alloc ("alloc", "<task>/local"); kVolume: Nomad's path
+  bool read_only = false;
+  int fd = -1;  // the open directory's number in QEMU's process (filled at start)
+  bool operator==(const Share& o) const {
+    return tag == o.tag && origin == o.origin && host_path == o.host_path && read_only == o.read_only && fd == o.fd;
+  }
+};
+
 struct VmSpec {
   std::string emulator;       // "x86_64", without "qemu-system-"
   std::string emulator_path;  // the binary found by the fingerprinter
@@ -150,6 +165,10 @@ struct VmSpec {
   Firmware firmware;
   bool tpm = false;
   BridgeNetwork network;  // enabled: the NIC is on a host bridge, not QEMU's user network
+  std::vector<Share> shares;  // share_alloc_dirs, then Nomad's volume mounts
+  // The console and the boot watch (qemu/console_plan.h).
+  ConsolePlan console;
+  BootWatchPlan boot_watch;
 };
 
 // Checks everything and applies Nomad's defaults (emulator x86_64, accelerator

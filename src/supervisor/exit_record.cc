@@ -107,6 +107,8 @@ size_t FormatExitRecord(const ExitFacts& f, char* out) {
   o.Int(f.exited_at_ms);
   o.Raw(",\"stderr_tail\":");
   o.String(f.stderr_tail, f.stderr_tail_len);
+  o.Raw(",\"stdout_tail\":");
+  o.String(f.stdout_tail, f.stdout_tail_len);
   o.Raw(",\"error\":");
   o.String(f.error, strnlen(f.error, kMaxErrorBytes));
   o.Raw("}\n");

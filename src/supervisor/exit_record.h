@@ -18,11 +18,13 @@ struct ExitFacts {
   int64_t exited_at_ms = 0;
   const char* stderr_tail = "";
   size_t stderr_tail_len = 0;  // at most kStderrTailBytes
+  const char* stdout_tail = "";  // QEMU's stdout: the guest's serial console (ttyS0)
+  size_t stdout_tail_len = 0;    // at most kStdoutTailBytes
   const char* error = "";      // NUL-terminated, at most kMaxErrorBytes
 };
 
 // Every input byte escapes to at most 6 output bytes ("\u00XX", "\ufffd").
-inline constexpr size_t kMaxExitRecordBytes = 6 * (kStderrTailBytes + kMaxErrorBytes) + 256;
+inline constexpr size_t kMaxExitRecordBytes = 6 * (kStderrTailBytes + kStdoutTailBytes + kMaxErrorBytes) + 256;
 
 // Writes the record into out[kMaxExitRecordBytes]; returns its length.
 size_t FormatExitRecord(const ExitFacts& facts, char* out);

@@ -39,7 +39,8 @@ constexpr char kUsage[] =
 // and keep writing; stop draining after this much.
 constexpr size_t kMaxDrainBytes = 1 << 20;
 
-using StderrTail = TailBuffer<kStderrTailBytes>;
+using OutputTail = TailBuffer<kStderrTailBytes>;
+static_assert(kStdoutTailBytes == kStderrTailBytes, "one ring type serves both streams");
 
 struct Options {
   const char* state_dir = nullptr;
@@ -195,54 +196,77 @@ void WriteAll(int fd, const char* data, size_t len) {
 
 enum class Copied { kSome, kNoneNow, kEof };
 
-// One read from QEMU's stderr pipe (non-blocking), copied to --stderr and the tail.
-Copied CopyStderr(int pipe_fd, int out_fd, StderrTail* tail, size_t* bytes) {
+// One of QEMU's output streams: the read end of its pipe, where it is copied
+// to (Nomad's log FIFO) and its tail for the exit record. stdout carries the
+// guest's first serial port (ttyS0), so its tail is the last lines of the
+// serial console; both tails are fixed rings a guest cannot grow.
+struct Stream {
+  int pipe_fd = -1;
+  int out_fd = -1;
+  OutputTail* tail = nullptr;
+  bool open = true;
+};
+
+// One read from a stream's pipe (non-blocking), copied to its output and tail.
+Copied CopyStream(Stream* stream, size_t* bytes) {
   char buf[4096];
-  const ssize_t n = ::read(pipe_fd, buf, sizeof buf);
+  const ssize_t n = ::read(stream->pipe_fd, buf, sizeof buf);
   if (n < 0) return errno == EINTR ? Copied::kSome : errno == EAGAIN ? Copied::kNoneNow : Copied::kEof;
   if (n == 0) return Copied::kEof;
-  WriteAll(out_fd, buf, static_cast<size_t>(n));
-  tail->Append(buf, static_cast<size_t>(n));
+  WriteAll(stream->out_fd, buf, static_cast<size_t>(n));
+  stream->tail->Append(buf, static_cast<size_t>(n));
   *bytes += static_cast<size_t>(n);
   return Copied::kSome;
 }
 
-// Runs until QEMU is reaped; returns its wait status.
-int Supervise(pid_t qemu, int signal_fd, int pipe_fd, int out_fd, StderrTail* tail) {
-  pollfd fds[2] = {{signal_fd, POLLIN, 0}, {pipe_fd, POLLIN, 0}};
-  bool pipe_open = true;
+// Whatever QEMU wrote last is what explains its exit.
+void Drain(Stream* stream) {
+  size_t drained = 0;
+  while (stream->open && drained < kMaxDrainBytes) {
+    const Copied c = CopyStream(stream, &drained);
+    if (c == Copied::kNoneNow || c == Copied::kEof) break;
+  }
+}
+
+void ForwardSigterm(int signal_fd, pid_t qemu) {
+  signalfd_siginfo info[8];
+  ssize_t n;
+  while ((n = ::read(signal_fd, info, sizeof info)) > 0) {
+    for (size_t i = 0; i < static_cast<size_t>(n) / sizeof info[0]; ++i) {
+      if (info[i].ssi_signo != SIGTERM) continue;
+      Log("SIGTERM from pid %u: forwarding to QEMU pid %d", info[i].ssi_pid, static_cast<int>(qemu));
+      ::kill(qemu, SIGTERM);  // a zombie not yet reaped ignores it harmlessly
+    }
+  }
+}
+
+// Runs until QEMU is reaped; returns its wait status. streams[0] is stdout,
+// streams[1] stderr.
+int Supervise(pid_t qemu, int signal_fd, Stream streams[2]) {
   size_t copied = 0;
   for (;;) {
-    if (::poll(fds, pipe_open ? 2 : 1, -1) < 0) {
+    pollfd fds[3] = {{signal_fd, POLLIN, 0}, {-1, POLLIN, 0}, {-1, POLLIN, 0}};
+    for (int i = 0; i < 2; ++i) fds[i + 1].fd = streams[i].open ? streams[i].pipe_fd : -1;  // -1: ignored
+    if (::poll(fds, 3, -1) < 0) {
       if (errno == EINTR) continue;
       // Cannot happen with valid fds; still, QEMU's status must be recorded.
-      Log("poll: %s; waiting for QEMU without copying its stderr", std::strerror(errno));
+      Log("poll: %s; waiting for QEMU without copying its output", std::strerror(errno));
       int status = 0;
       while (::waitpid(qemu, &status, 0) < 0 && errno == EINTR) {
       }
       return status;
     }
-    if (pipe_open && fds[1].revents != 0 && CopyStderr(pipe_fd, out_fd, tail, &copied) == Copied::kEof) {
-      pipe_open = false;  // QEMU closed its stderr; it may still be running
+    for (int i = 0; i < 2; ++i) {
+      if (streams[i].open && fds[i + 1].revents != 0 && CopyStream(&streams[i], &copied) == Copied::kEof) {
+        streams[i].open = false;  // QEMU closed it; it may still be running
+      }
     }
     if ((fds[0].revents & POLLIN) == 0) continue;
-    signalfd_siginfo info[8];
-    ssize_t n;
-    while ((n = ::read(signal_fd, info, sizeof info)) > 0) {
-      for (size_t i = 0; i < static_cast<size_t>(n) / sizeof info[0]; ++i) {
-        if (info[i].ssi_signo != SIGTERM) continue;
-        Log("SIGTERM from pid %u: forwarding to QEMU pid %d", info[i].ssi_pid, static_cast<int>(qemu));
-        ::kill(qemu, SIGTERM);  // a zombie not yet reaped ignores it harmlessly
-      }
-    }
+    ForwardSigterm(signal_fd, qemu);
     int status = 0;
     if (::waitpid(qemu, &status, WNOHANG) == qemu) {
-      // Whatever QEMU wrote last is what explains its exit.
-      size_t drained = 0;
-      while (pipe_open && drained < kMaxDrainBytes) {
-        const Copied c = CopyStderr(pipe_fd, out_fd, tail, &drained);
-        if (c == Copied::kNoneNow || c == Copied::kEof) break;
-      }
+      Drain(&streams[0]);
+      Drain(&streams[1]);
       return status;
     }
   }
@@ -282,12 +306,26 @@ int KeepOnlyPassedFds(int passed_fds) {
   return -1;
 }
 
-// QEMU's setup, and our ends of its stderr.
+// QEMU's setup, and our ends of its stdout and stderr.
 struct Child {
   ChildSetup setup;
+  int stdout_out = -1;   // --stdout, where QEMU's stdout is copied to
+  int stdout_pipe = -1;  // the read end of QEMU's stdout
   int stderr_out = -1;   // --stderr, where QEMU's stderr is copied to
   int stderr_pipe = -1;  // the read end of QEMU's stderr
 };
+
+// A pipe for one of QEMU's outputs: our end non-blocking, QEMU's end blocking.
+bool MakeOutputPipe(const char* name, int* ours, int* qemus, ErrorText* error) {
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0 || ::fcntl(fds[0], F_SETFL, O_NONBLOCK) != 0) {
+    error->Set("%s pipe: %s", name, std::strerror(errno));
+    return false;
+  }
+  *ours = fds[0];
+  *qemus = fds[1];
+  return true;
+}
 
 // Opens what QEMU is started with. Opened here so a missing namespace or
 // cgroup is reported as such, not as a failed step in the child.
@@ -310,18 +348,12 @@ bool PrepareChild(const Options& opts, int signal_fd, Child* child, ErrorText* e
       return false;
     }
   }
-  setup.stdout_fd = OpenOutput("stdout", opts.stdout_path, signal_fd, error);
-  if (setup.stdout_fd < 0) return false;
+  child->stdout_out = OpenOutput("stdout", opts.stdout_path, signal_fd, error);
+  if (child->stdout_out < 0) return false;
   child->stderr_out = OpenOutput("stderr", opts.stderr_path, signal_fd, error);
   if (child->stderr_out < 0) return false;
-  int stderr_pipe[2];
-  if (::pipe2(stderr_pipe, O_CLOEXEC) != 0 || ::fcntl(stderr_pipe[0], F_SETFL, O_NONBLOCK) != 0) {
-    error->Set("stderr pipe: %s", std::strerror(errno));
-    return false;
-  }
-  child->stderr_pipe = stderr_pipe[0];
-  setup.stderr_fd = stderr_pipe[1];
-  return true;
+  return MakeOutputPipe("stdout", &child->stdout_pipe, &setup.stdout_fd, error) &&
+         MakeOutputPipe("stderr", &child->stderr_pipe, &setup.stderr_fd, error);
 }
 
 // Once QEMU is started: only QEMU writes these; holding them would delay EOF
@@ -345,7 +377,8 @@ void WritePidFile(int dir_fd, pid_t qemu) {
 }
 
 // Logs how QEMU ended (its wait status) and returns what exit.json records.
-ExitFacts QemuExitFacts(pid_t qemu, int status, int64_t started_at_ms, const StderrTail& tail) {
+ExitFacts QemuExitFacts(pid_t qemu, int status, int64_t started_at_ms, const OutputTail& out_tail,
+                        const OutputTail& tail) {
   ExitFacts facts;
   facts.started_at_ms = started_at_ms;
   facts.exited_at_ms = NowUnixMs();
@@ -362,6 +395,9 @@ ExitFacts QemuExitFacts(pid_t qemu, int status, int64_t started_at_ms, const Std
   static char tail_text[kStderrTailBytes];
   facts.stderr_tail = tail_text;
   facts.stderr_tail_len = tail.CopyOut(tail_text);
+  static char stdout_text[kStdoutTailBytes];
+  facts.stdout_tail = stdout_text;
+  facts.stdout_tail_len = out_tail.CopyOut(stdout_text);
   return facts;
 }
 
@@ -408,9 +444,10 @@ int Run(int argc, char** argv) {
   WritePidFile(dir_fd, qemu);
   Log("QEMU running as pid %d", static_cast<int>(qemu));
 
-  static StderrTail tail;
-  const int status = Supervise(qemu, signal_fd, child.stderr_pipe, child.stderr_out, &tail);
-  const ExitFacts facts = QemuExitFacts(qemu, status, started_at_ms, tail);
+  static OutputTail out_tail, err_tail;
+  Stream streams[2] = {{child.stdout_pipe, child.stdout_out, &out_tail}, {child.stderr_pipe, child.stderr_out, &err_tail}};
+  const int status = Supervise(qemu, signal_fd, streams);
+  const ExitFacts facts = QemuExitFacts(qemu, status, started_at_ms, out_tail, err_tail);
   // Gone before exit.json appears: a plugin that sees the record may remove
   // the TPM's state directory.
   StopSwtpm(swtpm, signal_fd);

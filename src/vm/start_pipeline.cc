@@ -24,9 +24,11 @@
 #include "host/tap_device.h"
 #include "qemu/guest_address.h"
 #include "image/task_disk.h"
+#include "vm/console.h"
 #include "vm/start_media.h"
 #include "nomadplugin/hclog.h"
 #include "qemu/cmdline.h"
+#include "qemu/share_plan.h"
 #include "qemu_driver/supervisor_protocol.h"
 
 namespace ndq {
@@ -63,6 +65,7 @@ struct OpenDisks {
   std::vector<DiskNode> boot;
   std::vector<std::vector<DiskNode>> drives;  // one per spec.drives
   int kernel_fd = -1, initrd_fd = -1, code_fd = -1, vars_fd = -1;
+  std::vector<int> share_fds;  // one per spec.shares
 
   // Hands `fd` to QEMU; returns its number there.
   int Pass(UniqueFd fd) {
@@ -130,7 +133,10 @@ absl::StatusOr<std::string> TaskNetns(const TaskRequest& task) {
 }
 
 absl::StatusOr<DecodedTask> Decode(const TaskRequest& task, const PluginConfig& plugin) {
-  absl::StatusOr<TaskConfig> config = DecodeTaskConfig(task.driver_config);
+  // Strict: Nomad encodes the job's block against our own schema, so every
+  // key it sends is one we know; anything else did not come through Nomad's
+  // HCL (e.g. a hand-made option naming a host path to share) and is refused.
+  absl::StatusOr<TaskConfig> config = DecodeTaskConfig(task.driver_config, /*reject_unknown=*/true);
   if (!config.ok()) return config.status();
   absl::StatusOr<std::vector<std::string>> sources = ImageSources(*config, plugin);
   if (!sources.ok()) return sources.status();
@@ -236,9 +242,12 @@ absl::StatusOr<OpenDisks> OpenDisksFor(const VmSpec& spec, const AdmittedImage& 
   disks.initrd_fd = *initrd;
   const AdmissionScope task_only{scope.task_dir, scope.alloc_dir, {}};
   if (absl::Status fw = OpenFirmware(spec, media, task_only, disks); !fw.ok()) return fw;
+  absl::StatusOr<std::vector<UniqueFd>> shares = OpenShareDirs(spec.shares, image.scope.alloc_dir);
+  if (!shares.ok()) return shares.status();
+  for (UniqueFd& dir : *shares) disks.share_fds.push_back(disks.Pass(std::move(dir)));
   if (static_cast<int>(disks.fds.size()) > supervisor::kMaxPassedFds) {
-    return absl::InvalidArgumentError(absl::StrCat("task config: the VM's disks, their backing files, kernel and firmware "
-                                                   "come to ", disks.fds.size(), " files; at most ",
+    return absl::InvalidArgumentError(absl::StrCat("task config: the VM's disks, their backing files, kernel, firmware "
+                                                   "and shared directories come to ", disks.fds.size(), " files; at most ",
                                                    supervisor::kMaxPassedFds, " can be passed to QEMU"));
   }
   return disks;
@@ -362,6 +371,13 @@ absl::StatusOr<HostPlace> PrepareHost(const TaskRequest& task, const PluginConfi
   if (spec.tpm) {
     if (absl::Status made = MakeTpmStateDir(task.task_dir(), *user, place, rollback); !made.ok()) return made;
   }
+  record.alloc_dir = task.alloc_dir;  // screenshots go to its alloc/logs
+  if (spec.console.enabled) {
+    std::optional<std::pair<uid_t, gid_t>> owner;
+    if (*user) owner = std::make_pair((*user)->pw_uid, (*user)->pw_gid);
+    if (absl::Status made = MakeConsoleDir(spec.console, owner, rollback); !made.ok()) return made;
+    record.console_dir = spec.console.dir;
+  }
 
   place.limits = PlanCgroupLimits(task, plugin);
   absl::StatusOr<std::optional<TaskCgroup>> cgroup = deps.host->CreateCgroup(
@@ -401,6 +417,13 @@ absl::StatusOr<AttachedNic> AttachNetwork(const TaskRequest& task, const VmSpec&
   return nic;
 }
 
+// Whether QEMU's user may open every shared directory (qemu/share_plan.h).
+absl::Status SharesReadable(const VmSpec& spec, const OpenDisks& disks, const HostPlace& place) {
+  std::vector<int> dirs;
+  for (int passed : disks.share_fds) dirs.push_back(disks.fds[passed - supervisor::kFirstPassedFd].get());
+  return CheckSharesReadable(spec.shares, dirs, place.qemu_user);
+}
+
 // --- launch ---------------------------------------------------------------------------
 
 absl::StatusOr<Supervisor> Launch(const TaskRequest& task, const VmSpec& spec, OpenDisks& disks,
@@ -414,6 +437,7 @@ absl::StatusOr<Supervisor> Launch(const TaskRequest& task, const VmSpec& spec, O
   launched.kernel.initrd_fd = disks.initrd_fd;
   launched.firmware.code_fd = disks.code_fd;
   launched.firmware.vars_fd = disks.vars_fd;
+  for (size_t i = 0; i < launched.shares.size(); ++i) launched.shares[i].fd = disks.share_fds[i];
   const DriverStateRecord& record = place.record;
   const std::vector<std::string> qemu_argv =
       BuildQemuArgv(launched, RuntimePaths{record.qmp_socket, record.guest_agent_socket, place.tpm_socket});
@@ -628,6 +652,7 @@ absl::StatusOr<LaunchedVm> RunStartPipeline(const TaskRequest& task, const Plugi
     return PrepareHost(task, plugin, *spec, *image, *media, deps, rollback);
   });
   if (!place.ok()) return place.status();
+  if (absl::Status shares = SharesReadable(*spec, *disks, *place); !shares.ok()) return shares;
   absl::StatusOr<AttachedNic> nic = RunStage(StartStage::kAttachNetwork, deps, [&] {
     return AttachNetwork(task, *spec, *disks, deps, rollback);
   });

@@ -76,6 +76,7 @@ std::optional<ExitRecord> ParseExitRecord(std::string_view text, std::string* er
       !GetString(doc, "stderr_tail", &r.stderr_tail, error) || !GetString(doc, "error", &r.error, error)) {
     return std::nullopt;
   }
+  if (doc.contains("stdout_tail") && !GetString(doc, "stdout_tail", &r.stdout_tail, error)) return std::nullopt;
   return r;
 }
 

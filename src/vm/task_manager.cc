@@ -16,6 +16,7 @@
 #include "base/unique_fd.h"
 #include "host/signals.h"
 #include "nomadplugin/hclog.h"
+#include "vm/console.h"
 
 namespace ndq {
 namespace {
@@ -118,6 +119,20 @@ void TaskManager::OnSupervisorExit(const std::string& id) {
   ::waitpid(task->record().supervisor_pid, nullptr, WNOHANG);
   task->DrainQmpEvents(timeouts::kExitEventDrain);  // QEMU's last events (SHUTDOWN) are relayed before the exit
   ExitResult result = FinalExit(task->record());
+  RemoveConsoleDir(task->record().console_dir);  // QEMU leaves vnc.sock behind
+  std::string boot_failure;
+  {
+    absl::MutexLock lock(&mu_);
+    if (auto it = boot_failures_.find(id); it != boot_failures_.end()) {
+      boot_failure = it->second;
+      boot_failures_.erase(it);
+    }
+  }
+  if (!boot_failure.empty()) {
+    const std::string tail = LastLines(result.serial_tail, kBootFailureTailLines);
+    result.error = absl::StrCat(boot_failure, "; last serial console lines (ttyS0):\n",
+                                tail.empty() ? "(none)" : tail);
+  }
   log::Info("VM exited", {{"task_id", id},
                           {"exit_code", result.exit_code},
                           {"signal", result.signal},
@@ -165,6 +180,19 @@ absl::StatusOr<std::shared_ptr<const VmTask>> TaskManager::Get(const std::string
   absl::StatusOr<std::shared_ptr<VmTask>> task = Find(id);
   if (!task.ok()) return task.status();
   return std::shared_ptr<const VmTask>(*task);
+}
+
+absl::StatusOr<GuestExecResult> TaskManager::Exec(const std::string& id, const GuestExecRequest& request,
+                                                  const TaskExecOptions& options) {
+  absl::StatusOr<std::shared_ptr<VmTask>> task = Find(id);
+  if (!task.ok()) return task.status();
+  return ExecInTask(**task, request, options);
+}
+
+absl::Status TaskManager::CheckExec(const std::string& id) {
+  absl::StatusOr<std::shared_ptr<VmTask>> task = Find(id);
+  if (!task.ok()) return task.status();
+  return CheckExecTarget(**task);
 }
 
 absl::StatusOr<DriverStateRecord> TaskManager::Start(const TaskRequest& task, const std::function<bool()>& cancelled) {
@@ -234,6 +262,85 @@ absl::Status TaskManager::Register(const TaskIdentity& task, LaunchedVm launched
   Emit(task, absl::StrCat("Started QEMU (pid ", record.qemu_pid, ")"),
        {{"qemu_pid", std::to_string(record.qemu_pid)}, {"supervisor_pid", std::to_string(record.supervisor_pid)}});
   EmitIsolation(task, launched.spec, config_(), launched.limits, record, launched.netns);
+  if (launched.spec.console.enabled) {
+    Emit(task, "Console: serial (ttyS1) on " + launched.spec.console.serial_socket + ", VNC on " +
+                   launched.spec.console.vnc_socket,
+         {{"console_serial", launched.spec.console.serial_socket}, {"console_vnc", launched.spec.console.vnc_socket}});
+  }
+  if (launched.spec.boot_watch.timeout > absl::ZeroDuration()) WatchBoot(task, vm, launched);
+  return absl::OkStatus();
+}
+
+// --- boot_timeout and screenshots ------------------------------------------------
+
+void TaskManager::WatchBoot(const TaskIdentity& task, const std::shared_ptr<VmTask>& vm, const LaunchedVm& launched) {
+  const BootWatchPlan& plan = launched.spec.boot_watch;
+  std::string waited_for = plan.guest_agent ? "the guest agent (guest-ping)" : "";
+  if (!plan.port_label.empty()) {
+    absl::StrAppend(&waited_for, waited_for.empty() ? "" : " or ", "port \"", plan.port_label, "\" (TCP, guest port ",
+                    plan.guest_port, ")");
+  }
+  BootWatchContext context;
+  context.vm = vm;
+  context.plan = plan;
+  context.netns = launched.netns;
+  context.started = launched.record.started_at;
+  context.on_ready = [this, task](const std::string& what, absl::Duration elapsed) {
+    Emit(task, absl::StrCat("Guest ready: ", what, " answered ", absl::FormatDuration(absl::Trunc(elapsed, absl::Milliseconds(100))),
+                            " after QEMU started"),
+         {{"boot_ready", what}});
+  };
+  std::weak_ptr<VmTask> weak = vm;
+  context.on_timeout = [this, task, weak, timeout = plan.timeout, waited_for] {
+    if (std::shared_ptr<VmTask> held = weak.lock()) FailBoot(task, held, timeout, waited_for);
+  };
+  absl::MutexLock lock(&boot_mu_);
+  boot_watches_[task.id] = std::make_unique<BootWatch>(std::move(context));
+}
+
+void TaskManager::FailBoot(const TaskIdentity& task, const std::shared_ptr<VmTask>& vm, absl::Duration timeout,
+                           const std::string& waited_for) {
+  absl::StatusOr<std::string> shot = TakeScreenshot(*vm);
+  std::string failure = absl::StrCat("the VM did not become ready within boot_timeout ", absl::FormatDuration(timeout),
+                                     ": ", waited_for, " did not answer; ");
+  std::map<std::string, std::string> annotations = {{"boot_timeout", absl::FormatDuration(timeout)}};
+  if (shot.ok()) {
+    absl::StrAppend(&failure, "screenshot ", *shot);
+    annotations["screenshot"] = *shot;
+  } else {
+    absl::StrAppend(&failure, "no screenshot (", shot.status().message(), ")");
+  }
+  log::Warn("guest not ready in time; stopping the VM", {{"task_id", task.id}, {"error", failure}});
+  {
+    absl::MutexLock lock(&mu_);
+    boot_failures_[task.id] = failure;
+  }
+  Emit(task, "Boot timeout: " + failure, annotations);
+  // The guest is stuck: no power button; QEMU exits on SIGTERM, then SIGKILL.
+  if (absl::Status stopped = vm->Stop(kBootFailureStopTimeout, SIGTERM); !stopped.ok()) {
+    log::Warn("could not stop the VM after its boot timeout",
+              {{"task_id", task.id}, {"error", std::string(stopped.message())}});
+  }
+}
+
+void TaskManager::EndBootWatch(const std::string& id) {
+  std::unique_ptr<BootWatch> watch;
+  {
+    absl::MutexLock lock(&boot_mu_);
+    auto it = boot_watches_.find(id);
+    if (it == boot_watches_.end()) return;
+    watch = std::move(it->second);
+    boot_watches_.erase(it);
+  }
+  watch.reset();  // joins, outside the lock
+}
+
+absl::Status TaskManager::Screenshot(VmTask& vm) {
+  absl::StatusOr<std::string> shot = TakeScreenshot(vm);
+  if (!shot.ok()) {
+    return absl::Status(shot.status().code(), absl::StrCat("screenshot (SIGUSR2): ", shot.status().message()));
+  }
+  Emit(vm.identity(), "Screenshot of the VM's display: " + *shot, {{"screenshot", *shot}, {"reason", "SIGUSR2"}});
   return absl::OkStatus();
 }
 
@@ -325,10 +432,13 @@ absl::Status TaskManager::Destroy(const std::string& id, bool force) {
     // At once: no request to the guest, no waiting on a hung agent or QMP.
     if (absl::Status status = (*task)->Kill(); !status.ok()) return status;
   }
+  EndBootWatch(id);
   {
     absl::MutexLock lock(&mu_);
     tasks_.erase(id);
+    boot_failures_.erase(id);
   }
+  RemoveConsoleDir((*task)->record().console_dir);
   host_->RemoveCgroup((*task)->record().cgroup);
   RemoveLeftoverTap((*task)->record().tap_name);
   RemoveStateDir((*task)->record().state_dir);
@@ -365,6 +475,7 @@ absl::Status TaskManager::Signal(const std::string& id, const std::string& signa
     case SIGPWR: return (*task)->RequestPowerdown();
     case SIGTSTP: return (*task)->Pause();
     case SIGCONT: return (*task)->Resume();
+    case kScreenshotSignal: return Screenshot(**task);
     default: return (*task)->Signal(*sig);
   }
 }

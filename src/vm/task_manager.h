@@ -22,7 +22,9 @@
 #include "policy/plugin_config.h"
 #include "host/process_watch.h"
 #include "qemu/vm_spec.h"
+#include "vm/boot_watch.h"
 #include "vm/start_pipeline.h"
+#include "vm/task_exec.h"
 #include "vm/vm_task.h"
 
 namespace ndq {
@@ -54,6 +56,11 @@ std::string DefaultSupervisorPath();
 // presses the ACPI power button.
 inline constexpr char kPowerdownSignal[] = "SIGPWR";
 
+// boot_timeout: how much of the serial console a failed boot reports, and
+// how long QEMU gets to exit on SIGTERM before SIGKILL.
+inline constexpr size_t kBootFailureTailLines = 20;
+inline constexpr absl::Duration kBootFailureStopTimeout = absl::Seconds(5);
+
 class TaskManager {
  public:
   using ConfigSource = std::function<PluginConfig()>;
@@ -77,6 +84,12 @@ class TaskManager {
 
   // A task's VM, for reading its stats.
   absl::StatusOr<std::shared_ptr<const VmTask>> Get(const std::string& id);
+  // Runs a command in a task's guest (`nomad alloc exec`, see vm/task_exec.h).
+  absl::StatusOr<GuestExecResult> Exec(const std::string& id, const GuestExecRequest& request,
+                                       const TaskExecOptions& options);
+  // Exec's errors that come before the command: no such task, an exited one,
+  // no guest agent or none answering (it connects the agent).
+  absl::Status CheckExec(const std::string& id);
 
   // Whether VMs get cgroup limits here; the first time it is not so, says
   // why in the log.
@@ -102,6 +115,15 @@ class TaskManager {
                      const CgroupLimits& limits, const DriverStateRecord& record, const std::string& netns);
   ImageCache& CacheAt(const std::string& dir);
   void RemoveLeftoverTap(const std::string& tap_name);
+  // boot_timeout (vm/boot_watch.h): watches the VM until its guest answers.
+  void WatchBoot(const TaskIdentity& task, const std::shared_ptr<VmTask>& vm, const LaunchedVm& launched);
+  // The guest did not answer in time: screenshot, stop, and the reason kept for the exit.
+  void FailBoot(const TaskIdentity& task, const std::shared_ptr<VmTask>& vm, absl::Duration timeout,
+                const std::string& waited_for);
+  // Ends a task's boot watch (not from its own thread).
+  void EndBootWatch(const std::string& id);
+  // A screenshot asked for by kScreenshotSignal.
+  absl::Status Screenshot(VmTask& vm);
   // Keeps the image cache under image_cache_max_size, sparing images in use.
   void EvictImages(const PluginConfig& plugin);
 
@@ -121,10 +143,16 @@ class TaskManager {
   std::map<std::string, std::unique_ptr<ImageCache>> caches_ ABSL_GUARDED_BY(mu_);
   // cgroup parents whose missing isolation has been logged.
   std::set<std::string> reported_isolation_ ABSL_GUARDED_BY(mu_);
+  // Why a task's boot failed (boot_timeout), for its exit result.
+  std::map<std::string, std::string> boot_failures_ ABSL_GUARDED_BY(mu_);
 
   // Declared last so it is destroyed first: its thread, which calls back into
   // the members above, is joined while they still exist.
   ExitWatcher watcher_;
+  // Declared after the watcher, so destroyed before it: their threads stop
+  // first (they use the members above, never the watcher).
+  absl::Mutex boot_mu_;
+  std::map<std::string, std::unique_ptr<BootWatch>> boot_watches_ ABSL_GUARDED_BY(boot_mu_);
 };
 
 }  // namespace ndq

@@ -34,6 +34,8 @@ std::string DriverStateRecord::Encode() const {
       {"cgroup", {{"version", CgroupVersionName(cgroup.version)}, {"dirs", cgroup.dirs}, {"created", cgroup.created}}},
       {"memory_limit_bytes", memory_limit_bytes},
       {"started_at_unix_ms", absl::ToUnixMillis(started_at)},
+      {"console_dir", console_dir},
+      {"alloc_dir", alloc_dir},
   };
   if (!tap_name.empty()) json["tap_name"] = tap_name;
   if (!network.ip.empty()) {
@@ -77,6 +79,8 @@ absl::StatusOr<DriverStateRecord> DriverStateRecord::Decode(const std::string& b
       r.network.port_map = network->value("port_map", std::map<std::string, int>{});
       r.network.auto_advertise = network->value("auto_advertise", true);
     }
+    r.console_dir = json.value("console_dir", "");
+    r.alloc_dir = json.value("alloc_dir", "");
   } catch (const nlohmann::json::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat("driver state is incomplete: ", e.what()));
   }
@@ -95,6 +99,7 @@ ExitResult LoadExitResult(const std::string& state_dir) {
   }
   result.exit_code = record->exit_code;
   result.signal = record->signal;
+  result.serial_tail = record->stdout_tail;
   if (record->signal != 0) result.exit_code = 128 + record->signal;
   if (record->exited_at_ms > 0) result.completed_at = absl::FromUnixMillis(record->exited_at_ms);
   if (!record->error.empty()) {
@@ -296,6 +301,16 @@ bool VmTask::ResumeIfPaused(QmpClient& qmp) {
   return true;
 }
 
+absl::StatusOr<nlohmann::json> VmTask::ExecuteQmp(const std::string& command, const nlohmann::json& arguments,
+                                                  absl::Duration timeout) {
+  if (result()) return absl::FailedPreconditionError(absl::StrCat("task ", id(), " has already exited"));
+  const absl::Time deadline = absl::Now() + timeout;
+  absl::MutexLock lock(&control_mu_);
+  absl::StatusOr<std::shared_ptr<QmpClient>> qmp = Qmp(std::min(timeout, timeouts::kQmpQuick));
+  if (!qmp.ok()) return qmp.status();
+  return (*qmp)->Execute(command, arguments, std::max(deadline - absl::Now(), absl::Milliseconds(1)));
+}
+
 absl::Status VmTask::Pause() {
   if (result()) return absl::FailedPreconditionError(absl::StrCat("task ", id(), " has already exited"));
   absl::MutexLock lock(&control_mu_);
@@ -342,12 +357,12 @@ absl::Status VmTask::RequestPowerdownLocked(absl::Time deadline) {
   // Each request's event is emitted before the request goes out, so that it
   // precedes whatever the guest does about it (QEMU's SHUTDOWN event).
   if (record_.guest_agent) {
-    absl::StatusOr<std::unique_ptr<GuestAgentClient>> agent =
-        GuestAgentClient::Connect(record_.guest_agent_socket, std::min(left(), timeouts::kQmpQuick), record_.qemu_pid);
+    absl::StatusOr<std::shared_ptr<GuestAgentClient>> agent = GuestAgent(std::min(left(), timeouts::kQmpQuick));
     absl::Status status = agent.status();
     if (agent.ok()) {
       Emit("Asked the guest agent to shut down");
       status = (*agent)->Shutdown("powerdown", left());
+      if (!status.ok()) DropGuestAgent(*agent);
     }
     if (status.ok()) {
       log::Info("guest agent asked to power off", {{"task_id", id()}});
@@ -369,6 +384,36 @@ absl::Status VmTask::RequestPowerdownLocked(absl::Time deadline) {
     Emit(absl::StrCat("ACPI powerdown failed: ", status.message()));
   }
   return status;
+}
+
+absl::StatusOr<std::shared_ptr<GuestAgentClient>> VmTask::GuestAgent(absl::Duration connect_timeout) {
+  if (!record_.guest_agent) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("task ", id(), " runs without the guest agent (its config does not set guest_agent = true)"));
+  }
+  if (result()) return absl::FailedPreconditionError(absl::StrCat("task ", id(), " has exited"));
+  absl::MutexLock lock(&agent_mu_);
+  if (agent_ != nullptr) return agent_;
+  absl::StatusOr<std::unique_ptr<GuestAgentClient>> agent =
+      GuestAgentClient::Connect(record_.guest_agent_socket, connect_timeout, record_.qemu_pid);
+  if (!agent.ok()) {
+    return absl::UnavailableError(absl::StrCat("the guest agent of task ", id(), " does not answer within ",
+                                               absl::FormatDuration(connect_timeout),
+                                               " (is qemu-guest-agent running in the guest?): ",
+                                               agent.status().message()));
+  }
+  agent_ = std::move(*agent);
+  return agent_;
+}
+
+void VmTask::DropGuestAgent(const std::shared_ptr<GuestAgentClient>& agent) {
+  std::shared_ptr<GuestAgentClient> dropped;
+  {
+    absl::MutexLock lock(&agent_mu_);
+    if (agent_ != agent) return;
+    dropped = std::move(agent_);
+  }
+  dropped->Close();
 }
 
 absl::Status VmTask::Signal(int signal) {

@@ -57,6 +57,10 @@ struct DriverStateRecord {
   // there) and the address advertised at start.
   std::string tap_name;
   AdvertisedNetwork network;
+  // The console (issue 11): the directory of its sockets in the task dir
+  // (empty without console), and the alloc dir whose alloc/logs takes screenshots.
+  std::string console_dir;
+  std::string alloc_dir;
 
   std::string Encode() const;
   static absl::StatusOr<DriverStateRecord> Decode(const std::string& bytes);
@@ -67,6 +71,7 @@ struct ExitResult {
   int signal = 0;
   bool oom_killed = false;
   std::string error;  // why the VM ended abnormally, for WaitTask's err
+  std::string serial_tail;  // the last bytes of QEMU's stdout (the serial console, ttyS0), at most 4 KiB
   absl::Time completed_at = absl::UnixEpoch();
 };
 
@@ -129,6 +134,10 @@ class VmTask {
   // Every step together (the control lock, the agent, QMP) takes at most
   // `budget`.
   absl::Status RequestPowerdown(absl::Duration budget = kPowerdownBudget);
+  // Runs one QMP command on the task's session (e.g. screendump), within
+  // `timeout`; FailedPrecondition once the VM has exited.
+  absl::StatusOr<nlohmann::json> ExecuteQmp(const std::string& command, const nlohmann::json& arguments,
+                                            absl::Duration timeout);
   // Pauses the vCPUs (QMP stop); QEMU itself keeps running and answering.
   absl::Status Pause();
   // Continues QEMU's process (SIGCONT, in case it was SIGSTOPped) and the
@@ -140,6 +149,16 @@ class VmTask {
   // plugin restart) one is opened on a background thread, so the relay
   // resumes without delaying the caller.
   void SetEventSink(TaskEventSink sink);
+
+  // The task's guest agent session, connected on first use (and again after
+  // DropGuestAgent). Exec sessions and powerdown share it because QEMU's agent
+  // socket serves one client at a time; the client serializes the calls.
+  // FailedPrecondition when the task runs without guest_agent or has exited,
+  // Unavailable when no agent answers within `connect_timeout`.
+  absl::StatusOr<std::shared_ptr<GuestAgentClient>> GuestAgent(absl::Duration connect_timeout);
+  // Forgets `agent` after it failed (a broken or desynchronized session), so
+  // the next GuestAgent call connects anew. No-op if another took its place.
+  void DropGuestAgent(const std::shared_ptr<GuestAgentClient>& agent);
 
   // Waits up to `timeout` for QEMU's QMP session to end, so that every event
   // QEMU sent before it exited has been relayed. Returns at once without a
@@ -181,6 +200,10 @@ class VmTask {
   std::shared_ptr<QmpClient> qmp_ ABSL_GUARDED_BY(qmp_mu_);
   // Opens the QMP session of a recovered task (see SetEventSink).
   std::thread connect_thread_ ABSL_GUARDED_BY(sink_mu_);
+
+  // Held while connecting; taken after control_mu_ (powerdown), never before.
+  absl::Mutex agent_mu_;
+  std::shared_ptr<GuestAgentClient> agent_ ABSL_GUARDED_BY(agent_mu_);
 
   mutable absl::Mutex mu_;
   std::optional<ExitResult> result_ ABSL_GUARDED_BY(mu_);

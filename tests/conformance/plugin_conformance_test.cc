@@ -190,10 +190,11 @@ TEST(Driver, CapabilitiesAreHonest) {
   DriverClient client(plugin->channel());
   const auto caps = client.Capabilities();
   ASSERT_TRUE(caps.ok()) << caps.status();
-  EXPECT_FALSE(caps->exec());
+  EXPECT_TRUE(caps->exec());  // through the guest agent
   EXPECT_TRUE(caps->send_signals());
   EXPECT_EQ(caps->fs_isolation(), driverpb::DriverCapabilities::NONE);
-  EXPECT_EQ(caps->mount_configs(), driverpb::DriverCapabilities::NO_MOUNTS);
+  // Volume mounts become virtio-9p shares.
+  EXPECT_EQ(caps->mount_configs(), driverpb::DriverCapabilities::ANY_MOUNTS);
   EXPECT_THAT(caps->network_isolation_modes(), ::testing::Contains(driverpb::NetworkIsolationSpec::HOST));
 }
 
@@ -298,15 +299,43 @@ TEST(Fingerprint, ChangeIsSentPromptly) {
   reader->Finish();
 }
 
-TEST(Driver, ExecIsClearlyUnsupported) {
+// Exec errors that need no VM (the rest are in vm_exec_test): an unknown
+// task, no command, and a terminal, which the guest agent cannot give.
+TEST(Driver, ExecRefusesWhatItCannotRun) {
   auto plugin = Launch();
   ASSERT_NE(plugin, nullptr);
   DriverClient client(plugin->channel());
+  {
+    auto context = client.NewContext();
+    driverpb::ExecTaskRequest request;
+    request.set_task_id("nope/nope/00000000");
+    request.add_command("true");
+    driverpb::ExecTaskResponse response;
+    const grpc::Status status = client.driver().ExecTask(context.get(), request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND) << status.error_message();
+  }
+  {
+    auto context = client.NewContext();
+    driverpb::ExecTaskRequest request;
+    request.set_task_id("nope/nope/00000000");
+    driverpb::ExecTaskResponse response;
+    const grpc::Status status = client.driver().ExecTask(context.get(), request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(status.error_message(), HasSubstr("no command"));
+  }
   auto context = client.NewContext();
-  driverpb::ExecTaskResponse response;
-  const grpc::Status status = client.driver().ExecTask(context.get(), {}, &response);
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNIMPLEMENTED);
-  EXPECT_THAT(status.error_message(), HasSubstr("exec is not supported by the qemu driver"));
+  auto stream = client.driver().ExecTaskStreaming(context.get());
+  driverpb::ExecTaskStreamingRequest setup;
+  setup.mutable_setup()->set_task_id("nope/nope/00000000");
+  setup.mutable_setup()->add_command("/bin/sh");
+  setup.mutable_setup()->set_tty(true);
+  ASSERT_TRUE(stream->Write(setup));
+  stream->WritesDone();
+  driverpb::ExecTaskStreamingResponse frame;
+  EXPECT_FALSE(stream->Read(&frame));
+  const grpc::Status status = stream->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("terminal (tty) is not supported through the guest agent"));
 }
 
 TEST(Driver, UnknownTaskIsNotFound) {

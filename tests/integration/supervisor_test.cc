@@ -404,7 +404,9 @@ TEST_F(SupervisorTest, DropsACharacterCutInHalfAtTheStartOfTheTail) {
   EXPECT_EQ(Record().stderr_tail, expected + "y");
 }
 
-TEST_F(SupervisorTest, StdoutIsTheFileItselfAndStderrAPipe) {
+// Both outputs are pipes copied to the files, so each keeps a tail: stdout's
+// (the guest's serial console) explains a boot that never finished.
+TEST_F(SupervisorTest, StdoutAndStderrArePipesCopiedWithTheirTails) {
   // readlink shows what the "QEMU" shell's fds really are.
   const pid_t sup =
       Spawn(Argv(Shell("echo hello; readlink /proc/$$/fd/0 /proc/$$/fd/1; readlink /proc/$$/fd/2; echo to-stderr >&2")));
@@ -417,13 +419,26 @@ TEST_F(SupervisorTest, StdoutIsTheFileItselfAndStderrAPipe) {
   std::getline(out, err_target);
   EXPECT_EQ(hello, "hello");
   EXPECT_EQ(in_target, "/dev/null");
-  EXPECT_EQ(out_target, Out());  // no copying through the supervisor
+  EXPECT_THAT(out_target, StartsWith("pipe:"));
   EXPECT_THAT(err_target, StartsWith("pipe:"));
   EXPECT_EQ(ReadFile(Err()), "to-stderr\n");
   EXPECT_EQ(Record().stderr_tail, "to-stderr\n");
+  EXPECT_EQ(Record().stdout_tail, ReadFile(Out()));
   struct stat st {};
   ASSERT_EQ(::stat(Out().c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 0777, 0640u);
+}
+
+// The stdout tail is a fixed ring: a guest printing without end costs the
+// supervisor 4 KiB, and the record keeps the last of it.
+TEST_F(SupervisorTest, StdoutTailKeepsTheLastBytes) {
+  const pid_t sup = Spawn(Argv(Shell(
+      R"(i=0; while [ $i -lt 2000 ]; do echo "line $i"; i=$((i+1)); done; printf 'last')")));
+  ExpectSupervisorExit(sup, kExitOk);
+  const std::string tail = Record().stdout_tail;
+  EXPECT_EQ(tail.size(), kStdoutTailBytes);
+  EXPECT_THAT(tail, ::testing::EndsWith("line 1999\nlast"));
+  EXPECT_THAT(ReadFile(Out()), StartsWith("line 0\nline 1\n"));
 }
 
 TEST_F(SupervisorTest, AppendsToExistingOutputFiles) {
@@ -552,8 +567,8 @@ TEST_F(SupervisorTest, OwnSessionAndSignalStateAndNoInheritedFds) {
   const std::string qemu_fds = "/proc/" + std::to_string(qemu) + "/fd";
   EXPECT_TRUE(WaitFor([&] { return ListDir(qemu_fds) == std::vector<std::string>{"0", "1", "2"}; }))
       << absl::StrJoin(ListDir(qemu_fds), " ");
-  // The supervisor holds: 0-2, state dir, signalfd, --stderr, stderr pipe.
-  EXPECT_EQ(ListDir("/proc/" + std::to_string(sup) + "/fd").size(), 7u);
+  // The supervisor holds: 0-2, state dir, signalfd, --stdout, stdout pipe, --stderr, stderr pipe.
+  EXPECT_EQ(ListDir("/proc/" + std::to_string(sup) + "/fd").size(), 9u);
   // Dies of SIGINT although the supervisor ignores it.
   ASSERT_EQ(::kill(qemu, SIGINT), 0);
   ExpectSupervisorExit(sup, kExitOk);

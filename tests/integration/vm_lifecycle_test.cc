@@ -461,9 +461,13 @@ class LeastPrivilegeTest : public VmLifecycleTest {
 
 TEST_F(LeastPrivilegeTest, QemuRunsAsQemuUserSandboxedWithoutReadingTheImageDirectory) {
   FakeAlloc alloc("least");
+  // As Nomad's alloc dirs are: others may pass through (QEMU's user reaches
+  // its console sockets in the task dir); local/, with the overlay, stays root's.
+  ::chmod(alloc.alloc_dir().c_str(), 0711);
+  ::chmod((alloc.task_dir() + "/local").c_str(), 0700);
   const int port = FreePort();
-  const driverpb::TaskHandle handle =
-      ::ndq::testing::StartTestGuest(*harness_, alloc, images_.path() + "/guest.qcow2", port);
+  const driverpb::TaskHandle handle = ::ndq::testing::StartTestGuest(
+      *harness_, alloc, images_.path() + "/guest.qcow2", port, {{"console", true}});
   const DriverStateRecord record = RecordOf(handle);
   ASSERT_GT(record.qemu_pid, 0);
   const std::string status = ReadFile("/proc/" + std::to_string(record.qemu_pid) + "/status");
@@ -485,7 +489,28 @@ TEST_F(LeastPrivilegeTest, QemuRunsAsQemuUserSandboxedWithoutReadingTheImageDire
   ASSERT_EQ(::stat((record.state_dir + "/run").c_str(), &st), 0);
   EXPECT_EQ(st.st_uid, user->pw_uid);
   EXPECT_THAT(::ndq::testing::HttpGet(port), HasSubstr("test guest"));
+  // The console: QEMU's user made its sockets in the task dir's console/
+  // (which is that user's, 0700), and wrote the screendump the plugin copied
+  // into alloc/logs (root's).
+  for (const char* socket : {"/console/serial.sock", "/console/vnc.sock"}) {
+    ASSERT_EQ(::lstat((alloc.task_dir() + socket).c_str(), &st), 0) << socket;
+    EXPECT_TRUE(S_ISSOCK(st.st_mode));
+    EXPECT_EQ(st.st_uid, user->pw_uid);
+  }
+  ASSERT_EQ(::stat((alloc.task_dir() + "/console").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0700u);
+  ASSERT_TRUE(harness_->Signal(handle.config().id(), "SIGUSR2").ok());
+  bool screenshot = false;
+  for (const auto& entry : std::filesystem::directory_iterator(alloc.alloc_dir() + "/alloc/logs")) {
+    if (entry.path().filename().string().rfind("least.screenshot.", 0) == 0) {
+      screenshot = ReadFile(entry.path()).rfind("\x89PNG", 0) == 0;
+      ASSERT_EQ(::stat(entry.path().c_str(), &st), 0);
+      EXPECT_EQ(st.st_uid, 0u);
+    }
+  }
+  EXPECT_TRUE(screenshot);
   ASSERT_TRUE(harness_->Stop(handle.config().id(), absl::Seconds(30)).ok());
+  EXPECT_FALSE(std::filesystem::exists(alloc.task_dir() + "/console"));
   driverpb::WaitTaskResponse wait;
   ASSERT_TRUE(harness_->Wait(handle.config().id(), &wait, absl::Seconds(30)).ok());
   EXPECT_EQ(wait.result().exit_code(), 0);

@@ -157,6 +157,9 @@ class PluginHarness {
       options.args.assign(wrapper_.begin() + 1, wrapper_.end());
       options.args.push_back(NDQ_PLUGIN_BINARY);
     }
+    // NDQ_PLUGIN_STDERR=1 shows the plugin's log lines (debugging a test).
+    const char* echo = std::getenv("NDQ_PLUGIN_STDERR");
+    options.echo_stderr = echo != nullptr && std::string(echo) == "1";
     auto plugin = nomadplugin::PluginProcess::Launch(options);
     ASSERT_TRUE(plugin.ok()) << plugin.status();
     plugin_ = std::move(*plugin);

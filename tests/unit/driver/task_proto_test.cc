@@ -4,6 +4,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <tuple>
+
 namespace ndq {
 namespace {
 
@@ -86,6 +88,25 @@ TEST(TaskRequestFromProto, AnEmptyTaskIsEmpty) {
   EXPECT_FALSE(request.resources.task_network_ip.has_value());
   EXPECT_TRUE(request.resources.task_ports.empty());
   EXPECT_EQ(request.netns_path, "");
+}
+
+TEST(TaskRequestFromProto, VolumeMountsAreCarriedInOrder) {
+  driverpb::TaskConfig task;
+  for (const auto& [task_path, host_path, readonly] :
+       {std::tuple{"/srv/data", "/opt/volumes/data", true}, std::tuple{"/srv/rw", "/opt/volumes/rw", false}}) {
+    driverpb::Mount* mount = task.add_mounts();
+    mount->set_task_path(task_path);
+    mount->set_host_path(host_path);
+    mount->set_readonly(readonly);
+    mount->set_propagation_mode("private");
+  }
+  const TaskRequest request = TaskRequestFromProto(task);
+  ASSERT_EQ(request.mounts.size(), 2u);
+  EXPECT_EQ(request.mounts[0].task_path, "/srv/data");
+  EXPECT_EQ(request.mounts[0].host_path, "/opt/volumes/data");
+  EXPECT_TRUE(request.mounts[0].readonly);
+  EXPECT_EQ(request.mounts[1].task_path, "/srv/rw");
+  EXPECT_FALSE(request.mounts[1].readonly);
 }
 
 TEST(HandleToProto, NomadGetsItsConfigBackAndOurState) {

@@ -32,14 +32,24 @@ TEST(TaskConfig, SchemaCoversNomadsQemuOptions) {
       {"boot_order", "string"},     {"net_device", "string"},     {"mac_address", "string"},
       {"firmware", "string"},       {"secure_boot", "bool"},      {"tpm", "bool"},
   };
+  // Shares (qemu/share_plan.h) and the console and boot watch (issue 11).
+  const std::map<std::string, std::string> operate = {{"share_alloc_dirs", "bool"},
+                                                      {"console", "bool"},
+                                                      {"boot_timeout", "string"},
+                                                      {"boot_ready_port", "string"}};
   // Ours: bridge networking (src/qemu/network_plan.h).
   const std::map<std::string, std::string> network = {
       {"network_mode", "string"}, {"bridge", "string"}, {"advertise_address", "bool"}, {"advertise_timeout", "string"},
   };
   const auto spec = TaskConfigSpec();
   const auto& attrs = spec.object().attributes();
-  EXPECT_EQ(attrs.size(), expected.size() + hardware.size() + network.size() + 2);  // + the disk and cloud_init blocks
+  // + the disk and cloud_init blocks
+  EXPECT_EQ(attrs.size(), expected.size() + hardware.size() + operate.size() + network.size() + 2);
   for (const auto& [name, type] : network) {
+    ASSERT_TRUE(attrs.count(name)) << name;
+    EXPECT_EQ(attrs.at(name).attr().type(), type) << name;
+  }
+  for (const auto& [name, type] : operate) {
     ASSERT_TRUE(attrs.count(name)) << name;
     EXPECT_EQ(attrs.at(name).attr().type(), type) << name;
   }
@@ -93,6 +103,28 @@ TEST(TaskConfig, DecodesEveryOption) {
   EXPECT_EQ(c->image_format, "qcow2");
   EXPECT_EQ(c->disk_size, "20G");
   EXPECT_TRUE(c->image_sources.empty());
+}
+
+TEST(TaskConfig, DecodesConsoleOptions) {
+  MsgpackWriter w;
+  w.Map(4).Str("image_path").Str("a.img").Str("console").Bool(true).Str("boot_timeout").Str("90s");
+  w.Str("boot_ready_port").Str("http");
+  const absl::StatusOr<TaskConfig> c = DecodeTaskConfig(w.bytes(), /*reject_unknown=*/true);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->console);
+  EXPECT_EQ(c->boot_timeout, "90s");
+  EXPECT_EQ(c->boot_ready_port, "http");
+  MsgpackWriter unset;
+  unset.Map(3).Str("console").Nil().Str("boot_timeout").Nil().Str("boot_ready_port").Nil();
+  const absl::StatusOr<TaskConfig> d = DecodeTaskConfig(unset.bytes());
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_FALSE(d->console);
+  EXPECT_FALSE(d->boot_timeout.has_value());
+  MsgpackWriter wrong;
+  wrong.Map(1).Str("boot_timeout").FixInt(90);
+  const absl::StatusOr<TaskConfig> e = DecodeTaskConfig(wrong.bytes());
+  ASSERT_FALSE(e.ok());
+  EXPECT_THAT(std::string(e.status().message()), HasSubstr("\"boot_timeout\""));
 }
 
 TEST(TaskConfig, UnsetOptionsKeepDefaults) {

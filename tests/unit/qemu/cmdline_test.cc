@@ -162,6 +162,27 @@ TEST(CmdlineBuildQemuArgv, EverySplicedValueKeepsItsKeys) {
   EXPECT_EQ(ParseQemuOpts(ValueOf(argv, "-name"))[0].second, "web,debug-threads=on");
 }
 
+TEST(CmdlineBuildQemuArgv, SharesPassTheOpenedDirectoryAndKeepTheirKeys) {
+  VmSpec spec = BaseSpec();
+  spec.shares = {Share{"a,path=/etc,b", ShareOrigin::kVolume, "/srv/x,path=/etc", false, 7},
+                 Share{"secrets", ShareOrigin::kAllocDir, "web/secrets", true, 8},
+                 Share{"unopened", ShareOrigin::kVolume, "/srv/y", false, -1}};
+  const std::vector<std::string> argv = BuildQemuArgv(spec, kPaths);
+  EXPECT_THAT(argv, Not(Contains(HasSubstr("/srv/"))));
+  EXPECT_THAT(argv, Not(Contains(HasSubstr("unopened"))));
+  const std::vector<std::string> fsdevs = ValuesOf(argv, "-fsdev");
+  ASSERT_EQ(fsdevs.size(), 2u);
+  EXPECT_THAT(KeysOf(fsdevs[0]), ElementsAre("", "id", "path", "security_model", "fmode", "dmode", "multidevs"));
+  EXPECT_THAT(KeysOf(fsdevs[1]), ElementsAre("", "id", "path", "security_model", "fmode", "dmode", "multidevs", "readonly"));
+  EXPECT_EQ(ParseQemuOpts(fsdevs[0])[2].second, "/proc/self/fd/7");
+  const std::vector<std::string> devices = ValuesOf(argv, "-device");
+  const auto tag = std::find_if(devices.begin(), devices.end(),
+                                [](const std::string& d) { return absl::StartsWith(d, "virtio-9p-pci,fsdev=share0"); });
+  ASSERT_NE(tag, devices.end());
+  EXPECT_THAT(KeysOf(*tag), ElementsAre("", "fsdev", "mount_tag"));
+  EXPECT_EQ(ParseQemuOpts(*tag)[2].second, "a,path=/etc,b");
+}
+
 TEST(CmdlineBuildQemuArgv, NameIsAnExplicitKeySoEqualsSignsAreHarmless) {
   VmSpec spec = BaseSpec();
   spec.name = "a=b";
@@ -276,6 +297,13 @@ Drive DriveFromJson(const json& d) {
 
 // The hardware beyond the boot image (hardware_plan.h).
 void AddHardwareSetters(std::map<std::string, std::function<void(VmSpec&, const json&)>>& setters) {
+  // The console (issue 11); boot_watch plans no argv.
+  setters["console"] = [](VmSpec& s, const json& v) {
+    s.console.enabled = v.at("enabled").get<bool>();
+    s.console.dir = v.value("dir", "");
+    s.console.serial_socket = v.at("serial_socket").get<std::string>();
+    s.console.vnc_socket = v.at("vnc_socket").get<std::string>();
+  };
   setters["boot_cache"] = [](VmSpec& s, const json& v) { s.boot_cache = v.get<std::string>(); };
   setters["boot_discard"] = [](VmSpec& s, const json& v) { s.boot_discard = v.get<std::string>(); };
   setters["boot_index"] = [](VmSpec& s, const json& v) { s.boot_index = v.get<int>(); };
@@ -302,6 +330,20 @@ void AddHardwareSetters(std::map<std::string, std::function<void(VmSpec&, const 
     s.network.tap_fd = v.value("tap_fd", -1);
     s.network.advertise_address = v.value("advertise_address", false);
     s.network.guest_ports = v.value("guest_ports", std::map<std::string, int>{});
+  };
+}
+
+// virtio-9p shares (share_plan.h): [{"tag", "origin": "alloc_dir"|"volume",
+// "host_path", "read_only", "fd"}].
+void AddShareSetters(std::map<std::string, std::function<void(VmSpec&, const json&)>>& setters) {
+  setters["shares"] = [](VmSpec& s, const json& v) {
+    for (const json& share : v) {
+      s.shares.push_back(Share{share.at("tag").get<std::string>(),
+                               share.at("origin").get<std::string>() == "volume" ? ShareOrigin::kVolume
+                                                                                 : ShareOrigin::kAllocDir,
+                               share.at("host_path").get<std::string>(), share.value("read_only", false),
+                               share.value("fd", -1)});
+    }
   };
 }
 
@@ -337,7 +379,7 @@ VmSpec SpecFromJson(const json& j) {
          }
        }},
   };
-  static const bool hardware = (AddHardwareSetters(*setters), true);
+  static const bool hardware = (AddHardwareSetters(*setters), AddShareSetters(*setters), true);
   (void)hardware;
   VmSpec spec;
   for (const auto& [key, value] : j.items()) {
@@ -428,7 +470,8 @@ TEST(CmdlineGoldenFiles, CoverEveryFeature) {
         "drive_interface_scsi", "drive_interface_floppy", "drive_interface_pflash", "drive_interface_none",
         "extra_disks_every_interface", "boot_disk_tuning", "cdrom_boot_first", "cloud_init_seed", "kernel_boot",
         "nic_model_and_mac", "nic_without_forwards", "uefi", "secure_boot_tpm_q35", "tpm_pc",
-        "hostile_values_escaped", "bridge_tap", "bridge_hostile_values"}) {
+        "hostile_values_escaped", "shares_alloc_dirs", "shares_volumes_readonly", "shares_hostile_tag", "console",
+        "console_hostile_paths", "bridge_tap", "bridge_hostile_values"}) {
     EXPECT_THAT(cases, Contains(name));
   }
 }

@@ -699,5 +699,102 @@ TEST_F(PlanVm, DiskInterfaceIsDriveInterfacesNewName) {
   EXPECT_THAT(Problems(), HasSubstr("\"disk_interface\" and its alias \"drive_interface\" disagree"));
 }
 
+// --- console and boot watch (issue 11) --------------------------------------------
+
+TEST_F(PlanVm, ConsoleSocketsGoInTheTaskDir) {
+  config_.console = true;
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_TRUE(spec->console.enabled);
+  EXPECT_EQ(spec->console.dir, alloc_ + "/web/console");
+  EXPECT_EQ(spec->console.serial_socket, alloc_ + "/web/console/serial.sock");
+  EXPECT_EQ(spec->console.vnc_socket, alloc_ + "/web/console/vnc.sock");
+  EXPECT_EQ(spec->boot_watch.timeout, absl::ZeroDuration());
+}
+
+TEST_F(PlanVm, NoConsoleByDefault) {
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_FALSE(spec->console.enabled);
+  EXPECT_TRUE(spec->console.serial_socket.empty());
+}
+
+TEST_F(PlanVm, ConsoleSocketPathOverTheLimitIsRefused) {
+  const std::string name(120 - alloc_.size(), 'n');
+  task_.set_name(name);
+  config_.console = true;
+  EXPECT_THAT(Problems(), AllOf(HasSubstr("task config \"console\": the console socket"),
+                                HasSubstr("over the unix socket limit of 107")));
+}
+
+TEST_F(PlanVm, ConsolePathWithAnEqualsSignBeforeAnyCommaIsRefused) {
+  task_.set_name("a=b");
+  config_.console = true;
+  EXPECT_THAT(Problems(), HasSubstr("holds an '=', which QEMU's -vnc cannot take"));
+  task_.set_name("a,b=c");  // after the doubled comma QEMU reads it as part of the path
+  config_.console = true;
+  EXPECT_TRUE(Plan().ok());
+}
+
+TEST_F(PlanVm, BootTimeoutWithTheGuestAgent) {
+  config_.guest_agent = true;
+  config_.boot_timeout = "1m30s";
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->boot_watch.timeout, absl::Seconds(90));
+  EXPECT_TRUE(spec->boot_watch.guest_agent);
+  EXPECT_TRUE(spec->boot_watch.port_label.empty());
+}
+
+TEST_F(PlanVm, BootTimeoutWithAReadyPort) {
+  AddGroupPort("http", 25001, 80, "127.0.0.1");
+  config_.port_map = {{"http", 8080}};
+  config_.boot_timeout = "20s";
+  config_.boot_ready_port = "http";
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->boot_watch.timeout, absl::Seconds(20));
+  EXPECT_FALSE(spec->boot_watch.guest_agent);
+  EXPECT_EQ(spec->boot_watch.port_label, "http");
+  EXPECT_EQ(spec->boot_watch.host_ip, "127.0.0.1");
+  EXPECT_EQ(spec->boot_watch.host_port, 25001);
+  EXPECT_EQ(spec->boot_watch.guest_port, 8080);
+}
+
+TEST_F(PlanVm, BootTimeoutMustBeASaneDuration) {
+  config_.guest_agent = true;
+  for (const auto& [value, expected] : std::vector<std::pair<std::string, std::string>>{
+           {"soon", "is not a duration"},
+           {"90", "is not a duration"},
+           {"", "is not a duration"},
+           {"inf", "is not a duration"},
+           {"-5s", "is out of range; use 1s to 24h"},
+           {"0s", "is out of range"},
+           {"500ms", "is out of range"},
+           {"25h", "is out of range"},
+           {"9999999999h", "is out of range"}}) {
+    SCOPED_TRACE(value);
+    config_.boot_timeout = value;
+    EXPECT_THAT(Problems(), HasSubstr("task config \"boot_timeout\": \"" + value + "\" " + expected));
+  }
+}
+
+TEST_F(PlanVm, BootTimeoutNeedsSomethingToWaitFor) {
+  config_.boot_timeout = "30s";
+  EXPECT_THAT(Problems(), HasSubstr("task config \"boot_timeout\": needs something that answers"));
+}
+
+TEST_F(PlanVm, BootReadyPortMustBeAPortMapLabelAndNeedsBootTimeout) {
+  AddGroupPort("http", 25001, 80, "127.0.0.1");
+  config_.port_map = {{"http", 80}};
+  config_.boot_ready_port = "http";
+  EXPECT_THAT(Problems(), HasSubstr("task config \"boot_ready_port\": needs boot_timeout"));
+  config_.boot_timeout = "30s";
+  config_.boot_ready_port = "ssh";
+  EXPECT_THAT(Problems(), HasSubstr("task config \"boot_ready_port\": \"ssh\" is not a port_map label; port_map has \"http\""));
+  config_.port_map.clear();
+  EXPECT_THAT(Problems(), HasSubstr("the task config has no port_map"));
+}
+
 }  // namespace
 }  // namespace ndq

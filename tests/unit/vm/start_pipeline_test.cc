@@ -55,7 +55,7 @@ class StartPipelineTest : public ::testing::Test {
   }
 
   // A task booting image_ through image_source, with a blank disk, a
-  // cloud-init seed, UEFI and a TPM, so every stage makes something.
+  // cloud-init seed, UEFI, a TPM and the console, so every stage makes something.
   TaskRequest Task() const {
     if (!task_) {
       task_ = TaskRequestFromProto(alloc_.Task({{"image_source", image_},
@@ -63,7 +63,8 @@ class StartPipelineTest : public ::testing::Test {
                                                 {"disk", {{{"size", "1M"}}}},
                                                 {"cloud_init", {{"user_data", "#cloud-config\n"}}},
                                                 {"firmware", "uefi"},
-                                                {"tpm", true}}));
+                                                {"tpm", true},
+                                                {"console", true}}));
     }
     return *task_;
   }
@@ -79,7 +80,7 @@ class StartPipelineTest : public ::testing::Test {
       const std::string name = entry.path().filename();
       if (name.rfind(".lease-", 0) == 0 || name.find(".part") != std::string::npos) found.push_back(name);
     }
-    for (const char* name : {"image-overlay.qcow2", "disk1.raw", "cidata.iso", "uefi-vars.fd", "tpm"}) {
+    for (const char* name : {"image-overlay.qcow2", "disk1.raw", "cidata.iso", "uefi-vars.fd", "tpm", "console"}) {
       if (fs::exists(alloc_.task_dir() + "/" + name)) found.push_back(name);
     }
     return found;
