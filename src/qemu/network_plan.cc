@@ -110,6 +110,13 @@ void PlanNetworkMode(const TaskConfig& config, const PluginConfig& plugin, VmSpe
     return;
   }
   spec.network.enabled = true;
+  // The boot watch's port is a host port forward of the user network, which
+  // bridge mode does not have.
+  if (config.boot_ready_port) {
+    problems.push_back(absl::StrCat(Field("boot_ready_port"),
+                                    ": not with network_mode = \"bridge\" (port_map forwards no host port there); "
+                                    "let boot_timeout watch the guest agent instead (guest_agent = true)"));
+  }
   PlanBridge(config, plugin, spec, problems);
   PlanGuestPorts(config, spec, problems);
   PlanAdvertise(config, spec, problems);

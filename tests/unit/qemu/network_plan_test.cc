@@ -153,6 +153,18 @@ TEST_F(PlanNetwork, GuestPortsMustBePorts) {
   EXPECT_THAT(spec_.network.guest_ports, ElementsAre(Pair("ok", 443)));
 }
 
+// boot_ready_port watches a host port forward, which bridge mode has not.
+TEST_F(PlanNetwork, BootReadyPortNeedsTheUserNetwork) {
+  plugin_.bridges_allowlist = {"br0"};
+  Bridge("br0");
+  config_.port_map = {{"http", 80}};
+  config_.boot_timeout = "60s";
+  config_.boot_ready_port = "http";
+  EXPECT_THAT(Plan(), HasSubstr("task config \"boot_ready_port\": not with network_mode = \"bridge\""));
+  config_.boot_ready_port.reset();
+  EXPECT_EQ(Plan(), "");
+}
+
 TEST(PluginConfigBridges, InterfaceNames) {
   EXPECT_TRUE(IsInterfaceName("br0"));
   EXPECT_TRUE(IsInterfaceName("virbr-1.2_x"));
