@@ -24,6 +24,9 @@ PACKAGES=(
   clang libclang-rt-14-dev libfuzzer-14-dev dpkg-dev
   # network namespace tests (ip netns, veth)
   iproute2
+  # the bridge-networking test's DHCP server (dnsmasq-base: the binary only, no
+  # service that would start on the host)
+  dnsmasq-base
   # the test guest (tests/fixtures/build-test-guest.sh)
   busybox-static syslinux syslinux-common mtools dosfstools cpio
   # its ISO (xorriso, isolinux) and UEFI (systemd-boot's EFI stub, objcopy)

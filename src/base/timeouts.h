@@ -5,6 +5,8 @@
 //   cancelled with the call) + qemu-img (kOverlayCreate) + kQmpStart for QEMU
 //   to answer on QMP + kPidFileWait, plus kCancelCheck to notice a caller that
 //   gave up. Without a download: kQmpStart + kPidFileWait, about 40 s.
+//   With advertise_address, plus the job's advertise_timeout (default 2 min,
+//   at most 10 min, src/qemu/network_plan.h) for the guest's address.
 // - StopTask: the job's kill_timeout + kStopOverhead (powerdown request,
 //   the grace after the stop signal, and two SIGKILL waits): timeout + 17 s.
 // - RecoverTask: kRecoverWait at most, when a start of the same task is under way.
@@ -33,6 +35,8 @@ inline constexpr absl::Duration kImageProbe = absl::Seconds(30);
 // RecoverTask -----------------------------------------------------------------
 // A concurrent start or recovery of the same task: longer than kQmpStart +
 // kPidFileWait, so a start that will succeed is waited for.
+// (Not so for a start that waits for advertise_address, up to 10 min: a
+// recovery meanwhile fails Unavailable, and Nomad retries it.)
 inline constexpr absl::Duration kRecoverWait = absl::Seconds(60);
 
 // Stop and exit -----------------------------------------------------------------

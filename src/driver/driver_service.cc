@@ -210,6 +210,7 @@ grpc::Status DriverService::StartTask(grpc::ServerContext* context, const driver
     return StartFailure(started.status());
   }
   *response->mutable_handle() = HandleToProto(request->task(), *started);
+  if (!started->network.ip.empty()) NetworkToProto(started->network, response->mutable_network_override());
   return grpc::Status::OK;
 }
 

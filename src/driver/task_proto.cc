@@ -66,6 +66,12 @@ void ExitToProto(const ExitResult& exit, driverpb::ExitResult* out) {
   out->set_oom_killed(exit.oom_killed);
 }
 
+void NetworkToProto(const AdvertisedNetwork& network, driverpb::NetworkOverride* out) {
+  out->set_addr(network.ip);
+  out->set_auto_advertise(network.auto_advertise);
+  for (const auto& [label, port] : network.port_map) (*out->mutable_port_map())[label] = port;
+}
+
 driverpb::InspectTaskResponse InspectToProto(const TaskStatusInfo& info) {
   driverpb::InspectTaskResponse response;
   driverpb::TaskStatus* status = response.mutable_task();
@@ -79,6 +85,8 @@ driverpb::InspectTaskResponse InspectToProto(const TaskStatusInfo& info) {
   }
   auto& attrs = *response.mutable_driver()->mutable_attributes();
   for (const auto& [key, value] : info.attributes) attrs[key] = value;
+  // Unset without an address: Nomad treats a present override as the driver network.
+  if (!info.network.ip.empty()) NetworkToProto(info.network, response.mutable_network_override());
   return response;
 }
 

@@ -17,6 +17,9 @@ TaskIdentity TaskIdentityFromProto(const driverpb::TaskConfig& task);
 // driver state.
 driverpb::TaskHandle HandleToProto(const driverpb::TaskConfig& task, const DriverStateRecord& record);
 
+// advertise_address's result as Nomad's NetworkOverride; callers set it only
+// when there is an address (Nomad treats a present override as the driver network).
+void NetworkToProto(const AdvertisedNetwork& network, driverpb::NetworkOverride* out);
 driverpb::InspectTaskResponse InspectToProto(const TaskStatusInfo& info);
 void ExitToProto(const ExitResult& exit, driverpb::ExitResult* out);
 

@@ -33,6 +33,7 @@ nomadplugin::hclspec::Spec PluginConfigSpec() {
       {"pids_limit", hs::Default(hs::Attr("pids_limit", "number"), hs::Literal("1024"))},
       {"sandbox", hs::Default(hs::Attr("sandbox", "bool"), hs::Literal("true"))},
       {"qemu_user", hs::Attr("qemu_user", "string")},
+      {"bridges_allowlist", hs::Attr("bridges_allowlist", "list(string)")},
   });
 }
 
@@ -56,6 +57,16 @@ absl::StatusOr<int64_t> ParseSize(const std::string& text) {
   const double bytes = number * scale;
   if (bytes > 9.0e18) return absl::InvalidArgumentError(absl::StrCat("\"", text, "\" is too large"));
   return static_cast<int64_t>(bytes);
+}
+
+bool IsInterfaceName(const std::string& name) {
+  // IFNAMSIZ is 16 with the NUL; "." and ".." are not names; the kernel also
+  // refuses '/', ':' and whitespace, and we keep to a plain set.
+  if (name.empty() || name.size() > 15 || name == "." || name == "..") return false;
+  for (char c : name) {
+    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-') return false;
+  }
+  return true;
 }
 
 absl::StatusOr<PluginConfig> DecodePluginConfig(const std::string& msgpack) {
@@ -121,6 +132,13 @@ absl::StatusOr<PluginConfig> DecodePluginConfig(const std::string& msgpack) {
                                      {"ca_file", &config.ca_file}}) {
     if (!value->empty() && (*value)[0] != '/') {
       reader->AddProblem(field, "must be an absolute path, got \"" + *value + "\"");
+    }
+  }
+  config.bridges_allowlist = reader->StringList("bridges_allowlist").value_or(std::vector<std::string>{});
+  for (const std::string& bridge : config.bridges_allowlist) {
+    if (!IsInterfaceName(bridge)) {
+      reader->AddProblem("bridges_allowlist", "entries must be interface names (1-15 of A-Z a-z 0-9 . _ -), got \"" +
+                                                  bridge + "\"");
     }
   }
   for (const std::string& path : config.image_paths) {

@@ -55,10 +55,17 @@ struct PluginConfig {
   // The unprivileged user every VM's QEMU runs as when the task sets no
   // `user`; empty: QEMU runs as the plugin's user.
   std::string qemu_user;
+  // Host bridges a job's network_mode = "bridge" may attach its VM to (by
+  // name); empty: bridge networking is off.
+  std::vector<std::string> bridges_allowlist;
 };
 
 // "20G", "512M", "1.5T", "1048576": bytes (binary units, as qemu-img takes them).
 absl::StatusOr<int64_t> ParseSize(const std::string& text);
+
+// A Linux network interface name we accept: 1-15 characters (IFNAMSIZ) of
+// [A-Za-z0-9._-], not "." or "..".
+bool IsInterfaceName(const std::string& name);
 
 // The hclspec Nomad parses the plugin block against.
 nomadplugin::hclspec::Spec PluginConfigSpec();

@@ -106,6 +106,13 @@ void DecodeHardware(ConfigReader& r, TaskConfig& c) {
   c.tpm = r.Bool("tpm").value_or(false);
 }
 
+void DecodeNetwork(ConfigReader& r, TaskConfig& c) {
+  c.network_mode = r.String("network_mode");
+  c.bridge = r.String("bridge");
+  c.advertise_address = r.Bool("advertise_address").value_or(false);
+  c.advertise_timeout = r.String("advertise_timeout");
+}
+
 // The console and the boot watch.
 void DecodeConsole(ConfigReader& r, TaskConfig& c) {
   c.console = r.Bool("console").value_or(false);
@@ -153,6 +160,11 @@ nomadplugin::hclspec::Spec TaskConfigSpec() {
       {"firmware", hs::Attr("firmware", "string")},
       {"secure_boot", hs::Attr("secure_boot", "bool")},
       {"tpm", hs::Attr("tpm", "bool")},
+      // networking
+      {"network_mode", hs::Attr("network_mode", "string")},
+      {"bridge", hs::Attr("bridge", "string")},
+      {"advertise_address", hs::Attr("advertise_address", "bool")},
+      {"advertise_timeout", hs::Attr("advertise_timeout", "string")},
       // Shares (qemu/share_plan.h). No option names a host path: only Nomad's
       // own alloc dirs and volume mounts are ever shared.
       {"share_alloc_dirs", hs::Attr("share_alloc_dirs", "bool")},
@@ -188,6 +200,7 @@ absl::StatusOr<TaskConfig> DecodeTaskConfig(const std::string& msgpack, bool rej
   config.args = reader->StringList("args").value_or(std::vector<std::string>{});
   config.port_map = reader->IntegerMapList("port_map").value_or(std::map<std::string, int64_t>{});
   DecodeHardware(*reader, config);
+  DecodeNetwork(*reader, config);
   config.share_alloc_dirs = reader->Bool("share_alloc_dirs").value_or(false);
   DecodeConsole(*reader, config);
   DecodeBlocks(*reader, reject_unknown, config);

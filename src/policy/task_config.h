@@ -88,6 +88,16 @@ struct TaskConfig {
   std::optional<std::string> firmware;  // "bios" or "uefi"
   bool secure_boot = false;
   bool tpm = false;
+
+  // Networking (src/qemu/network_plan.h): "user" (QEMU's user network,
+  // port_map forwards host ports) or "bridge" (a TAP on an operator-allowed
+  // host bridge; port_map only names guest ports for the driver network).
+  std::optional<std::string> network_mode;
+  std::optional<std::string> bridge;
+  // Wait at start for the guest agent to report the NIC's IPv4 address and
+  // return it to Nomad as the driver network (address_mode = "driver").
+  bool advertise_address = false;
+  std::optional<std::string> advertise_timeout;  // a duration, e.g. "2m"
   // Shares: the alloc's alloc/, the task's local/ and secrets/ over virtio-9p.
   bool share_alloc_dirs = false;
 

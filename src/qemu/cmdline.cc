@@ -231,6 +231,35 @@ std::string MachineOption(const VmSpec& spec) {
   return out;
 }
 
+// QEMU's user network: port_map's host forwards and the DNS search list.
+void AppendUserNic(const VmSpec& spec, std::vector<std::string>& argv) {
+  const auto esc = EscapeQemuOptionValue;
+  std::vector<std::string> netdev;
+  for (const std::string& search : spec.dns_searches) netdev.push_back("dnssearch=" + esc(search));
+  for (const PortForward& forward : spec.port_forwards) {
+    netdev.push_back(absl::StrCat("hostfwd=", esc(forward.protocol), ":", esc(forward.host_ip), ":", forward.host_port,
+                                  "-:", forward.guest_port));
+  }
+  // Without any network option QEMU's default network is left alone, as in
+  // Nomad's driver.
+  if (!netdev.empty() || spec.own_nic) {
+    std::string nic = absl::StrCat(spec.net_device.empty() ? "virtio-net" : esc(spec.net_device), ",netdev=user.0");
+    if (!spec.mac_address.empty()) absl::StrAppend(&nic, ",mac=", esc(spec.mac_address));
+    argv.insert(argv.end(), {"-netdev", absl::StrCat("user,id=user.0", netdev.empty() ? "" : ",", absl::StrJoin(netdev, ",")),
+                             "-device", nic});
+  }
+}
+
+// network_mode = "bridge": the TAP the driver made and attached to the
+// bridge, handed over open (QEMU never creates or configures a network
+// device itself, so it needs no privilege and runs no ifup script).
+void AppendBridgeNic(const VmSpec& spec, std::vector<std::string>& argv) {
+  if (spec.network.tap_fd < 0) return;  // not opened: nothing to attach
+  std::string nic = absl::StrCat(EscapeQemuOptionValue(spec.net_device), ",netdev=net0");
+  if (!spec.mac_address.empty()) absl::StrAppend(&nic, ",mac=", EscapeQemuOptionValue(spec.mac_address));
+  argv.insert(argv.end(), {"-netdev", absl::StrCat("tap,id=net0,fd=", spec.network.tap_fd), "-device", nic});
+}
+
 }  // namespace
 
 std::vector<std::string> BuildQemuArgv(const VmSpec& spec, const RuntimePaths& paths) {
@@ -277,20 +306,8 @@ std::vector<std::string> BuildQemuArgv(const VmSpec& spec, const RuntimePaths& p
   AppendConsole(spec.console, argv);
   argv.insert(argv.end(), spec.args.begin(), spec.args.end());
 
-  std::vector<std::string> netdev;
-  for (const std::string& search : spec.dns_searches) netdev.push_back("dnssearch=" + esc(search));
-  for (const PortForward& forward : spec.port_forwards) {
-    netdev.push_back(absl::StrCat("hostfwd=", esc(forward.protocol), ":", esc(forward.host_ip), ":", forward.host_port,
-                                  "-:", forward.guest_port));
-  }
-  // Without any network option QEMU's default network is left alone, as in
-  // Nomad's driver.
-  if (!netdev.empty() || spec.own_nic) {
-    std::string nic = absl::StrCat(spec.net_device.empty() ? "virtio-net" : esc(spec.net_device), ",netdev=user.0");
-    if (!spec.mac_address.empty()) absl::StrAppend(&nic, ",mac=", esc(spec.mac_address));
-    argv.insert(argv.end(), {"-netdev", absl::StrCat("user,id=user.0", netdev.empty() ? "" : ",", absl::StrJoin(netdev, ",")),
-                             "-device", nic});
-  }
+  if (spec.network.enabled) AppendBridgeNic(spec, argv);
+  else AppendUserNic(spec, argv);
   if (spec.accelerator == "kvm") argv.push_back("-enable-kvm");
   return argv;
 }

@@ -31,6 +31,7 @@ std::string EscapeQemuOptionValue(const std::string& value);
 //   -nographic [-sandbox on,...] [-chardev ...qmp0 -mon chardev=qmp0,mode=control]
 //   [guest agent channel] [TPM] [-serial mon:stdio -chardev socket,id=console0,...
 //   -serial chardev:console0 -vnc unix:...] <args...> [-netdev user,... -device <net_device>,...,mac=...]
+//   (network_mode = "bridge": -netdev tap,id=net0,fd=<tap fd> -device <net_device>,netdev=net0,mac=...)
 //   [-enable-kvm]
 std::vector<std::string> BuildQemuArgv(const VmSpec& spec, const RuntimePaths& paths);
 

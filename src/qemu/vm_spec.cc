@@ -15,6 +15,7 @@
 #include "absl/strings/strip.h"
 #include "policy/allowlist.h"
 #include "qemu/hardware_plan.h"
+#include "qemu/network_plan.h"
 #include "qemu/share_plan.h"
 
 namespace ndq {
@@ -370,7 +371,8 @@ absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config, const TaskRequest& task,
     problems.push_back(std::string(args.message()));
   }
   spec.args = config.args;
-  PlanPortForwards(config, task, spec, problems);
+  PlanNetworkMode(config, plugin, spec, problems);
+  if (!spec.network.enabled) PlanPortForwards(config, task, spec, problems);
   PlanDns(task, spec, problems);
   PlanNic(config, task, host, spec, problems);
   PlanKernel(config, spec, problems);

@@ -94,6 +94,19 @@ struct Firmware {
   int vars_fd = -1;
 };
 
+// network_mode = "bridge" (src/qemu/network_plan.h): the NIC is a TAP the
+// driver makes on an operator-allowed host bridge and hands QEMU as an fd.
+struct BridgeNetwork {
+  bool enabled = false;  // network_mode = "bridge" (even when the bridge was refused)
+  std::string bridge;    // the host bridge, one of bridges_allowlist
+  int tap_fd = -1;       // the TAP's descriptor number in QEMU (filled at start)
+  // Wait for the guest agent to report the NIC's IPv4 address at start.
+  bool advertise_address = false;
+  int64_t advertise_timeout_ms = 0;
+  // port_map in bridge mode: label -> guest port, for Nomad's driver network.
+  std::map<std::string, int> guest_ports;
+};
+
 // A host directory shown to the guest over virtio-9p (qemu/share_plan.h).
 // QEMU gets the directory the driver opened and checked, as /proc/self/fd/N.
 enum class ShareOrigin { kAllocDir, kVolume };
@@ -151,6 +164,7 @@ struct VmSpec {
   bool own_nic = false;  // the driver attaches the NIC (forwards, DNS, net_device or mac_address set)
   Firmware firmware;
   bool tpm = false;
+  BridgeNetwork network;  // enabled: the NIC is on a host bridge, not QEMU's user network
   std::vector<Share> shares;  // share_alloc_dirs, then Nomad's volume mounts
   // The console and the boot watch (qemu/console_plan.h).
   ConsolePlan console;

@@ -21,6 +21,8 @@
 #include "base/error_kind.h"
 #include "base/timeouts.h"
 #include "host/process_watch.h"
+#include "host/tap_device.h"
+#include "qemu/guest_address.h"
 #include "image/task_disk.h"
 #include "vm/console.h"
 #include "vm/start_media.h"
@@ -101,6 +103,13 @@ struct Qemu {
   UniqueFd pidfd;
   std::unique_ptr<QmpClient> qmp;
   std::string run_state;
+};
+
+// network_mode = "bridge": the TAP made for the VM, already among the fds
+// QEMU gets.
+struct AttachedNic {
+  std::string tap_name;  // empty: QEMU's user network
+  int tap_fd = -1;       // its number in QEMU's process
 };
 
 absl::Status ErrnoStatus(const std::string& what) { return ErrnoError(what, errno); }
@@ -382,6 +391,32 @@ absl::StatusOr<HostPlace> PrepareHost(const TaskRequest& task, const PluginConfi
   return place;
 }
 
+// --- attach network ---------------------------------------------------------------------
+
+// A TAP named after the task, attached to the allowed bridge; its fd joins
+// the files QEMU gets. The TAP is not persistent: once the fds here and in
+// the supervisor are closed, QEMU's is the only one and the TAP ends with
+// QEMU. The undo only removes a leftover (closing the fd already does).
+absl::StatusOr<AttachedNic> AttachNetwork(const TaskRequest& task, const VmSpec& spec, OpenDisks& disks,
+                                          const StartDeps& deps, Rollback& rollback) {
+  if (!spec.network.enabled) return AttachedNic{};
+  if (static_cast<int>(disks.fds.size()) + 1 > supervisor::kMaxPassedFds) {
+    return absl::InvalidArgumentError(absl::StrCat("task config: the VM's disks and files leave no room for the "
+                                                   "bridge's TAP among the ", supervisor::kMaxPassedFds,
+                                                   " files QEMU can be given"));
+  }
+  const std::string name = TapName(TaskKey(task.identity.id));
+  absl::StatusOr<UniqueFd> tap = CreateBridgedTap(name, spec.network.bridge);
+  if (!tap.ok()) {
+    return absl::Status(tap.status().code(), absl::StrCat("network_mode = \"bridge\": ", tap.status().message()));
+  }
+  rollback.Push([name] { (void)DeleteTap(name); });
+  AttachedNic nic{name, disks.Pass(*std::move(tap))};
+  deps.emit(absl::StrCat("NIC ", spec.mac_address, " attached to bridge ", spec.network.bridge, " through TAP ", name),
+            {{"bridge", spec.network.bridge}, {"tap", name}, {"mac", spec.mac_address}});
+  return nic;
+}
+
 // Whether QEMU's user may open every shared directory (qemu/share_plan.h).
 absl::Status SharesReadable(const VmSpec& spec, const OpenDisks& disks, const HostPlace& place) {
   std::vector<int> dirs;
@@ -391,10 +426,11 @@ absl::Status SharesReadable(const VmSpec& spec, const OpenDisks& disks, const Ho
 
 // --- launch ---------------------------------------------------------------------------
 
-absl::StatusOr<Supervisor> Launch(const TaskRequest& task, const VmSpec& spec,
-                                  OpenDisks& disks, const HostPlace& place, const std::string& netns,
+absl::StatusOr<Supervisor> Launch(const TaskRequest& task, const VmSpec& spec, OpenDisks& disks,
+                                  const AttachedNic& nic, const HostPlace& place, const std::string& netns,
                                   const StartDeps& deps, Rollback& rollback) {
   VmSpec launched = spec;
+  launched.network.tap_fd = nic.tap_fd;
   launched.disk = disks.boot;
   for (size_t i = 0; i < launched.drives.size(); ++i) launched.drives[i].nodes = disks.drives[i];
   launched.kernel.kernel_fd = disks.kernel_fd;
@@ -503,6 +539,31 @@ absl::StatusOr<Qemu> AwaitQmp(const HostPlace& place, Supervisor& supervisor, co
   return qemu;
 }
 
+// --- await address ------------------------------------------------------------------------
+
+// advertise_address: the guest's IPv4 address on the bridged NIC, from its
+// guest agent, within advertise_timeout; returned to Nomad as the driver
+// network (port_map's labels name guest ports there).
+absl::StatusOr<AdvertisedNetwork> AwaitAddress(const VmSpec& spec, const HostPlace& place, const Qemu& qemu,
+                                               const StartDeps& deps) {
+  AdvertisedNetwork network;
+  if (!spec.network.advertise_address) return network;
+  const absl::Duration timeout = absl::Milliseconds(spec.network.advertise_timeout_ms);
+  const absl::Time started = absl::Now();
+  absl::StatusOr<std::string> ip = AwaitGuestAddress(GuestAddressWait{
+      place.record.guest_agent_socket, qemu.pid, qemu.pidfd.get(), spec.mac_address, started + timeout, deps.cancelled});
+  if (!ip.ok()) return ip.status();
+  network.ip = *ip;
+  network.port_map = spec.network.guest_ports;
+  deps.emit(absl::StrCat("Guest address ", network.ip, " on bridge ", spec.network.bridge,
+                         " (advertised to Nomad as the driver network)"),
+            {{"address", network.ip},
+             {"bridge", spec.network.bridge},
+             {"mac", spec.mac_address},
+             {"wait_ms", std::to_string(absl::ToInt64Milliseconds(absl::Now() - started))}});
+  return network;
+}
+
 // --- the runner ----------------------------------------------------------------------------
 
 // Runs one stage: the test hook and the caller's cancellation first; a
@@ -531,8 +592,10 @@ const char* StartStageName(StartStage stage) {
     case StartStage::kPrepareMedia: return "prepare media";
     case StartStage::kOpenDisks: return "open disks";
     case StartStage::kPrepareHost: return "prepare host";
+    case StartStage::kAttachNetwork: return "attach network";
     case StartStage::kLaunch: return "launch supervisor";
     case StartStage::kAwaitQmp: return "await QMP";
+    case StartStage::kAwaitAddress: return "await address";
   }
   return "?";
 }
@@ -590,12 +653,19 @@ absl::StatusOr<LaunchedVm> RunStartPipeline(const TaskRequest& task, const Plugi
   });
   if (!place.ok()) return place.status();
   if (absl::Status shares = SharesReadable(*spec, *disks, *place); !shares.ok()) return shares;
+  absl::StatusOr<AttachedNic> nic = RunStage(StartStage::kAttachNetwork, deps, [&] {
+    return AttachNetwork(task, *spec, *disks, deps, rollback);
+  });
+  if (!nic.ok()) return nic.status();
   absl::StatusOr<Supervisor> supervisor = RunStage(StartStage::kLaunch, deps, [&] {
-    return Launch(task, *spec, *disks, *place, decoded->netns, deps, rollback);
+    return Launch(task, *spec, *disks, *nic, *place, decoded->netns, deps, rollback);
   });
   if (!supervisor.ok()) return supervisor.status();
   absl::StatusOr<Qemu> qemu = RunStage(StartStage::kAwaitQmp, deps, [&] { return AwaitQmp(*place, *supervisor, deps); });
   if (!qemu.ok()) return qemu.status();
+  absl::StatusOr<AdvertisedNetwork> network =
+      RunStage(StartStage::kAwaitAddress, deps, [&] { return AwaitAddress(*spec, *place, *qemu, deps); });
+  if (!network.ok()) return network.status();
 
   LaunchedVm vm;
   vm.record = std::move(place->record);
@@ -604,6 +674,8 @@ absl::StatusOr<LaunchedVm> RunStartPipeline(const TaskRequest& task, const Plugi
   vm.record.supervisor_start_ticks = supervisor->start_ticks;
   vm.record.qemu_pid = qemu->pid;
   vm.record.qemu_start_ticks = qemu->start_ticks;
+  vm.record.tap_name = nic->tap_name;
+  vm.record.network = *std::move(network);
   vm.supervisor_pidfd = std::move(supervisor->pidfd);
   vm.qemu_pidfd = std::move(qemu->pidfd);
   vm.qmp = std::move(qemu->qmp);

@@ -1,7 +1,7 @@
 // StartTask as a list of stages:
 //
 //   decode → admit image → plan VM → prepare media → open disks → prepare
-//   host → launch supervisor → await QMP
+//   host → attach network → launch supervisor → await QMP → await address
 //
 // (registering the VM is the caller's, TaskManager::Start). Each stage is a
 // function from typed input to typed output; each pushes the undo of what it
@@ -43,13 +43,15 @@ enum class StartStage {
   kPrepareMedia,
   kOpenDisks,
   kPrepareHost,
+  kAttachNetwork,  // network_mode = "bridge": the TAP on the bridge
   kLaunch,
-  kAwaitQmp
+  kAwaitQmp,
+  kAwaitAddress  // advertise_address: the guest's IPv4 address from its agent
 };
-inline constexpr StartStage kAllStartStages[] = {StartStage::kDecode,       StartStage::kAdmitImage,
-                                                 StartStage::kPlanVm,       StartStage::kPrepareMedia,
-                                                 StartStage::kOpenDisks,    StartStage::kPrepareHost,
-                                                 StartStage::kLaunch,       StartStage::kAwaitQmp};
+inline constexpr StartStage kAllStartStages[] = {
+    StartStage::kDecode,      StartStage::kAdmitImage,    StartStage::kPlanVm, StartStage::kPrepareMedia,
+    StartStage::kOpenDisks,   StartStage::kPrepareHost,   StartStage::kAttachNetwork,
+    StartStage::kLaunch,      StartStage::kAwaitQmp,      StartStage::kAwaitAddress};
 const char* StartStageName(StartStage stage);
 
 // What the start uses from outside: the host, the image store, what the

@@ -1,5 +1,7 @@
 #include "vm/task_manager.h"
 
+#include "host/tap_device.h"
+
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -383,6 +385,7 @@ absl::Status TaskManager::Recover(const TaskIdentity& task, const std::string& d
   if (!running) {
     // The VM ended while the plugin was away; its supervisor left the record.
     vm->MarkExited(FinalExit(*record));
+    RemoveLeftoverTap(record->tap_name);
   }
   Emit(task, running ? "Reattached to the running VM after a plugin restart"
                                     : "The VM exited while the plugin was not running");
@@ -404,6 +407,15 @@ absl::Status TaskManager::Stop(const std::string& id, absl::Duration timeout, co
   absl::StatusOr<int> sig = ParseSignal(signal.empty() ? "SIGTERM" : signal);
   if (!sig.ok()) return sig.status();
   return (*task)->Stop(timeout, *sig);
+}
+
+// A bridged VM's TAP goes with QEMU's last fd; one still there (made
+// persistent by someone) is removed, and a failure only logged.
+void TaskManager::RemoveLeftoverTap(const std::string& tap_name) {
+  if (tap_name.empty()) return;
+  if (absl::Status removed = DeleteTap(tap_name); !removed.ok()) {
+    log::Warn("leftover TAP not removed", {{"tap", tap_name}, {"error", std::string(removed.message())}});
+  }
 }
 
 absl::Status TaskManager::Destroy(const std::string& id, bool force) {
@@ -428,6 +440,7 @@ absl::Status TaskManager::Destroy(const std::string& id, bool force) {
   }
   RemoveConsoleDir((*task)->record().console_dir);
   host_->RemoveCgroup((*task)->record().cgroup);
+  RemoveLeftoverTap((*task)->record().tap_name);
   RemoveStateDir((*task)->record().state_dir);
   for (const std::string& image : (*task)->record().cached_images) CacheAt(CacheDir()).Release(image, TaskKey(id));
   log::Debug("task destroyed", {{"task_id", id}});
@@ -446,6 +459,9 @@ absl::StatusOr<TaskStatusInfo> TaskManager::Inspect(const std::string& id) {
                      {"supervisor_pid", std::to_string(vm.record().supervisor_pid)},
                      {"qmp_socket", vm.record().qmp_socket},
                      {"state_dir", vm.record().state_dir}};
+  if (!vm.record().tap_name.empty()) info.attributes["tap"] = vm.record().tap_name;
+  if (!vm.record().network.ip.empty()) info.attributes["guest_address"] = vm.record().network.ip;
+  info.network = vm.record().network;
   return info;
 }
 

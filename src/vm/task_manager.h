@@ -46,6 +46,7 @@ struct TaskStatusInfo {
   absl::Time started_at;
   std::optional<ExitResult> exit;  // nullopt while running
   std::map<std::string, std::string> attributes;  // qemu_pid, supervisor_pid, qmp_socket, state_dir
+  AdvertisedNetwork network;  // advertise_address: the guest's own address (also after a recovery)
 };
 
 // nomad-qemu-supervisor next to the running binary (the plugin_dir layout).
@@ -113,6 +114,7 @@ class TaskManager {
   void EmitIsolation(const TaskIdentity& task, const VmSpec& spec, const PluginConfig& plugin,
                      const CgroupLimits& limits, const DriverStateRecord& record, const std::string& netns);
   ImageCache& CacheAt(const std::string& dir);
+  void RemoveLeftoverTap(const std::string& tap_name);
   // boot_timeout (vm/boot_watch.h): watches the VM until its guest answers.
   void WatchBoot(const TaskIdentity& task, const std::shared_ptr<VmTask>& vm, const LaunchedVm& launched);
   // The guest did not answer in time: screenshot, stop, and the reason kept for the exit.

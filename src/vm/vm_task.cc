@@ -19,7 +19,7 @@ namespace ndq {
 namespace log = nomadplugin::hclog;
 
 std::string DriverStateRecord::Encode() const {
-  const nlohmann::json json = {
+  nlohmann::json json = {
       {"version", kVersion},
       {"state_dir", state_dir},
       {"qmp_socket", qmp_socket},
@@ -37,6 +37,10 @@ std::string DriverStateRecord::Encode() const {
       {"console_dir", console_dir},
       {"alloc_dir", alloc_dir},
   };
+  if (!tap_name.empty()) json["tap_name"] = tap_name;
+  if (!network.ip.empty()) {
+    json["network"] = {{"ip", network.ip}, {"port_map", network.port_map}, {"auto_advertise", network.auto_advertise}};
+  }
   return json.dump();
 }
 
@@ -69,6 +73,12 @@ absl::StatusOr<DriverStateRecord> DriverStateRecord::Decode(const std::string& b
     }
     r.memory_limit_bytes = json.value("memory_limit_bytes", int64_t{0});
     r.started_at = absl::FromUnixMillis(json.value("started_at_unix_ms", int64_t{0}));
+    r.tap_name = json.value("tap_name", "");
+    if (const auto network = json.find("network"); network != json.end() && network->is_object()) {
+      r.network.ip = network->value("ip", "");
+      r.network.port_map = network->value("port_map", std::map<std::string, int>{});
+      r.network.auto_advertise = network->value("auto_advertise", true);
+    }
     r.console_dir = json.value("console_dir", "");
     r.alloc_dir = json.value("alloc_dir", "");
   } catch (const nlohmann::json::exception& e) {

@@ -24,6 +24,17 @@
 
 namespace ndq {
 
+// The guest's own address on a bridged NIC (advertise_address), as Nomad's
+// DriverNetwork / NetworkOverride carries it.
+struct AdvertisedNetwork {
+  std::string ip;                          // empty: nothing advertised
+  std::map<std::string, int> port_map;     // label -> guest port
+  bool auto_advertise = true;
+  bool operator==(const AdvertisedNetwork& o) const {
+    return ip == o.ip && port_map == o.port_map && auto_advertise == o.auto_advertise;
+  }
+};
+
 // Nomad's TaskHandle.driver_state: enough for a fresh plugin process to find
 // the VM again, encoded as JSON.
 struct DriverStateRecord {
@@ -42,6 +53,10 @@ struct DriverStateRecord {
   TaskCgroup cgroup;         // version kNone: the VM runs without cgroup isolation
   int64_t memory_limit_bytes = 0;  // the cgroup's hard memory limit; 0: none
   absl::Time started_at = absl::UnixEpoch();
+  // network_mode = "bridge": the TAP's name (removed on destroy if still
+  // there) and the address advertised at start.
+  std::string tap_name;
+  AdvertisedNetwork network;
   // The console (issue 11): the directory of its sockets in the task dir
   // (empty without console), and the alloc dir whose alloc/logs takes screenshots.
   std::string console_dir;

@@ -123,8 +123,12 @@ class PluginHarness {
   // `plugin_config` is the operator's plugin block as JSON; state_dir is ours.
   // VMs get their cgroups under a parent of their own (unless the config
   // names one), removed with the harness.
-  explicit PluginHarness(const std::string& state_dir, nlohmann::json plugin_config = nlohmann::json::object())
-      : state_dir_(state_dir), plugin_config_(std::move(plugin_config)) {
+  // `wrapper`, when given, is a command the plugin binary is appended to and
+  // run by, e.g. {"/usr/bin/nsenter", "--net=/run/netns/x", "--"} to run the
+  // plugin in another network namespace (it must exec, keeping the pid).
+  explicit PluginHarness(const std::string& state_dir, nlohmann::json plugin_config = nlohmann::json::object(),
+                         std::vector<std::string> wrapper = {})
+      : state_dir_(state_dir), plugin_config_(std::move(plugin_config)), wrapper_(std::move(wrapper)) {
     plugin_config_["state_dir"] = state_dir_;
     if (!plugin_config_.contains("cgroup_parent")) {
       static int harnesses = 0;
@@ -148,6 +152,11 @@ class PluginHarness {
     client_.reset();
     nomadplugin::LaunchOptions options;
     options.binary = NDQ_PLUGIN_BINARY;
+    if (!wrapper_.empty()) {
+      options.binary = wrapper_[0];
+      options.args.assign(wrapper_.begin() + 1, wrapper_.end());
+      options.args.push_back(NDQ_PLUGIN_BINARY);
+    }
     // NDQ_PLUGIN_STDERR=1 shows the plugin's log lines (debugging a test).
     const char* echo = std::getenv("NDQ_PLUGIN_STDERR");
     options.echo_stderr = echo != nullptr && std::string(echo) == "1";
@@ -228,6 +237,7 @@ class PluginHarness {
  private:
   std::string state_dir_;
   nlohmann::json plugin_config_;
+  std::vector<std::string> wrapper_;
   std::unique_ptr<nomadplugin::PluginProcess> plugin_;
   std::unique_ptr<nomadplugin::DriverClient> client_;
 };

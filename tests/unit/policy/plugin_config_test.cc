@@ -216,5 +216,28 @@ TEST(PluginConfig, ImageSourceAllowlistEntriesMustBeHttpPrefixesWithAHost) {
               HasSubstr("\"image_source_allowlist\" must be a list of strings"));
 }
 
+// --- bridge networking ---------------------------------------------------------
+
+TEST(PluginConfig, BridgesAllowlist) {
+  const auto spec = PluginConfigSpec();
+  EXPECT_EQ(spec.object().attributes().at("bridges_allowlist").attr().type(), "list(string)");
+  MsgpackWriter w;
+  w.Map(1).Str("bridges_allowlist").Array(2).Str("br0").Str("virbr-1.2_x");
+  const absl::StatusOr<PluginConfig> config = DecodePluginConfig(w.bytes());
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->bridges_allowlist, (std::vector<std::string>{"br0", "virbr-1.2_x"}));
+  EXPECT_TRUE(DecodePluginConfig("")->bridges_allowlist.empty()) << "off unless the operator lists bridges";
+}
+
+TEST(PluginConfig, BridgesAllowlistEntriesAreInterfaceNames) {
+  for (const std::string& bad : std::vector<std::string>{"", "br0,x", "a/b", std::string(16, 'b'), "br 0", ".."}) {
+    MsgpackWriter w;
+    w.Map(1).Str("bridges_allowlist").Array(1).Str(bad);
+    const absl::StatusOr<PluginConfig> config = DecodePluginConfig(w.bytes());
+    ASSERT_FALSE(config.ok()) << bad;
+    EXPECT_THAT(std::string(config.status().message()), HasSubstr("\"bridges_allowlist\" entries must be interface names"));
+  }
+}
+
 }  // namespace
 }  // namespace ndq

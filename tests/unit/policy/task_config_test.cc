@@ -37,10 +37,18 @@ TEST(TaskConfig, SchemaCoversNomadsQemuOptions) {
                                                       {"console", "bool"},
                                                       {"boot_timeout", "string"},
                                                       {"boot_ready_port", "string"}};
+  // Ours: bridge networking (src/qemu/network_plan.h).
+  const std::map<std::string, std::string> network = {
+      {"network_mode", "string"}, {"bridge", "string"}, {"advertise_address", "bool"}, {"advertise_timeout", "string"},
+  };
   const auto spec = TaskConfigSpec();
   const auto& attrs = spec.object().attributes();
   // + the disk and cloud_init blocks
-  EXPECT_EQ(attrs.size(), expected.size() + hardware.size() + operate.size() + 2);
+  EXPECT_EQ(attrs.size(), expected.size() + hardware.size() + operate.size() + network.size() + 2);
+  for (const auto& [name, type] : network) {
+    ASSERT_TRUE(attrs.count(name)) << name;
+    EXPECT_EQ(attrs.at(name).attr().type(), type) << name;
+  }
   for (const auto& [name, type] : operate) {
     ASSERT_TRUE(attrs.count(name)) << name;
     EXPECT_EQ(attrs.at(name).attr().type(), type) << name;

@@ -323,6 +323,14 @@ void AddHardwareSetters(std::map<std::string, std::function<void(VmSpec&, const 
                           v.value("vars_fd", -1)};
   };
   setters["tpm"] = [](VmSpec& s, const json& v) { s.tpm = v.get<bool>(); };
+  // network_mode = "bridge" (src/qemu/network_plan.h)
+  setters["network"] = [](VmSpec& s, const json& v) {
+    s.network.enabled = v.value("enabled", false);
+    s.network.bridge = v.value("bridge", "");
+    s.network.tap_fd = v.value("tap_fd", -1);
+    s.network.advertise_address = v.value("advertise_address", false);
+    s.network.guest_ports = v.value("guest_ports", std::map<std::string, int>{});
+  };
 }
 
 // virtio-9p shares (share_plan.h): [{"tag", "origin": "alloc_dir"|"volume",
@@ -463,7 +471,7 @@ TEST(CmdlineGoldenFiles, CoverEveryFeature) {
         "extra_disks_every_interface", "boot_disk_tuning", "cdrom_boot_first", "cloud_init_seed", "kernel_boot",
         "nic_model_and_mac", "nic_without_forwards", "uefi", "secure_boot_tpm_q35", "tpm_pc",
         "hostile_values_escaped", "shares_alloc_dirs", "shares_volumes_readonly", "shares_hostile_tag", "console",
-        "console_hostile_paths"}) {
+        "console_hostile_paths", "bridge_tap", "bridge_hostile_values"}) {
     EXPECT_THAT(cases, Contains(name));
   }
 }

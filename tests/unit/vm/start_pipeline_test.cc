@@ -106,10 +106,15 @@ TEST_F(StartPipelineTest, EachStageFailingInTurnLeavesNothingBehind) {
       {StartStage::kPrepareMedia, ErrnoError("injected: blank disk", ENOSPC)},
       {StartStage::kOpenDisks, absl::PermissionDeniedError("injected: refused image")},
       {StartStage::kPrepareHost, ErrnoError("injected: state dir", EMFILE)},
+      {StartStage::kAttachNetwork, ErrnoError("injected: tap", EBUSY)},
       {StartStage::kLaunch, ErrnoError("injected: spawn", EAGAIN)},
       {StartStage::kAwaitQmp, absl::InternalError("injected: qmp")},
   };
   for (StartStage failing : kAllStartStages) {
+    // The fake host's QEMU never answers QMP, so the start never gets past
+    // await QMP; a failing address wait is tested with a real VM
+    // (tests/integration/vm_bridge_test.cc).
+    if (failing == StartStage::kAwaitAddress) continue;
     SCOPED_TRACE(StartStageName(failing));
     std::vector<StartStage> ran;
     auto manager = Manager([&](StartStage stage) {

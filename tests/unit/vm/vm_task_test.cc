@@ -39,6 +39,8 @@ DriverStateRecord FullRecord() {
   record.cgroup.created = {"/sys/fs/cgroup/nomad/x"};
   record.memory_limit_bytes = 512 << 20;
   record.started_at = absl::FromUnixSeconds(1790000000);
+  record.tap_name = "ndq0123456789ab";
+  record.network = AdvertisedNetwork{"10.213.0.57", {{"http", 80}, {"ssh", 22}}, true};
   return record;
 }
 
@@ -61,6 +63,8 @@ TEST(DriverStateRecord, EveryFieldSurvivesTheRoundTripThroughNomad) {
   EXPECT_EQ(back->cgroup.created, record.cgroup.created);
   EXPECT_EQ(back->memory_limit_bytes, record.memory_limit_bytes);
   EXPECT_EQ(back->started_at, record.started_at);
+  EXPECT_EQ(back->tap_name, record.tap_name);
+  EXPECT_EQ(back->network, record.network);
 }
 
 // Nomad hands back whatever it stored; a damaged record is an error, never a crash.
