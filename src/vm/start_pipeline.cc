@@ -5,6 +5,7 @@
 #include <signal.h>
 #include <linux/nsfs.h>
 #include <sched.h>
+#include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -476,6 +477,12 @@ bool GaveUp(const StartDeps& deps) { return deps.cancelled && deps.cancelled(); 
 // else the QMP wait's own error.
 absl::Status NoQmp(const HostPlace& place, Supervisor& supervisor, const absl::Status& socket,
                    absl::Duration timeout) {
+  // QEMU closing the socket means it is on its way out: give the supervisor a
+  // moment to record why, so the error carries QEMU's own words.
+  if (!absl::IsDeadlineExceeded(socket)) {
+    pollfd exited = {supervisor.pidfd.get(), POLLIN, 0};
+    ::poll(&exited, 1, static_cast<int>(absl::ToInt64Milliseconds(timeouts::kKillWait)));
+  }
   if (PidfdExited(supervisor.pidfd.get())) {
     ::waitpid(supervisor.pid, nullptr, 0);
     const ExitResult exit = FinalExit(place.record);

@@ -163,6 +163,15 @@ json BaseConfig(const std::string& image) {
   return {{"accelerator", "tcg"}, {"image_path", Guest(image)}, {"port_map", {{{"http", 80}}}}};
 }
 
+// For a VM that boots: its own overlay, never the shared image (which QEMU
+// locks for writing, so two tests booting it at once would collide).
+json BootConfig(FakeAlloc& alloc, const std::string& image) {
+  json config = BaseConfig(image);
+  alloc.AddOverlay(Guest(image));
+  config["image_path"] = "local/disk.qcow2";
+  return config;
+}
+
 // console = true: both sockets in the task dir; a command typed into ttyS1
 // runs; the task log (ttyS0) still gets the boot messages; the boot watch
 // sees port "http" answer; SIGUSR2 writes the screen as a PNG into the log
@@ -170,7 +179,7 @@ json BaseConfig(const std::string& image) {
 TEST_F(VmConsoleTest, ConsoleSocketsScreenshotAndReadyPort) {
   EventRecorder events(harness_->client());
   FakeAlloc alloc("web");
-  json config = BaseConfig("guest.qcow2");
+  json config = BootConfig(alloc, "guest.qcow2");
   config["console"] = true;
   config["boot_timeout"] = "90s";
   config["boot_ready_port"] = "http";
@@ -232,7 +241,7 @@ TEST_F(VmConsoleTest, ConsoleSocketsScreenshotAndReadyPort) {
 TEST_F(VmConsoleTest, GuestThatNeverAnswersFailsAtBootTimeout) {
   EventRecorder events(harness_->client());
   FakeAlloc alloc("hang");
-  json config = BaseConfig("guest-hang.qcow2");
+  json config = BootConfig(alloc, "guest-hang.qcow2");
   config["boot_timeout"] = "20s";
   config["boot_ready_port"] = "http";
   driverpb::TaskHandle handle;
