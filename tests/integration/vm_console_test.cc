@@ -35,6 +35,7 @@ using ::ndq::testing::EventRecorder;
 using ::ndq::testing::FakeAlloc;
 using ::ndq::testing::FreePort;
 using ::ndq::testing::Guest;
+using ::ndq::testing::Listing;
 using ::ndq::testing::kGuestBootTimeout;
 using ::ndq::testing::PluginHarness;
 using ::ndq::testing::ProcessesMentioning;
@@ -47,13 +48,6 @@ using ::testing::HasSubstr;
 using ::testing::IsEmpty;
 using ::testing::Not;
 using json = nlohmann::json;
-
-std::set<std::string> Listing(const std::string& dir) {
-  std::set<std::string> names;
-  std::error_code ignored;
-  for (const auto& entry : fs::directory_iterator(dir, ignored)) names.insert(entry.path().filename());
-  return names;
-}
 
 bool IsSocket(const std::string& path) {
   struct stat st;

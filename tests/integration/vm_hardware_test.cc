@@ -28,6 +28,8 @@ using ::ndq::testing::AddTaskPort;
 using ::ndq::testing::FakeAlloc;
 using ::ndq::testing::FreePort;
 using ::ndq::testing::Guest;
+using ::ndq::testing::Listing;
+using ::ndq::testing::Page;
 using ::ndq::testing::HttpTestServer;
 using ::ndq::testing::Sha256Of;
 using ::ndq::testing::kGuestBootTimeout;
@@ -43,24 +45,9 @@ using ::testing::IsEmpty;
 using ::testing::Not;
 using json = nlohmann::json;
 
-// http://127.0.0.1:PORT/PATH, or "" when it cannot be fetched.
-std::string Page(int port, const std::string& path) {
-  auto out = RunCommand({"/usr/bin/curl", "-s", "--fail", "--max-time", "5",
-                         absl::StrCat("http://127.0.0.1:", port, "/", path)},
-                        absl::Seconds(10));
-  return out.ok() && out->exit_code == 0 ? out->output : "";
-}
-
 void MakeImage(const std::string& path, const std::string& format, const std::string& size) {
   auto made = RunCommand({"/usr/bin/qemu-img", "create", "-q", "-f", format, path, size}, absl::Seconds(30));
   ASSERT_TRUE(made.ok() && made->exit_code == 0) << path;
-}
-
-std::set<std::string> Listing(const std::string& dir) {
-  std::set<std::string> names;
-  std::error_code ignored;
-  for (const auto& entry : fs::directory_iterator(dir, ignored)) names.insert(entry.path().filename());
-  return names;
 }
 
 class VmHardwareTest : public ::testing::Test {

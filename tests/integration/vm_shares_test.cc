@@ -28,6 +28,7 @@ using ::ndq::testing::AddTaskPort;
 using ::ndq::testing::FakeAlloc;
 using ::ndq::testing::FreePort;
 using ::ndq::testing::Guest;
+using ::ndq::testing::Page;
 using ::ndq::testing::kGuestBootTimeout;
 using ::ndq::testing::PluginHarness;
 using ::ndq::testing::ProcessesMentioning;
@@ -41,13 +42,6 @@ using ::testing::Not;
 using json = nlohmann::json;
 
 constexpr char kGuestWrote[] = "written by the guest\n";
-
-std::string Page(int port, const std::string& path) {
-  auto out = RunCommand({"/usr/bin/curl", "-s", "--fail", "--max-time", "5",
-                         absl::StrCat("http://127.0.0.1:", port, "/", path)},
-                        absl::Seconds(10));
-  return out.ok() && out->exit_code == 0 ? out->output : "";
-}
 
 std::set<std::string> Listing(const std::string& dir) {
   std::set<std::string> names;

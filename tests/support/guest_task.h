@@ -3,12 +3,15 @@
 
 #include <signal.h>
 
+#include <filesystem>
 #include <functional>
+#include <set>
 #include <string>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "plugin_harness.h"
 #include "vm/vm_task.h"
@@ -48,6 +51,22 @@ inline std::string HttpGet(int port, int max_seconds = 5) {
                          "http://127.0.0.1:" + std::to_string(port) + "/"},
                         absl::Seconds(max_seconds + 5));
   return out.ok() && out->exit_code == 0 ? out->output : "";
+}
+
+// http://127.0.0.1:PORT/PATH, or "" when it cannot be fetched.
+inline std::string Page(int port, const std::string& path) {
+  auto out = RunCommand({"/usr/bin/curl", "-s", "--fail", "--max-time", "5",
+                         absl::StrCat("http://127.0.0.1:", port, "/", path)},
+                        absl::Seconds(10));
+  return out.ok() && out->exit_code == 0 ? out->output : "";
+}
+
+// The names in `dir` (not below it); empty when it cannot be read.
+inline std::set<std::string> Listing(const std::string& dir) {
+  std::set<std::string> names;
+  std::error_code ignored;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, ignored)) names.insert(entry.path().filename());
+  return names;
 }
 
 // The job config the tests boot the guest with: TCG, the task's overlay on a
