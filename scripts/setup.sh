@@ -19,6 +19,8 @@ PACKAGES=(
   # NoCloud code, and with fuseiso where the kernel has no iso9660 (cloud-init's
   # package only adds service links: nothing starts without systemd or sysvinit)
   libisofs-dev cloud-init fuseiso
+  # xxHash: the checksums of warm-start templates (XXH3, memory speed)
+  libxxhash-dev
   # the sanitizer and fuzz builds (scripts/test.sh): clang, its sanitizer
   # runtimes and libFuzzer; dpkg-dev unpacks Abseil's source for the TSan build
   clang libclang-rt-14-dev libfuzzer-14-dev dpkg-dev

@@ -60,6 +60,10 @@ inline constexpr absl::Duration kCgroupDrain = absl::Seconds(5);
 // One QMP or guest-agent command's answer: QEMU answers in milliseconds; a
 // guest agent may be slow in a busy guest.
 inline constexpr absl::Duration kQmpCommand = absl::Seconds(10);
+// warm_start: QEMU saving or loading a template's device state (under a
+// megabyte: RAM is mapped, not streamed) takes milliseconds; this bounds a
+// stuck migration.
+inline constexpr absl::Duration kWarmMigrate = absl::Minutes(2);
 // Connecting to a running VM's QMP or agent socket, and each command a stop
 // or powerdown sends: short, so the whole stays within kPowerdownBudget.
 inline constexpr absl::Duration kQmpQuick = absl::Seconds(2);

@@ -27,6 +27,7 @@ struct HostCapabilities {
   std::optional<FirmwareFiles> uefi = {};         // OVMF, no Secure Boot
   std::optional<FirmwareFiles> secure_boot = {};  // OVMF's secboot code, Microsoft keys enrolled
   std::string swtpm = {};                         // swtpm binary; empty: no TPM on this host
+  std::map<std::string, std::string> versions = {};  // emulator -> QEMU's version ("7.2.22")
 };
 
 }  // namespace ndq

@@ -319,6 +319,7 @@ HostCapabilities Fingerprinter::Capabilities(const std::vector<std::string>& emu
     if (!facts.error.empty()) continue;
     caps.machines[name] = facts.machines;
     caps.net_devices[name] = facts.net_devices;
+    caps.versions[name] = facts.version;
   }
   caps.uefi = PresentFirmware(firmware_.uefi);
   caps.secure_boot = PresentFirmware(firmware_.secure_boot);

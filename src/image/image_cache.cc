@@ -24,6 +24,25 @@ namespace {
 // never changes, so mtime has no other meaning here).
 void Touch(const std::string& path) { ::utimensat(AT_FDCWD, path.c_str(), nullptr, 0); }
 
+// The bytes a directory's files take on disk (a template's RAM file is sparse).
+int64_t DiskUse(const std::string& dir) {
+  int64_t bytes = 0;
+  std::error_code error;
+  for (const auto& file : std::filesystem::directory_iterator(dir, error)) {
+    struct stat st;
+    if (::lstat(file.path().c_str(), &st) == 0 && S_ISREG(st.st_mode)) bytes += static_cast<int64_t>(st.st_blocks) * 512;
+  }
+  return bytes;
+}
+
+// A template a plugin was writing when it died: no start writes one for an hour.
+void RemoveStaleStaging(const std::filesystem::directory_entry& staging) {
+  std::error_code error;
+  const auto written = staging.last_write_time(error);
+  if (error || std::filesystem::file_time_type::clock::now() - written < std::chrono::hours(1)) return;
+  std::filesystem::remove_all(staging.path(), error);
+}
+
 std::optional<int64_t> SizeOf(const std::string& path) {
   struct stat st;
   if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return std::nullopt;
@@ -171,6 +190,15 @@ absl::Status ImageCache::MakeDir() const {
   return absl::OkStatus();
 }
 
+absl::Status ImageCache::Lease(const std::string& key, const std::string& lease) {
+  if (lease.empty() || absl::StrContains(lease, '/') || absl::StrContains(key, '/')) {
+    return absl::InvalidArgumentError(absl::StrCat("invalid lease \"", lease, "\" on \"", key, "\""));
+  }
+  AcquireOptions options;
+  options.lease = lease;
+  return TakeLease(key, options);
+}
+
 void ImageCache::Release(const std::string& path, const std::string& lease) {
   if (path.empty() || lease.empty()) return;
   const std::string key = std::filesystem::path(path).filename().string();
@@ -230,10 +258,18 @@ absl::StatusOr<std::vector<std::string>> ImageCache::Evict(int64_t max_bytes, co
   std::error_code error;
   for (const auto& file : std::filesystem::directory_iterator(dir_, error)) {
     const std::string name = file.path().filename().string();
-    if (name.empty() || name[0] == '.' || !file.is_regular_file() || absl::EndsWith(name, ".part")) continue;
-    const int64_t bytes = static_cast<int64_t>(file.file_size());
-    entries.push_back({file.path().string(), bytes, file.last_write_time()});
-    total += bytes;
+    if (absl::StartsWith(name, ".tpl-") && absl::EndsWith(name, ".staging")) {
+      RemoveStaleStaging(file);
+      continue;
+    }
+    if (name.empty() || name[0] == '.' || absl::EndsWith(name, ".part")) continue;
+    std::optional<int64_t> bytes;
+    if (file.is_regular_file()) bytes = static_cast<int64_t>(file.file_size());
+    // A warm-start template (image/vm_template.h) is one entry: its files' disk use.
+    if (absl::StartsWith(name, "tpl-") && file.is_directory()) bytes = DiskUse(file.path().string());
+    if (!bytes) continue;
+    entries.push_back({file.path().string(), *bytes, file.last_write_time()});
+    total += *bytes;
   }
   if (error) return absl::InternalError(absl::StrCat("cannot list image cache ", dir_, ": ", error.message()));
   std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.used < b.used; });
@@ -246,7 +282,7 @@ absl::StatusOr<std::vector<std::string>> ImageCache::Evict(int64_t max_bytes, co
     const std::string key = std::filesystem::path(entry.path).filename().string();
     FileLock lock(dir_ + "/." + key + ".lock", kShortLock);
     if (!lock.status().ok() || HasLease(dir_, key)) continue;
-    if (std::filesystem::remove(entry.path, error)) {
+    if (std::filesystem::remove_all(entry.path, error) > 0) {
       total -= entry.bytes;
       removed.push_back(entry.path);
     }

@@ -53,10 +53,13 @@ class ImageCache {
                                       const Downloader& download) {
     return Acquire(key, sources, download, AcquireOptions{});
   }
+  // Leases the entry `key` (a warm-start template's directory name) the way
+  // Acquire leases an image: eviction spares it until Release.
+  absl::Status Lease(const std::string& key, const std::string& lease);
   // Ends the lease `lease` on the image at `path` (a path Acquire returned).
   void Release(const std::string& path, const std::string& lease);
 
-  // Removes least recently used images, never one in `in_use` (paths) nor one
+  // Removes least recently used images (and warm-start templates, tpl-*), never one in `in_use` (paths) nor one
   // with a lease, until the cache holds at most `max_bytes`. Returns the paths
   // removed.
   absl::StatusOr<std::vector<std::string>> Evict(int64_t max_bytes, const std::set<std::string>& in_use);

@@ -38,6 +38,13 @@ hs::Spec DiskSpec() {
   });
 }
 
+hs::Spec WarmStartSpec() {
+  return hs::Object({
+      {"ready_port", hs::Attr("ready_port", "string")},
+      {"ready_agent", hs::Attr("ready_agent", "bool")},
+  });
+}
+
 // Names of an Object spec's attributes, for reject_unknown.
 std::vector<absl::string_view> Names(const hs::Spec& spec) {
   std::vector<absl::string_view> names;
@@ -74,8 +81,13 @@ DiskConfig DecodeDisk(ConfigReader& r) {
   return d;
 }
 
-// The blocks: cloud_init and disk.
+// The blocks: cloud_init, warm_start and disk.
 void DecodeBlocks(ConfigReader& reader, bool reject_unknown, TaskConfig& config) {
+  if (std::optional<ConfigReader> block = reader.Block("warm_start")) {
+    if (reject_unknown) block->RejectUnknownFields(Names(WarmStartSpec()));
+    config.warm_start = WarmStartConfig{block->String("ready_port"), block->Bool("ready_agent").value_or(false)};
+    reader.Absorb(*block);
+  }
   if (std::optional<ConfigReader> block = reader.Block("cloud_init")) {
     if (reject_unknown) block->RejectUnknownFields(Names(CloudInitSpec()));
     config.cloud_init = DecodeCloudInit(*block);
@@ -148,6 +160,7 @@ nomadplugin::hclspec::Spec TaskConfigSpec() {
       {"disk_discard", hs::Attr("disk_discard", "string")},
       {"disk", hs::BlockList("disk", DiskSpec())},
       {"cloud_init", hs::Block("cloud_init", false, CloudInitSpec())},
+      {"warm_start", hs::Block("warm_start", false, WarmStartSpec())},
       {"kernel", hs::Attr("kernel", "string")},
       {"initrd", hs::Attr("initrd", "string")},
       {"kernel_cmdline", hs::Attr("kernel_cmdline", "string")},

@@ -17,6 +17,13 @@ namespace ndq {
 // cloud_init { ... }: a NoCloud seed the driver builds for the guest. Each
 // document is given inline or as a file (`*_file`, admitted like any file
 // the job names), not both.
+// warm_start { ... }: save the VM once its guest is ready and start later
+// tasks of the same config from that saved state (src/vm/warm_start.h).
+struct WarmStartConfig {
+  std::optional<std::string> ready_port;  // a port_map label that must answer TCP from the guest
+  bool ready_agent = false;               // the guest agent answers guest-ping
+};
+
 struct CloudInitConfig {
   std::optional<std::string> user_data, user_data_file;
   std::optional<std::string> meta_data, meta_data_file;
@@ -72,6 +79,7 @@ struct TaskConfig {
   std::optional<std::string> disk_discard;
   std::vector<DiskConfig> disks;  // `disk` blocks, in order
   std::optional<CloudInitConfig> cloud_init;
+  std::optional<WarmStartConfig> warm_start;
   // Direct kernel boot.
   std::optional<std::string> kernel;
   std::optional<std::string> initrd;

@@ -221,6 +221,26 @@ void AppendConsole(const ConsolePlan& console, std::vector<std::string>& argv) {
                "-serial", "chardev:console0", "-vnc", "unix:" + EscapeQemuOptionValue(console.vnc_socket)});
 }
 
+// warm_start (vm/warm_start.h). The guest's RAM is a file the driver opened:
+// shared while a cold VM runs (so the driver can copy it into a template,
+// and migration with x-ignore-shared leaves it out of the state file), and
+// mapped copy-on-write from the template when restoring (share=off: every
+// restored VM reads the template's page cache and copies only the pages it
+// writes). QEMU 7.2 reopens mem-path itself, so it gets /proc/self/fd/N.
+// vmgenid: its generation ID is not part of the saved state, so each QEMU
+// start tells the restored guest it was cloned (Linux reseeds its RNG).
+// -incoming defer: the state is loaded over QMP after the capabilities are set.
+void AppendWarmStart(const VmSpec& spec, std::vector<std::string>& argv) {
+  const WarmPlan& warm = spec.warm;
+  if (warm.mode == WarmMode::kOff || warm.memory_fd < 0) return;
+  argv.insert(argv.end(),
+              {"-object",
+               absl::StrCat("memory-backend-file,id=warm-ram,size=", spec.memory_mb, "M,mem-path=/proc/self/fd/",
+                            warm.memory_fd, ",share=", warm.mode == WarmMode::kCold ? "on" : "off"),
+               "-machine", "memory-backend=warm-ram", "-device", "vmgenid"});
+  if (warm.mode == WarmMode::kRestore) argv.insert(argv.end(), {"-incoming", "defer"});
+}
+
 // The -machine value: type and accelerator, plus what UEFI and Secure Boot need.
 std::string MachineOption(const VmSpec& spec) {
   const auto esc = EscapeQemuOptionValue;
@@ -304,6 +324,7 @@ std::vector<std::string> BuildQemuArgv(const VmSpec& spec, const RuntimePaths& p
   AppendTpm(spec, paths, argv);
   AppendShares(spec, argv);
   AppendConsole(spec.console, argv);
+  AppendWarmStart(spec, argv);
   argv.insert(argv.end(), spec.args.begin(), spec.args.end());
 
   if (spec.network.enabled) AppendBridgeNic(spec, argv);

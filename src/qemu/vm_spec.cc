@@ -383,6 +383,7 @@ absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config, const TaskRequest& task,
   spec.guest_agent = config.guest_agent;
   spec.sandbox = plugin.sandbox;
   PlanConsole(config, task, spec, problems);
+  PlanWarmStart(config, spec, problems);
   if (!problems.empty()) return absl::InvalidArgumentError(absl::StrJoin(problems, "; "));
   return spec;
 }

@@ -11,6 +11,7 @@
 #include "absl/status/statusor.h"
 #include "host/capabilities.h"
 #include "qemu/console_plan.h"
+#include "qemu/warm_plan.h"
 #include "policy/plugin_config.h"
 #include "policy/task_config.h"
 #include "policy/task_request.h"
@@ -169,6 +170,7 @@ struct VmSpec {
   // The console and the boot watch (qemu/console_plan.h).
   ConsolePlan console;
   BootWatchPlan boot_watch;
+  WarmPlan warm;  // warm_start: boot cold and save, or restore a saved VM
 };
 
 // Checks everything and applies Nomad's defaults (emulator x86_64, accelerator

@@ -392,6 +392,29 @@ absl::StatusOr<HostPlace> PrepareHost(const TaskRequest& task, const PluginConfi
   return place;
 }
 
+// --- warm start -------------------------------------------------------------------------
+
+absl::StatusOr<WarmStart> PrepareWarm(const TaskRequest& task, const VmSpec& spec, OpenDisks& disks,
+                                      const HostPlace& place, const StartDeps& deps, Rollback& rollback) {
+  if (!spec.warm.enabled) return WarmStart{};
+  const auto version = deps.capabilities.versions.find(spec.emulator);
+  const WarmContext context{task,
+                            spec,
+                            version == deps.capabilities.versions.end() ? "" : version->second,
+                            place.qemu_user,
+                            deps.cache,
+                            TaskKey(task.identity.id),
+                            deps.emit,
+                            [&disks](UniqueFd fd) { return disks.Pass(std::move(fd)); },
+                            [&disks](int in_qemu) { return disks.fds[in_qemu - supervisor::kFirstPassedFd].get(); }};
+  absl::StatusOr<WarmStart> warm = PrepareWarmStart(context, rollback);
+  if (warm.ok() && static_cast<int>(disks.fds.size()) > supervisor::kMaxPassedFds) {
+    return absl::InvalidArgumentError(absl::StrCat("task config \"warm_start\": the VM's files come to ", disks.fds.size(),
+                                                   "; at most ", supervisor::kMaxPassedFds, " can be passed to QEMU"));
+  }
+  return warm;
+}
+
 // --- attach network ---------------------------------------------------------------------
 
 // A TAP named after the task, attached to the allowed bridge; its fd joins
@@ -428,11 +451,14 @@ absl::Status SharesReadable(const VmSpec& spec, const OpenDisks& disks, const Ho
 // --- launch ---------------------------------------------------------------------------
 
 absl::StatusOr<Supervisor> Launch(const TaskRequest& task, const VmSpec& spec, OpenDisks& disks,
-                                  const AttachedNic& nic, const HostPlace& place, const std::string& netns,
-                                  const StartDeps& deps, Rollback& rollback) {
+                                  const WarmStart& warm, const AttachedNic& nic, const HostPlace& place,
+                                  const std::string& netns, const StartDeps& deps, Rollback& rollback) {
   VmSpec launched = spec;
   launched.network.tap_fd = nic.tap_fd;
-  launched.disk = disks.boot;
+  launched.disk = warm.mode == WarmMode::kOff ? disks.boot : warm.boot;
+  launched.warm.mode = warm.mode;
+  launched.warm.memory_fd = warm.memory_fd;
+  launched.warm.state_fd = warm.state_fd;
   for (size_t i = 0; i < launched.drives.size(); ++i) launched.drives[i].nodes = disks.drives[i];
   launched.kernel.kernel_fd = disks.kernel_fd;
   launched.kernel.initrd_fd = disks.initrd_fd;
@@ -599,9 +625,11 @@ const char* StartStageName(StartStage stage) {
     case StartStage::kPrepareMedia: return "prepare media";
     case StartStage::kOpenDisks: return "open disks";
     case StartStage::kPrepareHost: return "prepare host";
+    case StartStage::kWarmStart: return "warm start";
     case StartStage::kAttachNetwork: return "attach network";
     case StartStage::kLaunch: return "launch supervisor";
     case StartStage::kAwaitQmp: return "await QMP";
+    case StartStage::kRestoreState: return "restore state";
     case StartStage::kAwaitAddress: return "await address";
   }
   return "?";
@@ -660,16 +688,25 @@ absl::StatusOr<LaunchedVm> RunStartPipeline(const TaskRequest& task, const Plugi
   });
   if (!place.ok()) return place.status();
   if (absl::Status shares = SharesReadable(*spec, *disks, *place); !shares.ok()) return shares;
+  absl::StatusOr<WarmStart> warm = RunStage(StartStage::kWarmStart, deps, [&] {
+    return PrepareWarm(task, *spec, *disks, *place, deps, rollback);
+  });
+  if (!warm.ok()) return warm.status();
   absl::StatusOr<AttachedNic> nic = RunStage(StartStage::kAttachNetwork, deps, [&] {
     return AttachNetwork(task, *spec, *disks, deps, rollback);
   });
   if (!nic.ok()) return nic.status();
   absl::StatusOr<Supervisor> supervisor = RunStage(StartStage::kLaunch, deps, [&] {
-    return Launch(task, *spec, *disks, *nic, *place, decoded->netns, deps, rollback);
+    return Launch(task, *spec, *disks, *warm, *nic, *place, decoded->netns, deps, rollback);
   });
   if (!supervisor.ok()) return supervisor.status();
   absl::StatusOr<Qemu> qemu = RunStage(StartStage::kAwaitQmp, deps, [&] { return AwaitQmp(*place, *supervisor, deps); });
   if (!qemu.ok()) return qemu.status();
+  absl::StatusOr<bool> restored = RunStage(StartStage::kRestoreState, deps, [&]() -> absl::StatusOr<bool> {
+    if (absl::Status loaded = RestoreState(*qemu->qmp, *warm, deps.cache->dir(), deps.emit); !loaded.ok()) return loaded;
+    return warm->mode == WarmMode::kRestore;
+  });
+  if (!restored.ok()) return restored.status();
   absl::StatusOr<AdvertisedNetwork> network =
       RunStage(StartStage::kAwaitAddress, deps, [&] { return AwaitAddress(*spec, *place, *qemu, deps); });
   if (!network.ok()) return network.status();
@@ -683,6 +720,13 @@ absl::StatusOr<LaunchedVm> RunStartPipeline(const TaskRequest& task, const Plugi
   vm.record.qemu_start_ticks = qemu->start_ticks;
   vm.record.tap_name = nic->tap_name;
   vm.record.network = *std::move(network);
+  if (warm->mode != WarmMode::kOff) {
+    vm.record.warm_start = *restored ? "restored" : "cold";
+    vm.record.warm_template = warm->key;
+    // Leased: eviction spares the template while this VM maps it.
+    if (*restored) vm.record.cached_images.push_back(warm->template_dir);
+  }
+  vm.warm_capture = std::move(warm->capture);
   vm.supervisor_pidfd = std::move(supervisor->pidfd);
   vm.qemu_pidfd = std::move(qemu->pidfd);
   vm.qmp = std::move(qemu->qmp);

@@ -1,7 +1,8 @@
 // StartTask as a list of stages:
 //
 //   decode → admit image → plan VM → prepare media → open disks → prepare
-//   host → attach network → launch supervisor → await QMP → await address
+//   host → warm start → attach network → launch supervisor → await QMP →
+//   restore state → await address
 //
 // (registering the VM is the caller's, TaskManager::Start). Each stage is a
 // function from typed input to typed output; each pushes the undo of what it
@@ -33,6 +34,7 @@
 #include "qemu/qmp_client.h"
 #include "qemu/vm_spec.h"
 #include "vm/vm_task.h"
+#include "vm/warm_start.h"
 
 namespace ndq {
 
@@ -43,15 +45,18 @@ enum class StartStage {
   kPrepareMedia,
   kOpenDisks,
   kPrepareHost,
+  kWarmStart,      // warm_start: restore a template that fits, or boot cold to save one
   kAttachNetwork,  // network_mode = "bridge": the TAP on the bridge
   kLaunch,
   kAwaitQmp,
-  kAwaitAddress  // advertise_address: the guest's IPv4 address from its agent
+  kRestoreState,  // warm_start: the template's device state loaded, the guest resumed
+  kAwaitAddress   // advertise_address: the guest's IPv4 address from its agent
 };
 inline constexpr StartStage kAllStartStages[] = {
     StartStage::kDecode,      StartStage::kAdmitImage,    StartStage::kPlanVm, StartStage::kPrepareMedia,
-    StartStage::kOpenDisks,   StartStage::kPrepareHost,   StartStage::kAttachNetwork,
-    StartStage::kLaunch,      StartStage::kAwaitQmp,      StartStage::kAwaitAddress};
+    StartStage::kOpenDisks,   StartStage::kPrepareHost,   StartStage::kWarmStart,
+    StartStage::kAttachNetwork, StartStage::kLaunch,      StartStage::kAwaitQmp,
+    StartStage::kRestoreState, StartStage::kAwaitAddress};
 const char* StartStageName(StartStage stage);
 
 // What the start uses from outside: the host, the image store, what the
@@ -82,6 +87,7 @@ struct LaunchedVm {
   CgroupLimits limits;
   std::string netns;
   std::string run_state;  // QEMU's run state at start, or why it is unknown
+  std::shared_ptr<WarmCapture> warm_capture;  // a cold warm_start VM: what saving it needs
 };
 
 // Runs every stage for `task`. On error the stages' undos are still on

@@ -268,7 +268,56 @@ absl::Status TaskManager::Register(const TaskIdentity& task, LaunchedVm launched
          {{"console_serial", launched.spec.console.serial_socket}, {"console_vnc", launched.spec.console.vnc_socket}});
   }
   if (launched.spec.boot_watch.timeout > absl::ZeroDuration()) WatchBoot(task, vm, launched);
+  if (launched.warm_capture) WatchWarm(task, vm, launched);
   return absl::OkStatus();
+}
+
+// --- warm_start ----------------------------------------------------------------------
+
+void TaskManager::WatchWarm(const TaskIdentity& task, const std::shared_ptr<VmTask>& vm, LaunchedVm& launched) {
+  BootWatchContext context;
+  context.vm = vm;
+  context.plan = launched.spec.warm.ready;
+  context.netns = launched.netns;
+  context.started = launched.record.started_at;
+  std::weak_ptr<VmTask> weak = vm;
+  std::shared_ptr<WarmCapture> capture = std::move(launched.warm_capture);
+  context.on_ready = [this, task, weak, capture](const std::string& what, absl::Duration) {
+    if (std::shared_ptr<VmTask> held = weak.lock()) SaveWarmTemplate(task, *held, *capture, what);
+    *capture = WarmCapture{};  // its files are QEMU's alone now
+  };
+  context.on_timeout = [this, task, timeout = context.plan.timeout] {
+    Emit(task, absl::StrCat("Warm start: no template saved: the guest was not ready within ",
+                            absl::FormatDuration(timeout)),
+         {{"warm_start", "cold"}});
+  };
+  absl::MutexLock lock(&boot_mu_);
+  warm_watches_[task.id] = std::make_unique<BootWatch>(std::move(context));
+}
+
+void TaskManager::SaveWarmTemplate(const TaskIdentity& task, VmTask& vm, WarmCapture& capture,
+                                   const std::string& ready) {
+  absl::StatusOr<SavedTemplate> saved = SaveTemplate(vm, capture);
+  if (!saved.ok()) {
+    const bool raced = absl::IsAlreadyExists(saved.status());
+    if (!raced) {
+      log::Warn("warm_start: no template saved", {{"task_id", task.id}, {"error", std::string(saved.status().message())}});
+    }
+    Emit(task, absl::StrCat("Warm start: no template saved: ", saved.status().message()), {{"warm_start", "cold"}});
+    return;
+  }
+  auto ms = [](absl::Duration d) { return std::to_string(absl::ToInt64Milliseconds(d)); };
+  Emit(task,
+       absl::StrCat("Warm start: template ", saved->key.substr(0, 12), " saved once ", ready, " answered (RAM ",
+                    saved->ram_bytes >> 20, " MiB, device state ", saved->state_bytes >> 10, " KiB, disk ",
+                    saved->disk_bytes >> 10, " KiB); the guest was paused ", ms(saved->paused), " ms"),
+       {{"warm_template", saved->key},
+        {"warm_template_ms", ms(saved->total)},
+        {"warm_pause_ms", ms(saved->paused)},
+        {"warm_ram_bytes", std::to_string(saved->ram_bytes)},
+        {"warm_state_bytes", std::to_string(saved->state_bytes)},
+        {"warm_disk_bytes", std::to_string(saved->disk_bytes)}});
+  EvictImages(config_());  // templates count against image_cache_max_size
 }
 
 // --- boot_timeout and screenshots ------------------------------------------------
@@ -324,15 +373,20 @@ void TaskManager::FailBoot(const TaskIdentity& task, const std::shared_ptr<VmTas
 }
 
 void TaskManager::EndBootWatch(const std::string& id) {
-  std::unique_ptr<BootWatch> watch;
+  std::unique_ptr<BootWatch> watch, warm;
   {
     absl::MutexLock lock(&boot_mu_);
-    auto it = boot_watches_.find(id);
-    if (it == boot_watches_.end()) return;
-    watch = std::move(it->second);
-    boot_watches_.erase(it);
+    if (auto it = boot_watches_.find(id); it != boot_watches_.end()) {
+      watch = std::move(it->second);
+      boot_watches_.erase(it);
+    }
+    if (auto it = warm_watches_.find(id); it != warm_watches_.end()) {
+      warm = std::move(it->second);
+      warm_watches_.erase(it);
+    }
   }
   watch.reset();  // joins, outside the lock
+  warm.reset();
 }
 
 absl::Status TaskManager::Screenshot(VmTask& vm) {
@@ -460,6 +514,8 @@ absl::StatusOr<TaskStatusInfo> TaskManager::Inspect(const std::string& id) {
                      {"qmp_socket", vm.record().qmp_socket},
                      {"state_dir", vm.record().state_dir}};
   if (!vm.record().tap_name.empty()) info.attributes["tap"] = vm.record().tap_name;
+  if (!vm.record().warm_start.empty()) info.attributes["warm_start"] = vm.record().warm_start;
+  if (!vm.record().warm_template.empty()) info.attributes["warm_template"] = vm.record().warm_template;
   if (!vm.record().network.ip.empty()) info.attributes["guest_address"] = vm.record().network.ip;
   info.network = vm.record().network;
   return info;

@@ -121,7 +121,11 @@ class TaskManager {
   void FailBoot(const TaskIdentity& task, const std::shared_ptr<VmTask>& vm, absl::Duration timeout,
                 const std::string& waited_for);
   // Ends a task's boot watch (not from its own thread).
+  // Ends the task's boot_timeout watch and its warm_start watch, if any.
   void EndBootWatch(const std::string& id);
+  // warm_start on a cold VM: once its guest is ready, save it as a template.
+  void WatchWarm(const TaskIdentity& task, const std::shared_ptr<VmTask>& vm, LaunchedVm& launched);
+  void SaveWarmTemplate(const TaskIdentity& task, VmTask& vm, WarmCapture& capture, const std::string& ready);
   // A screenshot asked for by kScreenshotSignal.
   absl::Status Screenshot(VmTask& vm);
   // Keeps the image cache under image_cache_max_size, sparing images in use.
@@ -153,6 +157,7 @@ class TaskManager {
   // first (they use the members above, never the watcher).
   absl::Mutex boot_mu_;
   std::map<std::string, std::unique_ptr<BootWatch>> boot_watches_ ABSL_GUARDED_BY(boot_mu_);
+  std::map<std::string, std::unique_ptr<BootWatch>> warm_watches_ ABSL_GUARDED_BY(boot_mu_);
 };
 
 }  // namespace ndq

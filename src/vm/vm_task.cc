@@ -38,6 +38,7 @@ std::string DriverStateRecord::Encode() const {
       {"alloc_dir", alloc_dir},
   };
   if (!tap_name.empty()) json["tap_name"] = tap_name;
+  if (!warm_start.empty()) json["warm_start"] = {{"mode", warm_start}, {"template", warm_template}};
   if (!network.ip.empty()) {
     json["network"] = {{"ip", network.ip}, {"port_map", network.port_map}, {"auto_advertise", network.auto_advertise}};
   }
@@ -74,6 +75,10 @@ absl::StatusOr<DriverStateRecord> DriverStateRecord::Decode(const std::string& b
     r.memory_limit_bytes = json.value("memory_limit_bytes", int64_t{0});
     r.started_at = absl::FromUnixMillis(json.value("started_at_unix_ms", int64_t{0}));
     r.tap_name = json.value("tap_name", "");
+    if (json.contains("warm_start") && json["warm_start"].is_object()) {
+      r.warm_start = json["warm_start"].value("mode", "");
+      r.warm_template = json["warm_start"].value("template", "");
+    }
     if (const auto network = json.find("network"); network != json.end() && network->is_object()) {
       r.network.ip = network->value("ip", "");
       r.network.port_map = network->value("port_map", std::map<std::string, int>{});

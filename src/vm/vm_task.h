@@ -56,6 +56,10 @@ struct DriverStateRecord {
   // network_mode = "bridge": the TAP's name (removed on destroy if still
   // there) and the address advertised at start.
   std::string tap_name;
+  // warm_start: "cold" (booted; a template is saved once ready) or
+  // "restored" (from the template `warm_template`, a key); empty without.
+  std::string warm_start;
+  std::string warm_template;
   AdvertisedNetwork network;
   // The console (issue 11): the directory of its sockets in the task dir
   // (empty without console), and the alloc dir whose alloc/logs takes screenshots.

@@ -1,0 +1,347 @@
+#include "vm/warm_start.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <pwd.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "absl/cleanup/cleanup.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "base/error_kind.h"
+#include "base/timeouts.h"
+#include "image/checksum.h"
+#include "image/task_disk.h"
+#include "nomadplugin/hclog.h"
+#include "qemu/cmdline.h"
+
+namespace ndq {
+namespace {
+
+namespace log = nomadplugin::hclog;
+
+absl::Status Errno(const std::string& what) { return ErrnoError(what, errno); }
+
+std::string Short(const std::string& key) { return key.substr(0, 12); }
+
+std::string Millis(absl::Duration d) { return std::to_string(absl::ToInt64Milliseconds(d)); }
+
+// The boot disk's size as the guest sees it (the overlay gets the same).
+absl::StatusOr<int64_t> VirtualSize(int fd, const std::string& format) {
+  if (format == "qcow2") {
+    unsigned char header[32];
+    if (::pread(fd, header, sizeof header, 0) != static_cast<ssize_t>(sizeof header) ||
+        std::memcmp(header, "QFI\xfb", 4) != 0) {
+      return absl::InvalidArgumentError("task config \"warm_start\": the boot image's qcow2 header cannot be read");
+    }
+    int64_t size = 0;
+    for (int i = 24; i < 32; ++i) size = (size << 8) | header[i];
+    return size;
+  }
+  if (format == "raw") {
+    struct stat st;
+    if (::fstat(fd, &st) != 0) return Errno("cannot stat the boot image");
+    return static_cast<int64_t>(st.st_size);
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("task config \"warm_start\": the boot image is ", format, "; warm starts take qcow2 or raw images"));
+}
+
+// A file of ours opened again read-only (a read-only node needs a read-only fd).
+absl::StatusOr<UniqueFd> ReopenReadOnly(int fd) {
+  UniqueFd ro(::open(absl::StrCat("/proc/self/fd/", fd).c_str(), O_RDONLY | O_CLOEXEC));
+  if (!ro.valid()) return Errno("cannot reopen the boot image read-only");
+  return ro;
+}
+
+// The planned boot chain, every layer read-only: the warm VM writes only to
+// its own overlay on top.
+absl::StatusOr<std::vector<DiskNode>> ReadOnlyBase(const WarmContext& c) {
+  std::vector<DiskNode> base = c.spec.disk;
+  for (DiskNode& node : base) {
+    if (node.read_only) continue;
+    absl::StatusOr<UniqueFd> ro = ReopenReadOnly(c.local_fd(node.fd));
+    if (!ro.ok()) return ro.status();
+    node = DiskNode{node.format, true, c.pass(*std::move(ro))};
+  }
+  return base;
+}
+
+absl::StatusOr<TemplateIdentity> IdentityFor(const WarmContext& c) {
+  TemplateIdentity id;
+  id.owner = c.task.identity.name;
+  std::vector<std::string> digests;
+  for (const DiskNode& node : c.spec.disk) {
+    absl::StatusOr<std::string> digest = ContentDigest(c.local_fd(node.fd));
+    if (!digest.ok()) return digest.status();
+    digests.push_back(*digest);
+  }
+  id.image_digest = absl::StrJoin(digests, "+");
+  id.config_digest = WarmConfigDigest(c.spec, c.qemu_user);
+  id.qemu_version = c.qemu_version;
+  id.machine = c.spec.machine_type;
+  id.memory_mb = c.spec.memory_mb;
+  return id;
+}
+
+std::optional<std::pair<uid_t, gid_t>> NonRootOwner(const std::string& user) {
+  if (user.empty()) return std::nullopt;
+  const passwd* pw = ::getpwnam(user.c_str());
+  if (pw == nullptr || pw->pw_uid == 0) return std::nullopt;
+  return std::make_pair(pw->pw_uid, pw->pw_gid);
+}
+
+// Copies `from` (a template's empty overlay) to `task_dir/name`, replacing
+// whatever the job left there without following it.
+absl::StatusOr<UniqueFd> CopyIntoTaskDir(const std::string& from, const std::string& task_dir, const std::string& name) {
+  UniqueFd in(::open(from.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
+  if (!in.valid()) return Errno("cannot open " + from);
+  UniqueFd dir(::open(task_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir.valid()) return Errno("cannot open task dir " + task_dir);
+  ::unlinkat(dir.get(), name.c_str(), 0);
+  UniqueFd out(::openat(dir.get(), name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
+  if (!out.valid()) return Errno(absl::StrCat("cannot create ", task_dir, "/", name));
+  char buffer[1 << 16];
+  for (;;) {
+    const ssize_t n = ::read(in.get(), buffer, sizeof buffer);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return Errno("cannot read " + from);
+    if (n == 0) break;
+    if (::write(out.get(), buffer, static_cast<size_t>(n)) != n) return Errno(absl::StrCat("cannot write ", task_dir, "/", name));
+  }
+  return out;
+}
+
+absl::StatusOr<WarmStart> Restore(const WarmContext& c, OpenedTemplate opened, std::vector<DiskNode> base,
+                                  Rollback& rollback) {
+  const std::string task_dir = c.task.task_dir();
+  absl::StatusOr<UniqueFd> overlay =
+      CopyIntoTaskDir(opened.dir + "/" + kTemplateOverlay, task_dir, kWarmDiskName);
+  if (!overlay.ok()) return overlay.status();
+  rollback.Push([path = task_dir + "/" + kWarmDiskName] { ::unlink(path.c_str()); });
+  WarmStart warm;
+  warm.mode = WarmMode::kRestore;
+  warm.key = opened.key;
+  warm.template_dir = opened.dir;
+  warm.boot.push_back(DiskNode{"qcow2", false, c.pass(*std::move(overlay))});
+  warm.boot.push_back(DiskNode{"qcow2", true, c.pass(std::move(opened.disk))});
+  warm.boot.insert(warm.boot.end(), base.begin(), base.end());
+  warm.memory_fd = c.pass(std::move(opened.ram));
+  warm.state_fd = c.pass(std::move(opened.state));
+  return warm;
+}
+
+absl::StatusOr<UniqueFd> Memfd(const char* name, int64_t bytes) {
+  UniqueFd fd(::memfd_create(name, MFD_CLOEXEC));
+  if (!fd.valid()) return Errno("cannot create the warm VM's memory file");
+  if (::ftruncate(fd.get(), bytes) != 0) return Errno("cannot size the warm VM's memory file");
+  return fd;
+}
+
+absl::StatusOr<UniqueFd> Dup(int fd) {
+  UniqueFd copy(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
+  if (!copy.valid()) return Errno("cannot duplicate a file descriptor");
+  return copy;
+}
+
+absl::StatusOr<WarmStart> Cold(const WarmContext& c, TemplateIdentity id, std::vector<DiskNode> base,
+                               int64_t disk_size, Rollback& rollback) {
+  const std::string task_dir = c.task.task_dir();
+  if (absl::Status made = CreateOverlayIn(task_dir, kWarmDiskName, c.spec.image_path, base.front().format, disk_size);
+      !made.ok()) {
+    return made;
+  }
+  rollback.Push([path = task_dir + "/" + kWarmDiskName] { ::unlink(path.c_str()); });
+  UniqueFd dir(::open(task_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  UniqueFd disk(::openat(dir.get(), kWarmDiskName, O_RDWR | O_NOFOLLOW | O_CLOEXEC));
+  if (!disk.valid()) return Errno(absl::StrCat("cannot open ", task_dir, "/", kWarmDiskName));
+  auto capture = std::make_shared<WarmCapture>();
+  capture->ram_bytes = c.spec.memory_mb << 20;
+  absl::StatusOr<UniqueFd> ram = Memfd("ndq-warm-ram", capture->ram_bytes);
+  if (!ram.ok()) return ram.status();
+  absl::StatusOr<UniqueFd> state = Memfd("ndq-warm-state", 0);
+  if (!state.ok()) return state.status();
+  absl::StatusOr<UniqueFd> ram_copy = Dup(ram->get()), state_copy = Dup(state->get());
+  absl::StatusOr<UniqueFd> disk_reader = ReopenReadOnly(disk.get());
+  for (const absl::Status& s : {ram_copy.status(), state_copy.status(), disk_reader.status()}) {
+    if (!s.ok()) return s;
+  }
+  capture->identity = std::move(id);
+  capture->cache_dir = c.cache->dir();
+  capture->ram = *std::move(ram_copy);
+  capture->state = *std::move(state_copy);
+  capture->disk = *std::move(disk_reader);
+  capture->disk_size = disk_size;
+  capture->qemu_owner = NonRootOwner(c.qemu_user);
+
+  WarmStart warm;
+  warm.mode = WarmMode::kCold;
+  warm.key = capture->identity.Key();
+  warm.boot.push_back(DiskNode{"qcow2", false, c.pass(std::move(disk))});
+  warm.boot.insert(warm.boot.end(), base.begin(), base.end());
+  warm.memory_fd = c.pass(*std::move(ram));
+  warm.state_fd = c.pass(*std::move(state));
+  capture->state_fd_in_qemu = warm.state_fd;
+  warm.capture = std::move(capture);
+  return warm;
+}
+
+// Polls query-migrate (backing off from 1 ms) until the migration ends.
+template <typename Execute>
+absl::Status AwaitMigration(const Execute& execute, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  absl::Duration pause = absl::Milliseconds(1);
+  for (;;) {
+    absl::StatusOr<nlohmann::json> info = execute("query-migrate", nullptr);
+    if (!info.ok()) return info.status();
+    const std::string status = info->is_object() ? info->value("status", "") : "";
+    if (status == "completed") return absl::OkStatus();
+    if (status == "failed" || status == "cancelled") {
+      return absl::InternalError(absl::StrCat("QEMU's migration ", status, ": ",
+                                              info->value("error-desc", std::string("no reason given"))));
+    }
+    if (absl::Now() + pause > deadline) {
+      return absl::DeadlineExceededError(
+          absl::StrCat("QEMU's migration did not finish within ", absl::FormatDuration(timeout)));
+    }
+    absl::SleepFor(pause);
+    pause = std::min(pause * 2, absl::Milliseconds(50));
+  }
+}
+
+const nlohmann::json& IgnoreSharedCapability() {
+  static const nlohmann::json* caps =
+      new nlohmann::json{{"capabilities", {{{"capability", "x-ignore-shared"}, {"state", true}}}}};
+  return *caps;
+}
+
+}  // namespace
+
+std::string WarmConfigDigest(const VmSpec& spec, const std::string& qemu_user) {
+  VmSpec c = spec;
+  c.name.clear();
+  c.mac_address.clear();  // the saved NIC keeps the template's MAC anyway
+  for (PortForward& forward : c.port_forwards) {
+    forward.host_ip.clear();
+    forward.host_port = 0;
+  }
+  c.console.dir.clear();
+  c.console.serial_socket.clear();
+  c.console.vnc_socket.clear();
+  c.boot_watch = BootWatchPlan{};
+  c.warm = WarmPlan{};
+  for (DiskNode& node : c.disk) node.read_only = true;
+  std::vector<std::string> argv = BuildQemuArgv(c, RuntimePaths{"qmp", c.guest_agent ? "qga" : "", "tpm"});
+  argv[0] = c.emulator;  // the version is in the key; the binary's path is not
+  argv.push_back("--qemu-user=" + qemu_user);
+  absl::StatusOr<Hasher> hasher = Hasher::Create("sha256");
+  for (const std::string& arg : argv) hasher->Update(arg.c_str(), arg.size() + 1);  // with its NUL
+  return hasher->FinalHex();
+}
+
+absl::StatusOr<WarmStart> PrepareWarmStart(const WarmContext& c, Rollback& rollback) {
+  if (!c.spec.warm.enabled) return WarmStart{};
+  if (c.spec.disk.empty()) return absl::InvalidArgumentError("task config \"warm_start\": the VM has no boot disk");
+  absl::StatusOr<int64_t> disk_size = VirtualSize(c.local_fd(c.spec.disk.front().fd), c.spec.disk.front().format);
+  if (!disk_size.ok()) return disk_size.status();
+  absl::StatusOr<TemplateIdentity> id = IdentityFor(c);
+  if (!id.ok()) return id.status();
+  absl::StatusOr<std::vector<DiskNode>> base = ReadOnlyBase(c);
+  if (!base.ok()) return base.status();
+  const std::string key = id->Key();
+  const TemplateStore store(c.cache->dir());
+  std::string reason;
+  // Leased before it is opened, so eviction cannot take it meanwhile.
+  if (absl::Status leased = c.cache->Lease(kTemplatePrefix + key, c.lease); leased.ok()) {
+    absl::StatusOr<OpenedTemplate> opened = store.Open(*id);
+    if (opened.ok()) {
+      rollback.Push([cache = c.cache, dir = opened->dir, lease = c.lease] { cache->Release(dir, lease); });
+      return Restore(c, *std::move(opened), *std::move(base), rollback);
+    }
+    c.cache->Release(store.DirFor(key), c.lease);
+    reason = std::string(opened.status().message());
+  } else {
+    reason = std::string(leased.message());
+  }
+  c.emit(absl::StrCat("Warm start: booting cold (", reason, ")"),
+         {{"warm_start", "cold"}, {"warm_reason", reason}, {"warm_template", key}});
+  return Cold(c, *std::move(id), *std::move(base), *disk_size, rollback);
+}
+
+absl::Status RestoreState(QmpClient& qmp, const WarmStart& warm, const std::string& cache_dir,
+                          const TaskEventSink& emit) {
+  if (warm.mode != WarmMode::kRestore) return absl::OkStatus();
+  const absl::Time started = absl::Now();
+  auto execute = [&qmp](const std::string& command, const nlohmann::json& arguments) {
+    return qmp.Execute(command, arguments, timeouts::kQmpCommand);
+  };
+  absl::Status status = execute("migrate-set-capabilities", IgnoreSharedCapability()).status();
+  if (status.ok()) status = execute("migrate-incoming", {{"uri", absl::StrCat("fd:", warm.state_fd)}}).status();
+  if (status.ok()) status = AwaitMigration(execute, timeouts::kWarmMigrate);
+  if (status.ok()) status = execute("cont", nullptr).status();
+  if (!status.ok()) {
+    TemplateStore(cache_dir).Remove(warm.key);
+    return WithKind(absl::FailedPreconditionError(absl::StrCat(
+                        "task config \"warm_start\": restoring template ", Short(warm.key), " failed: ", status.message(),
+                        "; the template was removed, so the next start boots cold")),
+                    ErrorKind::kQemuFailed);
+  }
+  const absl::Duration took = absl::Now() - started;
+  emit(absl::StrCat("Warm start: restored from template ", Short(warm.key), " in ",
+                    absl::FormatDuration(absl::Trunc(took, absl::Milliseconds(1)))),
+       {{"warm_start", "restored"}, {"warm_template", warm.key}, {"warm_restore_ms", Millis(took)}});
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SavedTemplate> SaveTemplate(VmTask& vm, WarmCapture& capture) {
+  const absl::Time started = absl::Now();
+  auto execute = [&vm](const std::string& command, const nlohmann::json& arguments) {
+    return vm.ExecuteQmp(command, arguments, timeouts::kQmpCommand);
+  };
+  TemplateStore store(capture.cache_dir);
+  TemplateStore::Writer writer(store, capture.identity);
+  if (absl::Status begun = writer.Begin(); !begun.ok()) return begun;
+  if (absl::Status stopped = execute("stop", nullptr).status(); !stopped.ok()) return stopped;
+  bool resumed = false;
+  auto resume = [&] {
+    if (resumed) return;
+    resumed = true;
+    if (absl::Status cont = execute("cont", nullptr).status(); !cont.ok()) {
+      log::Warn("warm_start: the VM could not be resumed after saving", {{"error", std::string(cont.message())}});
+    }
+  };
+  absl::Cleanup always_resume = resume;
+  absl::Status status = execute("migrate-set-capabilities", IgnoreSharedCapability()).status();
+  if (status.ok()) status = execute("migrate", {{"uri", absl::StrCat("fd:", capture.state_fd_in_qemu)}}).status();
+  if (status.ok()) status = AwaitMigration(execute, timeouts::kWarmMigrate);
+  struct stat state_st, disk_st;
+  if (status.ok() && (::fstat(capture.state.get(), &state_st) != 0 || ::fstat(capture.disk.get(), &disk_st) != 0)) {
+    status = Errno("cannot stat the saved state");
+  }
+  // Migration flushed the disk and left it inactive: its file is stable
+  // until the guest resumes.
+  if (status.ok()) status = writer.CopyFd(kTemplateRam, capture.ram.get(), capture.ram_bytes);
+  if (status.ok()) status = writer.CopyFd(kTemplateState, capture.state.get(), state_st.st_size);
+  if (status.ok()) status = writer.CopyFd(kTemplateDisk, capture.disk.get(), disk_st.st_size);
+  resume();
+  const absl::Duration paused = absl::Now() - started;
+  if (status.ok()) status = writer.MakeOverlay(capture.disk_size);
+  if (status.ok() && capture.qemu_owner) writer.GiveRamTo(capture.qemu_owner->first, capture.qemu_owner->second);
+  if (status.ok()) status = writer.Publish();
+  if (!status.ok()) return status;
+  SavedTemplate saved;
+  saved.key = capture.identity.Key();
+  saved.paused = paused;
+  saved.total = absl::Now() - started;
+  saved.ram_bytes = writer.bytes(kTemplateRam);
+  saved.state_bytes = writer.bytes(kTemplateState);
+  saved.disk_bytes = writer.bytes(kTemplateDisk);
+  return saved;
+}
+
+}  // namespace ndq

@@ -1,0 +1,95 @@
+// warm_start in the start pipeline and after it:
+//  - PrepareWarmStart (a stage after prepare host): the template key from
+//    what shapes the VM; a template that fits and passes its check is
+//    restored (the task's overlay on its frozen disk, its RAM mapped
+//    copy-on-write, its device state loaded), else the VM boots cold with
+//    its RAM in a memfd the driver keeps, on an overlay of its own;
+//  - RestoreState (after QMP answers): loads the state, then resumes;
+//  - SaveTemplate (once a cold guest is ready): pauses the VM, migrates its
+//    device state, copies RAM and disk into a template, resumes it.
+#pragma once
+
+#include <sys/types.h>
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "base/rollback.h"
+#include "base/unique_fd.h"
+#include "image/image_cache.h"
+#include "image/vm_template.h"
+#include "policy/task_request.h"
+#include "qemu/qmp_client.h"
+#include "qemu/vm_spec.h"
+#include "vm/vm_task.h"
+
+namespace ndq {
+
+// The parts of a cold VM the driver keeps until it saves the template.
+struct WarmCapture {
+  TemplateIdentity identity;
+  std::string cache_dir;
+  UniqueFd ram;    // the memfd QEMU maps shared
+  UniqueFd state;  // the memfd QEMU migrates its device state into
+  int state_fd_in_qemu = -1;
+  UniqueFd disk;  // the VM's overlay, read-only
+  int64_t ram_bytes = 0;
+  int64_t disk_size = 0;  // the boot disk's virtual size
+  std::optional<std::pair<uid_t, gid_t>> qemu_owner;  // QEMU's user when not root
+};
+
+struct WarmStart {
+  WarmMode mode = WarmMode::kOff;
+  std::vector<DiskNode> boot;  // the boot disk's chain, replacing the planned one
+  int memory_fd = -1;
+  int state_fd = -1;
+  std::string key;
+  std::string template_dir;  // kRestore: leased until the task is destroyed
+  std::shared_ptr<WarmCapture> capture;  // kCold
+};
+
+struct WarmContext {
+  const TaskRequest& task;
+  const VmSpec& spec;  // planned; spec.disk is the boot image's chain as opened
+  std::string qemu_version;
+  std::string qemu_user;  // empty: root
+  ImageCache* cache;
+  std::string lease;  // the task's lease name on a template it restores
+  TaskEventSink emit;
+  std::function<int(UniqueFd)> pass;  // hands an fd to QEMU; its number there
+  std::function<int(int)> local_fd;   // our fd behind a number in QEMU
+};
+
+// The overlay a warm VM writes, in its task dir.
+inline constexpr char kWarmDiskName[] = "warm-disk.qcow2";
+
+absl::StatusOr<WarmStart> PrepareWarmStart(const WarmContext& context, Rollback& rollback);
+
+// Loads the template's state into a QEMU started with -incoming defer and
+// resumes the guest. On failure the template is removed (the next start
+// boots cold).
+absl::Status RestoreState(QmpClient& qmp, const WarmStart& warm, const std::string& cache_dir,
+                          const TaskEventSink& emit);
+
+// What saving took, for the event and the benchmark.
+struct SavedTemplate {
+  std::string key;
+  absl::Duration paused;  // the guest's pause: device state, RAM and disk copied
+  absl::Duration total;
+  int64_t ram_bytes = 0, state_bytes = 0, disk_bytes = 0;
+};
+
+// Saves the cold VM `vm` as a template (the guest pauses meanwhile and
+// always resumes). AlreadyExists: another start saved the same key first.
+absl::StatusOr<SavedTemplate> SaveTemplate(VmTask& vm, WarmCapture& capture);
+
+// The config part of the key: QEMU's argv for `spec` with every per-task
+// value (name, paths, host ports, MAC, console sockets) blanked, and QEMU's user.
+std::string WarmConfigDigest(const VmSpec& spec, const std::string& qemu_user);
+
+}  // namespace ndq
