@@ -210,6 +210,28 @@ absl::Status SendAll(int fd, absl::string_view data, absl::Time deadline, absl::
   return absl::OkStatus();
 }
 
+// Sends the first bytes of `data` with `pass_fd` attached (SCM_RIGHTS);
+// returns how many bytes went. QEMU takes the fd with the command it arrives with.
+absl::StatusOr<size_t> SendWithFd(int fd, absl::string_view data, int pass_fd, absl::string_view peer) {
+  iovec iov{const_cast<char*>(data.data()), data.size()};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof control;
+  cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
+  cmsg->cmsg_level = SOL_SOCKET;
+  cmsg->cmsg_type = SCM_RIGHTS;
+  cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+  std::memcpy(CMSG_DATA(cmsg), &pass_fd, sizeof(int));
+  for (;;) {
+    const ssize_t n = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
+    if (n >= 0) return static_cast<size_t>(n);
+    if (errno != EINTR) return absl::UnavailableError(absl::StrCat(peer, ": sending a file descriptor failed: ", Errno(errno)));
+  }
+}
+
 int64_t RandomSyncId() {
   // Positive and well inside 2^31 so any agent parses it as a plain integer.
   thread_local std::mt19937 gen{std::random_device{}()};
@@ -248,8 +270,9 @@ struct QmpClient::Session {
   bool HandleLine(const std::string& line);
   void HandleEvent(const json& message);
   void EndSession(const absl::Status& reason);
-  absl::Status SendLine(const std::string& line, absl::Time deadline);
-  absl::StatusOr<json> Execute(const std::string& command, const json& arguments, absl::Duration timeout);
+  absl::Status SendLine(const std::string& line, absl::Time deadline, int pass_fd = -1);
+  absl::StatusOr<json> Execute(const std::string& command, const json& arguments, absl::Duration timeout,
+                               int pass_fd = -1);
   void Close();
   // True on the reader thread and while a handler runs on the thread that
   // installed it: there, waiting for the reader would deadlock.
@@ -540,13 +563,20 @@ void QmpClient::Session::EndSession(const absl::Status& reason) {
   pending.clear();
 }
 
-absl::Status QmpClient::Session::SendLine(const std::string& line, absl::Time deadline) {
+absl::Status QmpClient::Session::SendLine(const std::string& line, absl::Time deadline, int pass_fd) {
   absl::MutexLock lock(&write_mu);
   if (write_broken) {
     return absl::UnavailableError(absl::StrCat(peer, ": an earlier command was only partly sent; session unusable"));
   }
   bool partial = false;
-  absl::Status status = SendAll(fd, line, deadline, peer, deadline - absl::Now(), &partial);
+  absl::string_view rest = line;
+  if (pass_fd >= 0) {
+    absl::StatusOr<size_t> sent = SendWithFd(fd, line, pass_fd, peer);
+    if (!sent.ok()) return sent.status();
+    rest.remove_prefix(*sent);
+  }
+  absl::Status status = SendAll(fd, rest, deadline, peer, deadline - absl::Now(), &partial);
+  partial = partial || rest.size() < line.size();
   if (!status.ok() && partial) {
     // Half a command on the wire would corrupt whatever we send next.
     write_broken = true;
@@ -562,8 +592,15 @@ absl::StatusOr<json> QmpClient::Execute(const std::string& command, const json& 
   return session->Execute(command, arguments, timeout);
 }
 
+absl::StatusOr<json> QmpClient::ExecuteWithFd(const std::string& command, const json& arguments, int fd,
+                                              absl::Duration timeout) {
+  if (fd < 0) return absl::InvalidArgumentError(absl::StrCat("QMP command ", command, ": no file descriptor to pass"));
+  const std::shared_ptr<Session> session = session_;
+  return session->Execute(command, arguments, timeout, fd);
+}
+
 absl::StatusOr<json> QmpClient::Session::Execute(const std::string& command, const json& arguments,
-                                                 absl::Duration timeout) {
+                                                 absl::Duration timeout, int pass_fd) {
   if (MustNotWait()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "QMP command ", command, " issued from the QMP event handler, which would deadlock; run it on another thread"));
@@ -591,7 +628,7 @@ absl::StatusOr<json> QmpClient::Session::Execute(const std::string& command, con
   json request = {{"execute", command}};
   if (!arguments.is_null()) request["arguments"] = arguments;
   request["id"] = id;
-  const absl::Status sent = SendLine(Dump(request) + "\n", deadline);
+  const absl::Status sent = SendLine(Dump(request) + "\n", deadline, pass_fd);
 
   absl::MutexLock lock(&mu);
   if (!sent.ok() && !call.done) {

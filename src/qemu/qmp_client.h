@@ -83,6 +83,10 @@ class QmpClient {
   // Must not be called from the event handler (FailedPrecondition).
   absl::StatusOr<nlohmann::json> Execute(const std::string& command, const nlohmann::json& arguments = nullptr,
                                          absl::Duration timeout = kDefaultTimeout);
+  // Execute with `fd` passed alongside the command (SCM_RIGHTS), as QEMU's
+  // getfd and add-fd expect.
+  absl::StatusOr<nlohmann::json> ExecuteWithFd(const std::string& command, const nlohmann::json& arguments, int fd,
+                                               absl::Duration timeout = kDefaultTimeout);
 
   // The run state from query-status: "running", "paused", "prelaunch", "shutdown", ...
   absl::StatusOr<std::string> QueryStatus(absl::Duration timeout = kDefaultTimeout);

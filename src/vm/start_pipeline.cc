@@ -397,9 +397,11 @@ absl::StatusOr<HostPlace> PrepareHost(const TaskRequest& task, const PluginConfi
 absl::StatusOr<WarmStart> PrepareWarm(const TaskRequest& task, const VmSpec& spec, OpenDisks& disks,
                                       const HostPlace& place, const StartDeps& deps, Rollback& rollback) {
   if (!spec.warm.enabled) return WarmStart{};
+  VmSpec opened = spec;  // with the boot chain as opened, as QEMU would get it
+  opened.disk = disks.boot;
   const auto version = deps.capabilities.versions.find(spec.emulator);
   const WarmContext context{task,
-                            spec,
+                            opened,
                             version == deps.capabilities.versions.end() ? "" : version->second,
                             place.qemu_user,
                             deps.cache,

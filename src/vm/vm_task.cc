@@ -307,13 +307,15 @@ bool VmTask::ResumeIfPaused(QmpClient& qmp) {
 }
 
 absl::StatusOr<nlohmann::json> VmTask::ExecuteQmp(const std::string& command, const nlohmann::json& arguments,
-                                                  absl::Duration timeout) {
+                                                  absl::Duration timeout, int pass_fd) {
   if (result()) return absl::FailedPreconditionError(absl::StrCat("task ", id(), " has already exited"));
   const absl::Time deadline = absl::Now() + timeout;
   absl::MutexLock lock(&control_mu_);
   absl::StatusOr<std::shared_ptr<QmpClient>> qmp = Qmp(std::min(timeout, timeouts::kQmpQuick));
   if (!qmp.ok()) return qmp.status();
-  return (*qmp)->Execute(command, arguments, std::max(deadline - absl::Now(), absl::Milliseconds(1)));
+  const absl::Duration left = std::max(deadline - absl::Now(), absl::Milliseconds(1));
+  if (pass_fd >= 0) return (*qmp)->ExecuteWithFd(command, arguments, pass_fd, left);
+  return (*qmp)->Execute(command, arguments, left);
 }
 
 absl::Status VmTask::Pause() {

@@ -141,7 +141,7 @@ class VmTask {
   // Runs one QMP command on the task's session (e.g. screendump), within
   // `timeout`; FailedPrecondition once the VM has exited.
   absl::StatusOr<nlohmann::json> ExecuteQmp(const std::string& command, const nlohmann::json& arguments,
-                                            absl::Duration timeout);
+                                            absl::Duration timeout, int pass_fd = -1);
   // Pauses the vCPUs (QMP stop); QEMU itself keeps running and answering.
   absl::Status Pause();
   // Continues QEMU's process (SIGCONT, in case it was SIGSTOPped) and the

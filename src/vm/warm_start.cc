@@ -27,6 +27,8 @@ namespace log = nomadplugin::hclog;
 
 absl::Status Errno(const std::string& what) { return ErrnoError(what, errno); }
 
+constexpr char kStateFdName[] = "warm-state";
+
 std::string Short(const std::string& key) { return key.substr(0, 12); }
 
 std::string Millis(absl::Duration d) { return std::to_string(absl::ToInt64Milliseconds(d)); }
@@ -166,15 +168,15 @@ absl::StatusOr<WarmStart> Cold(const WarmContext& c, TemplateIdentity id, std::v
   if (!ram.ok()) return ram.status();
   absl::StatusOr<UniqueFd> state = Memfd("ndq-warm-state", 0);
   if (!state.ok()) return state.status();
-  absl::StatusOr<UniqueFd> ram_copy = Dup(ram->get()), state_copy = Dup(state->get());
+  absl::StatusOr<UniqueFd> ram_copy = Dup(ram->get());
   absl::StatusOr<UniqueFd> disk_reader = ReopenReadOnly(disk.get());
-  for (const absl::Status& s : {ram_copy.status(), state_copy.status(), disk_reader.status()}) {
+  for (const absl::Status& s : {ram_copy.status(), disk_reader.status()}) {
     if (!s.ok()) return s;
   }
   capture->identity = std::move(id);
   capture->cache_dir = c.cache->dir();
   capture->ram = *std::move(ram_copy);
-  capture->state = *std::move(state_copy);
+  capture->state = *std::move(state);
   capture->disk = *std::move(disk_reader);
   capture->disk_size = disk_size;
   capture->qemu_owner = NonRootOwner(c.qemu_user);
@@ -185,8 +187,6 @@ absl::StatusOr<WarmStart> Cold(const WarmContext& c, TemplateIdentity id, std::v
   warm.boot.push_back(DiskNode{"qcow2", false, c.pass(std::move(disk))});
   warm.boot.insert(warm.boot.end(), base.begin(), base.end());
   warm.memory_fd = c.pass(*std::move(ram));
-  warm.state_fd = c.pass(*std::move(state));
-  capture->state_fd_in_qemu = warm.state_fd;
   warm.capture = std::move(capture);
   return warm;
 }
@@ -303,6 +303,11 @@ absl::StatusOr<SavedTemplate> SaveTemplate(VmTask& vm, WarmCapture& capture) {
   auto execute = [&vm](const std::string& command, const nlohmann::json& arguments) {
     return vm.ExecuteQmp(command, arguments, timeouts::kQmpCommand);
   };
+  // QEMU 7.2 migrates out only to an fd it was given by name (getfd).
+  if (absl::Status given = vm.ExecuteQmp("getfd", {{"fdname", kStateFdName}}, timeouts::kQmpCommand, capture.state.get()).status();
+      !given.ok()) {
+    return given;
+  }
   TemplateStore store(capture.cache_dir);
   TemplateStore::Writer writer(store, capture.identity);
   if (absl::Status begun = writer.Begin(); !begun.ok()) return begun;
@@ -317,7 +322,7 @@ absl::StatusOr<SavedTemplate> SaveTemplate(VmTask& vm, WarmCapture& capture) {
   };
   absl::Cleanup always_resume = resume;
   absl::Status status = execute("migrate-set-capabilities", IgnoreSharedCapability()).status();
-  if (status.ok()) status = execute("migrate", {{"uri", absl::StrCat("fd:", capture.state_fd_in_qemu)}}).status();
+  if (status.ok()) status = execute("migrate", {{"uri", absl::StrCat("fd:", kStateFdName)}}).status();
   if (status.ok()) status = AwaitMigration(execute, timeouts::kWarmMigrate);
   struct stat state_st, disk_st;
   if (status.ok() && (::fstat(capture.state.get(), &state_st) != 0 || ::fstat(capture.disk.get(), &disk_st) != 0)) {

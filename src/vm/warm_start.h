@@ -35,8 +35,7 @@ struct WarmCapture {
   TemplateIdentity identity;
   std::string cache_dir;
   UniqueFd ram;    // the memfd QEMU maps shared
-  UniqueFd state;  // the memfd QEMU migrates its device state into
-  int state_fd_in_qemu = -1;
+  UniqueFd state;  // the memfd QEMU migrates its device state into (given by getfd)
   UniqueFd disk;  // the VM's overlay, read-only
   int64_t ram_bytes = 0;
   int64_t disk_size = 0;  // the boot disk's virtual size
