@@ -331,6 +331,13 @@ void AddHardwareSetters(std::map<std::string, std::function<void(VmSpec&, const 
     s.network.advertise_address = v.value("advertise_address", false);
     s.network.guest_ports = v.value("guest_ports", std::map<std::string, int>{});
   };
+  // warm_start (src/qemu/warm_plan.h): {"mode": "cold"|"restore", "memory_fd", "state_fd"}.
+  setters["warm"] = [](VmSpec& s, const json& v) {
+    s.warm.enabled = true;
+    s.warm.mode = v.at("mode").get<std::string>() == "restore" ? WarmMode::kRestore : WarmMode::kCold;
+    s.warm.memory_fd = v.value("memory_fd", -1);
+    s.warm.state_fd = v.value("state_fd", -1);
+  };
 }
 
 // virtio-9p shares (share_plan.h): [{"tag", "origin": "alloc_dir"|"volume",
@@ -471,7 +478,7 @@ TEST(CmdlineGoldenFiles, CoverEveryFeature) {
         "extra_disks_every_interface", "boot_disk_tuning", "cdrom_boot_first", "cloud_init_seed", "kernel_boot",
         "nic_model_and_mac", "nic_without_forwards", "uefi", "secure_boot_tpm_q35", "tpm_pc",
         "hostile_values_escaped", "shares_alloc_dirs", "shares_volumes_readonly", "shares_hostile_tag", "console",
-        "console_hostile_paths", "bridge_tap", "bridge_hostile_values"}) {
+        "console_hostile_paths", "bridge_tap", "bridge_hostile_values", "warm_cold", "warm_restore"}) {
     EXPECT_THAT(cases, Contains(name));
   }
 }

@@ -1,0 +1,64 @@
+// The config part of a warm-start template's key: the same for two tasks of
+// one job (names, host ports, MAC, paths differ), different as soon as
+// anything the saved guest depends on differs.
+#include <gtest/gtest.h>
+
+#include "vm/warm_start.h"
+
+namespace ndq {
+namespace {
+
+VmSpec Task(const std::string& name, int host_port) {
+  VmSpec spec;
+  spec.emulator = "x86_64";
+  spec.emulator_path = "/usr/bin/qemu-system-x86_64";
+  spec.machine_type = "pc";
+  spec.accelerator = "tcg";
+  spec.drive_interface = "virtio";
+  spec.memory_mb = 256;
+  spec.name = name;
+  spec.image_path = "/var/nomad/alloc/" + name + "/web/local/disk.qcow2";
+  spec.disk = {DiskNode{"qcow2", false, 3}, DiskNode{"qcow2", true, 4}};
+  spec.port_forwards = {PortForward{"http", "tcp", "10.0.0." + std::to_string(host_port % 200), host_port, 80}};
+  spec.mac_address = "52:54:00:" + std::to_string(host_port % 90 + 10) + ":00:01";
+  spec.guest_agent = true;
+  spec.console = ConsolePlan{true, "/alloc/" + name + "/console", "/alloc/" + name + "/console/serial.sock",
+                             "/alloc/" + name + "/console/vnc.sock"};
+  spec.warm.enabled = true;
+  return spec;
+}
+
+TEST(WarmConfigDigest, PerTaskValuesDoNotCount) {
+  EXPECT_EQ(WarmConfigDigest(Task("a", 25001), ""), WarmConfigDigest(Task("b", 31999), ""));
+  VmSpec cold = Task("a", 25001);
+  cold.warm.mode = WarmMode::kCold;
+  cold.warm.memory_fd = 9;
+  EXPECT_EQ(WarmConfigDigest(cold, ""), WarmConfigDigest(Task("a", 25001), ""));
+  VmSpec other_binary = Task("a", 25001);
+  other_binary.emulator_path = "/opt/qemu/bin/qemu-system-x86_64";  // the version is keyed instead
+  EXPECT_EQ(WarmConfigDigest(other_binary, ""), WarmConfigDigest(Task("a", 25001), ""));
+}
+
+TEST(WarmConfigDigest, WhatTheGuestDependsOnCounts) {
+  const std::string base = WarmConfigDigest(Task("a", 25001), "");
+  std::vector<std::function<void(VmSpec&)>> changes = {
+      [](VmSpec& s) { s.memory_mb = 512; },
+      [](VmSpec& s) { s.cpus = 2; },
+      [](VmSpec& s) { s.args = {"-rtc", "base=localtime"}; },
+      [](VmSpec& s) { s.port_forwards[0].guest_port = 8080; },
+      [](VmSpec& s) { s.drive_interface = "ide"; },
+      [](VmSpec& s) { s.guest_agent = false; },
+      [](VmSpec& s) { s.disk.pop_back(); },
+      [](VmSpec& s) { s.net_device = "e1000"; },
+      [](VmSpec& s) { s.machine_type = "q35"; },
+  };
+  for (size_t i = 0; i < changes.size(); ++i) {
+    VmSpec spec = Task("a", 25001);
+    changes[i](spec);
+    EXPECT_NE(WarmConfigDigest(spec, ""), base) << "change " << i;
+  }
+  EXPECT_NE(WarmConfigDigest(Task("a", 25001), "nobody"), base);
+}
+
+}  // namespace
+}  // namespace ndq
