@@ -43,8 +43,13 @@ TEST(TaskConfig, SchemaCoversNomadsQemuOptions) {
   };
   const auto spec = TaskConfigSpec();
   const auto& attrs = spec.object().attributes();
-  // + the disk and cloud_init blocks
-  EXPECT_EQ(attrs.size(), expected.size() + hardware.size() + operate.size() + network.size() + 2);
+  // + the disk, cloud_init and warm_start blocks
+  EXPECT_EQ(attrs.size(), expected.size() + hardware.size() + operate.size() + network.size() + 3);
+  EXPECT_EQ(attrs.at("warm_start").block_value().name(), "warm_start");
+  const auto& warm = attrs.at("warm_start").block_value().nested().object().attributes();
+  EXPECT_EQ(warm.at("ready_port").attr().type(), "string");
+  EXPECT_EQ(warm.at("ready_agent").attr().type(), "bool");
+  EXPECT_EQ(warm.size(), 2u);
   for (const auto& [name, type] : network) {
     ASSERT_TRUE(attrs.count(name)) << name;
     EXPECT_EQ(attrs.at(name).attr().type(), type) << name;
