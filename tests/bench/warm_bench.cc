@@ -1,0 +1,291 @@
+// bench: warm starts (issue 13), side by side in one run on the test guest
+// (guest.qcow2, TCG):
+//   - StartTask -> the guest's page answering through port_map: a cold boot
+//     (the same job without warm_start, on its own overlay) vs a restore from
+//     the template; 10 of each, alternating; median and p95
+//   - memory: the total PSS (Pss of /proc/<qemu>/smaps_rollup) of 10 VMs
+//     running at once, restored vs cold-booted
+//   - taking the template: the save event's annotations (total, paused, sizes)
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "../support/event_recorder.h"
+#include "../support/guest_task.h"
+#include "../support/plugin_harness.h"
+#include "../support/test_guest.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+
+namespace ndq {
+namespace {
+namespace driverpb = hashicorp::nomad::plugins::drivers::proto;
+using json = nlohmann::json;
+
+constexpr int kRounds = 10;
+constexpr int kAtOnce = 10;
+constexpr char kPage[] = "hello from the nomad-driver-qemu test guest";
+
+double Percentile(std::vector<double> v, double p) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size())))];
+}
+
+void Row(const std::string& what, double a, double b, const char* unit) {
+  std::printf("%-62s %10.2f %10.2f  %s\n", what.c_str(), a, b, unit);
+  std::fflush(stdout);
+}
+
+// One HTTP GET of / on 127.0.0.1:port: true when the page came back. slirp
+// accepts at once and holds the connection until the guest answers, so a
+// probe made while a restored guest is still paused completes when it runs.
+bool PageAnswers(int port, absl::Duration timeout) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return false;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string got;
+  const absl::Time deadline = absl::Now() + timeout;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) {
+    const std::string request = "GET / HTTP/1.0\r\nHost: x\r\n\r\n";
+    if (::send(fd, request.data(), request.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(request.size())) {
+      while (absl::Now() < deadline && got.find(kPage) == std::string::npos) {
+        pollfd p{fd, POLLIN, 0};
+        const int left = static_cast<int>(absl::ToInt64Milliseconds(deadline - absl::Now())) + 1;
+        if (::poll(&p, 1, left) != 1) break;
+        char buf[4096];
+        const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+        if (n <= 0) break;
+        got.append(buf, static_cast<size_t>(n));
+      }
+    }
+  }
+  ::close(fd);
+  return got.find(kPage) != std::string::npos;
+}
+
+// Probes until the page answers; false at the deadline.
+bool WaitForPage(int port, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (absl::Now() < deadline) {
+    if (PageAnswers(port, absl::Seconds(2))) return true;
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  return false;
+}
+
+long PssKiB(pid_t pid) {
+  std::ifstream rollup("/proc/" + std::to_string(pid) + "/smaps_rollup");
+  std::string word;
+  while (rollup >> word) {
+    if (word == "Pss:") {
+      long v = -1;
+      rollup >> v;
+      return v;
+    }
+  }
+  return -1;
+}
+
+std::string AttributeOf(testing::PluginHarness& harness, const std::string& id, const std::string& key) {
+  driverpb::InspectTaskResponse inspect;
+  if (!harness.Inspect(id, &inspect).ok()) return "";
+  const auto& attrs = inspect.driver().attributes();
+  auto it = attrs.find(key);
+  return it == attrs.end() ? "" : it->second;
+}
+
+struct Bench {
+  std::string image;  // our copy of guest.qcow2
+  testing::PluginHarness* harness;
+
+  json ColdConfig() const {
+    return {{"image_path", "local/disk.qcow2"},
+            {"accelerator", "tcg"},
+            {"drive_interface", "virtio"},
+            {"port_map", {{{"http", 80}}}}};
+  }
+  json WarmConfig() const {
+    return {{"image_path", image},
+            {"accelerator", "tcg"},
+            {"drive_interface", "virtio"},
+            {"port_map", {{{"http", 80}}}},
+            {"warm_start", {{"ready_port", "http"}}}};
+  }
+
+  // Starts one VM (cold: the job without warm_start, on an overlay made
+  // beforehand; warm: the warm config, whose InspectTask must say
+  // `expect_warm`); its task id, or "" after printing why.
+  std::string Start(testing::FakeAlloc& alloc, bool warm, int port, const std::string& expect_warm = "restored") {
+    if (!warm) alloc.AddOverlay(image);
+    driverpb::TaskConfig task = alloc.Task(warm ? WarmConfig() : ColdConfig());
+    testing::AddTaskPort(&task, "http", port);
+    driverpb::TaskHandle handle;
+    const grpc::Status status = harness->Start(task, &handle);
+    if (!status.ok()) {
+      std::fprintf(stderr, "warm_bench: StartTask failed: %s\n", status.error_message().c_str());
+      return "";
+    }
+    const std::string kind = AttributeOf(*harness, task.id(), "warm_start");
+    if (warm && kind != expect_warm) {
+      std::fprintf(stderr, "warm_bench: InspectTask says warm_start = \"%s\", not \"%s\"\n", kind.c_str(),
+                   expect_warm.c_str());
+      harness->Destroy(task.id(), true);
+      return "";
+    }
+    return task.id();
+  }
+
+  // StartTask -> page, in ms; -1 on failure.
+  double TimeToPage(bool warm) {
+    testing::FakeAlloc alloc("web");
+    const int port = testing::FreePort();
+    if (!warm) alloc.AddOverlay(image);  // before the clock starts
+    driverpb::TaskConfig task = alloc.Task(warm ? WarmConfig() : ColdConfig());
+    testing::AddTaskPort(&task, "http", port);
+    driverpb::TaskHandle handle;
+    const absl::Time start = absl::Now();
+    const grpc::Status status = harness->Start(task, &handle);
+    if (!status.ok()) {
+      std::fprintf(stderr, "warm_bench: StartTask failed: %s\n", status.error_message().c_str());
+      return -1;
+    }
+    const bool answered = WaitForPage(port, absl::Seconds(180));
+    const double ms = absl::ToDoubleMilliseconds(absl::Now() - start);
+    const std::string kind = AttributeOf(*harness, task.id(), "warm_start");
+    harness->Destroy(task.id(), true);
+    if (!answered) {
+      std::fprintf(stderr, "warm_bench: no page within 180 s (%s)\n", warm ? "restore" : "cold");
+      return -1;
+    }
+    if (warm && kind != "restored") {
+      std::fprintf(stderr, "warm_bench: the start was not restored (warm_start = \"%s\")\n", kind.c_str());
+      return -1;
+    }
+    return ms;
+  }
+
+  // Total PSS of `n` QEMUs running at once, in MiB; -1 on failure.
+  double PssOfMany(bool warm, int n) {
+    std::vector<std::unique_ptr<testing::FakeAlloc>> allocs;
+    std::vector<std::string> ids;
+    const double total = [&] {
+      std::vector<int> ports;
+      for (int i = 0; i < n; ++i) {
+        allocs.push_back(std::make_unique<testing::FakeAlloc>("web"));
+        ports.push_back(testing::FreePort());
+        ids.push_back(Start(*allocs.back(), warm, ports.back()));
+        if (ids.back().empty()) return -1.0;
+      }
+      for (int port : ports) {
+        if (!WaitForPage(port, absl::Seconds(300))) {
+          std::fprintf(stderr, "warm_bench: a page never answered (%s)\n", warm ? "restored" : "cold");
+          return -1.0;
+        }
+      }
+      absl::SleepFor(absl::Seconds(2));  // let the guests settle after answering
+      double sum = 0;
+      for (const std::string& id : ids) {
+        int pid = 0;
+        if (!absl::SimpleAtoi(AttributeOf(*harness, id, "qemu_pid"), &pid)) return -1.0;
+        sum += static_cast<double>(PssKiB(pid)) / 1024.0;
+      }
+      return sum;
+    }();
+    for (const std::string& id : ids) {
+      if (!id.empty()) harness->Destroy(id, true);
+    }
+    return total;
+  }
+};
+
+int Run() {
+  absl::StatusOr<std::string> guests = testing::TestGuestDir();
+  if (!guests.ok()) {
+    std::fprintf(stderr, "warm_bench: %s\n", std::string(guests.status().message()).c_str());
+    return 1;
+  }
+  testing::TempDir work;
+  std::filesystem::create_directories(work / "images");
+  std::filesystem::create_directories(work / "cache");
+  Bench bench;
+  bench.image = work / "images/guest.qcow2";
+  std::filesystem::copy_file(*guests + "/guest.qcow2", bench.image);
+  testing::PluginHarness harness(work / "s",
+                                 {{"image_paths", {work / "images"}}, {"image_cache_dir", work / "cache"}});
+  bench.harness = &harness;
+
+  // The template: the first start of the warm config boots cold and saves it.
+  std::map<std::string, std::string> saved;
+  {
+    testing::EventRecorder events(harness.client());
+    testing::FakeAlloc alloc("web");
+    const absl::Time start = absl::Now();
+    const std::string cold_id = bench.Start(alloc, /*warm=*/true, testing::FreePort(), "cold");
+    if (cold_id.empty()) return 1;
+    if (!events.WaitFor(cold_id, "Warm start: template ", absl::Seconds(240))) {
+      std::fprintf(stderr, "warm_bench: no template saved within 240 s; events:\n%s\n", events.All().c_str());
+      harness.Destroy(cold_id, true);
+      return 1;
+    }
+    std::fprintf(stderr, "warm_bench: template saved %.1f s after StartTask\n",
+                 absl::ToDoubleSeconds(absl::Now() - start));
+    for (const testing::RecordedEvent& e : events.Events()) {
+      if (e.task_id == cold_id && e.message.find("Warm start: template ") != std::string::npos) saved = e.annotations;
+    }
+    harness.Destroy(cold_id, true);
+  }
+
+  std::vector<double> cold, restored;
+  for (int i = 0; i < kRounds; ++i) {
+    const double c = bench.TimeToPage(false);
+    const double r = bench.TimeToPage(true);
+    if (c < 0 || r < 0) return 1;
+    cold.push_back(c);
+    restored.push_back(r);
+    std::fprintf(stderr, "warm_bench: round %d: cold %.0f ms, restored %.0f ms\n", i + 1, c, r);
+  }
+  const double pss_restored = bench.PssOfMany(true, kAtOnce);
+  const double pss_cold = bench.PssOfMany(false, kAtOnce);
+  if (pss_restored < 0 || pss_cold < 0) return 1;
+
+  auto annotation = [&](const char* key) {
+    double v = -1;
+    auto it = saved.find(key);
+    if (it != saved.end() && !absl::SimpleAtod(it->second, &v)) v = -1;
+    return v;
+  };
+  std::printf("\n%-62s %10s %10s\n", "warm_bench (guest.qcow2, TCG, 10 rounds each, alternating)", "median", "p95");
+  Row("StartTask -> page through port_map, cold boot", Percentile(cold, 0.5), Percentile(cold, 0.95), "ms");
+  Row("StartTask -> page through port_map, restored", Percentile(restored, 0.5), Percentile(restored, 0.95), "ms");
+  Row("cold / restored (target: at least 20)", Percentile(cold, 0.5) / Percentile(restored, 0.5),
+      Percentile(cold, 0.95) / Percentile(restored, 0.95), "x");
+  std::printf("%-62s %10s %10s\n", "memory, 10 VMs at once", "restored", "cold");
+  Row("total PSS of the QEMUs (smaps_rollup)", pss_restored, pss_cold, "MiB");
+  Row("per VM", pss_restored / kAtOnce, pss_cold / kAtOnce, "MiB");
+  std::printf("%-62s %10s %10s\n", "taking the template (save event)", "total", "paused");
+  Row("time", annotation("warm_template_ms"), annotation("warm_pause_ms"), "ms");
+  Row("ram file, state file", annotation("warm_ram_bytes") / 1048576.0, annotation("warm_state_bytes") / 1048576.0,
+      "MiB");
+  Row("frozen disk layer", annotation("warm_disk_bytes") / 1048576.0, 0, "MiB");
+  return 0;
+}
+
+}  // namespace
+}  // namespace ndq
+
+int main() { return ndq::Run(); }

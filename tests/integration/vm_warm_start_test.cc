@@ -1,0 +1,714 @@
+// Warm starts (issue 13) end to end: the real plugin, supervisor, QEMU (TCG)
+// and the test guest. The first start of a config boots cold and, once the
+// guest is ready, leaves a template (RAM, device state, a frozen disk layer)
+// in the image cache; later starts of the same config restore from it, each
+// with its own port forwards and its own disk overlay. A template that does
+// not fit (image, config, QEMU) or fails its check is never used.
+//
+// Wall time: every test of the suite that needs a template takes it through
+// SharedTemplate(), once per process (ctest runs each test in a process of
+// its own, so each of those takes it once; run the binary alone to share it).
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "../support/event_recorder.h"
+#include "../support/guest_task.h"
+#include "../support/plugin_harness.h"
+#include "../support/temp_dir.h"
+#include "../support/test_guest.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "qemu_driver/supervisor_protocol.h"
+#include "vm/vm_task.h"
+
+namespace ndq {
+namespace {
+
+namespace fs = std::filesystem;
+using ::ndq::testing::AddTaskPort;
+using ::ndq::testing::EventRecorder;
+using ::ndq::testing::FakeAlloc;
+using ::ndq::testing::FreePort;
+using ::ndq::testing::Guest;
+using ::ndq::testing::HttpGet;
+using ::ndq::testing::kGuestBootTimeout;
+using ::ndq::testing::Listing;
+using ::ndq::testing::Page;
+using ::ndq::testing::PluginHarness;
+using ::ndq::testing::ProcessAlive;
+using ::ndq::testing::ProcessesMentioning;
+using ::ndq::testing::ReadFile;
+using ::ndq::testing::RecordedEvent;
+using ::ndq::testing::RecordOf;
+using ::ndq::testing::TempDir;
+using ::ndq::testing::TestGuestDir;
+using ::ndq::testing::WaitForFileToContain;
+using ::ndq::testing::WaitUntil;
+using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+using ::testing::Not;
+using json = nlohmann::json;
+
+constexpr char kPage[] = "hello from the nomad-driver-qemu test guest";
+// A template is saved once the guest is ready: a cold boot plus the save.
+const absl::Duration kTemplateTimeout = kGuestBootTimeout + absl::Seconds(60);
+// A restored guest answers within a second on an idle machine; generous for
+// ten at once under a sanitizer on two cores.
+constexpr absl::Duration kRestoredPageTimeout = absl::Seconds(90);
+// The marker a restored VM writes to its disk: one sector of 'M' (0x4d) at 36 MiB,
+// past what the guest's boot reads (it runs from its initramfs after boot).
+constexpr int kMarkerSector = 73728;
+constexpr char kMarkerOffset[] = "36M";
+
+// The first event of task `id` whose message contains `needle`.
+std::optional<RecordedEvent> EventOf(EventRecorder& events, const std::string& id, const std::string& needle) {
+  for (RecordedEvent& e : events.Events()) {
+    if (e.task_id == id && e.message.find(needle) != std::string::npos) return e;
+  }
+  return std::nullopt;
+}
+
+std::string AnnotationOf(const std::optional<RecordedEvent>& e, const std::string& key) {
+  if (!e || e->annotations.count(key) == 0) return "<no annotation " + key + ">";
+  return e->annotations.at(key);
+}
+
+bool IsHexKey(const std::string& key) {
+  return key.size() == 64 && key.find_first_not_of("0123456789abcdef") == std::string::npos;
+}
+
+bool IsCount(const std::string& s) {
+  uint64_t n = 0;
+  return absl::SimpleAtoi(s, &n);
+}
+
+std::string Sha256(const std::string& path) {
+  auto out = RunCommand({"/usr/bin/sha256sum", path}, absl::Seconds(60));
+  return out.ok() && out->exit_code == 0 ? out->output.substr(0, 64) : "sha256sum failed: " + path;
+}
+
+// qemu-io on `image` (read-only, sharing QEMU's locks); its output.
+std::string QemuIoRead(const std::string& image, const std::string& command) {
+  auto out = RunCommand({"/usr/bin/qemu-io", "-r", "-U", "-f", "qcow2", "-c", command, image}, absl::Seconds(60));
+  return out.ok() ? absl::StrCat("exit ", out->exit_code, ": ", out->output) : std::string(out.status().message());
+}
+
+// Whether `image` holds the marker sector.
+bool HoldsMarker(const std::string& image) {
+  const std::string out = QemuIoRead(image, absl::StrCat("read -P 0x4d ", kMarkerOffset, " 512"));
+  return out.rfind("exit 0: ", 0) == 0 && out.find("Pattern verification failed") == std::string::npos &&
+         out.find("read 512/512 bytes") != std::string::npos;
+}
+
+// Whether `pid` holds the listening TCP socket on 127.0.0.1:`port`.
+bool ListensOn(pid_t pid, int port) {
+  std::set<std::string> inodes;
+  std::istringstream table(ReadFile("/proc/" + std::to_string(pid) + "/net/tcp"));
+  std::string line;
+  char wanted[16];
+  std::snprintf(wanted, sizeof wanted, ":%04X", port);
+  while (std::getline(table, line)) {
+    std::vector<std::string> f = absl::StrSplit(line, ' ', absl::SkipEmpty());
+    // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+    if (f.size() > 9 && absl::EndsWith(f[1], wanted) && f[3] == "0A") inodes.insert(f[9]);
+  }
+  std::error_code ec;
+  for (fs::directory_iterator it("/proc/" + std::to_string(pid) + "/fd", ec), end; !ec && it != end; it.increment(ec)) {
+    std::error_code ignored;
+    const std::string target = fs::read_symlink(it->path(), ignored).string();
+    for (const std::string& inode : inodes) {
+      if (target == "socket:[" + inode + "]") return true;
+    }
+  }
+  return false;
+}
+
+struct ExecOutcome {
+  grpc::Status status;
+  std::string out, err;
+  int exit_code = -1;
+};
+
+ExecOutcome Exec(PluginHarness& harness, const std::string& id, const std::vector<std::string>& argv) {
+  auto context = harness.client().NewContext(absl::Seconds(120));
+  driverpb::ExecTaskRequest request;
+  request.set_task_id(id);
+  for (const std::string& arg : argv) request.add_command(arg);
+  driverpb::ExecTaskResponse response;
+  ExecOutcome outcome;
+  outcome.status = harness.driver().ExecTask(context.get(), request, &response);
+  outcome.out = response.stdout();
+  outcome.err = response.stderr();
+  outcome.exit_code = response.result().exit_code();
+  return outcome;
+}
+
+std::map<std::string, std::string> DriverAttributes(PluginHarness& harness, const std::string& id) {
+  driverpb::InspectTaskResponse inspect;
+  const grpc::Status status = harness.Inspect(id, &inspect);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  const auto& attrs = inspect.driver().attributes();
+  return {attrs.begin(), attrs.end()};
+}
+
+std::string AttributeOf(const std::map<std::string, std::string>& attrs, const std::string& key) {
+  auto it = attrs.find(key);
+  return it == attrs.end() ? "<no attribute " + key + ">" : it->second;
+}
+
+// One plugin, one image cache and one copy of the guest image for the whole
+// suite; the template of the warm config is taken once (SharedTemplate()).
+class WarmStartTest : public ::testing::Test {
+ protected:
+  struct Suite {
+    TempDir state, cache, images;
+    std::string state_dir;
+    std::string image;  // our copy of guest-qga.qcow2, never written
+    std::string image_sha256;
+    std::unique_ptr<PluginHarness> harness;
+    std::unique_ptr<EventRecorder> events;
+    // The shared template: its key, or why it could not be taken.
+    bool template_tried = false;
+    std::string key, template_problem;
+    int template_port = 0;
+  };
+  static Suite* suite_;
+
+  static void SetUpTestSuite() {
+    suite_ = new Suite;
+    ASSERT_TRUE(TestGuestDir().ok()) << TestGuestDir().status();
+    suite_->state_dir = suite_->state.path() + "/s";
+    suite_->image = suite_->images / "guest-qga.qcow2";
+    fs::copy_file(Guest("guest-qga.qcow2"), suite_->image);
+    suite_->image_sha256 = Sha256(suite_->image);
+    suite_->harness = std::make_unique<PluginHarness>(
+        suite_->state_dir,
+        json{{"image_paths", {suite_->images.path(), *TestGuestDir()}}, {"image_cache_dir", suite_->cache.path()}});
+    suite_->events = std::make_unique<EventRecorder>(suite_->harness->client());
+  }
+  static void TearDownTestSuite() {
+    if (suite_ == nullptr) return;
+    ::ndq::testing::KillVmsUnder(suite_->state_dir);
+    suite_->events.reset();
+    suite_->harness.reset();
+    delete suite_;
+    suite_ = nullptr;
+  }
+  void SetUp() override { ASSERT_TRUE(suite_ != nullptr && suite_->harness != nullptr); }
+
+  PluginHarness& harness() { return *suite_->harness; }
+  EventRecorder& events() { return *suite_->events; }
+  const std::string& state_dir() { return suite_->state_dir; }
+  std::string TemplateDir(const std::string& key) { return suite_->cache.path() + "/tpl-" + key; }
+
+  // The plugin is killed and started again; the event stream with it.
+  void RestartPlugin() {
+    suite_->events.reset();
+    ASSERT_NO_FATAL_FAILURE(suite_->harness->Restart());
+    suite_->events = std::make_unique<EventRecorder>(suite_->harness->client());
+  }
+
+  // The warm config: the suite's image (read-only with warm_start), the real
+  // qemu-ga (exec), graceful stops, port "http" to the guest's web server,
+  // ready when that port answers.
+  json WarmConfig(const json& extra = json::object()) {
+    json config = {{"image_path", suite_->image},
+                   {"accelerator", "tcg"},
+                   {"drive_interface", "virtio"},
+                   {"graceful_shutdown", true},
+                   {"guest_agent", true},
+                   {"port_map", {{{"http", 80}}}},
+                   {"warm_start", {{"ready_port", "http"}}}};
+    for (const auto& [key, value] : extra.items()) config[key] = value;
+    return config;
+  }
+
+  // Starts `config` in `alloc` with port "http" on `port`; "" or the error.
+  std::string Start(FakeAlloc& alloc, const json& config, int port, driverpb::TaskHandle* handle,
+                    int memory_mb = 256) {
+    driverpb::TaskConfig task = alloc.Task(config, memory_mb);
+    AddTaskPort(&task, "http", port);
+    const grpc::Status status = harness().Start(task, handle);
+    return status.ok() ? "" : status.error_message();
+  }
+
+  // The page on `port` within `timeout`; "" if it never came.
+  std::string WaitForPage(int port, absl::Duration timeout) {
+    std::string page;
+    WaitUntil(
+        [&] {
+          page = HttpGet(port, 3);
+          return page.find(kPage) != std::string::npos;
+        },
+        timeout);
+    return page;
+  }
+
+  // Starts a VM that must restore from the shared template; checks the event,
+  // its annotations and InspectTask. Returns its handle (empty on failure).
+  driverpb::TaskHandle StartRestored(FakeAlloc& alloc, int port) {
+    driverpb::TaskHandle handle;
+    const std::string error = Start(alloc, WarmConfig(), port, &handle);
+    EXPECT_EQ(error, "");
+    if (!error.empty()) return {};
+    const std::string id = handle.config().id();
+    const std::string key = suite_->key;
+    EXPECT_TRUE(events().WaitFor(id, "Warm start: restored from template " + key.substr(0, 12) + " in ",
+                                 absl::Seconds(10)))
+        << events().All();
+    const auto restored = EventOf(events(), id, "Warm start: restored from template");
+    EXPECT_EQ(AnnotationOf(restored, "warm_start"), "restored");
+    EXPECT_EQ(AnnotationOf(restored, "warm_template"), key);
+    EXPECT_FALSE(EventOf(events(), id, "Warm start: booting cold").has_value()) << events().All();
+    const auto attrs = DriverAttributes(harness(), id);
+    EXPECT_EQ(AttributeOf(attrs, "warm_start"), "restored");
+    EXPECT_EQ(AttributeOf(attrs, "warm_template"), key);
+    return handle;
+  }
+
+  // The template of WarmConfig(), taken once: the first start of task "web"
+  // boots cold (event, annotations, InspectTask), the guest becomes ready,
+  // the template is saved (event, annotations, files) and the cold VM goes
+  // on running without a reboot; then it is stopped and destroyed (restores
+  // must not depend on it). Returns false (with a failure) when there is none.
+  bool SharedTemplate() {
+    if (suite_->template_tried) {
+      if (suite_->key.empty()) ADD_FAILURE() << "no shared template: " << suite_->template_problem;
+      return !suite_->key.empty();
+    }
+    suite_->template_tried = true;
+    suite_->template_problem = "taking it failed (see the first test's failures)";
+    FakeAlloc alloc("web");
+    const int port = FreePort();
+    driverpb::TaskHandle handle;
+    const absl::Time started = absl::Now();
+    const std::string error = Start(alloc, WarmConfig(), port, &handle);
+    EXPECT_EQ(error, "");
+    if (!error.empty()) return false;
+    const std::string id = handle.config().id();
+
+    EXPECT_TRUE(events().WaitFor(id, "Warm start: booting cold (no template yet)", absl::Seconds(10)))
+        << events().All();
+    const auto cold = EventOf(events(), id, "Warm start: booting cold");
+    EXPECT_EQ(AnnotationOf(cold, "warm_start"), "cold");
+    EXPECT_EQ(AnnotationOf(cold, "warm_reason"), "no template yet");
+    const auto attrs = DriverAttributes(harness(), id);
+    EXPECT_EQ(AttributeOf(attrs, "warm_start"), "cold");
+    EXPECT_EQ(attrs.count("warm_template"), 0u) << "a cold VM was not restored from a template";
+
+    const bool saved = events().WaitFor(id, "Warm start: template ", kTemplateTimeout);
+    EXPECT_TRUE(saved) << "no template saved within " << kTemplateTimeout << "; events:\n"
+                       << events().All() << "\nserial console:\n"
+                       << ReadFile(alloc.stdout_path());
+    if (!saved) return false;
+    std::cerr << "template saved " << absl::Now() - started << " after StartTask\n";
+    const auto save = EventOf(events(), id, "Warm start: template ");
+    const std::string key = AnnotationOf(save, "warm_template");
+    EXPECT_TRUE(IsHexKey(key)) << key;
+    if (!IsHexKey(key)) return false;
+    EXPECT_THAT(save->message, HasSubstr("Warm start: template " + key.substr(0, 12) + " saved")) << save->message;
+    for (const char* count : {"warm_template_ms", "warm_pause_ms", "warm_ram_bytes", "warm_state_bytes",
+                              "warm_disk_bytes"}) {
+      EXPECT_TRUE(IsCount(AnnotationOf(save, count))) << count << " = " << AnnotationOf(save, count);
+    }
+    uint64_t ram_bytes = 0;
+    EXPECT_TRUE(absl::SimpleAtoi(AnnotationOf(save, "warm_ram_bytes"), &ram_bytes));
+    EXPECT_GT(ram_bytes, 0u);
+    std::cerr << "template: " << AnnotationOf(save, "warm_template_ms") << " ms in all, paused "
+              << AnnotationOf(save, "warm_pause_ms") << " ms; ram " << AnnotationOf(save, "warm_ram_bytes")
+              << " B, state " << AnnotationOf(save, "warm_state_bytes") << " B, disk "
+              << AnnotationOf(save, "warm_disk_bytes") << " B\n";
+
+    // The files of the template, in the image cache.
+    const std::string dir = TemplateDir(key);
+    const std::set<std::string> files = Listing(dir);
+    for (const char* name : {"disk.qcow2", "manifest.json", "overlay.qcow2", "ram", "state"}) {
+      EXPECT_EQ(files.count(name), 1u) << name << " missing from " << dir << ": " << absl::StrJoin(files, " ")
+                                       << "; cache: " << absl::StrJoin(Listing(suite_->cache.path()), " ");
+    }
+    std::error_code ec;
+    EXPECT_GT(fs::file_size(dir + "/state", ec), 0u) << dir;
+    EXPECT_TRUE(json::accept(ReadFile(dir + "/manifest.json"))) << ReadFile(dir + "/manifest.json");
+
+    // The cold VM was paused, not restarted: it still serves, booted once.
+    EXPECT_THAT(WaitForPage(port, absl::Seconds(30)), HasSubstr(kPage));
+    const std::string console = ReadFile(alloc.stdout_path());
+    EXPECT_NE(console.find("GUEST-READY"), std::string::npos) << console;
+    EXPECT_EQ(console.find("GUEST-READY"), console.rfind("GUEST-READY")) << console;
+    EXPECT_TRUE(ProcessAlive(RecordOf(handle).qemu_pid));
+
+    // Stopped as any cold VM, the template outliving it.
+    const grpc::Status stopped = harness().Stop(id, absl::Seconds(30));
+    EXPECT_TRUE(stopped.ok()) << stopped.error_message();
+    driverpb::WaitTaskResponse wait;
+    EXPECT_TRUE(harness().Wait(id, &wait, absl::Seconds(10)).ok());
+    EXPECT_EQ(wait.result().exit_code(), 0) << wait.err();
+    EXPECT_TRUE(harness().Destroy(id, false).ok());
+    EXPECT_TRUE(fs::is_directory(dir)) << "the template outlives the VM it was taken from";
+    if (::testing::Test::HasFailure()) return false;
+    suite_->key = key;
+    suite_->template_port = port;
+    suite_->template_problem.clear();
+    return true;
+  }
+
+  // Nothing of the suite's VMs left: no process, no state directory.
+  void ExpectNothingLeft() {
+    EXPECT_TRUE(WaitUntil([&] { return ProcessesMentioning(state_dir()).empty(); }, absl::Seconds(10)))
+        << ProcessesMentioning(state_dir()).size() << " processes left";
+    EXPECT_THAT(Listing(state_dir()), IsEmpty());
+    EXPECT_THAT(::ndq::testing::CgroupsUnder(harness().cgroup_parent()), IsEmpty());
+  }
+};
+
+WarmStartTest::Suite* WarmStartTest::suite_ = nullptr;
+
+// 1. The first start boots cold and leaves a template; the second restores
+// and serves through its own port_map port; what it writes to its disk
+// stays its own: a third restored VM does not see it, nor the template.
+TEST_F(WarmStartTest, ColdStartLeavesATemplateAndRestoresKeepTheirOwnPortsAndDisks) {
+  ASSERT_TRUE(SharedTemplate());
+  const std::string key = suite_->key;
+
+  FakeAlloc b_alloc("web");
+  const int b_port = FreePort();
+  const absl::Time started = absl::Now();
+  const driverpb::TaskHandle b = StartRestored(b_alloc, b_port);
+  ASSERT_FALSE(b.config().id().empty());
+  const std::string b_id = b.config().id();
+  ASSERT_THAT(WaitForPage(b_port, kRestoredPageTimeout), HasSubstr(kPage))
+      << "restored VM's page through its own port; events:\n" << events().All();
+  std::cerr << "restored VM served its page " << absl::Now() - started << " after StartTask\n";
+  const DriverStateRecord b_record = RecordOf(b);
+  EXPECT_TRUE(ListensOn(b_record.qemu_pid, b_port)) << "its QEMU forwards its own port";
+  EXPECT_FALSE(ListensOn(b_record.qemu_pid, suite_->template_port)) << "not the template's port";
+  EXPECT_EQ(HttpGet(suite_->template_port, 2), "") << "nothing serves the port of the VM the template came from";
+  EXPECT_THAT(ReadFile(b_alloc.stdout_path()), Not(HasSubstr("GUEST-READY"))) << "restored, not booted";
+  const std::string b_disk = b_alloc.task_dir() + "/warm-disk.qcow2";
+  ASSERT_TRUE(fs::exists(b_disk)) << "the task's disk is its own overlay; task dir: "
+                                  << absl::StrJoin(Listing(b_alloc.task_dir()), " ");
+
+  // B writes the marker sector to its disk, through the real qemu-ga.
+  ASSERT_FALSE(HoldsMarker(suite_->image)) << "the image must not hold the marker to begin with";
+  const std::string write = absl::StrCat("head -c 512 /dev/zero | tr '\\000' M | dd of=/dev/vda bs=512 seek=",
+                                         kMarkerSector, " count=1 conv=fsync 2>&1");
+  const ExecOutcome wrote = Exec(harness(), b_id, {"/bin/sh", "-c", write});
+  ASSERT_TRUE(wrote.status.ok()) << wrote.status.error_message();
+  ASSERT_EQ(wrote.exit_code, 0) << wrote.out << wrote.err;
+  const std::string count_marker = absl::StrCat("dd if=/dev/vda bs=512 skip=", kMarkerSector,
+                                                " count=1 2>/dev/null | tr -dc M | wc -c");
+  const ExecOutcome b_reads = Exec(harness(), b_id, {"/bin/sh", "-c", count_marker});
+  ASSERT_TRUE(b_reads.status.ok()) << b_reads.status.error_message();
+  EXPECT_EQ(absl::StripAsciiWhitespace(b_reads.out), "512") << b_reads.err;
+  EXPECT_TRUE(HoldsMarker(b_disk)) << "the write reached B's own overlay: "
+                                   << QemuIoRead(b_disk, absl::StrCat("read -v ", kMarkerOffset, " 32"));
+
+  // C, restored while B runs: neither the marker nor B's port.
+  FakeAlloc c_alloc("web");
+  const int c_port = FreePort();
+  const driverpb::TaskHandle c = StartRestored(c_alloc, c_port);
+  ASSERT_FALSE(c.config().id().empty());
+  const std::string c_id = c.config().id();
+  ASSERT_THAT(WaitForPage(c_port, kRestoredPageTimeout), HasSubstr(kPage));
+  EXPECT_THAT(HttpGet(b_port), HasSubstr(kPage)) << "B still serves beside C";
+  const pid_t c_qemu = RecordOf(c).qemu_pid;
+  EXPECT_NE(c_qemu, b_record.qemu_pid);
+  EXPECT_TRUE(ListensOn(c_qemu, c_port));
+  EXPECT_FALSE(ListensOn(c_qemu, b_port));
+  const ExecOutcome c_reads = Exec(harness(), c_id, {"/bin/sh", "-c", count_marker});
+  ASSERT_TRUE(c_reads.status.ok()) << c_reads.status.error_message();
+  EXPECT_EQ(absl::StripAsciiWhitespace(c_reads.out), "0") << "C sees B's write";
+  EXPECT_FALSE(HoldsMarker(c_alloc.task_dir() + "/warm-disk.qcow2"));
+  EXPECT_FALSE(HoldsMarker(TemplateDir(key) + "/disk.qcow2")) << "the template's frozen layer was written";
+  EXPECT_FALSE(HoldsMarker(TemplateDir(key) + "/overlay.qcow2"));
+
+  for (const std::string& id : {b_id, c_id}) {
+    EXPECT_TRUE(harness().Stop(id, absl::Seconds(30)).ok());
+    EXPECT_TRUE(harness().Destroy(id, true).ok());
+  }
+  EXPECT_EQ(Sha256(suite_->image), suite_->image_sha256) << "the job's image is opened read-only";
+  ExpectNothingLeft();
+}
+
+// 2. Ten VMs restored from one template at once, started concurrently; each
+// serves its page on its own port, from its own QEMU.
+TEST_F(WarmStartTest, TenRestoredVmsRunAtOnceEachOnItsOwnPort) {
+  ASSERT_TRUE(SharedTemplate());
+  constexpr int kVms = 10;
+  std::vector<std::unique_ptr<FakeAlloc>> allocs;
+  std::vector<int> ports;
+  std::vector<driverpb::TaskHandle> handles(kVms);
+  std::vector<std::string> errors(kVms);
+  for (int i = 0; i < kVms; ++i) {
+    allocs.push_back(std::make_unique<FakeAlloc>("web"));
+    ports.push_back(FreePort());
+  }
+  // FakeAlloc::Task is not thread-safe (a static counter): build the tasks first.
+  std::vector<driverpb::TaskConfig> tasks;
+  for (int i = 0; i < kVms; ++i) {
+    tasks.push_back(allocs[i]->Task(WarmConfig()));
+    AddTaskPort(&tasks.back(), "http", ports[i]);
+  }
+  const absl::Time started = absl::Now();
+  {
+    std::vector<std::thread> starters;
+    for (int i = 0; i < kVms; ++i) {
+      starters.emplace_back([&, i] {
+        const grpc::Status status = harness().Start(tasks[i], &handles[i]);
+        if (!status.ok()) errors[i] = status.error_message();
+      });
+    }
+    for (std::thread& t : starters) t.join();
+  }
+  const absl::Duration start_calls = absl::Now() - started;
+  for (int i = 0; i < kVms; ++i) ASSERT_EQ(errors[i], "") << "VM " << i;
+  std::set<pid_t> qemus;
+  for (int i = 0; i < kVms; ++i) {
+    SCOPED_TRACE(absl::StrCat("VM ", i));
+    const std::string id = handles[i].config().id();
+    EXPECT_TRUE(events().WaitFor(id, "Warm start: restored from template " + suite_->key.substr(0, 12),
+                                 absl::Seconds(10)))
+        << events().All();
+    EXPECT_EQ(AttributeOf(DriverAttributes(harness(), id), "warm_start"), "restored");
+    qemus.insert(RecordOf(handles[i]).qemu_pid);
+  }
+  EXPECT_EQ(qemus.size(), size_t{kVms}) << "ten QEMUs";
+  for (int i = 0; i < kVms; ++i) {
+    SCOPED_TRACE(absl::StrCat("VM ", i, " on port ", ports[i]));
+    EXPECT_THAT(WaitForPage(ports[i], kRestoredPageTimeout), HasSubstr(kPage));
+    EXPECT_TRUE(ListensOn(RecordOf(handles[i]).qemu_pid, ports[i]));
+    EXPECT_TRUE(fs::exists(allocs[i]->task_dir() + "/warm-disk.qcow2"));
+  }
+  std::cerr << "10 StartTask calls at once returned after " << start_calls << ", all 10 pages served after "
+            << absl::Now() - started << "\n";
+  // All ten still serve, at the same time.
+  for (int i = 0; i < kVms; ++i) EXPECT_THAT(HttpGet(ports[i]), HasSubstr(kPage)) << "VM " << i;
+  for (int i = 0; i < kVms; ++i) EXPECT_TRUE(harness().Destroy(handles[i].config().id(), true).ok());
+  ExpectNothingLeft();
+}
+
+// 3. Stop, destroy, and a plugin killed and recovered behave for restored VMs
+// as for cold ones; nothing is left behind.
+TEST_F(WarmStartTest, RestoredVmsStopDestroyAndSurviveAPluginCrash) {
+  ASSERT_TRUE(SharedTemplate());
+  const std::string key = suite_->key;
+  FakeAlloc a_alloc("web"), b_alloc("web"), c_alloc("web"), d_alloc("web");
+  const int a_port = FreePort(), b_port = FreePort(), c_port = FreePort(), d_port = FreePort();
+  const driverpb::TaskHandle a = StartRestored(a_alloc, a_port);
+  const driverpb::TaskHandle b = StartRestored(b_alloc, b_port);
+  const driverpb::TaskHandle c = StartRestored(c_alloc, c_port);
+  const driverpb::TaskHandle d = StartRestored(d_alloc, d_port);
+  for (const auto* h : {&a, &b, &c, &d}) ASSERT_FALSE(h->config().id().empty());
+  for (int port : {a_port, b_port, c_port, d_port}) {
+    ASSERT_THAT(WaitForPage(port, kRestoredPageTimeout), HasSubstr(kPage)) << "port " << port;
+  }
+
+  // A: graceful stop (through the guest agent): exit 0; destroy removes its state.
+  const DriverStateRecord ar = RecordOf(a);
+  const grpc::Status stopped = harness().Stop(a.config().id(), absl::Seconds(30));
+  ASSERT_TRUE(stopped.ok()) << stopped.error_message();
+  driverpb::WaitTaskResponse wait;
+  ASSERT_TRUE(harness().Wait(a.config().id(), &wait, absl::Seconds(10)).ok());
+  EXPECT_EQ(wait.result().exit_code(), 0) << wait.err();
+  EXPECT_EQ(wait.result().signal(), 0);
+  EXPECT_EQ(wait.err(), "");
+  driverpb::InspectTaskResponse inspect;
+  ASSERT_TRUE(harness().Inspect(a.config().id(), &inspect).ok());
+  EXPECT_EQ(inspect.task().state(), driverpb::EXITED);
+  EXPECT_TRUE(harness().Stop(a.config().id(), absl::Seconds(5)).ok()) << "StopTask is idempotent";
+  ASSERT_TRUE(harness().Destroy(a.config().id(), false).ok());
+  EXPECT_FALSE(fs::exists(ar.state_dir));
+  EXPECT_FALSE(ProcessAlive(ar.qemu_pid));
+  EXPECT_FALSE(ProcessAlive(ar.supervisor_pid));
+  EXPECT_TRUE(fs::is_directory(TemplateDir(key))) << "the template stays";
+
+  // B: destroy without force refused while it runs; forced, it is killed at once.
+  const DriverStateRecord br = RecordOf(b);
+  const grpc::Status refused = harness().Destroy(b.config().id(), false);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(refused.error_message(), HasSubstr("still running"));
+  const absl::Time destroying = absl::Now();
+  ASSERT_TRUE(harness().Destroy(b.config().id(), true).ok());
+  EXPECT_LT(absl::Now() - destroying, absl::Seconds(2));
+  EXPECT_FALSE(ProcessAlive(br.qemu_pid));
+  EXPECT_FALSE(fs::exists(br.state_dir));
+
+  // C and D outlive the plugin; D's QEMU is killed while the plugin is down.
+  harness().process().Signal(SIGKILL);
+  ASSERT_TRUE(harness().process().WaitExit(absl::Seconds(5)).ok());
+  const DriverStateRecord cr = RecordOf(c), dr = RecordOf(d);
+  EXPECT_TRUE(ProcessAlive(cr.qemu_pid));
+  ::kill(dr.qemu_pid, SIGKILL);
+  ASSERT_TRUE(WaitUntil([&] { return fs::exists(dr.state_dir + "/" + supervisor::kExitFile); }, absl::Seconds(30)));
+  ASSERT_NO_FATAL_FAILURE(RestartPlugin());
+  for (const auto* h : {&c, &d}) {
+    const grpc::Status recovered = harness().Recover(*h);
+    ASSERT_TRUE(recovered.ok()) << recovered.error_message();
+  }
+  const auto c_attrs = DriverAttributes(harness(), c.config().id());
+  EXPECT_EQ(AttributeOf(c_attrs, "warm_start"), "restored") << "still known as restored after recovery";
+  EXPECT_EQ(AttributeOf(c_attrs, "warm_template"), key);
+  driverpb::WaitTaskResponse d_wait;
+  ASSERT_TRUE(harness().Wait(d.config().id(), &d_wait, absl::Seconds(10)).ok());
+  EXPECT_EQ(d_wait.result().signal(), SIGKILL);
+  EXPECT_EQ(d_wait.result().exit_code(), 128 + SIGKILL);
+  EXPECT_THAT(d_wait.err(), HasSubstr("killed by SIGKILL"));
+  EXPECT_THAT(HttpGet(c_port), HasSubstr(kPage)) << "C serves on after the plugin restart";
+  ASSERT_TRUE(harness().Stop(c.config().id(), absl::Seconds(30)).ok());
+  driverpb::WaitTaskResponse c_wait;
+  ASSERT_TRUE(harness().Wait(c.config().id(), &c_wait, absl::Seconds(10)).ok());
+  EXPECT_EQ(c_wait.result().exit_code(), 0) << c_wait.err();
+  for (const auto* h : {&c, &d}) EXPECT_TRUE(harness().Destroy(h->config().id(), false).ok());
+  EXPECT_FALSE(ProcessAlive(cr.qemu_pid));
+  EXPECT_FALSE(ProcessAlive(cr.supervisor_pid));
+  EXPECT_TRUE(fs::is_directory(TemplateDir(key)));
+  ExpectNothingLeft();
+}
+
+// 4. A template that does not fit is never used: a changed image, changed
+// args, a changed memory size each boot cold with the reason in the event;
+// a truncated template file fails its check and is removed. Its own image
+// copy and template (ready through the guest agent this time).
+TEST_F(WarmStartTest, ChangedImageArgsMemoryAndABrokenTemplateBootCold) {
+  const std::string image = suite_->images / "inv.qcow2";
+  fs::copy_file(Guest("guest.qcow2"), image, fs::copy_options::overwrite_existing);
+  auto config = [&](const std::string& page) {
+    return WarmConfig({{"image_path", image},
+                       {"args", {"-fw_cfg", "name=opt/guest/page,string=" + page}},
+                       {"warm_start", {{"ready_agent", true}}}});
+  };
+  // Starts `cfg` as task "inv"; expects a cold boot whose reason contains
+  // `reason`; destroys it before the guest is ready (so it saves nothing).
+  auto expect_cold = [&](const json& cfg, int memory_mb, const std::string& reason) {
+    SCOPED_TRACE(reason);
+    FakeAlloc alloc("inv");
+    driverpb::TaskHandle handle;
+    ASSERT_EQ(Start(alloc, cfg, FreePort(), &handle, memory_mb), "");
+    const std::string id = handle.config().id();
+    EXPECT_TRUE(events().WaitFor(id, "Warm start: booting cold (", absl::Seconds(10))) << events().All();
+    const auto cold = EventOf(events(), id, "Warm start: booting cold (");
+    EXPECT_THAT(cold ? cold->message : "", HasSubstr(reason));
+    EXPECT_EQ(AnnotationOf(cold, "warm_start"), "cold");
+    EXPECT_THAT(AnnotationOf(cold, "warm_reason"), HasSubstr(reason));
+    EXPECT_EQ(AttributeOf(DriverAttributes(harness(), id), "warm_start"), "cold");
+    EXPECT_FALSE(EventOf(events(), id, "Warm start: restored").has_value());
+    EXPECT_TRUE(harness().Destroy(id, true).ok());
+  };
+
+  // The template of config("warm-a").
+  FakeAlloc first("inv");
+  const int first_port = FreePort();
+  driverpb::TaskHandle first_handle;
+  ASSERT_EQ(Start(first, config("warm-a"), first_port, &first_handle), "");
+  const std::string first_id = first_handle.config().id();
+  EXPECT_TRUE(events().WaitFor(first_id, "Warm start: booting cold (no template yet)", absl::Seconds(10)))
+      << events().All();
+  ASSERT_TRUE(events().WaitFor(first_id, "Warm start: template ", kTemplateTimeout))
+      << events().All() << "\nserial console:\n" << ReadFile(first.stdout_path());
+  const std::string key = AnnotationOf(EventOf(events(), first_id, "Warm start: template "), "warm_template");
+  ASSERT_TRUE(IsHexKey(key)) << key;
+  ASSERT_TRUE(fs::exists(TemplateDir(key) + "/ram"));
+  ASSERT_TRUE(harness().Destroy(first_id, true).ok());
+
+  expect_cold(config("warm-b"), 256, "the VM's configuration changed");
+  expect_cold(config("warm-a"), 320, "the VM's configuration changed");
+
+  // The config it was taken with still restores (the cold boots above saved
+  // nothing and spoiled nothing), with the page of that config.
+  {
+    FakeAlloc alloc("inv");
+    const int port = FreePort();
+    driverpb::TaskHandle handle;
+    ASSERT_EQ(Start(alloc, config("warm-a"), port, &handle), "");
+    const std::string id = handle.config().id();
+    EXPECT_TRUE(events().WaitFor(id, "Warm start: restored from template " + key.substr(0, 12), absl::Seconds(10)))
+        << events().All();
+    EXPECT_EQ(AttributeOf(DriverAttributes(harness(), id), "warm_template"), key);
+    std::string page;
+    EXPECT_TRUE(WaitUntil(
+        [&] {
+          page = HttpGet(port, 3);
+          return !page.empty();
+        },
+        kRestoredPageTimeout));
+    EXPECT_EQ(page, "warm-a (mode=normal)\n");
+    EXPECT_TRUE(harness().Destroy(id, true).ok());
+  }
+
+  // A changed image: written by qemu-io; then the original put back.
+  const std::string saved = suite_->images / "inv.qcow2.orig";
+  fs::copy_file(image, saved, fs::copy_options::overwrite_existing);
+  auto changed = RunCommand({"/usr/bin/qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 30M 4k", image}, absl::Seconds(60));
+  ASSERT_TRUE(changed.ok() && changed->exit_code == 0) << (changed.ok() ? changed->output : "");
+  expect_cold(config("warm-a"), 256, "the image changed");
+  fs::rename(saved, image);
+
+  // A truncated RAM file: fails its check, and the template is removed.
+  const std::string ram = TemplateDir(key) + "/ram";
+  ASSERT_TRUE(fs::exists(ram)) << "the template is still there";
+  fs::resize_file(ram, fs::file_size(ram) / 2);
+  expect_cold(config("warm-a"), 256, "failed its check");
+  EXPECT_TRUE(WaitUntil([&] { return !fs::exists(TemplateDir(key)); }, absl::Seconds(10)))
+      << "the broken template is removed: " << absl::StrJoin(Listing(TemplateDir(key)), " ");
+  ExpectNothingLeft();
+}
+
+// 5. Combinations warm_start cannot restore are refused at StartTask, naming
+// warm_start and the other option in one problem; nothing is left behind.
+TEST_F(WarmStartTest, RefusedCombinationsNameWarmStart) {
+  FakeAlloc alloc("refused");
+  const std::set<std::string> before = Listing(alloc.task_dir());
+  const std::set<std::string> cache_before = Listing(suite_->cache.path());
+  const std::vector<std::pair<json, std::vector<std::string>>> cases = {
+      {{{"network_mode", "bridge"}, {"bridge", "br0"}}, {"network_mode"}},
+      {{{"tpm", true}}, {"tpm"}},
+      {{{"firmware", "uefi"}}, {"firmware"}},
+      {{{"disk", {{{"size", "64M"}}}}}, {"disk"}},
+      {{{"cdrom", "local/x.iso"}}, {"cdrom"}},
+      {{{"cdrom_source", "https://example.com/x.iso"}, {"cdrom_checksum", "sha256:" + std::string(64, '0')}},
+       {"cdrom"}},
+      {{{"cloud_init", {{"user_data", "#cloud-config\n"}}}}, {"cloud_init"}},
+      {{{"share_alloc_dirs", true}}, {"share_alloc_dirs"}},
+      {{{"warm_start", {{"ready_port", "ssh"}}}}, {"ready_port", "ssh"}},
+      {{{"warm_start", {{"ready_agent", true}}}, {"guest_agent", false}}, {"ready_agent", "guest_agent"}},
+      {{{"warm_start", {{"ready_port", "http"}, {"ready_agent", true}}}}, {"ready_port", "ready_agent"}},
+      {{{"warm_start", json::object()}}, {"ready_port", "ready_agent"}},
+  };
+  for (const auto& [extra, names] : cases) {
+    SCOPED_TRACE(extra.dump());
+    driverpb::TaskConfig task = alloc.Task(WarmConfig(extra));
+    AddTaskPort(&task, "http", FreePort());
+    const grpc::Status status = harness().Start(task, nullptr);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+    // One problem (they are joined by "; ") names warm_start and the rest.
+    bool named = false;
+    for (absl::string_view problem : absl::StrSplit(status.error_message(), "; ")) {
+      bool all = problem.find("warm_start") != absl::string_view::npos;
+      for (const std::string& name : names) all = all && problem.find(name) != absl::string_view::npos;
+      named = named || all;
+    }
+    EXPECT_TRUE(named) << "no problem names warm_start and " << absl::StrJoin(names, ", ") << ": "
+                       << status.error_message();
+    EXPECT_EQ(Listing(alloc.task_dir()), before);
+  }
+  EXPECT_EQ(Listing(suite_->cache.path()), cache_before) << "no template for a refused start";
+  ExpectNothingLeft();
+}
+
+}  // namespace
+}  // namespace ndq
