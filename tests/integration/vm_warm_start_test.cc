@@ -709,7 +709,9 @@ TEST_F(WarmStartTest, RefusedCombinationsNameWarmStart) {
     driverpb::TaskConfig task = alloc.Task(WarmConfig(extra));
     AddTaskPort(&task, "http", FreePort());
     const grpc::Status status = harness().Start(task, nullptr);
-    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+    // A bad config (InvalidArgument inside): a start failure Nomad must not retry.
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << status.error_message();
+    EXPECT_EQ(::ndq::testing::StartIsRecoverable(status), std::optional<bool>(false)) << status.error_message();
     // One problem (they are joined by "; ") names warm_start and the rest.
     bool named = false;
     for (absl::string_view problem : absl::StrSplit(status.error_message(), "; ")) {
