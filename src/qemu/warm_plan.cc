@@ -1,6 +1,7 @@
 #include "qemu/warm_plan.h"
 
 #include <algorithm>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -21,7 +22,10 @@ std::vector<std::string> Incompatible(const TaskConfig& config, const VmSpec& sp
   if (!config.disks.empty()) found.push_back("disk blocks (only the boot disk is saved)");
   if (config.cdrom || config.cdrom_source) found.push_back("cdrom (only the boot disk is saved)");
   if (config.cloud_init) found.push_back("cloud_init (the seed is per task; save after cloud-init instead)");
-  if (!spec.shares.empty()) found.push_back("shared directories (QEMU cannot save a mounted 9p share)");
+  if (config.share_alloc_dirs) found.push_back("share_alloc_dirs (QEMU cannot save a mounted 9p share)");
+  if (!spec.shares.empty() && !config.share_alloc_dirs) {
+    found.push_back("volume mounts (QEMU cannot save a mounted 9p share)");
+  }
   if (spec.image_path.empty()) found.push_back("a VM without a boot disk (image_path or image_source)");
   return found;
 }
@@ -30,8 +34,8 @@ void PlanReadyPort(const std::string& label, const VmSpec& spec, WarmPlan& warm,
   const auto forward = std::find_if(spec.port_forwards.begin(), spec.port_forwards.end(),
                                     [&](const PortForward& f) { return f.label == label && f.protocol == "tcp"; });
   if (forward == spec.port_forwards.end()) {
-    std::vector<std::string> labels;
-    for (const PortForward& f : spec.port_forwards) labels.push_back("\"" + f.label + "\"");
+    std::set<std::string> labels;  // a label forwarded for TCP and UDP is named once
+    for (const PortForward& f : spec.port_forwards) labels.insert("\"" + f.label + "\"");
     problems.push_back(absl::StrCat(kPrefix, "ready_port \"", label, "\" is not a TCP port_map label",
                                     labels.empty() ? std::string("; the task config has no port_map")
                                                    : absl::StrCat("; port_map has ", absl::StrJoin(labels, ", "))));

@@ -609,7 +609,10 @@ auto RunStage(StartStage stage, const StartDeps& deps, Stage&& run) -> decltype(
     if (absl::Status injected = deps.before_stage(stage); !injected.ok()) return injected;
   }
   if (GaveUp(deps)) return StartCancelled();
+  const absl::Time started = absl::Now();
   auto result = run();
+  log::Debug("start stage done", {{"stage", StartStageName(stage)},
+                                  {"ms", absl::ToDoubleMilliseconds(absl::Now() - started)}});
   if (!result.ok()) {
     if (GaveUp(deps)) return StartCancelled();
     log::Debug("start stage failed", {{"stage", StartStageName(stage)}, {"error", std::string(result.status().message())}});

@@ -79,6 +79,7 @@ TEST_F(WarmPlanning, HostileReadyPortNamesTheLabels) {
                                   HasSubstr("port_map has \"http\"")))
         << label;
   }
+  EXPECT_THAT(Problems(), ::testing::Not(HasSubstr("\"http\", \"http\"")));  // TCP and UDP: one label
   config_.port_map.clear();
   EXPECT_THAT(Problems(), HasSubstr("the task config has no port_map"));
 }
@@ -95,7 +96,7 @@ TEST_F(WarmPlanning, WhatATemplateCannotCarryIsRefusedAllAtOnce) {
   host_.swtpm = "/usr/bin/swtpm";
   const std::string problems = Problems();
   EXPECT_THAT(problems, HasSubstr("task config \"warm_start\": cannot be used with"));
-  for (const char* what : {"tpm", "firmware = \"uefi\"", "disk blocks", "cdrom", "cloud_init", "shared directories"}) {
+  for (const char* what : {"tpm", "firmware = \"uefi\"", "disk blocks", "cdrom", "cloud_init", "share_alloc_dirs"}) {
     EXPECT_THAT(problems, HasSubstr(what)) << what;
   }
 }
