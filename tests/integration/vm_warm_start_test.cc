@@ -8,6 +8,7 @@
 // Wall time: every test of the suite that needs a template takes it through
 // SharedTemplate(), once per process (ctest runs each test in a process of
 // its own, so each of those takes it once; run the binary alone to share it).
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -35,6 +36,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "qemu_driver/supervisor_protocol.h"
+#include "image/vm_template.h"
 #include "vm/vm_task.h"
 
 namespace ndq {
@@ -721,6 +723,52 @@ TEST_F(WarmStartTest, ChangedImageArgsMemoryAndABrokenTemplateBootCold) {
   expect_cold(config("warm-a"), 256, "failed its check");
   EXPECT_FALSE(fs::exists(TemplateDir(key))) << "the corrupt template is removed";
   ExpectNothingLeft();
+}
+
+// A template that passes its check but that QEMU refuses to load (its
+// device state rewritten, the manifest updated to match): the start fails
+// with the reason, leaves no VM half-started, and removes the template, so
+// the next start boots cold.
+TEST_F(WarmStartTest, ATemplateQemuRejectsFailsTheStartAndIsRemoved) {
+  ASSERT_TRUE(SharedTemplate());
+  const std::string dir = TemplateDir(suite_->key);
+  const std::string state = dir + "/state";
+  std::string bytes = ReadFile(state);
+  ASSERT_GT(bytes.size(), 64u);
+  // QEMU's stream magic and version kept, every section after them garbage.
+  for (size_t i = 8; i < bytes.size(); ++i) bytes[i] = static_cast<char>(0xa5 ^ (i & 0xff));
+  ::chmod(state.c_str(), 0600);
+  {
+    std::ofstream out(state, std::ios::binary | std::ios::trunc);
+    out << bytes;
+  }
+  json manifest = json::parse(ReadFile(dir + "/manifest.json"));
+  {
+    UniqueFd fd(::open(state.c_str(), O_RDONLY | O_CLOEXEC));
+    absl::StatusOr<std::string> digest = ContentDigest(fd.get());
+    ASSERT_TRUE(digest.ok()) << digest.status();
+    manifest["files"]["state"]["xxh3"] = *digest;
+  }
+  std::ofstream(dir + "/manifest.json", std::ios::trunc) << manifest.dump(2);
+
+  FakeAlloc alloc("web");
+  driverpb::TaskHandle handle;
+  const std::string error = Start(alloc, WarmConfig(), FreePort(), &handle);
+  EXPECT_THAT(error, HasSubstr("task config \"warm_start\": restoring template " + suite_->key.substr(0, 12) +
+                               " failed"));
+  EXPECT_THAT(error, HasSubstr("the template was removed, so the next start boots cold"));
+  EXPECT_FALSE(fs::exists(dir));
+  ExpectNothingLeft();
+  EXPECT_THAT(Listing(alloc.task_dir()), ::testing::Not(::testing::Contains("warm-disk.qcow2")));
+
+  FakeAlloc next("web");
+  ASSERT_EQ(Start(next, WarmConfig(), FreePort(), &handle), "");
+  const std::string id = handle.config().id();
+  EXPECT_TRUE(events().WaitFor(id, "Warm start: booting cold (no template yet)", absl::Seconds(10))) << events().All();
+  EXPECT_TRUE(harness().Destroy(id, true).ok());
+  ExpectNothingLeft();
+  suite_->key.clear();  // the shared template is gone
+  suite_->template_problem = "removed by ATemplateQemuRejectsFailsTheStartAndIsRemoved";
 }
 
 // 5. Combinations warm_start cannot restore are refused at StartTask, naming
