@@ -1,6 +1,7 @@
 #include "image/image_probe.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -12,6 +13,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "base/error_kind.h"
 #include "base/timeouts.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -116,6 +118,31 @@ absl::StatusOr<ImageInfo> ProbeWithQemuImg(const std::string& path, const std::s
 }
 
 }  // namespace
+
+absl::StatusOr<int64_t> ImageVirtualSize(int fd, const std::string& format) {
+  if (format == "raw") {
+    struct stat st;
+    if (::fstat(fd, &st) != 0) return ErrnoError("cannot stat the image", errno);
+    return static_cast<int64_t>(st.st_size);
+  }
+  if (format == "qcow2") {
+    unsigned char header[32];
+    if (::pread(fd, header, sizeof header, 0) != static_cast<ssize_t>(sizeof header) ||
+        std::memcmp(header, "QFI\xfb", 4) != 0) {
+      return absl::InvalidArgumentError("the image is too short for a qcow2 header, or not qcow2");
+    }
+    return static_cast<int64_t>(BigEndian(header + 24, 8));
+  }
+  absl::StatusOr<CommandResult> info =
+      RunCommand({FindOnPath("qemu-img"), "info", "--output=json", "-f", format, absl::StrCat("/proc/self/fd/", fd)},
+                 timeouts::kImageProbe);
+  if (!info.ok()) return info.status();
+  const nlohmann::json parsed = nlohmann::json::parse(info->output, nullptr, false);
+  if (info->exit_code != 0 || !parsed.is_object() || !parsed.contains("virtual-size")) {
+    return absl::InvalidArgumentError("qemu-img cannot read the image's size");
+  }
+  return parsed["virtual-size"].get<int64_t>();
+}
 
 absl::StatusOr<ImageInfo> ProbeImage(const std::string& path) {
   ImageInfo info;

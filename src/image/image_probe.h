@@ -3,6 +3,7 @@
 // the same allowlist as image_path.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -27,6 +28,11 @@ absl::StatusOr<ImageInfo> ProbeImage(const std::string& path);
 // its content, so a backing file it names (read as root before any admission)
 // or an external data file is refused, and nothing but the file is opened.
 absl::StatusOr<std::string> ProbeStandaloneFormat(const std::string& path);
+
+// The size the guest sees of the open image `fd` in `format`: raw is the
+// file; qcow2 says it in its header; anything else asks qemu-img about the
+// open file (never the backing chain).
+absl::StatusOr<int64_t> ImageVirtualSize(int fd, const std::string& format);
 
 // One file of a disk: the image itself or one of its backing files, open.
 struct DiskLayer {

@@ -30,34 +30,6 @@ std::string Field(const std::string& name) { return absl::StrCat("task config \"
 
 std::string Gib(int64_t bytes) { return absl::StrFormat("%.2f GiB", static_cast<double>(bytes) / (1 << 30)); }
 
-// The size the guest sees: raw is the file; qcow2 says it in its header;
-// anything else asks qemu-img about the open file (never the backing chain).
-absl::StatusOr<int64_t> VirtualSize(int fd, const std::string& format) {
-  if (format == "raw") {
-    struct stat st;
-    if (::fstat(fd, &st) != 0) return ErrnoError("cannot stat the image", errno);
-    return static_cast<int64_t>(st.st_size);
-  }
-  if (format == "qcow2") {
-    unsigned char header[32];
-    if (::pread(fd, header, sizeof header, 0) != static_cast<ssize_t>(sizeof header)) {
-      return absl::InvalidArgumentError("the image is too short for a qcow2 header");
-    }
-    uint64_t size = 0;
-    for (int i = 24; i < 32; ++i) size = (size << 8) | header[i];
-    return static_cast<int64_t>(size);
-  }
-  absl::StatusOr<CommandResult> info =
-      RunCommand({FindOnPath("qemu-img"), "info", "--output=json", "-f", format, absl::StrCat("/proc/self/fd/", fd)},
-                 timeouts::kImageProbe);
-  if (!info.ok()) return info.status();
-  const nlohmann::json parsed = nlohmann::json::parse(info->output, nullptr, false);
-  if (info->exit_code != 0 || !parsed.is_object() || !parsed.contains("virtual-size")) {
-    return absl::InvalidArgumentError("qemu-img cannot read the image's size");
-  }
-  return parsed["virtual-size"].get<int64_t>();
-}
-
 absl::Status CheckNotShrunk(const std::string& field, int64_t wanted, int64_t image) {
   if (wanted >= image) return absl::OkStatus();
   return absl::InvalidArgumentError(
@@ -103,7 +75,7 @@ absl::StatusOr<MediaFiles::DriveFile> GrowJobFile(const Drive& drive, const Medi
   absl::StatusOr<std::vector<DiskLayer>> chain = OpenImageChain(*std::move(file), source.format, source.field, ctx.scope);
   if (!chain.ok()) return chain.status();
   const DiskLayer& top = chain->front();
-  absl::StatusOr<int64_t> size = VirtualSize(top.fd.get(), top.format);
+  absl::StatusOr<int64_t> size = ImageVirtualSize(top.fd.get(), top.format);
   if (!size.ok()) return size.status();
   const std::string block = source.field.substr(0, source.field.find('.'));
   if (absl::Status s = CheckNotShrunk(block + ".size", source.size_bytes, *size); !s.ok()) return s;
@@ -141,7 +113,7 @@ absl::StatusOr<MediaFiles::DriveFile> Download(const Drive& drive, const MediaCo
   rollback.Push([overlay = disk->overlay] { ::unlink(overlay.c_str()); });
   if (source.size_bytes > 0) {
     UniqueFd cached(::open(disk->cached_image.c_str(), O_RDONLY | O_CLOEXEC));
-    absl::StatusOr<int64_t> size = VirtualSize(cached.get(), disk->format);
+    absl::StatusOr<int64_t> size = ImageVirtualSize(cached.get(), disk->format);
     if (!size.ok()) return size.status();
     if (absl::Status s = CheckNotShrunk(block + ".size", source.size_bytes, *size); !s.ok()) return s;
   }

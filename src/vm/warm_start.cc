@@ -16,6 +16,7 @@
 #include "base/error_kind.h"
 #include "base/timeouts.h"
 #include "image/checksum.h"
+#include "image/image_probe.h"
 #include "image/task_disk.h"
 #include "nomadplugin/hclog.h"
 #include "qemu/cmdline.h"
@@ -34,24 +35,14 @@ std::string Short(const std::string& key) { return key.substr(0, 12); }
 std::string Millis(absl::Duration d) { return std::to_string(absl::ToInt64Milliseconds(d)); }
 
 // The boot disk's size as the guest sees it (the overlay gets the same).
-absl::StatusOr<int64_t> VirtualSize(int fd, const std::string& format) {
-  if (format == "qcow2") {
-    unsigned char header[32];
-    if (::pread(fd, header, sizeof header, 0) != static_cast<ssize_t>(sizeof header) ||
-        std::memcmp(header, "QFI\xfb", 4) != 0) {
-      return absl::InvalidArgumentError("task config \"warm_start\": the boot image's qcow2 header cannot be read");
-    }
-    int64_t size = 0;
-    for (int i = 24; i < 32; ++i) size = (size << 8) | header[i];
-    return size;
+absl::StatusOr<int64_t> BootDiskSize(int fd, const std::string& format) {
+  if (format != "qcow2" && format != "raw") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("task config \"warm_start\": the boot image is ", format, "; warm starts take qcow2 or raw images"));
   }
-  if (format == "raw") {
-    struct stat st;
-    if (::fstat(fd, &st) != 0) return Errno("cannot stat the boot image");
-    return static_cast<int64_t>(st.st_size);
-  }
-  return absl::InvalidArgumentError(
-      absl::StrCat("task config \"warm_start\": the boot image is ", format, "; warm starts take qcow2 or raw images"));
+  absl::StatusOr<int64_t> size = ImageVirtualSize(fd, format);
+  if (!size.ok()) return absl::InvalidArgumentError(absl::StrCat("task config \"warm_start\": ", size.status().message()));
+  return size;
 }
 
 // A file of ours opened again read-only (a read-only node needs a read-only fd).
@@ -247,7 +238,7 @@ std::string WarmConfigDigest(const VmSpec& spec, const std::string& qemu_user) {
 absl::StatusOr<WarmStart> PrepareWarmStart(const WarmContext& c, Rollback& rollback) {
   if (!c.spec.warm.enabled) return WarmStart{};
   if (c.spec.disk.empty()) return absl::InvalidArgumentError("task config \"warm_start\": the VM has no boot disk");
-  absl::StatusOr<int64_t> disk_size = VirtualSize(c.local_fd(c.spec.disk.front().fd), c.spec.disk.front().format);
+  absl::StatusOr<int64_t> disk_size = BootDiskSize(c.local_fd(c.spec.disk.front().fd), c.spec.disk.front().format);
   if (!disk_size.ok()) return disk_size.status();
   absl::StatusOr<TemplateIdentity> id = IdentityFor(c);
   if (!id.ok()) return id.status();
