@@ -26,34 +26,12 @@ using ::ndq::testing::StartTestGuest;
 using ::ndq::testing::TempDir;
 using ::ndq::testing::TestGuestDir;
 using ::ndq::testing::WaitUntil;
+using ::ndq::testing::ExecOnce;
+using ::ndq::testing::ExecOutcome;
 using ::testing::HasSubstr;
 using json = nlohmann::json;
 
-struct ExecOutcome {
-  grpc::Status status;
-  std::string out, err;
-  int exit_code = -1;
-  int signal = 0;
-  bool stdout_closed = false, stderr_closed = false;
-  int frames = 0;
-};
 
-ExecOutcome ExecOnce(PluginHarness& harness, const std::string& id, const std::vector<std::string>& argv,
-                     absl::Duration timeout = absl::ZeroDuration()) {
-  auto context = harness.client().NewContext(absl::Seconds(120));
-  driverpb::ExecTaskRequest request;
-  request.set_task_id(id);
-  for (const std::string& arg : argv) request.add_command(arg);
-  request.mutable_timeout()->set_seconds(absl::ToInt64Seconds(timeout));
-  driverpb::ExecTaskResponse response;
-  ExecOutcome outcome;
-  outcome.status = harness.driver().ExecTask(context.get(), request, &response);
-  outcome.out = response.stdout();
-  outcome.err = response.stderr();
-  outcome.exit_code = response.result().exit_code();
-  outcome.signal = response.result().signal();
-  return outcome;
-}
 
 // A streamed exec as Nomad's client runs it: setup, stdin frames (closed
 // unless `keep_stdin_open`), then frames until the exit, then the stream

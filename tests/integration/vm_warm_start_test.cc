@@ -45,6 +45,8 @@ namespace {
 namespace fs = std::filesystem;
 using ::ndq::testing::AddTaskPort;
 using ::ndq::testing::EventRecorder;
+using ::ndq::testing::ExecOnce;
+using ::ndq::testing::ExecOutcome;
 using ::ndq::testing::FakeAlloc;
 using ::ndq::testing::FreePort;
 using ::ndq::testing::Guest;
@@ -150,25 +152,7 @@ bool Ended(pid_t pid) {
   return close != std::string::npos && close + 2 < stat.size() && stat[close + 2] == 'Z';
 }
 
-struct ExecOutcome {
-  grpc::Status status;
-  std::string out, err;
-  int exit_code = -1;
-};
 
-ExecOutcome Exec(PluginHarness& harness, const std::string& id, const std::vector<std::string>& argv) {
-  auto context = harness.client().NewContext(absl::Seconds(120));
-  driverpb::ExecTaskRequest request;
-  request.set_task_id(id);
-  for (const std::string& arg : argv) request.add_command(arg);
-  driverpb::ExecTaskResponse response;
-  ExecOutcome outcome;
-  outcome.status = harness.driver().ExecTask(context.get(), request, &response);
-  outcome.out = response.stdout();
-  outcome.err = response.stderr();
-  outcome.exit_code = response.result().exit_code();
-  return outcome;
-}
 
 std::map<std::string, std::string> DriverAttributes(PluginHarness& harness, const std::string& id) {
   driverpb::InspectTaskResponse inspect;
@@ -436,12 +420,12 @@ TEST_F(WarmStartTest, ColdStartLeavesATemplateAndRestoresKeepTheirOwnPortsAndDis
   ASSERT_FALSE(HoldsMarker(suite_->image)) << "the image must not hold the marker to begin with";
   const std::string write = absl::StrCat("head -c 512 /dev/zero | tr '\\000' M | dd of=/dev/vda bs=512 seek=",
                                          kMarkerSector, " count=1 conv=fsync 2>&1");
-  const ExecOutcome wrote = Exec(harness(), b_id, {"/bin/sh", "-c", write});
+  const ExecOutcome wrote = ExecOnce(harness(), b_id, {"/bin/sh", "-c", write});
   ASSERT_TRUE(wrote.status.ok()) << wrote.status.error_message();
   ASSERT_EQ(wrote.exit_code, 0) << wrote.out << wrote.err;
   const std::string count_marker = absl::StrCat("dd if=/dev/vda bs=512 skip=", kMarkerSector,
                                                 " count=1 2>/dev/null | tr -dc M | wc -c");
-  const ExecOutcome b_reads = Exec(harness(), b_id, {"/bin/sh", "-c", count_marker});
+  const ExecOutcome b_reads = ExecOnce(harness(), b_id, {"/bin/sh", "-c", count_marker});
   ASSERT_TRUE(b_reads.status.ok()) << b_reads.status.error_message();
   EXPECT_EQ(absl::StripAsciiWhitespace(b_reads.out), "512") << b_reads.err;
   EXPECT_TRUE(HoldsMarker(b_disk)) << "the write reached B's own overlay: "
@@ -459,7 +443,7 @@ TEST_F(WarmStartTest, ColdStartLeavesATemplateAndRestoresKeepTheirOwnPortsAndDis
   EXPECT_NE(c_qemu, b_record.qemu_pid);
   EXPECT_TRUE(ListensOn(c_qemu, c_port));
   EXPECT_FALSE(ListensOn(c_qemu, b_port));
-  const ExecOutcome c_reads = Exec(harness(), c_id, {"/bin/sh", "-c", count_marker});
+  const ExecOutcome c_reads = ExecOnce(harness(), c_id, {"/bin/sh", "-c", count_marker});
   ASSERT_TRUE(c_reads.status.ok()) << c_reads.status.error_message();
   EXPECT_EQ(absl::StripAsciiWhitespace(c_reads.out), "0") << "C sees B's write";
   EXPECT_FALSE(HoldsMarker(c_alloc.task_dir() + "/warm-disk.qcow2"));

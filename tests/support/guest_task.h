@@ -7,6 +7,7 @@
 #include <functional>
 #include <set>
 #include <string>
+#include <vector>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -43,6 +44,34 @@ inline DriverStateRecord RecordOf(const driverpb::TaskHandle& handle) {
   auto record = DriverStateRecord::Decode(handle.driver_state());
   EXPECT_TRUE(record.ok()) << record.status();
   return record.ok() ? *record : DriverStateRecord{};
+}
+
+// What an exec returned (ExecOnce, or a streamed exec the test drives).
+struct ExecOutcome {
+  grpc::Status status;
+  std::string out, err;
+  int exit_code = -1;
+  int signal = 0;
+  bool stdout_closed = false, stderr_closed = false;
+  int frames = 0;
+};
+
+// One ExecTask call, as Nomad's script checks make it (a zero timeout: none).
+inline ExecOutcome ExecOnce(PluginHarness& harness, const std::string& id, const std::vector<std::string>& argv,
+                            absl::Duration timeout = absl::ZeroDuration()) {
+  auto context = harness.client().NewContext(absl::Seconds(120));
+  driverpb::ExecTaskRequest request;
+  request.set_task_id(id);
+  for (const std::string& arg : argv) request.add_command(arg);
+  request.mutable_timeout()->set_seconds(absl::ToInt64Seconds(timeout));
+  driverpb::ExecTaskResponse response;
+  ExecOutcome outcome;
+  outcome.status = harness.driver().ExecTask(context.get(), request, &response);
+  outcome.out = response.stdout();
+  outcome.err = response.stderr();
+  outcome.exit_code = response.result().exit_code();
+  outcome.signal = response.result().signal();
+  return outcome;
 }
 
 // The page at http://127.0.0.1:PORT/, or "" when it cannot be fetched.
