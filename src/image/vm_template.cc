@@ -133,6 +133,10 @@ absl::StatusOr<std::string> ContentDigest(int fd) {
   }
   std::string digest = Hex128(XXH3_128bits_digest(state.get()));
   absl::MutexLock lock(&digest_mu);
+  // Every task's own overlay is a new identity: forget them all now and then
+  // rather than grow for the plugin's lifetime (a forgotten file is hashed again).
+  constexpr size_t kMaxRemembered = 4096;
+  if (Digests().size() >= kMaxRemembered) Digests().clear();
   Digests()[identity] = digest;
   return digest;
 }
