@@ -6,6 +6,8 @@
 #include <optional>
 #include <string>
 
+#include "absl/status/status.h"
+
 namespace ndq {
 
 // The whole file at `path`. nullopt when it cannot be read; then *error (if
@@ -13,5 +15,11 @@ namespace ndq {
 // larger than `max_bytes` is an error too.
 std::optional<std::string> ReadSmallFile(const std::string& path, std::string* error = nullptr,
                                          size_t max_bytes = 1 << 20);
+
+// Replaces the file at `path` with `content` (mode 0600) so that a reader
+// sees the old file or the new one, never a part: written to a unique name
+// beside it, then renamed over it. Links in `path`'s place are replaced, not
+// followed.
+absl::Status WriteSmallFileAtomically(const std::string& path, const std::string& content);
 
 }  // namespace ndq

@@ -63,6 +63,7 @@ grpc::Status BasePluginService::SetConfig(grpc::ServerContext*, const basepb::Se
                              {"emulators_allowlist", config->emulators_allowlist},
                              {"agent_config", agent.has_value()}});
   settings_->Set(*std::move(config), std::move(agent));
+  if (on_configured_) on_configured_();
   return grpc::Status::OK;
 }
 

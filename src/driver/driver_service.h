@@ -2,6 +2,7 @@
 #pragma once
 
 #include <memory>
+#include <functional>
 #include <optional>
 
 #include "base/timeouts.h"
@@ -39,7 +40,9 @@ class DriverSettings {
 
 class BasePluginService final : public basepb::BasePlugin::Service {
  public:
-  explicit BasePluginService(DriverSettings* settings) : settings_(settings) {}
+  // `on_configured` runs after each accepted SetConfig.
+  explicit BasePluginService(DriverSettings* settings, std::function<void()> on_configured = {})
+      : settings_(settings), on_configured_(std::move(on_configured)) {}
   grpc::Status PluginInfo(grpc::ServerContext*, const basepb::PluginInfoRequest*,
                           basepb::PluginInfoResponse* response) override;
   grpc::Status ConfigSchema(grpc::ServerContext*, const basepb::ConfigSchemaRequest*,
@@ -49,6 +52,7 @@ class BasePluginService final : public basepb::BasePlugin::Service {
 
  private:
   DriverSettings* settings_;
+  std::function<void()> on_configured_;
 };
 
 // Converts a probe result to Nomad's wire form.

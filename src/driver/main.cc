@@ -48,12 +48,13 @@ int main(int argc, char** argv) {
   ndq::DriverSettings settings;
   const char* path = std::getenv("PATH");
   ndq::Fingerprinter fingerprinter(path != nullptr ? path : "", "/dev/kvm");
-  ndq::BasePluginService base(&settings);
   ndq::TaskManagerOptions task_options;
   task_options.supervisor_path = ndq::DefaultSupervisorPath();
   ndq::EventBus events;
   ndq::TaskManager tasks(
       task_options, [&settings] { return settings.plugin_config(); }, &fingerprinter, &events);
+  // Host probing and cache upkeep run once configured, off every RPC's path.
+  ndq::BasePluginService base(&settings, [&tasks] { tasks.Prepare(); });
   ndq::DriverService driver(&settings, &fingerprinter, &tasks, &events, &lifecycle);
 
   nomadplugin::ServeOptions options;

@@ -3,7 +3,8 @@
 namespace ndq {
 
 TaskIdentity TaskIdentityFromProto(const driverpb::TaskConfig& task) {
-  return TaskIdentity{task.id(), task.name(), task.alloc_id()};
+  return TaskIdentity{task.id(),    task.name(),   task.alloc_id(), task.namespace_(),
+                      task.job_id(), task.task_group_name()};
 }
 
 namespace {

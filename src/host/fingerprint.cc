@@ -17,13 +17,21 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "base/small_file.h"
 #include "host/run_command.h"
+#include "nlohmann/json.hpp"
+#include "nomadplugin/hclog.h"
 
 namespace ndq {
 namespace {
 
 constexpr absl::string_view kEmulatorPrefix = "qemu-system-";
 constexpr absl::Duration kProbeTimeout = timeouts::kFingerprintProbe;
+
+// The facts file holds a few emulators' machine and device lists.
+constexpr size_t kMaxFactsFileBytes = 4 << 20;
+
+int64_t Nanos(const timespec& t) { return static_cast<int64_t>(t.tv_sec) * 1000000000 + t.tv_nsec; }
 
 bool IsExecutableFile(const std::string& path) {
   struct stat st;
@@ -189,26 +197,122 @@ Fingerprinter::BinaryIdentity Fingerprinter::IdentityOf(const std::string& path)
   struct stat st {};
   ::stat(path.c_str(), &st);
   return BinaryIdentity{static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino),
-                        static_cast<uint64_t>(st.st_size),
-                        static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec};
+                        static_cast<uint64_t>(st.st_size), Nanos(st.st_mtim), Nanos(st.st_ctim)};
+}
+
+std::optional<Fingerprinter::BinaryFacts> Fingerprinter::KnownFacts(const std::string& path) {
+  const BinaryIdentity identity = IdentityOf(path);
+  absl::MutexLock lock(&mu_);
+  if (auto it = facts_.find(path); it != facts_.end() && it->second.identity == identity) return it->second;
+  return std::nullopt;
 }
 
 Fingerprinter::BinaryFacts Fingerprinter::FactsFor(const std::string& path) {
   const BinaryIdentity identity = IdentityOf(path);
   {
     absl::MutexLock lock(&mu_);
+    // Another caller probing this binary: its answer is ours too.
+    auto not_probing = [this, &path]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return probing_.count(path) == 0; };
+    mu_.Await(absl::Condition(&not_probing));
     if (auto it = facts_.find(path); it != facts_.end() && it->second.identity == identity) {
       return it->second;
     }
     ++probes_;
+    probing_.insert(path);
   }
   // Run without the lock: a hung binary must not hold up every other caller
   // for kProbeTimeout per command.
   BinaryFacts facts = RunProbes(path);
   facts.identity = identity;
   absl::MutexLock lock(&mu_);
+  probing_.erase(path);
   facts_[path] = facts;
+  SaveFacts();
   return facts;
+}
+
+void Fingerprinter::KeepFactsIn(const std::string& path) {
+  std::optional<std::string> text = ReadSmallFile(path, nullptr, kMaxFactsFileBytes);
+  absl::MutexLock lock(&mu_);
+  facts_file_ = path;
+  if (text) LoadFacts(*text);
+}
+
+namespace {
+
+nlohmann::json IdentityJson(uint64_t device, uint64_t inode, uint64_t size, int64_t mtime_ns, int64_t ctime_ns) {
+  return nlohmann::json::array({device, inode, size, mtime_ns, ctime_ns});
+}
+
+}  // namespace
+
+void Fingerprinter::SaveFacts() {
+  if (facts_file_.empty()) return;
+  nlohmann::json emulators = nlohmann::json::object();
+  for (const auto& [path, f] : facts_) {
+    if (!f.error.empty()) continue;  // a failure is worth trying again next launch
+    const BinaryIdentity& id = f.identity;
+    emulators[path] = {{"identity", IdentityJson(id.device, id.inode, id.size, id.mtime_ns, id.ctime_ns)},
+                       {"version", f.version},
+                       {"accelerators", f.accelerators},
+                       {"machines", f.machines},
+                       {"net_devices", f.net_devices}};
+  }
+  nlohmann::json doc = {{"format", 1}, {"emulators", emulators}};
+  if (!swtpm_.path.empty()) {
+    const BinaryIdentity& id = swtpm_.identity;
+    doc["swtpm"] = {{"path", swtpm_.path},
+                    {"identity", IdentityJson(id.device, id.inode, id.size, id.mtime_ns, id.ctime_ns)},
+                    {"runs", swtpm_.runs}};
+  }
+  if (absl::Status written = WriteSmallFileAtomically(facts_file_, doc.dump()); !written.ok()) {
+    nomadplugin::hclog::Warn("cannot keep the host's probed facts", {{"error", std::string(written.message())}});
+  }
+}
+
+void Fingerprinter::LoadFacts(const std::string& text) {
+  const nlohmann::json doc = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (!doc.is_object() || doc.value("format", 0) != 1) return;
+  auto identity_of = [](const nlohmann::json& j, BinaryIdentity* out) {
+    if (!j.is_array() || j.size() != 5) return false;
+    for (const nlohmann::json& part : j) {
+      if (!part.is_number_integer()) return false;
+    }
+    *out = BinaryIdentity{j[0].get<uint64_t>(), j[1].get<uint64_t>(), j[2].get<uint64_t>(), j[3].get<int64_t>(),
+                          j[4].get<int64_t>()};
+    return true;
+  };
+  auto strings = [](const nlohmann::json& j, std::vector<std::string>* out) {
+    if (!j.is_array()) return false;
+    for (const nlohmann::json& item : j) {
+      if (!item.is_string()) return false;
+      out->push_back(item.get<std::string>());
+    }
+    return true;
+  };
+  const nlohmann::json emulators = doc.value("emulators", nlohmann::json::object());
+  for (const auto& [path, entry] : emulators.items()) {
+    BinaryFacts f;
+    if (!entry.is_object() || !identity_of(entry.value("identity", nlohmann::json()), &f.identity) ||
+        !entry.value("version", nlohmann::json()).is_string() ||
+        !strings(entry.value("accelerators", nlohmann::json()), &f.accelerators) ||
+        !strings(entry.value("machines", nlohmann::json()), &f.machines) ||
+        !strings(entry.value("net_devices", nlohmann::json()), &f.net_devices)) {
+      continue;
+    }
+    f.version = entry["version"].get<std::string>();
+    // Kept only while the binary is the one probed; else probed again when asked.
+    if (IdentityOf(path) == f.identity) facts_[path] = std::move(f);
+  }
+  const nlohmann::json swtpm = doc.value("swtpm", nlohmann::json());
+  SwtpmFacts t;
+  if (swtpm.is_object() && swtpm.value("path", nlohmann::json()).is_string() &&
+      swtpm.value("runs", nlohmann::json()).is_boolean() &&
+      identity_of(swtpm.value("identity", nlohmann::json()), &t.identity)) {
+    t.path = swtpm["path"].get<std::string>();
+    t.runs = swtpm["runs"].get<bool>();
+    if (IdentityOf(t.path) == t.identity) swtpm_ = t;
+  }
 }
 
 Fingerprinter::BinaryFacts Fingerprinter::RunProbes(const std::string& path) {
@@ -253,6 +357,7 @@ std::string Fingerprinter::UsableSwtpm() {
   const bool runs = absl::StrContains(ProbeOutput(path, {"--version"}), "TPM emulator");
   absl::MutexLock lock(&mu_);
   swtpm_ = SwtpmFacts{path, identity, runs};
+  SaveFacts();
   return runs ? path : "";
 }
 
@@ -325,6 +430,39 @@ HostCapabilities Fingerprinter::Capabilities(const std::vector<std::string>& emu
   caps.secure_boot = PresentFirmware(firmware_.secure_boot);
   caps.swtpm = UsableSwtpm();
   return caps;
+}
+
+HostCapabilities Fingerprinter::CapabilitiesFor(const std::string& emulator) {
+  std::map<std::string, std::string> found;
+  {
+    absl::MutexLock lock(&mu_);
+    found = FindEmulators();
+  }
+  HostCapabilities caps;
+  for (const auto& [name, path] : found) {
+    caps.emulators[name] = path;
+    std::optional<BinaryFacts> facts = name == emulator ? FactsFor(path) : KnownFacts(path);
+    if (!facts || !facts->error.empty()) continue;
+    caps.machines[name] = facts->machines;
+    caps.net_devices[name] = facts->net_devices;
+    caps.versions[name] = facts->version;
+  }
+  caps.uefi = PresentFirmware(firmware_.uefi);
+  caps.secure_boot = PresentFirmware(firmware_.secure_boot);
+  caps.swtpm = UsableSwtpm();
+  return caps;
+}
+
+void Fingerprinter::WarmUp(const std::vector<std::string>& emulators_allowlist) {
+  std::map<std::string, std::string> found;
+  {
+    absl::MutexLock lock(&mu_);
+    found = FindEmulators();
+  }
+  const std::vector<std::string> allowed = AllowedEmulators(found, emulators_allowlist);
+  if (!allowed.empty()) FactsFor(found.at(PrimaryEmulator(allowed)));
+  UsableSwtpm();
+  for (const auto& [name, path] : found) FactsFor(path);
 }
 
 std::map<std::string, std::string> Fingerprinter::Emulators() {

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
+#include <set>
 #include <string>
 #include <variant>
 #include <vector>
@@ -75,6 +77,21 @@ class Fingerprinter {
   // when they changed, as for Probe.
   HostCapabilities Capabilities(const std::vector<std::string>& emulators_allowlist);
 
+  // What one start needs, without running every emulator on PATH: all
+  // emulators are listed, but only `emulator` ("x86_64") is probed when its
+  // facts are not known yet; the others carry facts only when already known.
+  HostCapabilities CapabilitiesFor(const std::string& emulator);
+
+  // Probes what is not known yet: the primary emulator first (the one the
+  // fingerprint reports), then the others and swtpm. Run in the background at
+  // launch, so neither the first Fingerprint nor a StartTask waits for it.
+  void WarmUp(const std::vector<std::string>& emulators_allowlist);
+
+  // Keeps what probing found in `path` (JSON, written atomically), keyed by
+  // each binary's path and identity, and loads what is there now: a newly
+  // launched plugin runs a binary again only when it changed.
+  void KeepFactsIn(const std::string& path);
+
   // How many times a binary was probed (an emulator: run with --version,
   // -accel help, -machine help and -device help; swtpm: with --version).
   int binary_probes() const;
@@ -82,9 +99,10 @@ class Fingerprinter {
  private:
   struct BinaryIdentity {
     uint64_t device = 0, inode = 0, size = 0;
-    int64_t mtime_ns = 0;
+    int64_t mtime_ns = 0, ctime_ns = 0;  // ctime: no one but the kernel sets it
     bool operator==(const BinaryIdentity& o) const {
-      return device == o.device && inode == o.inode && size == o.size && mtime_ns == o.mtime_ns;
+      return device == o.device && inode == o.inode && size == o.size && mtime_ns == o.mtime_ns &&
+             ctime_ns == o.ctime_ns;
     }
   };
   struct BinaryFacts {
@@ -105,8 +123,14 @@ class Fingerprinter {
   std::map<std::string, std::string> FindEmulators() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // qemu-system-* names in one directory, listed again only when its mtime changes.
   const std::vector<std::string>& EmulatorNamesIn(const std::string& dir) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Cached per binary identity; the binary runs only on a miss, without mu_.
+  // Cached per binary identity; the binary runs only on a miss, without mu_,
+  // and once however many callers miss at the same time.
   BinaryFacts FactsFor(const std::string& path) ABSL_LOCKS_EXCLUDED(mu_);
+  // The cached facts of `path` if its binary is unchanged since.
+  std::optional<BinaryFacts> KnownFacts(const std::string& path) ABSL_LOCKS_EXCLUDED(mu_);
+  // Writes facts_ and swtpm_ to facts_file_ (when set).
+  void SaveFacts() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void LoadFacts(const std::string& text) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static BinaryFacts RunProbes(const std::string& path);
   static BinaryIdentity IdentityOf(const std::string& path);
   // The swtpm binary on PATH when it runs; empty otherwise. Run once per change.
@@ -117,6 +141,8 @@ class Fingerprinter {
   const FirmwarePaths firmware_;
   mutable absl::Mutex mu_;
   std::map<std::string, BinaryFacts> facts_ ABSL_GUARDED_BY(mu_);
+  std::set<std::string> probing_ ABSL_GUARDED_BY(mu_);  // binaries being run right now
+  std::string facts_file_ ABSL_GUARDED_BY(mu_);
   struct DirListing {
     int64_t mtime_ns = -1;
     std::vector<std::string> names;

@@ -28,7 +28,9 @@
 namespace ndq {
 namespace {
 
-constexpr int kFormatVersion = 1;  // bump when a template's layout or meaning changes
+// Bump when a template's layout or meaning changes; templates of another
+// format are never used (RemoveOtherFormats). 2: the key holds the job.
+constexpr int kFormatVersion = 2;
 constexpr char kManifest[] = "manifest.json";
 constexpr size_t kChunk = 1 << 20;
 
@@ -76,9 +78,14 @@ std::optional<nlohmann::json> ReadManifest(const std::string& dir) {
   return manifest;
 }
 
+nlohmann::json OwnerJson(const TemplateOwner& owner) {
+  return {{"namespace", owner.namespace_name}, {"job_id", owner.job_id}, {"task_group", owner.task_group},
+          {"task", owner.task}};
+}
+
 nlohmann::json IdentityJson(const TemplateIdentity& id) {
-  return {{"owner", id.owner},       {"image_digest", id.image_digest}, {"config_digest", id.config_digest},
-          {"qemu_version", id.qemu_version}, {"machine", id.machine},   {"memory_mb", id.memory_mb}};
+  return {{"owner", OwnerJson(id.owner)},    {"image_digest", id.image_digest}, {"config_digest", id.config_digest},
+          {"qemu_version", id.qemu_version}, {"machine", id.machine},           {"memory_mb", id.memory_mb}};
 }
 
 // Checks one file of a template against its manifest entry; opens it read-only.
@@ -102,6 +109,11 @@ absl::StatusOr<UniqueFd> CheckedFile(const std::string& dir, const nlohmann::jso
 }
 
 }  // namespace
+
+std::string TemplateOwner::Describe() const {
+  return absl::StrCat("task \"", task, "\" of job \"", job_id, "\" (group \"", task_group, "\", namespace \"",
+                      namespace_name, "\")");
+}
 
 std::string TemplateIdentity::Key() const {
   absl::StatusOr<Hasher> hasher = Hasher::Create("sha256");
@@ -179,6 +191,21 @@ void TemplateStore::Remove(const std::string& key) const {
   if (::rename(DirFor(key).c_str(), doomed.c_str()) == 0) std::filesystem::remove_all(doomed, ignored);
 }
 
+int TemplateStore::RemoveOtherFormats() const {
+  int removed = 0;
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator(dir_, error)) {
+    const std::string name = entry.path().filename().string();
+    if (!absl::StartsWith(name, kTemplatePrefix) || !entry.is_directory(error)) continue;
+    std::optional<nlohmann::json> manifest = ReadManifest(entry.path().string());
+    // No manifest at all: a broken template; Open removes it when asked for.
+    if (!manifest || manifest->value("format", 0) == kFormatVersion) continue;
+    Remove(name.substr(std::strlen(kTemplatePrefix)));
+    ++removed;
+  }
+  return removed;
+}
+
 std::string TemplateStore::ExplainMiss(const TemplateIdentity& id) const {
   // The owner's most recent template.
   std::optional<nlohmann::json> latest;
@@ -188,7 +215,9 @@ std::string TemplateStore::ExplainMiss(const TemplateIdentity& id) const {
     const std::string name = entry.path().filename().string();
     if (!absl::StartsWith(name, kTemplatePrefix) || !entry.is_directory(error)) continue;
     std::optional<nlohmann::json> manifest = ReadManifest(entry.path().string());
-    if (!manifest || manifest->value("identity", nlohmann::json()).value("owner", "") != id.owner) continue;
+    if (!manifest || manifest->value("identity", nlohmann::json()).value("owner", nlohmann::json()) != OwnerJson(id.owner)) {
+      continue;
+    }
     const auto time = entry.last_write_time(error);
     if (!latest || time > latest_time) {
       latest = (*manifest)["identity"];
@@ -207,8 +236,8 @@ std::string TemplateStore::ExplainMiss(const TemplateIdentity& id) const {
     changed.push_back("the VM's configuration changed (args, memory, CPUs or devices)");
   }
   if (changed.empty()) return "no template yet";
-  return absl::StrCat("no template fits: ", absl::StrJoin(changed, ", "), " since the last template of task \"",
-                      id.owner, "\"");
+  return absl::StrCat("no template fits: ", absl::StrJoin(changed, ", "), " since the last template of ",
+                      id.owner.Describe());
 }
 
 // --- writing --------------------------------------------------------------------

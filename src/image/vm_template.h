@@ -19,8 +19,22 @@ namespace ndq {
 
 // Everything that shapes the saved VM. The key is a hash of all of it; the
 // parts are kept in the template's manifest so a miss can say what changed.
+// A template carries whatever its guest did and made (files, host keys,
+// tokens), so it never leaves the task it was saved from: the job (its
+// namespace and ID), the task group and the task are part of the key.
+struct TemplateOwner {
+  std::string namespace_name;
+  std::string job_id;
+  std::string task_group;
+  std::string task;
+  bool operator==(const TemplateOwner& o) const {
+    return namespace_name == o.namespace_name && job_id == o.job_id && task_group == o.task_group && task == o.task;
+  }
+  std::string Describe() const;  // "task \"web\" of job \"shop\" (group \"g\", namespace \"default\")"
+};
+
 struct TemplateIdentity {
-  std::string owner;          // the task's name: its earlier templates explain a miss
+  TemplateOwner owner;        // its earlier templates also explain a miss
   std::string image_digest;   // the boot image's content (ContentDigest of every layer)
   std::string config_digest;  // the planned VM: argv without per-task paths and ports, QEMU's user
   std::string qemu_version;
@@ -63,6 +77,12 @@ class TemplateStore {
 
   // Removes a template (a restore that failed on it).
   void Remove(const std::string& key) const;
+
+  // Removes every template written in another format than this build's
+  // (whose key does not hold what this build's key holds, e.g. the job);
+  // returns how many. Such a template could never be found by its key, and
+  // must never be taken by a start that computes an old key.
+  int RemoveOtherFormats() const;
 
   // Builds one template in a staging directory; nothing is visible under
   // tpl-<key> until Publish. Dropped unpublished, the staging is removed.

@@ -15,6 +15,10 @@ struct TaskIdentity {
   std::string id;  // Nomad's "<alloc id>/<task name>/<random>"
   std::string name;
   std::string alloc_id;
+  // Whose task it is: what a saved VM (a warm template) is kept within.
+  std::string namespace_name = {};
+  std::string job_id = {};
+  std::string task_group = {};
 };
 
 // A port of the task's own network (networks[0]: reserved, then dynamic).

@@ -170,14 +170,22 @@ void PlanImage(const TaskConfig& config, const PreparedImage* prepared, VmSpec& 
   if (config.image_format.has_value()) spec.image_format = *config.image_format;
 }
 
-void PlanEmulator(const TaskConfig& config, const PluginConfig& plugin, const HostCapabilities& host, VmSpec& spec,
-                  std::vector<std::string>& problems) {
-  const std::map<std::string, std::string>& emulators = host.emulators;
+}  // namespace
+
+std::string EmulatorName(const TaskConfig& config) {
   // "qemu-system-x86_64" is accepted as Nomad 1.11.1 required the full name.
   const std::string given = OrDefault(config.emulator, kDefaultEmulator);
   absl::string_view name = given;
   absl::ConsumePrefix(&name, "qemu-system-");
-  spec.emulator = std::string(name);
+  return std::string(name);
+}
+
+namespace {
+
+void PlanEmulator(const TaskConfig& config, const PluginConfig& plugin, const HostCapabilities& host, VmSpec& spec,
+                  std::vector<std::string>& problems) {
+  const std::map<std::string, std::string>& emulators = host.emulators;
+  spec.emulator = EmulatorName(config);
   if (absl::Status allowed = CheckEmulatorAllowed(spec.emulator, plugin.emulators_allowlist); !allowed.ok()) {
     problems.push_back(std::string(allowed.message()));
     return;

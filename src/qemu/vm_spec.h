@@ -187,6 +187,10 @@ struct PreparedImage {
 absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config, const TaskRequest& task, const PluginConfig& plugin,
                               const HostCapabilities& host, const PreparedImage* prepared = nullptr);
 
+// The emulator a job asks for ("x86_64" by default; "qemu-system-" dropped):
+// the one binary a start needs the facts of.
+std::string EmulatorName(const TaskConfig& config);
+
 // The MAC a task gets when its job names none: locally administered,
 // unicast, and the same for the same alloc and task, so a restarted task
 // keeps its address.

@@ -395,14 +395,15 @@ absl::StatusOr<HostPlace> PrepareHost(const TaskRequest& task, const PluginConfi
 // --- warm start -------------------------------------------------------------------------
 
 absl::StatusOr<WarmStart> PrepareWarm(const TaskRequest& task, const VmSpec& spec, OpenDisks& disks,
-                                      const HostPlace& place, const StartDeps& deps, Rollback& rollback) {
+                                      const HostPlace& place, const HostCapabilities& host, const StartDeps& deps,
+                                      Rollback& rollback) {
   if (!spec.warm.enabled) return WarmStart{};
   VmSpec opened = spec;  // with the boot chain as opened, as QEMU would get it
   opened.disk = disks.boot;
-  const auto version = deps.capabilities.versions.find(spec.emulator);
+  const auto version = host.versions.find(spec.emulator);
   const WarmContext context{task,
                             opened,
-                            version == deps.capabilities.versions.end() ? "" : version->second,
+                            version == host.versions.end() ? "" : version->second,
                             place.qemu_user,
                             deps.cache,
                             TaskKey(task.identity.id),
@@ -454,7 +455,8 @@ absl::Status SharesReadable(const VmSpec& spec, const OpenDisks& disks, const Ho
 
 absl::StatusOr<Supervisor> Launch(const TaskRequest& task, const VmSpec& spec, OpenDisks& disks,
                                   const WarmStart& warm, const AttachedNic& nic, const HostPlace& place,
-                                  const std::string& netns, const StartDeps& deps, Rollback& rollback) {
+                                  const std::string& netns, const std::string& swtpm, const StartDeps& deps,
+                                  Rollback& rollback) {
   VmSpec launched = spec;
   launched.network.tap_fd = nic.tap_fd;
   launched.disk = warm.mode == WarmMode::kOff ? disks.boot : warm.boot;
@@ -472,7 +474,7 @@ absl::StatusOr<Supervisor> Launch(const TaskRequest& task, const VmSpec& spec, O
       BuildQemuArgv(launched, RuntimePaths{record.qmp_socket, record.guest_agent_socket, place.tpm_socket});
   supervisor::Placement placement{record.cgroup.ProcsFiles(), netns, static_cast<int>(disks.fds.size())};
   if (spec.tpm) {
-    placement.swtpm_path = deps.capabilities.swtpm;
+    placement.swtpm_path = swtpm;
     placement.swtpm_state_dir = place.tpm_state_dir;
     placement.swtpm_socket = place.tpm_socket;
   }
@@ -677,8 +679,10 @@ absl::StatusOr<LaunchedVm> RunStartPipeline(const TaskRequest& task, const Plugi
     return AdmitImage(task, *decoded, plugin, deps, rollback);
   });
   if (!image.ok()) return image.status();
+  HostCapabilities host;
   absl::StatusOr<VmSpec> spec = RunStage(StartStage::kPlanVm, deps, [&] {
-    return PlanVm(decoded->config, task, plugin, deps.capabilities, image->prepared ? &*image->prepared : nullptr);
+    host = deps.capabilities(EmulatorName(decoded->config));
+    return PlanVm(decoded->config, task, plugin, host, image->prepared ? &*image->prepared : nullptr);
   });
   if (!spec.ok()) return spec.status();
   absl::StatusOr<MediaFiles> media = RunStage(StartStage::kPrepareMedia, deps, [&] {
@@ -694,7 +698,7 @@ absl::StatusOr<LaunchedVm> RunStartPipeline(const TaskRequest& task, const Plugi
   if (!place.ok()) return place.status();
   if (absl::Status shares = SharesReadable(*spec, *disks, *place); !shares.ok()) return shares;
   absl::StatusOr<WarmStart> warm = RunStage(StartStage::kWarmStart, deps, [&] {
-    return PrepareWarm(task, *spec, *disks, *place, deps, rollback);
+    return PrepareWarm(task, *spec, *disks, *place, host, deps, rollback);
   });
   if (!warm.ok()) return warm.status();
   absl::StatusOr<AttachedNic> nic = RunStage(StartStage::kAttachNetwork, deps, [&] {
@@ -702,7 +706,7 @@ absl::StatusOr<LaunchedVm> RunStartPipeline(const TaskRequest& task, const Plugi
   });
   if (!nic.ok()) return nic.status();
   absl::StatusOr<Supervisor> supervisor = RunStage(StartStage::kLaunch, deps, [&] {
-    return Launch(task, *spec, *disks, *warm, *nic, *place, decoded->netns, deps, rollback);
+    return Launch(task, *spec, *disks, *warm, *nic, *place, decoded->netns, host.swtpm, deps, rollback);
   });
   if (!supervisor.ok()) return supervisor.status();
   absl::StatusOr<Qemu> qemu = RunStage(StartStage::kAwaitQmp, deps, [&] { return AwaitQmp(*place, *supervisor, deps); });

@@ -65,7 +65,9 @@ const char* StartStageName(StartStage stage);
 struct StartDeps {
   VmHost* host = nullptr;
   ImageCache* cache = nullptr;
-  HostCapabilities capabilities;
+  // What the host offers, with the facts of the named emulator ("x86_64")
+  // probed if not known yet (host/fingerprint.h: CapabilitiesFor).
+  std::function<HostCapabilities(const std::string& emulator)> capabilities;
   std::string supervisor_path;
   std::string state_root;
   absl::Duration qmp_timeout;

@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdlib>
 #include <filesystem>
 #include <set>
@@ -22,6 +23,9 @@ namespace ndq {
 namespace {
 
 namespace log = nomadplugin::hclog;
+
+// What the fingerprinter found, kept in the state dir for the next launch.
+constexpr char kHostFactsFile[] = "host-facts.json";
 
 absl::Status WithTaskPrefix(const absl::Status& status, const std::string& id) {
   return absl::Status(status.code(), absl::StrCat("task ", id, ": ", status.message()));
@@ -43,6 +47,33 @@ TaskManager::TaskManager(TaskManagerOptions options, ConfigSource config, Finger
       fingerprinter_(fingerprinter),
       events_(events),
       host_(options_.host != nullptr ? options_.host : &system_host_) {}
+
+TaskManager::~TaskManager() { AwaitPrepared(); }
+
+void TaskManager::Prepare() {
+  AwaitPrepared();  // a second SetConfig: one preparation at a time
+  absl::MutexLock lock(&prepare_mu_);
+  preparer_ = std::thread([this] {
+    const PluginConfig plugin = config_();
+    const std::string root = StateRoot();
+    const absl::Time started = absl::Now();
+    if (::mkdir(root.c_str(), 0711) == 0 || errno == EEXIST) fingerprinter_->KeepFactsIn(root + "/" + kHostFactsFile);
+    fingerprinter_->WarmUp(plugin.emulators_allowlist);
+    const int removed = TemplateStore(CacheDir()).RemoveOtherFormats();
+    log::Debug("host probed and cache tidied", {{"ms", absl::ToDoubleMilliseconds(absl::Now() - started)},
+                                                {"binary_probes", fingerprinter_->binary_probes()},
+                                                {"stale_templates_removed", removed}});
+  });
+}
+
+void TaskManager::AwaitPrepared() {
+  std::thread running;
+  {
+    absl::MutexLock lock(&prepare_mu_);
+    running = std::move(preparer_);
+  }
+  if (running.joinable()) running.join();
+}
 
 void TaskManager::Emit(const TaskIdentity& task, const std::string& message,
                        const std::map<std::string, std::string>& annotations) {
@@ -231,7 +262,11 @@ StartDeps TaskManager::StartDepsFor(const TaskIdentity& task, const PluginConfig
   deps.host = host_;
   deps.cache = &CacheAt(CacheDir());
   // Unfiltered: planning applies the allowlist and names it in its error.
-  deps.capabilities = fingerprinter_->Capabilities({});
+  // Only the task's own emulator is probed, and only when the launch's
+  // background probing (Prepare) has not done it yet.
+  deps.capabilities = [fingerprinter = fingerprinter_](const std::string& emulator) {
+    return fingerprinter->CapabilitiesFor(emulator);
+  };
   deps.supervisor_path = plugin.supervisor_path.empty() ? options_.supervisor_path : plugin.supervisor_path;
   deps.state_root = StateRoot();
   deps.qmp_timeout = options_.start_timeout;

@@ -9,6 +9,7 @@
 #include <set>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
@@ -65,6 +66,15 @@ class TaskManager {
  public:
   using ConfigSource = std::function<PluginConfig()>;
   TaskManager(TaskManagerOptions options, ConfigSource config, Fingerprinter* fingerprinter, EventBus* events);
+  ~TaskManager();
+
+  // Once the plugin is configured: in the background, probes the host
+  // (keeping the facts in the state dir, so a relaunched plugin runs no
+  // unchanged binary again) and removes warm templates no start may use any
+  // more (another format's key). Returns at once.
+  void Prepare();
+  // Waits for Prepare's background work (tests).
+  void AwaitPrepared();
 
   // Runs the task's VM; returns its driver state (for Nomad's TaskHandle)
   // once QEMU answers on QMP. On failure nothing is left behind: no process,
@@ -149,6 +159,9 @@ class TaskManager {
   std::set<std::string> reported_isolation_ ABSL_GUARDED_BY(mu_);
   // Why a task's boot failed (boot_timeout), for its exit result.
   std::map<std::string, std::string> boot_failures_ ABSL_GUARDED_BY(mu_);
+
+  absl::Mutex prepare_mu_;
+  std::thread preparer_ ABSL_GUARDED_BY(prepare_mu_);
 
   // Declared last so it is destroyed first: its thread, which calls back into
   // the members above, is joined while they still exist.

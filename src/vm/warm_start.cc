@@ -67,7 +67,8 @@ absl::StatusOr<std::vector<DiskNode>> ReadOnlyBase(const WarmContext& c) {
 
 absl::StatusOr<TemplateIdentity> IdentityFor(const WarmContext& c) {
   TemplateIdentity id;
-  id.owner = c.task.identity.name;
+  const TaskIdentity& who = c.task.identity;
+  id.owner = TemplateOwner{who.namespace_name, who.job_id, who.task_group, who.name};
   std::vector<std::string> digests;
   for (const DiskNode& node : c.spec.disk) {
     absl::StatusOr<std::string> digest = ContentDigest(c.local_fd(node.fd));

@@ -14,6 +14,10 @@ driverpb::TaskConfig FullTask() {
   task.set_id("9f1c/web/1");
   task.set_name("web");
   task.set_alloc_id("9f1c");
+  task.set_namespace_("tenant-a");
+  task.set_job_id("shop");
+  task.set_job_name("shop");
+  task.set_task_group_name("frontend");
   task.set_alloc_dir("/var/nomad/alloc/9f1c");
   task.set_user("nobody");
   task.set_stdout_path("/var/nomad/alloc/9f1c/alloc/logs/web.stdout.0");
@@ -50,6 +54,10 @@ TEST(TaskRequestFromProto, EveryFieldTheCoreUsesIsCarried) {
   EXPECT_EQ(request.identity.id, "9f1c/web/1");
   EXPECT_EQ(request.identity.name, "web");
   EXPECT_EQ(request.identity.alloc_id, "9f1c");
+  // Whose task it is: a warm template never leaves it.
+  EXPECT_EQ(request.identity.namespace_name, "tenant-a");
+  EXPECT_EQ(request.identity.job_id, "shop");
+  EXPECT_EQ(request.identity.task_group, "frontend");
   EXPECT_EQ(request.alloc_dir, "/var/nomad/alloc/9f1c");
   EXPECT_EQ(request.task_dir(), "/var/nomad/alloc/9f1c/web");
   EXPECT_EQ(request.user, "nobody");

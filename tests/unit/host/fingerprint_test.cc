@@ -317,6 +317,80 @@ TEST_F(FakeHostTest, EachBinaryRunsOncePerChangeForProbeAndCapabilities) {
   EXPECT_EQ(fingerprinter.binary_probes(), 3);
 }
 
+TEST_F(FakeHostTest, AStartProbesItsOwnEmulatorOnlyAndOnlyOnce) {
+  // A second emulator that logs its runs elsewhere.
+  WriteScript(bin_ / "qemu-system-i386", "echo \"$*\" >> '" + (bin_ / "i386-runs") + "'\n"
+                                         "echo 'QEMU emulator version 7.2.22'");
+  Fingerprinter fingerprinter(bin_.path(), bin_ / "no-kvm", Firmware());
+  HostCapabilities caps = fingerprinter.CapabilitiesFor("x86_64");
+  // Both are listed (a wrong emulator's error names what the host has) ...
+  EXPECT_EQ(caps.emulators.size(), 2u);
+  EXPECT_EQ(caps.machines.at("x86_64"), ParseMachineList(kMachineHelp));
+  EXPECT_EQ(caps.versions.at("x86_64"), "7.2.22");
+  // ... but the other one was not run.
+  EXPECT_EQ(caps.machines.count("i386"), 0u);
+  EXPECT_FALSE(std::filesystem::exists(bin_ / "i386-runs"));
+  EXPECT_EQ(Runs().size(), 4u);
+  fingerprinter.CapabilitiesFor("x86_64");
+  EXPECT_EQ(Runs().size(), 4u);
+
+  // Once the background warm-up has probed it, a start sees its facts.
+  fingerprinter.WarmUp({});
+  EXPECT_TRUE(std::filesystem::exists(bin_ / "i386-runs"));
+  EXPECT_EQ(fingerprinter.CapabilitiesFor("x86_64").versions.count("i386"), 1u);
+  EXPECT_EQ(Runs().size(), 4u);
+}
+
+TEST_F(FakeHostTest, ANewlyLaunchedPluginRunsNoUnchangedBinaryAgain) {
+  AddSwtpm();
+  const std::string facts = bin_ / "host-facts.json";
+  Fingerprint first;
+  {
+    Fingerprinter fingerprinter(bin_.path(), bin_ / "no-kvm", Firmware());
+    fingerprinter.KeepFactsIn(facts);
+    fingerprinter.WarmUp({});
+    first = fingerprinter.Probe({});
+    EXPECT_EQ(fingerprinter.binary_probes(), 2);
+  }
+  const size_t runs = Runs().size();
+  {
+    // The next launch: the same answers, no binary run.
+    Fingerprinter fingerprinter(bin_.path(), bin_ / "no-kvm", Firmware());
+    fingerprinter.KeepFactsIn(facts);
+    EXPECT_EQ(fingerprinter.Probe({}), first);
+    EXPECT_EQ(fingerprinter.CapabilitiesFor("x86_64").swtpm, bin_ / "swtpm");
+    EXPECT_EQ(fingerprinter.binary_probes(), 0);
+    EXPECT_EQ(Runs().size(), runs);
+  }
+  {
+    // An upgraded emulator (same size, new file) is run again.
+    std::filesystem::copy_file(bin_ / "qemu-system-x86_64", bin_ / "new", std::filesystem::copy_options::overwrite_existing);
+    std::filesystem::rename(bin_ / "new", bin_ / "qemu-system-x86_64");
+    Fingerprinter fingerprinter(bin_.path(), bin_ / "no-kvm", Firmware());
+    fingerprinter.KeepFactsIn(facts);
+    EXPECT_EQ(fingerprinter.Probe({}), first);
+    EXPECT_EQ(fingerprinter.binary_probes(), 1);
+  }
+  {
+    // A damaged facts file is only a cache miss.
+    std::ofstream(facts) << "{\"format\": 1, \"emulators\": {\"" << (bin_ / "qemu-system-x86_64")
+                         << "\": {\"identity\": \"nonsense\"}}}";
+    Fingerprinter fingerprinter(bin_.path(), bin_ / "no-kvm", Firmware());
+    fingerprinter.KeepFactsIn(facts);
+    EXPECT_EQ(fingerprinter.Probe({}), first);
+    EXPECT_EQ(fingerprinter.binary_probes(), 2);
+  }
+}
+
+TEST_F(FakeHostTest, CallersThatMissTogetherShareOneProbe) {
+  Fingerprinter fingerprinter(bin_.path(), bin_ / "no-kvm", Firmware());
+  std::vector<std::thread> callers;
+  for (int i = 0; i < 4; ++i) callers.emplace_back([&] { fingerprinter.CapabilitiesFor("x86_64"); });
+  for (std::thread& t : callers) t.join();
+  EXPECT_EQ(fingerprinter.binary_probes(), 1);
+  EXPECT_EQ(Runs().size(), 4u);
+}
+
 TEST_F(FakeHostTest, FirmwareNeedsBothFilesOfAFlavour) {
   Fingerprinter fingerprinter(bin_.path(), bin_ / "no-kvm", Firmware());
   AddFirmware("CODE.fd");                                           // no VARS.fd yet

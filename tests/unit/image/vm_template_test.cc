@@ -62,7 +62,7 @@ class Templates : public ::testing::Test {
  protected:
   void SetUp() override {
     cache_ = tmp_.path() + "/cache";
-    id_ = TemplateIdentity{"web", "img-1", "cfg-1", "7.2.22", "pc", 64};
+    id_ = TemplateIdentity{TemplateOwner{"tenant-a", "shop", "frontend", "web"}, "img-1", "cfg-1", "7.2.22", "pc", 64};
   }
   // Writes and publishes a template for `id` with 4 MiB of RAM.
   absl::Status Save(const TemplateIdentity& id) {
@@ -120,7 +120,12 @@ TEST_F(Templates, KeyCoversEveryPartOfTheIdentity) {
   for (auto change : std::vector<std::function<void(TemplateIdentity&)>>{
            [](TemplateIdentity& i) { i.image_digest = "img-2"; }, [](TemplateIdentity& i) { i.config_digest = "x"; },
            [](TemplateIdentity& i) { i.qemu_version = "8.2.0"; }, [](TemplateIdentity& i) { i.machine = "q35"; },
-           [](TemplateIdentity& i) { i.memory_mb = 128; }, [](TemplateIdentity& i) { i.owner = "api"; }}) {
+           [](TemplateIdentity& i) { i.memory_mb = 128; }, [](TemplateIdentity& i) { i.owner.task = "api"; },
+           // The same job ID in another namespace is another job; so is
+           // another job, and another group of the same job.
+           [](TemplateIdentity& i) { i.owner.namespace_name = "tenant-b"; },
+           [](TemplateIdentity& i) { i.owner.job_id = "shop2"; },
+           [](TemplateIdentity& i) { i.owner.task_group = "backend"; }}) {
     TemplateIdentity other = id_;
     change(other);
     EXPECT_NE(other.Key(), key);
@@ -147,12 +152,40 @@ TEST_F(Templates, AMissSaysWhatChanged) {
     absl::StatusOr<OpenedTemplate> miss = store_.Open(other);
     ASSERT_TRUE(absl::IsNotFound(miss.status())) << c.said;
     EXPECT_THAT(miss.status().message(), HasSubstr(c.said));
-    EXPECT_THAT(miss.status().message(), HasSubstr("since the last template of task \"web\""));
+    EXPECT_THAT(miss.status().message(),
+                HasSubstr("since the last template of task \"web\" of job \"shop\" (group \"frontend\", "
+                          "namespace \"tenant-a\")"));
   }
+  // Another job's template is never named, let alone taken: the same
+  // config in another namespace is simply "no template yet".
   TemplateIdentity stranger = id_;
-  stranger.owner = "api";
+  stranger.owner.namespace_name = "tenant-b";
+  EXPECT_EQ(store_.Open(stranger).status().message(), "no template yet");
   stranger.image_digest = "img-9";
   EXPECT_EQ(store_.Open(stranger).status().message(), "no template yet");
+}
+
+TEST_F(Templates, TemplatesOfAnotherFormatAreRemoved) {
+  ASSERT_TRUE(Save(id_).ok());
+  TemplateIdentity other = id_;
+  other.owner.task = "api";
+  ASSERT_TRUE(Save(other).ok());
+  // A template written by an earlier build, whose key did not hold the job.
+  const std::string old_dir = store_.DirFor(other.Key());
+  ::chmod(old_dir.c_str(), 0700);
+  const std::string manifest_path = old_dir + "/manifest.json";
+  std::string manifest = ReadAll(UniqueFd(::open(manifest_path.c_str(), O_RDONLY)).get());
+  const size_t at = manifest.find("\"format\": 2");
+  ASSERT_NE(at, std::string::npos) << manifest;
+  manifest.replace(at, 11, "\"format\": 1");
+  ::unlink(manifest_path.c_str());
+  std::ofstream(manifest_path) << manifest;
+  ASSERT_THAT(ReadAll(UniqueFd(::open(manifest_path.c_str(), O_RDONLY)).get()), HasSubstr("\"format\": 1"));
+
+  EXPECT_EQ(store_.RemoveOtherFormats(), 1);
+  EXPECT_FALSE(fs::exists(old_dir));
+  EXPECT_TRUE(store_.Open(id_).ok());
+  EXPECT_EQ(store_.RemoveOtherFormats(), 0);
 }
 
 TEST_F(Templates, ATruncatedOrAlteredFileFailsItsCheckAndTheTemplateGoes) {
