@@ -304,7 +304,41 @@ absl::Status TaskManager::Register(const TaskIdentity& task, LaunchedVm launched
   }
   if (launched.spec.boot_watch.timeout > absl::ZeroDuration()) WatchBoot(task, vm, launched);
   if (launched.warm_capture) WatchWarm(task, vm, launched);
+  if (launched.record.warm_start == "restored" && launched.spec.guest_agent) SetRestoredClock(task, vm, launched);
   return absl::OkStatus();
+}
+
+void TaskManager::SetRestoredClock(const TaskIdentity& task, const std::shared_ptr<VmTask>& vm,
+                                   const LaunchedVm& launched) {
+  // The guest resumed with the template's time; once its agent answers, the
+  // host's time is set, so logs, certificates and timers are not off by the
+  // template's age. Not on StartTask's path: the agent answers after the
+  // guest has run a little.
+  BootWatchContext context;
+  context.vm = vm;
+  context.plan.guest_agent = true;
+  context.plan.timeout = kRestoredClockTimeout;
+  context.netns = launched.netns;
+  context.started = absl::Now();
+  std::weak_ptr<VmTask> weak = vm;
+  context.on_ready = [this, task, weak](const std::string&, absl::Duration) {
+    std::shared_ptr<VmTask> held = weak.lock();
+    if (!held) return;
+    absl::Status set = SetGuestClock(*held);
+    if (set.ok()) {
+      Emit(task, "Warm start: the guest's clock was set to the host's time", {{"warm_clock", "set"}});
+    } else {
+      Emit(task, absl::StrCat("Warm start: the guest's clock could not be set: ", set.message()),
+           {{"warm_clock", "failed"}});
+    }
+  };
+  context.on_timeout = [this, task] {
+    Emit(task, "Warm start: the guest's clock was not set: its agent did not answer within " +
+                   absl::FormatDuration(kRestoredClockTimeout),
+         {{"warm_clock", "failed"}});
+  };
+  absl::MutexLock lock(&boot_mu_);
+  warm_watches_[task.id] = std::make_unique<BootWatch>(std::move(context));
 }
 
 // --- warm_start ----------------------------------------------------------------------

@@ -62,6 +62,9 @@ inline constexpr char kPowerdownSignal[] = "SIGPWR";
 inline constexpr size_t kBootFailureTailLines = 20;
 inline constexpr absl::Duration kBootFailureStopTimeout = absl::Seconds(5);
 
+// How long a restored guest's agent gets to answer before its clock is set.
+inline constexpr absl::Duration kRestoredClockTimeout = absl::Seconds(60);
+
 class TaskManager {
  public:
   using ConfigSource = std::function<PluginConfig()>;
@@ -136,6 +139,8 @@ class TaskManager {
   // warm_start on a cold VM: once its guest is ready, save it as a template.
   void WatchWarm(const TaskIdentity& task, const std::shared_ptr<VmTask>& vm, LaunchedVm& launched);
   void SaveWarmTemplate(const TaskIdentity& task, VmTask& vm, WarmCapture& capture, const std::string& ready);
+  // A VM restored from a template, with guest_agent: its clock set once the agent answers.
+  void SetRestoredClock(const TaskIdentity& task, const std::shared_ptr<VmTask>& vm, const LaunchedVm& launched);
   // A screenshot asked for by kScreenshotSignal.
   absl::Status Screenshot(VmTask& vm);
   // Keeps the image cache under image_cache_max_size, sparing images in use.

@@ -290,6 +290,18 @@ absl::Status RestoreState(QmpClient& qmp, const WarmStart& warm, const std::stri
   return absl::OkStatus();
 }
 
+absl::Status SetGuestClock(VmTask& vm) {
+  absl::StatusOr<std::shared_ptr<GuestAgentClient>> agent = vm.GuestAgent(timeouts::kQmpCommand);
+  if (!agent.ok()) return agent.status();
+  const int64_t now_ns = absl::ToUnixNanos(absl::Now());
+  absl::StatusOr<nlohmann::json> set = (*agent)->Execute("guest-set-time", {{"time", now_ns}}, timeouts::kQmpCommand);
+  if (!set.ok()) {
+    vm.DropGuestAgent(*agent);
+    return set.status();
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<SavedTemplate> SaveTemplate(VmTask& vm, WarmCapture& capture) {
   const absl::Time started = absl::Now();
   auto execute = [&vm](const std::string& command, const nlohmann::json& arguments) {

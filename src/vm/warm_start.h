@@ -75,6 +75,10 @@ absl::StatusOr<WarmStart> PrepareWarmStart(const WarmContext& context, Rollback&
 absl::Status RestoreState(QmpClient& qmp, const WarmStart& warm, const std::string& cache_dir,
                           const TaskEventSink& emit);
 
+// Sets a restored guest's clock to the host's time through its agent
+// (guest-set-time), which also sets the guest's RTC.
+absl::Status SetGuestClock(VmTask& vm);
+
 // What saving took, for the event and the benchmark.
 struct SavedTemplate {
   std::string key;

@@ -389,7 +389,7 @@ TEST_F(IsolationTest, MissingNetworkNamespaceIsRefusedLeavingNothing) {
   const grpc::Status not_ns = harness_->Start(task, nullptr);
   EXPECT_THAT(not_ns.error_message(), HasSubstr("is not a network namespace"));
   EXPECT_TRUE(ProcessesMentioning(state_dir_).empty());
-  EXPECT_TRUE(!std::filesystem::exists(state_dir_) || std::filesystem::is_empty(state_dir_));
+  EXPECT_THAT(::ndq::testing::VmStateLeft(state_dir_), IsEmpty());
   EXPECT_THAT(CgroupsUnder(harness_->cgroup_parent()), IsEmpty());
 }
 

@@ -221,9 +221,7 @@ TEST_F(VmBridgeTest, HostileBridgeOptionsLeaveNothingBehind) {
     EXPECT_TRUE(WaitUntil([&] { return DriverTaps().empty(); }, absl::Seconds(5))) << DriverTaps();
     EXPECT_THAT(ProcessesMentioning(state_dir_), IsEmpty());
     EXPECT_THAT(netns_.Ports(kBridge), Not(HasSubstr("ndq")));
-    std::error_code no_dir;
-    EXPECT_TRUE(!std::filesystem::exists(state_dir_) || std::filesystem::is_empty(state_dir_, no_dir))
-        << "no task state left";
+    EXPECT_THAT(::ndq::testing::VmStateLeft(state_dir_), IsEmpty()) << "no task state left";
   }
 }
 

@@ -262,7 +262,7 @@ TEST_F(VmConsoleTest, GuestThatNeverAnswersFailsAtBootTimeout) {
   EXPECT_EQ(Annotation(events, id, "Boot timeout: ", "screenshot"), shot);
   ASSERT_TRUE(harness_->Destroy(id, true).ok());
   EXPECT_THAT(ProcessesMentioning(state_dir_), IsEmpty());
-  EXPECT_THAT(Listing(state_dir_), IsEmpty());
+  EXPECT_THAT(::ndq::testing::VmStateLeft(state_dir_), IsEmpty());
 }
 
 // Hostile or wrong options: refused at StartTask naming the field, nothing left.
@@ -295,7 +295,7 @@ TEST_F(VmConsoleTest, BadConsoleOptionsAreRefusedAndLeaveNothing) {
   EXPECT_THAT(error, HasSubstr("task config \"console\": the console socket"));
   EXPECT_THAT(error, HasSubstr("over the unix socket limit of 107"));
   EXPECT_EQ(Listing(long_alloc.task_dir()), long_before);
-  EXPECT_THAT(Listing(state_dir_), IsEmpty());
+  EXPECT_THAT(::ndq::testing::VmStateLeft(state_dir_), IsEmpty());
   EXPECT_THAT(ProcessesMentioning(state_dir_), IsEmpty());
 }
 

@@ -278,7 +278,7 @@ TEST_F(VmHardwareTest, HostileOptionsAreRefusedAndLeaveNothing) {
     EXPECT_THAT(error, HasSubstr(expected));
     EXPECT_THAT(error, Not(HasSubstr("root:"))) << "no file content in errors";
     EXPECT_EQ(Listing(alloc.task_dir()), before);
-    EXPECT_THAT(Listing(state_dir_), IsEmpty());
+    EXPECT_THAT(::ndq::testing::VmStateLeft(state_dir_), IsEmpty());
     EXPECT_THAT(ProcessesMentioning(state_dir_), IsEmpty());
   }
 }

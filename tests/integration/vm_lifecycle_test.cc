@@ -328,9 +328,7 @@ class BadInputTest : public VmLifecycleTest {
     EXPECT_FALSE(status.ok());
     EXPECT_THAT(status.error_message(), HasSubstr(message));
     EXPECT_TRUE(ProcessesMentioning(state_dir_).empty());
-    if (std::filesystem::exists(state_dir_)) {
-      EXPECT_TRUE(std::filesystem::is_empty(state_dir_)) << "state left behind in " << state_dir_;
-    }
+    EXPECT_THAT(::ndq::testing::VmStateLeft(state_dir_), ::testing::IsEmpty()) << "state left behind in " << state_dir_;
     EXPECT_THAT(::ndq::testing::CgroupsUnder(harness_->cgroup_parent()), ::testing::IsEmpty()) << "cgroups left behind";
   }
 

@@ -215,7 +215,7 @@ TEST_F(VmSharesTest, HostileSharesAreRefusedAndLeaveNothing) {
     ASSERT_FALSE(status.ok());
     for (const std::string& part : c.expected) EXPECT_THAT(status.error_message(), HasSubstr(part));
     EXPECT_EQ(Listing(alloc.alloc_dir()), before);
-    EXPECT_THAT(Listing(state_dir_), IsEmpty());
+    EXPECT_THAT(::ndq::testing::VmStateLeft(state_dir_), IsEmpty());
     EXPECT_THAT(ProcessesMentioning(state_dir_), IsEmpty());
     EXPECT_FALSE(fs::exists(outside.path() + "/from-guest.txt"));
   }
@@ -234,7 +234,7 @@ TEST_F(VmSharesTest, HostileSharesAreRefusedAndLeaveNothing) {
   EXPECT_THAT(status.error_message(), HasSubstr("\"share_alloc_dirs\": the task's local/ is a symbolic link"));
   EXPECT_THAT(status.error_message(), Not(HasSubstr(outside.path())));
   EXPECT_EQ(Listing(alloc.alloc_dir()), linked);
-  EXPECT_THAT(Listing(state_dir_), IsEmpty());
+  EXPECT_THAT(::ndq::testing::VmStateLeft(state_dir_), IsEmpty());
   EXPECT_THAT(ProcessesMentioning(state_dir_), IsEmpty());
   EXPECT_FALSE(fs::exists(outside.path() + "/from-guest.txt"));
 }

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -78,6 +79,8 @@ constexpr absl::Duration kRestoredPageTimeout = absl::Seconds(90);
 // The marker a restored VM writes to its disk: one sector of 'M' (0x4d) at 36 MiB,
 // past what the guest's boot reads (it runs from its initramfs after boot).
 constexpr int kMarkerSector = 73728;
+// A restored guest's clock is checked against a template at least this old.
+constexpr absl::Duration kTemplateAgeForClock = absl::Seconds(6);
 constexpr char kMarkerOffset[] = "36M";
 
 // The first event of task `id` whose message contains `needle`.
@@ -182,6 +185,8 @@ class WarmStartTest : public ::testing::Test {
     bool template_tried = false;
     std::string key, template_problem;
     int template_port = 0;
+    std::string template_boot_id;  // what the template's guest made at boot
+    absl::Time template_saved_at;
   };
   static Suite* suite_;
 
@@ -358,6 +363,9 @@ class WarmStartTest : public ::testing::Test {
 
     // The cold VM was paused, not restarted: it still serves, booted once.
     EXPECT_THAT(WaitForPage(port, absl::Seconds(30)), HasSubstr(kPage));
+    suite_->template_boot_id = Page(port, "boot-id");
+    suite_->template_saved_at = absl::Now();
+    EXPECT_EQ(suite_->template_boot_id.size(), 37u) << suite_->template_boot_id;
     // (The page may answer a moment before /init prints GUEST-READY.)
     EXPECT_TRUE(WaitForFileToContain(alloc.stdout_path(), "GUEST-READY", absl::Seconds(30)));
     const std::string console = ReadFile(alloc.stdout_path());
@@ -380,11 +388,34 @@ class WarmStartTest : public ::testing::Test {
     return true;
   }
 
+  // The restored VM's guest clock was set to the host's time: the event,
+  // and the guest's own `date` within a few seconds of the host's although
+  // the template was saved long enough ago to tell.
+  void ExpectClockSet(const std::string& id) {
+    std::string outcome;
+    WaitUntil(
+        [&] {
+          const auto clock = EventOf(events(), id, "Warm start: the guest's clock ");
+          if (clock) outcome = clock->message;
+          return clock.has_value();
+        },
+        absl::Seconds(90));
+    ASSERT_EQ(outcome, "Warm start: the guest's clock was set to the host's time") << events().All();
+    const absl::Duration age = absl::Now() - suite_->template_saved_at;
+    EXPECT_GE(age, kTemplateAgeForClock) << "the template is too young to tell a set clock from a restored one";
+    const ExecOutcome date = ExecOnce(harness(), id, {"/bin/date", "+%s"});
+    ASSERT_TRUE(date.status.ok()) << date.status.error_message();
+    int64_t guest_seconds = 0;
+    ASSERT_TRUE(absl::SimpleAtoi(absl::StripAsciiWhitespace(date.out), &guest_seconds)) << date.out << date.err;
+    EXPECT_LE(std::abs(guest_seconds - absl::ToUnixSeconds(absl::Now())), 2)
+        << "guest time " << guest_seconds << "; the template was saved " << age << " ago";
+  }
+
   // Nothing of the suite's VMs left: no process, no state directory.
   void ExpectNothingLeft() {
     EXPECT_TRUE(WaitUntil([&] { return ProcessesMentioning(state_dir()).empty(); }, absl::Seconds(10)))
         << ProcessesMentioning(state_dir()).size() << " processes left";
-    EXPECT_THAT(Listing(state_dir()), IsEmpty());
+    EXPECT_THAT(::ndq::testing::VmStateLeft(state_dir()), IsEmpty());
     EXPECT_THAT(::ndq::testing::CgroupsUnder(harness().cgroup_parent()), IsEmpty());
   }
 };
@@ -398,6 +429,9 @@ TEST_F(WarmStartTest, ColdStartLeavesATemplateAndRestoresKeepTheirOwnPortsAndDis
   ASSERT_TRUE(SharedTemplate());
   const std::string key = suite_->key;
 
+  // Old enough that a guest clock left at the template's time would be
+  // seconds behind (ExpectClockSet): a set-up, not a wait for a condition.
+  absl::SleepFor(suite_->template_saved_at + kTemplateAgeForClock - absl::Now());
   FakeAlloc b_alloc("web");
   const int b_port = FreePort();
   const absl::Time started = absl::Now();
@@ -412,6 +446,10 @@ TEST_F(WarmStartTest, ColdStartLeavesATemplateAndRestoresKeepTheirOwnPortsAndDis
   EXPECT_FALSE(ListensOn(b_record.qemu_pid, suite_->template_port)) << "not the template's port";
   EXPECT_EQ(HttpGet(suite_->template_port, 2), "") << "nothing serves the port of the VM the template came from";
   EXPECT_THAT(ReadFile(b_alloc.stdout_path()), Not(HasSubstr("SeaBIOS"))) << "restored, not booted";
+  // Within one job, restored VMs carry the template's boot (documented in
+  // docs/warm-start.md); the clock is the host's once the agent answers.
+  EXPECT_EQ(Page(b_port, "boot-id"), suite_->template_boot_id);
+  ExpectClockSet(b_id);
   const std::string b_disk = b_alloc.task_dir() + "/warm-disk.qcow2";
   ASSERT_TRUE(fs::exists(b_disk)) << "the task's disk is its own overlay; task dir: "
                                   << absl::StrJoin(Listing(b_alloc.task_dir()), " ");
@@ -455,6 +493,50 @@ TEST_F(WarmStartTest, ColdStartLeavesATemplateAndRestoresKeepTheirOwnPortsAndDis
     EXPECT_TRUE(harness().Destroy(id, true).ok());
   }
   EXPECT_EQ(Sha256(suite_->image), suite_->image_sha256) << "the job's image is opened read-only";
+  ExpectNothingLeft();
+}
+
+// 1b. A template never crosses jobs: the same config in another namespace
+// and job boots cold and leaves a template of its own; its VMs carry its own
+// boot, never the first job's (the attack: one tenant's guest state, keys
+// and seeds handed to another's VM). The same job started again restores.
+TEST_F(WarmStartTest, AnotherJobNeverRestoresThisJobsTemplate) {
+  ASSERT_TRUE(SharedTemplate());
+  FakeAlloc other("web");
+  other.SetJob("tenant-b", "team-b");
+  const int port = FreePort();
+  driverpb::TaskHandle handle;
+  ASSERT_EQ(Start(other, WarmConfig(), port, &handle), "");
+  const std::string id = handle.config().id();
+  ASSERT_TRUE(events().WaitFor(id, "Warm start: booting cold (no template yet)", absl::Seconds(10))) << events().All();
+  EXPECT_FALSE(EventOf(events(), id, "Warm start: restored").has_value()) << events().All();
+  ASSERT_THAT(WaitForPage(port, kTemplateTimeout), HasSubstr(kPage));
+  const std::string own_boot = Page(port, "boot-id");
+  EXPECT_EQ(own_boot.size(), 37u);
+  EXPECT_NE(own_boot, suite_->template_boot_id) << "job B's VM carries job A's boot";
+  ASSERT_TRUE(WaitForTemplate(id, kTemplateTimeout)) << events().All();
+  const std::string key = AnnotationOf(EventOf(events(), id, "Warm start: template "), "warm_template");
+  EXPECT_TRUE(IsHexKey(key));
+  EXPECT_NE(key, suite_->key) << "one template for two jobs";
+  const json manifest = json::parse(ReadFile(TemplateDir(key) + "/manifest.json"), nullptr, false);
+  EXPECT_EQ(manifest["identity"]["owner"],
+            (json{{"namespace", "tenant-b"}, {"job_id", "team-b"}, {"task_group", "group"}, {"task", "web"}}));
+  EXPECT_TRUE(harness().Stop(id, absl::Seconds(30)).ok());
+  EXPECT_TRUE(harness().Destroy(id, true).ok());
+
+  // Job B's next VM restores from job B's template.
+  FakeAlloc again("web");
+  again.SetJob("tenant-b", "team-b");
+  const int again_port = FreePort();
+  driverpb::TaskHandle again_handle;
+  ASSERT_EQ(Start(again, WarmConfig(), again_port, &again_handle), "");
+  const std::string again_id = again_handle.config().id();
+  EXPECT_TRUE(events().WaitFor(again_id, "Warm start: restored from template " + key.substr(0, 12), absl::Seconds(10)))
+      << events().All();
+  ASSERT_THAT(WaitForPage(again_port, kRestoredPageTimeout), HasSubstr(kPage));
+  EXPECT_EQ(Page(again_port, "boot-id"), own_boot);
+  EXPECT_TRUE(harness().Stop(again_id, absl::Seconds(30)).ok());
+  EXPECT_TRUE(harness().Destroy(again_id, true).ok());
   ExpectNothingLeft();
 }
 

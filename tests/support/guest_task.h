@@ -98,6 +98,14 @@ inline std::set<std::string> Listing(const std::string& dir) {
   return names;
 }
 
+// What VMs left in the plugin's state_dir: its listing without the files
+// the plugin keeps there for itself (the host's probed facts).
+inline std::set<std::string> VmStateLeft(const std::string& state_dir) {
+  std::set<std::string> names = Listing(state_dir);
+  names.erase("host-facts.json");
+  return names;
+}
+
 // The job config the tests boot the guest with: TCG, the task's overlay on a
 // virtio disk, graceful shutdown, port "http" to the guest's web server.
 // `extra` adds or overrides options.

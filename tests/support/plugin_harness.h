@@ -254,6 +254,12 @@ class FakeAlloc {
   std::string stdout_path() const { return dir_.path() + "/alloc/logs/" + task_name_ + ".stdout.0"; }
   std::string stderr_path() const { return dir_.path() + "/alloc/logs/" + task_name_ + ".stderr.0"; }
 
+  // The job the allocation belongs to, as Nomad names it (namespace and job ID).
+  void SetJob(const std::string& namespace_name, const std::string& job_id) {
+    namespace_ = namespace_name;
+    job_id_ = job_id;
+  }
+
   // A copy-on-write disk in the task's local/ dir backed by `base`.
   std::string AddOverlay(const std::string& base, const std::string& name = "disk.qcow2") {
     const std::string path = task_dir() + "/local/" + name;
@@ -274,7 +280,9 @@ class FakeAlloc {
     task.set_alloc_dir(dir_.path());
     task.set_stdout_path(stdout_path());
     task.set_stderr_path(stderr_path());
-    task.set_job_name("test");
+    task.set_namespace_(namespace_);
+    task.set_job_id(job_id_);
+    task.set_job_name(job_id_);
     task.set_task_group_name("group");
     std::vector<uint8_t> msgpack = nlohmann::json::to_msgpack(driver_config);
     task.set_msgpack_driver_config(std::string(msgpack.begin(), msgpack.end()));
@@ -285,6 +293,8 @@ class FakeAlloc {
  private:
   TempDir dir_;
   std::string task_name_;
+  std::string namespace_ = "default";
+  std::string job_id_ = "test";
 };
 
 // Adds a task-level (legacy) network port, as Nomad puts it in networks[0].
