@@ -24,6 +24,7 @@
 #include "log.h"
 #include "output_files.h"
 #include "qemu_child.h"
+#include "signal_fd.h"
 #include "qemu_driver/supervisor_protocol.h"
 #include "swtpm.h"
 #include "tail_buffer.h"
@@ -38,6 +39,8 @@ constexpr char kUsage[] =
 // After QEMU is gone, a process it left behind may still hold the stderr pipe
 // and keep writing; stop draining after this much.
 constexpr size_t kMaxDrainBytes = 1 << 20;
+// How long a log FIFO still without a reader is waited for once QEMU exited.
+constexpr int kPendingOutputGraceMs = 5000;
 
 using OutputTail = TailBuffer<kStderrTailBytes>;
 static_assert(kStdoutTailBytes == kStderrTailBytes, "one ring type serves both streams");
@@ -202,10 +205,49 @@ enum class Copied { kSome, kNoneNow, kEof };
 // serial console; both tails are fixed rings a guest cannot grow.
 struct Stream {
   int pipe_fd = -1;
-  int out_fd = -1;
+  int out_fd = -1;  // -1 while its FIFO has no reader (pending)
   OutputTail* tail = nullptr;
   bool open = true;
+  const char* what = "";  // "stdout" or "stderr"
+  const char* path = "";
+  bool pending = false;  // waiting for a FIFO reader; the output waits in the pipe meanwhile
+
+  // Whether its pipe is read now: not while the output waits for a reader,
+  // so QEMU's output is kept (in the pipe), not dropped.
+  bool Readable() const { return open && !pending; }
 };
+
+// The first try at a stream's destination, before QEMU starts: a FIFO
+// without a reader is tried again later (QEMU does not wait for it); any
+// other failure means QEMU does not start.
+bool OpenOutputFirst(Stream* stream, ErrorText* error) {
+  switch (TryOpenOutput(stream->what, stream->path, &stream->out_fd, error)) {
+    case OutputOpen::kOpened: return true;
+    case OutputOpen::kNoReaderYet:
+      stream->pending = true;
+      Log("waiting for a reader on %s FIFO %s (QEMU starts meanwhile)", stream->what, stream->path);
+      return true;
+    case OutputOpen::kFailed: return false;
+  }
+  return false;
+}
+
+// A pending stream tried again; true once it no longer waits.
+bool RetryPendingOutput(Stream* stream) {
+  if (!stream->pending) return true;
+  ErrorText error;
+  switch (TryOpenOutput(stream->what, stream->path, &stream->out_fd, &error)) {
+    case OutputOpen::kNoReaderYet: return false;
+    case OutputOpen::kOpened: Log("%s FIFO %s has a reader", stream->what, stream->path); break;
+    case OutputOpen::kFailed:
+      // Replaced meanwhile (the allocation is the job's to write): its tail
+      // is still kept for the exit record.
+      Log("%s: %s; its output is kept only in the exit record's tail", stream->what, error.text);
+      break;
+  }
+  stream->pending = false;
+  return true;
+}
 
 // One read from a stream's pipe (non-blocking), copied to its output and tail.
 Copied CopyStream(Stream* stream, size_t* bytes) {
@@ -213,7 +255,7 @@ Copied CopyStream(Stream* stream, size_t* bytes) {
   const ssize_t n = ::read(stream->pipe_fd, buf, sizeof buf);
   if (n < 0) return errno == EINTR ? Copied::kSome : errno == EAGAIN ? Copied::kNoneNow : Copied::kEof;
   if (n == 0) return Copied::kEof;
-  WriteAll(stream->out_fd, buf, static_cast<size_t>(n));
+  if (stream->out_fd >= 0) WriteAll(stream->out_fd, buf, static_cast<size_t>(n));
   stream->tail->Append(buf, static_cast<size_t>(n));
   *bytes += static_cast<size_t>(n);
   return Copied::kSome;
@@ -240,14 +282,34 @@ void ForwardSigterm(int signal_fd, pid_t qemu) {
   }
 }
 
+// QEMU has exited while a log FIFO still had no reader: what it wrote last
+// is worth a short wait for the reader (Nomad's log collector), but never
+// more than kPendingOutputGrace, and a SIGTERM ends the wait.
+void AwaitPendingReaders(int signal_fd, Stream streams[2]) {
+  const int64_t give_up_ms = NowUnixMs() + kPendingOutputGraceMs;
+  for (;;) {
+    const bool out_done = RetryPendingOutput(&streams[0]);
+    const bool err_done = RetryPendingOutput(&streams[1]);
+    if (out_done && err_done) return;
+    if (NowUnixMs() >= give_up_ms) {
+      Log("no reader came for QEMU's output within %d ms of its exit; its tail is in the exit record",
+          kPendingOutputGraceMs);
+      return;
+    }
+    pollfd pfd = {signal_fd, POLLIN, 0};
+    if (::poll(&pfd, 1, kReaderPollMs) > 0 && DrainSignals(signal_fd)) return;
+  }
+}
+
 // Runs until QEMU is reaped; returns its wait status. streams[0] is stdout,
 // streams[1] stderr.
 int Supervise(pid_t qemu, int signal_fd, Stream streams[2]) {
   size_t copied = 0;
   for (;;) {
     pollfd fds[3] = {{signal_fd, POLLIN, 0}, {-1, POLLIN, 0}, {-1, POLLIN, 0}};
-    for (int i = 0; i < 2; ++i) fds[i + 1].fd = streams[i].open ? streams[i].pipe_fd : -1;  // -1: ignored
-    if (::poll(fds, 3, -1) < 0) {
+    for (int i = 0; i < 2; ++i) fds[i + 1].fd = streams[i].Readable() ? streams[i].pipe_fd : -1;  // -1: ignored
+    const bool waiting = streams[0].pending || streams[1].pending;
+    if (::poll(fds, 3, waiting ? kReaderPollMs : -1) < 0) {
       if (errno == EINTR) continue;
       // Cannot happen with valid fds; still, QEMU's status must be recorded.
       Log("poll: %s; waiting for QEMU without copying its output", std::strerror(errno));
@@ -257,14 +319,17 @@ int Supervise(pid_t qemu, int signal_fd, Stream streams[2]) {
       return status;
     }
     for (int i = 0; i < 2; ++i) {
-      if (streams[i].open && fds[i + 1].revents != 0 && CopyStream(&streams[i], &copied) == Copied::kEof) {
+      if (streams[i].Readable() && fds[i + 1].revents != 0 && CopyStream(&streams[i], &copied) == Copied::kEof) {
         streams[i].open = false;  // QEMU closed it; it may still be running
       }
+      RetryPendingOutput(&streams[i]);
     }
     if ((fds[0].revents & POLLIN) == 0) continue;
     ForwardSigterm(signal_fd, qemu);
     int status = 0;
     if (::waitpid(qemu, &status, WNOHANG) == qemu) {
+      AwaitPendingReaders(signal_fd, streams);
+      for (int i = 0; i < 2; ++i) streams[i].pending = false;  // from here on: the reader or the tail only
       Drain(&streams[0]);
       Drain(&streams[1]);
       return status;
@@ -306,13 +371,11 @@ int KeepOnlyPassedFds(int passed_fds) {
   return -1;
 }
 
-// QEMU's setup, and our ends of its stdout and stderr.
+// QEMU's setup, and our ends of its stdout and stderr (streams[0], [1]):
+// the read end of its pipe and where it is copied to (--stdout, --stderr).
 struct Child {
   ChildSetup setup;
-  int stdout_out = -1;   // --stdout, where QEMU's stdout is copied to
-  int stdout_pipe = -1;  // the read end of QEMU's stdout
-  int stderr_out = -1;   // --stderr, where QEMU's stderr is copied to
-  int stderr_pipe = -1;  // the read end of QEMU's stderr
+  Stream streams[2];
 };
 
 // A pipe for one of QEMU's outputs: our end non-blocking, QEMU's end blocking.
@@ -329,7 +392,7 @@ bool MakeOutputPipe(const char* name, int* ours, int* qemus, ErrorText* error) {
 
 // Opens what QEMU is started with. Opened here so a missing namespace or
 // cgroup is reported as such, not as a failed step in the child.
-bool PrepareChild(const Options& opts, int signal_fd, Child* child, ErrorText* error) {
+bool PrepareChild(const Options& opts, Child* child, ErrorText* error) {
   ChildSetup& setup = child->setup;
   setup.argv = opts.qemu_argv;
   if (opts.user != nullptr && !ResolveUser(opts.user, &setup.run_as, error)) return false;
@@ -348,12 +411,9 @@ bool PrepareChild(const Options& opts, int signal_fd, Child* child, ErrorText* e
       return false;
     }
   }
-  child->stdout_out = OpenOutput("stdout", opts.stdout_path, signal_fd, error);
-  if (child->stdout_out < 0) return false;
-  child->stderr_out = OpenOutput("stderr", opts.stderr_path, signal_fd, error);
-  if (child->stderr_out < 0) return false;
-  return MakeOutputPipe("stdout", &child->stdout_pipe, &setup.stdout_fd, error) &&
-         MakeOutputPipe("stderr", &child->stderr_pipe, &setup.stderr_fd, error);
+  if (!OpenOutputFirst(&child->streams[0], error) || !OpenOutputFirst(&child->streams[1], error)) return false;
+  return MakeOutputPipe("stdout", &child->streams[0].pipe_fd, &setup.stdout_fd, error) &&
+         MakeOutputPipe("stderr", &child->streams[1].pipe_fd, &setup.stderr_fd, error);
 }
 
 // Once QEMU is started: only QEMU writes these; holding them would delay EOF
@@ -425,8 +485,15 @@ int Run(int argc, char** argv) {
     error.Set("signalfd: %s", std::strerror(errno));
     return CouldNotRun(dir_fd, started_at_ms, error);
   }
+  static OutputTail out_tail, err_tail;
   Child child;
-  if (!PrepareChild(opts, signal_fd, &child, &error)) return CouldNotRun(dir_fd, started_at_ms, error);
+  child.streams[0].what = "stdout";
+  child.streams[0].path = opts.stdout_path;
+  child.streams[0].tail = &out_tail;
+  child.streams[1].what = "stderr";
+  child.streams[1].path = opts.stderr_path;
+  child.streams[1].tail = &err_tail;
+  if (!PrepareChild(opts, &child, &error)) return CouldNotRun(dir_fd, started_at_ms, error);
 
   // Before QEMU, whose TPM backend connects to swtpm's socket at start-up.
   const pid_t swtpm = opts.swtpm.path == nullptr
@@ -444,9 +511,7 @@ int Run(int argc, char** argv) {
   WritePidFile(dir_fd, qemu);
   Log("QEMU running as pid %d", static_cast<int>(qemu));
 
-  static OutputTail out_tail, err_tail;
-  Stream streams[2] = {{child.stdout_pipe, child.stdout_out, &out_tail}, {child.stderr_pipe, child.stderr_out, &err_tail}};
-  const int status = Supervise(qemu, signal_fd, streams);
+  const int status = Supervise(qemu, signal_fd, child.streams);
   const ExitFacts facts = QemuExitFacts(qemu, status, started_at_ms, out_tail, err_tail);
   // Gone before exit.json appears: a plugin that sees the record may remove
   // the TPM's state directory.

@@ -537,8 +537,7 @@ absl::Status NoQmp(const HostPlace& place, Supervisor& supervisor, const absl::S
                     ErrorKind::kQemuFailed);
   }
   return absl::DeadlineExceededError(absl::StrCat("QEMU did not answer on its QMP socket within ",
-                                                  absl::FormatDuration(timeout), " (", socket.message(),
-                                                  "; is the task's stdout FIFO being read?)"));
+                                                  absl::FormatDuration(timeout), " (", socket.message(), ")"));
 }
 
 // QEMU is up once its QMP socket answers; a supervisor that exits first
