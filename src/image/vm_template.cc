@@ -53,6 +53,42 @@ std::map<FileIdentity, std::string>& Digests() ABSL_EXCLUSIVE_LOCKS_REQUIRED(dig
   static auto* digests = new std::map<FileIdentity, std::string>();
   return *digests;
 }
+// The large files' digests, also kept in a file for the next launch (KeepDigestsIn).
+struct KeptDigests {
+  std::string path;
+  std::map<FileIdentity, std::string> digests;
+};
+KeptDigests& Kept() ABSL_EXCLUSIVE_LOCKS_REQUIRED(digest_mu) {
+  static auto* kept = new KeptDigests();
+  return *kept;
+}
+// Enough for every image and template of a busy cache; the oldest go first.
+constexpr size_t kMaxKeptDigests = 1024;
+
+nlohmann::json KeptDigestsJson(const KeptDigests& kept) {
+  nlohmann::json entries = nlohmann::json::array();
+  for (const auto& [id, digest] : kept.digests) {
+    entries.push_back({static_cast<uint64_t>(id.dev), static_cast<uint64_t>(id.ino), static_cast<int64_t>(id.size),
+                       id.mtime_ns, id.ctime_ns, digest});
+  }
+  return {{"format", 1}, {"xxh3_128", entries}};
+}
+
+void LoadKeptDigests(const std::string& text, KeptDigests& kept) {
+  const nlohmann::json doc = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (!doc.is_object() || doc.value("format", 0) != 1) return;
+  const nlohmann::json entries = doc.value("xxh3_128", nlohmann::json::array());
+  if (!entries.is_array()) return;
+  for (const nlohmann::json& e : entries) {
+    if (!e.is_array() || e.size() != 6 || !e[5].is_string()) continue;
+    bool numbers = true;
+    for (size_t i = 0; i < 5; ++i) numbers = numbers && e[i].is_number_integer();
+    if (!numbers) continue;
+    const FileIdentity id{static_cast<dev_t>(e[0].get<uint64_t>()), static_cast<ino_t>(e[1].get<uint64_t>()),
+                          static_cast<off_t>(e[2].get<int64_t>()), e[3].get<int64_t>(), e[4].get<int64_t>()};
+    kept.digests[id] = e[5].get<std::string>();
+  }
+}
 
 std::string Hex128(XXH128_hash_t hash) {
   return absl::StrFormat("%016x%016x", hash.high64, hash.low64);
@@ -122,6 +158,13 @@ std::string TemplateIdentity::Key() const {
   return hasher->FinalHex();
 }
 
+void KeepDigestsIn(const std::string& path) {
+  std::optional<std::string> text = ReadSmallFile(path, nullptr, 16 << 20);
+  absl::MutexLock lock(&digest_mu);
+  Kept().path = path;
+  if (text) LoadKeptDigests(*text, Kept());
+}
+
 absl::StatusOr<std::string> ContentDigest(int fd) {
   struct stat st;
   if (::fstat(fd, &st) != 0) return Errno("cannot stat a file to hash");
@@ -130,6 +173,8 @@ absl::StatusOr<std::string> ContentDigest(int fd) {
     absl::MutexLock lock(&digest_mu);
     auto it = Digests().find(identity);
     if (it != Digests().end()) return it->second;
+    auto kept = Kept().digests.find(identity);
+    if (kept != Kept().digests.end()) return kept->second;
   }
   std::unique_ptr<XXH3_state_t, decltype(&XXH3_freeState)> state(XXH3_createState(), XXH3_freeState);
   XXH3_128bits_reset(state.get());
@@ -150,6 +195,20 @@ absl::StatusOr<std::string> ContentDigest(int fd) {
   constexpr size_t kMaxRemembered = 4096;
   if (Digests().size() >= kMaxRemembered) Digests().clear();
   Digests()[identity] = digest;
+  KeptDigests& kept = Kept();
+  if (!kept.path.empty() && st.st_size >= kKeptDigestMinBytes) {
+    if (kept.digests.size() >= kMaxKeptDigests) {
+      auto oldest = std::min_element(kept.digests.begin(), kept.digests.end(), [](const auto& a, const auto& b) {
+        return a.first.ctime_ns < b.first.ctime_ns;
+      });
+      kept.digests.erase(oldest);
+    }
+    kept.digests[identity] = digest;
+    // Under the lock, so two writers never interleave; a lost write costs a hash.
+    if (absl::Status written = WriteSmallFileAtomically(kept.path, KeptDigestsJson(kept).dump()); !written.ok()) {
+      kept.path.clear();  // once is enough: digests stay in this process's memory
+    }
+  }
   return digest;
 }
 

@@ -63,6 +63,14 @@ struct OpenedTemplate {
 // any write changes the ctime, so a changed file is hashed again.
 absl::StatusOr<std::string> ContentDigest(int fd);
 
+// Keeps the digests of files of at least kKeptDigestMinBytes (images,
+// template files) in `path` as well: loaded now, rewritten atomically when
+// one is added. A newly launched plugin then hashes no unchanged image or
+// template file again: the identity (with the ctime, which only the kernel
+// sets) proves the file is the one that was hashed.
+inline constexpr int64_t kKeptDigestMinBytes = 1 << 20;
+void KeepDigestsIn(const std::string& path);
+
 class TemplateStore {
  public:
   explicit TemplateStore(std::string cache_dir) : dir_(std::move(cache_dir)) {}

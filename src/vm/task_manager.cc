@@ -26,6 +26,8 @@ namespace log = nomadplugin::hclog;
 
 // What the fingerprinter found, kept in the state dir for the next launch.
 constexpr char kHostFactsFile[] = "host-facts.json";
+// The digests of images and template files, kept in the cache for the next launch.
+constexpr char kKeptDigestsFile[] = "digests.json";
 
 absl::Status WithTaskPrefix(const absl::Status& status, const std::string& id) {
   return absl::Status(status.code(), absl::StrCat("task ", id, ": ", status.message()));
@@ -59,7 +61,11 @@ void TaskManager::Prepare() {
     const absl::Time started = absl::Now();
     if (::mkdir(root.c_str(), 0711) == 0 || errno == EEXIST) fingerprinter_->KeepFactsIn(root + "/" + kHostFactsFile);
     fingerprinter_->WarmUp(plugin.emulators_allowlist);
-    const int removed = TemplateStore(CacheDir()).RemoveOtherFormats();
+    const std::string cache = CacheDir();
+    std::error_code no_cache;
+    std::filesystem::create_directories(cache, no_cache);  // as the image cache makes it
+    if (!no_cache) KeepDigestsIn(cache + "/" + kKeptDigestsFile);
+    const int removed = TemplateStore(cache).RemoveOtherFormats();
     log::Debug("host probed and cache tidied", {{"ms", absl::ToDoubleMilliseconds(absl::Now() - started)},
                                                 {"binary_probes", fingerprinter_->binary_probes()},
                                                 {"stale_templates_removed", removed}});

@@ -19,6 +19,7 @@
 #include "../../support/temp_dir.h"
 #include "absl/strings/str_cat.h"
 #include "image/image_cache.h"
+#include "nlohmann/json.hpp"
 
 namespace ndq {
 namespace {
@@ -246,6 +247,52 @@ TEST(ContentDigest, FollowsTheContent) {
   // A write changes the file's ctime, so it is hashed again.
   ASSERT_EQ(::pwrite(a.get(), "diff", 4, 0), 4);
   EXPECT_EQ(*ContentDigest(a.get()), *dc);
+}
+
+// A newly launched plugin takes the digests an earlier one kept for files
+// still at the same identity, without reading them; a changed file is
+// hashed again. Large files only: small ones cost less to hash than to keep.
+TEST(ContentDigest, KeptDigestsServeTheNextLaunchForUnchangedFiles) {
+  TempDir dir;
+  const std::string kept = dir / "digests.json";
+  const std::string big = dir / "image";
+  {
+    std::ofstream out(big);
+    out << std::string(kKeptDigestMinBytes, 'x');
+  }
+  UniqueFd fd(::open(big.c_str(), O_RDWR));
+  struct stat st;
+  ASSERT_EQ(::fstat(fd.get(), &st), 0);
+  // What an earlier launch would have written: this file's identity, with a
+  // digest no hash of it gives, so using it shows the file was not read.
+  const std::string remembered(32, 'a');
+  const nlohmann::json doc = {
+      {"format", 1},
+      {"xxh3_128",
+       {{static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino), static_cast<int64_t>(st.st_size),
+         static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec,
+         static_cast<int64_t>(st.st_ctim.tv_sec) * 1000000000 + st.st_ctim.tv_nsec, remembered}}}};
+  std::ofstream(kept) << doc.dump();
+  KeepDigestsIn(kept);
+  EXPECT_EQ(*ContentDigest(fd.get()), remembered);
+
+  // Written to: a new identity, hashed for real, and kept for the next launch.
+  ASSERT_EQ(::pwrite(fd.get(), "y", 1, 0), 1);
+  const std::string fresh = *ContentDigest(fd.get());
+  EXPECT_NE(fresh, remembered);
+  EXPECT_EQ(fresh.size(), 32u);
+  std::ifstream in(kept);
+  const nlohmann::json written = nlohmann::json::parse(in, nullptr, false);
+  ASSERT_TRUE(written.is_object());
+  bool found = false;
+  for (const auto& entry : written["xxh3_128"]) found = found || entry[5] == fresh;
+  EXPECT_TRUE(found) << written.dump();
+
+  // A small file is hashed but not kept.
+  UniqueFd small = MemfdWith("small", 4096);
+  const std::string small_digest = *ContentDigest(small.get());
+  EXPECT_EQ(ReadAll(UniqueFd(::open(kept.c_str(), O_RDONLY)).get()).find(small_digest), std::string::npos);
+  KeepDigestsIn("");  // no file for the tests after this one
 }
 
 TEST_F(Templates, EvictionCountsTemplatesAndSparesLeasedOnes) {
