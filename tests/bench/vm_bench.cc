@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -17,6 +18,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "../support/plugin_harness.h"
@@ -38,6 +40,10 @@ using testing::PluginHarness;
 using testing::TempDir;
 
 constexpr int kStarts = 20;
+constexpr int kFifoStarts = 10;
+constexpr int kRelaunches = 5;
+// How late Nomad's log reader is in the FIFO rows.
+constexpr absl::Duration kLateReader = absl::Milliseconds(20);
 
 double Percentile(std::vector<double> v, double p) {
   std::sort(v.begin(), v.end());
@@ -290,11 +296,54 @@ int Main() {
   ids.clear();
   // The first start through a relaunched plugin (a client restart, an
   // upgrade): what the earlier launch probed is kept in the state dir.
-  harness.Restart();
-  const double first_relaunched = start_one();
-  if (first_relaunched < 0) return 1;
-  Row("first StartTask after a relaunch, over the floor (target: 30)", first_relaunched - floor, 0, "ms");
-  harness.Destroy(ids.back(), true);
+  std::vector<double> relaunched;
+  for (int i = 0; i < kRelaunches; ++i) {
+    harness.Restart();
+    const double same_ms = SameVmStartMs(same, work.path());
+    const double ms = start_one();
+    if (ms < 0 || same_ms < 0) return 1;
+    relaunched.push_back(ms - same_ms);
+    harness.Destroy(ids.back(), true);
+  }
+  ids.clear();
+  Row("first StartTask after a relaunch, over the floor, median of 5 (target: 30)", Percentile(relaunched, 0.5), 0,
+      "ms");
+  // Outputs that are FIFOs, as Nomad gives them, whose reader (Nomad's log
+  // collector) opens them 20 ms after StartTask was sent: QEMU's start
+  // must not wait for it.
+  std::vector<double> fifo_paired;
+  for (int i = 0; i < kFifoStarts; ++i) {
+    allocs.push_back(std::make_unique<FakeAlloc>("fifo" + std::to_string(i)));
+    FakeAlloc& alloc = *allocs.back();
+    alloc.AddOverlay(base);
+    ::mkfifo(alloc.stdout_path().c_str(), 0600);
+    ::mkfifo(alloc.stderr_path().c_str(), 0600);
+    const auto task = alloc.Task({{"image_path", "local/disk.qcow2"}, {"drive_interface", "virtio"}, {"args", {"-S"}}});
+    const double same_ms = SameVmStartMs(same, work.path());
+    std::vector<std::thread> readers;
+    const absl::Time start = absl::Now();
+    for (const std::string& path : {alloc.stdout_path(), alloc.stderr_path()}) {
+      readers.emplace_back([path, start] {
+        absl::SleepFor(start + kLateReader - absl::Now());
+        const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);  // blocks until the writer opens
+        char buf[4096];
+        while (fd >= 0 && ::read(fd, buf, sizeof buf) > 0) {
+        }
+        if (fd >= 0) ::close(fd);
+      });
+    }
+    driverpb::TaskHandle handle;
+    const grpc::Status status = harness.Start(task, &handle);
+    const double ms = absl::ToDoubleMilliseconds(absl::Now() - start);
+    harness.Destroy(task.id(), true);
+    for (std::thread& reader : readers) reader.join();
+    if (!status.ok() || same_ms < 0) {
+      std::fprintf(stderr, "bench: StartTask with FIFO outputs failed: %s\n", status.error_message().c_str());
+      return 1;
+    }
+    fifo_paired.push_back(ms - same_ms);
+  }
+  Row("overhead with FIFO outputs read from 20 ms after the call, median", Percentile(fifo_paired, 0.5), 0, "ms");
   PluginHarness idle(work / "i");
   Row("plugin RSS with 20 VMs (base: fresh plugin, no VMs)", plugin_busy / 1024.0,
       StatusKiB(idle.process().pid(), "VmRSS:") / 1024.0, "MiB");
