@@ -156,5 +156,34 @@ TEST(ReadSmallFile, ReadsProcFilesThatReportNoSize) {
   EXPECT_THAT(error, HasSubstr("larger than 16 bytes"));
 }
 
+TEST(WriteSmallFileAtomically, ReplacesTheFileWholeWithMode0600AndLeavesNoTemporary) {
+  TempDir dir;
+  const std::string path = dir / "facts.json";
+  ASSERT_TRUE(WriteSmallFileAtomically(path, "first").ok());
+  ASSERT_TRUE(WriteSmallFileAtomically(path, "second, longer").ok());
+  EXPECT_EQ(ReadSmallFile(path), "second, longer");
+  struct stat st;
+  ASSERT_EQ(::stat(path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir.path()), fs::directory_iterator()), 1);
+}
+
+TEST(WriteSmallFileAtomically, ALinkInThePlaceIsReplacedNotFollowed) {
+  TempDir dir;
+  const std::string victim = Write(dir, "victim", "untouched");
+  const std::string path = dir / "facts.json";
+  fs::create_symlink(victim, path);
+  ASSERT_TRUE(WriteSmallFileAtomically(path, "new").ok());
+  EXPECT_EQ(ReadSmallFile(victim), "untouched");
+  EXPECT_FALSE(fs::is_symlink(path));
+  EXPECT_EQ(ReadSmallFile(path), "new");
+}
+
+TEST(WriteSmallFileAtomically, AnUnwritableDirectoryIsAnErrorNamingThePath) {
+  const absl::Status status = WriteSmallFileAtomically("/nonexistent-dir/facts.json", "x");
+  EXPECT_FALSE(status.ok());
+  EXPECT_THAT(std::string(status.message()), ::testing::HasSubstr("/nonexistent-dir/facts.json"));
+}
+
 }  // namespace
 }  // namespace ndq
