@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <functional>
 #include <optional>
 #include <utility>
 
@@ -30,8 +31,6 @@ constexpr absl::Duration kProbeTimeout = timeouts::kFingerprintProbe;
 
 // The facts file holds a few emulators' machine and device lists.
 constexpr size_t kMaxFactsFileBytes = 4 << 20;
-
-int64_t Nanos(const timespec& t) { return static_cast<int64_t>(t.tv_sec) * 1000000000 + t.tv_nsec; }
 
 bool IsExecutableFile(const std::string& path) {
   struct stat st;
@@ -193,22 +192,15 @@ std::map<std::string, std::string> Fingerprinter::FindEmulators() {
   return found;
 }
 
-Fingerprinter::BinaryIdentity Fingerprinter::IdentityOf(const std::string& path) {
-  struct stat st {};
-  ::stat(path.c_str(), &st);
-  return BinaryIdentity{static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino),
-                        static_cast<uint64_t>(st.st_size), Nanos(st.st_mtim), Nanos(st.st_ctim)};
-}
-
 std::optional<Fingerprinter::BinaryFacts> Fingerprinter::KnownFacts(const std::string& path) {
-  const BinaryIdentity identity = IdentityOf(path);
+  const FileIdentity identity = FileIdentity::OfPath(path);
   absl::MutexLock lock(&mu_);
   if (auto it = facts_.find(path); it != facts_.end() && it->second.identity == identity) return it->second;
   return std::nullopt;
 }
 
 Fingerprinter::BinaryFacts Fingerprinter::FactsFor(const std::string& path) {
-  const BinaryIdentity identity = IdentityOf(path);
+  const FileIdentity identity = FileIdentity::OfPath(path);
   {
     absl::MutexLock lock(&mu_);
     // Another caller probing this binary: its answer is ours too.
@@ -240,8 +232,8 @@ void Fingerprinter::KeepFactsIn(const std::string& path) {
 
 namespace {
 
-nlohmann::json IdentityJson(uint64_t device, uint64_t inode, uint64_t size, int64_t mtime_ns, int64_t ctime_ns) {
-  return nlohmann::json::array({device, inode, size, mtime_ns, ctime_ns});
+nlohmann::json IdentityJson(const FileIdentity& id) {
+  return nlohmann::json::array({id.device, id.inode, id.size, id.mtime_ns, id.ctime_ns});
 }
 
 }  // namespace
@@ -251,8 +243,7 @@ void Fingerprinter::SaveFacts() {
   nlohmann::json emulators = nlohmann::json::object();
   for (const auto& [path, f] : facts_) {
     if (!f.error.empty()) continue;  // a failure is worth trying again next launch
-    const BinaryIdentity& id = f.identity;
-    emulators[path] = {{"identity", IdentityJson(id.device, id.inode, id.size, id.mtime_ns, id.ctime_ns)},
+    emulators[path] = {{"identity", IdentityJson(f.identity)},
                        {"version", f.version},
                        {"accelerators", f.accelerators},
                        {"machines", f.machines},
@@ -260,9 +251,8 @@ void Fingerprinter::SaveFacts() {
   }
   nlohmann::json doc = {{"format", 1}, {"emulators", emulators}};
   if (!swtpm_.path.empty()) {
-    const BinaryIdentity& id = swtpm_.identity;
     doc["swtpm"] = {{"path", swtpm_.path},
-                    {"identity", IdentityJson(id.device, id.inode, id.size, id.mtime_ns, id.ctime_ns)},
+                    {"identity", IdentityJson(swtpm_.identity)},
                     {"runs", swtpm_.runs}};
   }
   if (absl::Status written = WriteSmallFileAtomically(facts_file_, doc.dump()); !written.ok()) {
@@ -273,12 +263,12 @@ void Fingerprinter::SaveFacts() {
 void Fingerprinter::LoadFacts(const std::string& text) {
   const nlohmann::json doc = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (!doc.is_object() || doc.value("format", 0) != 1) return;
-  auto identity_of = [](const nlohmann::json& j, BinaryIdentity* out) {
+  auto identity_of = [](const nlohmann::json& j, FileIdentity* out) {
     if (!j.is_array() || j.size() != 5) return false;
     for (const nlohmann::json& part : j) {
       if (!part.is_number_integer()) return false;
     }
-    *out = BinaryIdentity{j[0].get<uint64_t>(), j[1].get<uint64_t>(), j[2].get<uint64_t>(), j[3].get<int64_t>(),
+    *out = FileIdentity{j[0].get<uint64_t>(), j[1].get<uint64_t>(), j[2].get<uint64_t>(), j[3].get<int64_t>(),
                           j[4].get<int64_t>()};
     return true;
   };
@@ -302,7 +292,7 @@ void Fingerprinter::LoadFacts(const std::string& text) {
     }
     f.version = entry["version"].get<std::string>();
     // Kept only while the binary is the one probed; else probed again when asked.
-    if (IdentityOf(path) == f.identity) facts_[path] = std::move(f);
+    if (FileIdentity::OfPath(path) == f.identity) facts_[path] = std::move(f);
   }
   const nlohmann::json swtpm = doc.value("swtpm", nlohmann::json());
   SwtpmFacts t;
@@ -311,7 +301,7 @@ void Fingerprinter::LoadFacts(const std::string& text) {
       identity_of(swtpm.value("identity", nlohmann::json()), &t.identity)) {
     t.path = swtpm["path"].get<std::string>();
     t.runs = swtpm["runs"].get<bool>();
-    if (IdentityOf(t.path) == t.identity) swtpm_ = t;
+    if (FileIdentity::OfPath(t.path) == t.identity) swtpm_ = t;
   }
 }
 
@@ -346,7 +336,7 @@ std::string Fingerprinter::UsableSwtpm() {
     }
   }
   if (path.empty()) return "";
-  const BinaryIdentity identity = IdentityOf(path);
+  const FileIdentity identity = FileIdentity::OfPath(path);
   {
     absl::MutexLock lock(&mu_);
     if (swtpm_.path == path && swtpm_.identity == identity) return swtpm_.runs ? path : "";
@@ -363,11 +353,7 @@ std::string Fingerprinter::UsableSwtpm() {
 
 Fingerprint Fingerprinter::Probe(const std::vector<std::string>& emulators_allowlist) {
   Fingerprint fp;
-  std::map<std::string, std::string> found;
-  {
-    absl::MutexLock lock(&mu_);
-    found = FindEmulators();
-  }
+  const std::map<std::string, std::string> found = Emulators();
   if (found.empty()) {
     fp.description = "no qemu-system-* binary found on PATH (" + absl::StrJoin(path_dirs_, ":") + ")";
     return fp;
@@ -410,38 +396,12 @@ Fingerprint Fingerprinter::Probe(const std::vector<std::string>& emulators_allow
   return fp;
 }
 
-HostCapabilities Fingerprinter::Capabilities(const std::vector<std::string>& emulators_allowlist) {
-  std::map<std::string, std::string> found;
-  {
-    absl::MutexLock lock(&mu_);
-    found = FindEmulators();
-  }
+HostCapabilities Fingerprinter::CapabilitiesOf(const std::map<std::string, std::string>& emulators,
+                                               const FactsSource& facts_of) {
   HostCapabilities caps;
-  for (const std::string& name : AllowedEmulators(found, emulators_allowlist)) {
-    const std::string& path = found.at(name);
+  for (const auto& [name, path] : emulators) {
     caps.emulators[name] = path;
-    const BinaryFacts facts = FactsFor(path);
-    if (!facts.error.empty()) continue;
-    caps.machines[name] = facts.machines;
-    caps.net_devices[name] = facts.net_devices;
-    caps.versions[name] = facts.version;
-  }
-  caps.uefi = PresentFirmware(firmware_.uefi);
-  caps.secure_boot = PresentFirmware(firmware_.secure_boot);
-  caps.swtpm = UsableSwtpm();
-  return caps;
-}
-
-HostCapabilities Fingerprinter::CapabilitiesFor(const std::string& emulator) {
-  std::map<std::string, std::string> found;
-  {
-    absl::MutexLock lock(&mu_);
-    found = FindEmulators();
-  }
-  HostCapabilities caps;
-  for (const auto& [name, path] : found) {
-    caps.emulators[name] = path;
-    std::optional<BinaryFacts> facts = name == emulator ? FactsFor(path) : KnownFacts(path);
+    const std::optional<BinaryFacts> facts = facts_of(name, path);
     if (!facts || !facts->error.empty()) continue;
     caps.machines[name] = facts->machines;
     caps.net_devices[name] = facts->net_devices;
@@ -453,12 +413,23 @@ HostCapabilities Fingerprinter::CapabilitiesFor(const std::string& emulator) {
   return caps;
 }
 
+HostCapabilities Fingerprinter::Capabilities(const std::vector<std::string>& emulators_allowlist) {
+  const std::map<std::string, std::string> found = Emulators();
+  std::map<std::string, std::string> allowed;
+  for (const std::string& name : AllowedEmulators(found, emulators_allowlist)) allowed[name] = found.at(name);
+  return CapabilitiesOf(allowed, [this](const std::string&, const std::string& path) {
+    return std::optional<BinaryFacts>(FactsFor(path));
+  });
+}
+
+HostCapabilities Fingerprinter::CapabilitiesFor(const std::string& emulator) {
+  return CapabilitiesOf(Emulators(), [this, &emulator](const std::string& name, const std::string& path) {
+    return name == emulator ? std::optional<BinaryFacts>(FactsFor(path)) : KnownFacts(path);
+  });
+}
+
 void Fingerprinter::WarmUp(const std::vector<std::string>& emulators_allowlist) {
-  std::map<std::string, std::string> found;
-  {
-    absl::MutexLock lock(&mu_);
-    found = FindEmulators();
-  }
+  const std::map<std::string, std::string> found = Emulators();
   const std::vector<std::string> allowed = AllowedEmulators(found, emulators_allowlist);
   if (!allowed.empty()) FactsFor(found.at(PrimaryEmulator(allowed)));
   UsableSwtpm();

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <optional>
 #include <set>
@@ -16,6 +17,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "base/file_identity.h"
 #include "host/capabilities.h"
 
 namespace ndq {
@@ -97,16 +99,8 @@ class Fingerprinter {
   int binary_probes() const;
 
  private:
-  struct BinaryIdentity {
-    uint64_t device = 0, inode = 0, size = 0;
-    int64_t mtime_ns = 0, ctime_ns = 0;  // ctime: no one but the kernel sets it
-    bool operator==(const BinaryIdentity& o) const {
-      return device == o.device && inode == o.inode && size == o.size && mtime_ns == o.mtime_ns &&
-             ctime_ns == o.ctime_ns;
-    }
-  };
   struct BinaryFacts {
-    BinaryIdentity identity;
+    FileIdentity identity;
     std::string version;  // empty when it could not be read
     std::string error;    // why, for the health description
     std::vector<std::string> accelerators;
@@ -115,7 +109,7 @@ class Fingerprinter {
   };
   struct SwtpmFacts {
     std::string path;
-    BinaryIdentity identity;
+    FileIdentity identity;
     bool runs = false;  // `swtpm --version` succeeded
   };
 
@@ -128,11 +122,15 @@ class Fingerprinter {
   BinaryFacts FactsFor(const std::string& path) ABSL_LOCKS_EXCLUDED(mu_);
   // The cached facts of `path` if its binary is unchanged since.
   std::optional<BinaryFacts> KnownFacts(const std::string& path) ABSL_LOCKS_EXCLUDED(mu_);
+  // The facts of one emulator (name, binary path) for CapabilitiesOf; nullopt: list it without them.
+  using FactsSource = std::function<std::optional<BinaryFacts>(const std::string&, const std::string&)>;
+  // `emulators` with the facts `facts_of` gives, firmware and swtpm.
+  HostCapabilities CapabilitiesOf(const std::map<std::string, std::string>& emulators, const FactsSource& facts_of)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // Writes facts_ and swtpm_ to facts_file_ (when set).
   void SaveFacts() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void LoadFacts(const std::string& text) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static BinaryFacts RunProbes(const std::string& path);
-  static BinaryIdentity IdentityOf(const std::string& path);
   // The swtpm binary on PATH when it runs; empty otherwise. Run once per change.
   std::string UsableSwtpm() ABSL_LOCKS_EXCLUDED(mu_);
 

@@ -20,6 +20,7 @@
 #include "absl/strings/match.h"
 #include "absl/synchronization/mutex.h"
 #include "base/error_kind.h"
+#include "base/file_identity.h"
 #include "base/small_file.h"
 #include "image/checksum.h"
 #include "image/task_disk.h"
@@ -33,18 +34,6 @@ namespace {
 constexpr int kFormatVersion = 2;
 constexpr char kManifest[] = "manifest.json";
 constexpr size_t kChunk = 1 << 20;
-
-struct FileIdentity {
-  dev_t dev;
-  ino_t ino;
-  off_t size;
-  int64_t mtime_ns, ctime_ns;
-  bool operator<(const FileIdentity& o) const {
-    return std::tie(dev, ino, size, mtime_ns, ctime_ns) < std::tie(o.dev, o.ino, o.size, o.mtime_ns, o.ctime_ns);
-  }
-};
-
-int64_t Nanos(const timespec& t) { return static_cast<int64_t>(t.tv_sec) * 1000000000 + t.tv_nsec; }
 
 // Files already hashed by this process (templates are checked once, images
 // hashed once, per identity).
@@ -68,8 +57,7 @@ constexpr size_t kMaxKeptDigests = 1024;
 nlohmann::json KeptDigestsJson(const KeptDigests& kept) {
   nlohmann::json entries = nlohmann::json::array();
   for (const auto& [id, digest] : kept.digests) {
-    entries.push_back({static_cast<uint64_t>(id.dev), static_cast<uint64_t>(id.ino), static_cast<int64_t>(id.size),
-                       id.mtime_ns, id.ctime_ns, digest});
+    entries.push_back({id.device, id.inode, id.size, id.mtime_ns, id.ctime_ns, digest});
   }
   return {{"format", 1}, {"xxh3_128", entries}};
 }
@@ -84,8 +72,8 @@ void LoadKeptDigests(const std::string& text, KeptDigests& kept) {
     bool numbers = true;
     for (size_t i = 0; i < 5; ++i) numbers = numbers && e[i].is_number_integer();
     if (!numbers) continue;
-    const FileIdentity id{static_cast<dev_t>(e[0].get<uint64_t>()), static_cast<ino_t>(e[1].get<uint64_t>()),
-                          static_cast<off_t>(e[2].get<int64_t>()), e[3].get<int64_t>(), e[4].get<int64_t>()};
+    const FileIdentity id{e[0].get<uint64_t>(), e[1].get<uint64_t>(), e[2].get<uint64_t>(), e[3].get<int64_t>(),
+                          e[4].get<int64_t>()};
     kept.digests[id] = e[5].get<std::string>();
   }
 }
@@ -168,7 +156,7 @@ void KeepDigestsIn(const std::string& path) {
 absl::StatusOr<std::string> ContentDigest(int fd) {
   struct stat st;
   if (::fstat(fd, &st) != 0) return Errno("cannot stat a file to hash");
-  const FileIdentity identity{st.st_dev, st.st_ino, st.st_size, Nanos(st.st_mtim), Nanos(st.st_ctim)};
+  const FileIdentity identity = FileIdentity::Of(st);
   {
     absl::MutexLock lock(&digest_mu);
     auto it = Digests().find(identity);
