@@ -10,13 +10,6 @@ namespace {
 
 namespace log = nomadplugin::hclog;
 
-// A failure of the session itself (not an error the agent answered with):
-// the next exec should connect anew.
-bool SessionBroken(const absl::Status& status) {
-  return !status.ok() && QmpErrorClass(status).empty() && !absl::IsNotFound(status) &&
-         !absl::IsInvalidArgument(status) && !absl::IsCancelled(status) && !absl::IsDeadlineExceeded(status);
-}
-
 // The task's agent session, with exec's wording for why there is none.
 absl::StatusOr<std::shared_ptr<GuestAgentClient>> ExecAgent(VmTask& task) {
   absl::StatusOr<std::shared_ptr<GuestAgentClient>> agent = task.GuestAgent(kExecAgentConnect);
@@ -39,7 +32,7 @@ absl::StatusOr<GuestExecResult> ExecInTask(VmTask& task, const GuestExecRequest&
       GuestExec::Start(**agent, request, std::min(GuestAgentClient::kDefaultTimeout,
                                                   std::max(options.deadline - absl::Now(), absl::Milliseconds(1))));
   if (!exec.ok()) {
-    if (SessionBroken(exec.status())) task.DropGuestAgent(*agent);
+    if (GuestAgentSessionBroken(exec.status())) task.DropGuestAgent(*agent);
     return exec.status();
   }
   absl::StatusOr<GuestExecResult> result = exec->Wait(options.deadline, options.cancelled, options.on_output);
@@ -57,7 +50,7 @@ absl::StatusOr<GuestExecResult> ExecInTask(VmTask& task, const GuestExecRequest&
     }
     return absl::CancelledError(absl::StrCat("exec of ", request.argv[0], " was cancelled and killed in the guest"));
   }
-  if (SessionBroken(result.status())) task.DropGuestAgent(*agent);
+  if (GuestAgentSessionBroken(result.status())) task.DropGuestAgent(*agent);
   return result.status();
 }
 

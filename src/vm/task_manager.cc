@@ -60,12 +60,14 @@ void TaskManager::Prepare() {
     const std::string root = StateRoot();
     const absl::Time started = absl::Now();
     if (::mkdir(root.c_str(), 0711) == 0 || errno == EEXIST) fingerprinter_->KeepFactsIn(root + "/" + kHostFactsFile);
-    fingerprinter_->WarmUp(plugin.emulators_allowlist);
+    // The kept digests before the probing, which may take a while on a first
+    // launch: a restore meanwhile should not hash its template again.
     const std::string cache = CacheDir();
     std::error_code no_cache;
     std::filesystem::create_directories(cache, no_cache);  // as the image cache makes it
     if (!no_cache) KeepDigestsIn(cache + "/" + kKeptDigestsFile);
     const int removed = TemplateStore(cache).RemoveOtherFormats();
+    fingerprinter_->WarmUp(plugin.emulators_allowlist);
     log::Debug("host probed and cache tidied", {{"ms", absl::ToDoubleMilliseconds(absl::Now() - started)},
                                                 {"binary_probes", fingerprinter_->binary_probes()},
                                                 {"stale_templates_removed", removed}});

@@ -413,6 +413,11 @@ absl::StatusOr<std::shared_ptr<GuestAgentClient>> VmTask::GuestAgent(absl::Durat
   return agent_;
 }
 
+bool GuestAgentSessionBroken(const absl::Status& status) {
+  return !status.ok() && QmpErrorClass(status).empty() && !absl::IsNotFound(status) &&
+         !absl::IsInvalidArgument(status) && !absl::IsCancelled(status) && !absl::IsDeadlineExceeded(status);
+}
+
 void VmTask::DropGuestAgent(const std::shared_ptr<GuestAgentClient>& agent) {
   std::shared_ptr<GuestAgentClient> dropped;
   {

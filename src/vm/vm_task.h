@@ -101,6 +101,11 @@ struct TaskEventText {
 // power-button presses. Annotations: "qmp_event" and the event's data fields.
 std::optional<TaskEventText> DescribeQmpEvent(const QmpEvent& event);
 
+// Whether a guest-agent call failed in its session (not with an error the
+// agent answered, nor a command's own timeout or cancellation): the session
+// is then dropped (VmTask::DropGuestAgent) and the next caller connects anew.
+bool GuestAgentSessionBroken(const absl::Status& status);
+
 class VmTask {
  public:
   // Takes ownership of the pidfds (-1 when the process is already gone).

@@ -295,11 +295,8 @@ absl::Status SetGuestClock(VmTask& vm) {
   if (!agent.ok()) return agent.status();
   const int64_t now_ns = absl::ToUnixNanos(absl::Now());
   absl::StatusOr<nlohmann::json> set = (*agent)->Execute("guest-set-time", {{"time", now_ns}}, timeouts::kQmpCommand);
-  if (!set.ok()) {
-    vm.DropGuestAgent(*agent);
-    return set.status();
-  }
-  return absl::OkStatus();
+  if (GuestAgentSessionBroken(set.status())) vm.DropGuestAgent(*agent);
+  return set.status();
 }
 
 absl::StatusOr<SavedTemplate> SaveTemplate(VmTask& vm, WarmCapture& capture) {
