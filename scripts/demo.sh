@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The quick start: installs what is needed, builds, builds the small test VM,
+# The quick start: installs what is needed, builds the three programs it runs
+# (the plugin, its per-VM supervisor, qemu-driverctl: no tests), builds the small test VM,
 # then drives the plugin the way a Nomad client does: info, fingerprint, and a
 # VM started, its web page fetched through the mapped host port, and a
 # graceful stop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-scripts/build.sh build
+scripts/build.sh build -DNDQ_BUILD_TESTS=OFF
 guest_images="$(bash tests/fixtures/build-test-guest.sh)"
 guest_dir="$(dirname "$(echo "$guest_images" | head -n1)")"
 

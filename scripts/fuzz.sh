@@ -20,7 +20,7 @@ seconds="$1"
 shift
 start=$(date +%s)
 
-scripts/setup.sh
+scripts/setup.sh --tests
 missing=()
 # libclang-rt-14-dev (the sanitizer runtimes) is only a recommendation of clang's.
 for pkg in clang libfuzzer-14-dev libclang-rt-14-dev; do

@@ -10,7 +10,7 @@
 # Set NDQ_SKIP_SANITIZERS=1 to run only the normal build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --tests
 
 # The test VM images are built once and cached (see tests/fixtures/README.md).
 bash tests/fixtures/build-test-guest.sh >/dev/null
@@ -45,7 +45,7 @@ wait_for_background() {
 }
 trap '[ -z "$bg_pid" ] || kill -TERM -- "-$bg_pid" 2>/dev/null || true' EXIT
 
-scripts/build.sh build
+scripts/build.sh build -DNDQ_BUILD_TESTS=ON
 phase "built build"
 if [ "${NDQ_SKIP_SANITIZERS:-0}" = 1 ]; then
   ctest --test-dir build --output-on-failure -j "$jobs_n"
