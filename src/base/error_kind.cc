@@ -9,8 +9,9 @@
 namespace ndq {
 namespace {
 
-// The payload's type URL; its value is the kind's name.
+// The payloads' type URLs; their values are the kind's and the stage's names.
 constexpr char kKindPayload[] = "type.nomad-driver-qemu/error-kind";
+constexpr char kStagePayload[] = "type.nomad-driver-qemu/start-stage";
 
 constexpr ErrorKind kAllKinds[] = {ErrorKind::kBadConfig,    ErrorKind::kRefused,   ErrorKind::kConflict,
                                    ErrorKind::kGone,         ErrorKind::kHostResource, ErrorKind::kTransient,
@@ -101,6 +102,24 @@ ErrorKind KindOfErrno(int err) {
 
 absl::Status ErrnoError(const std::string& what, int err) {
   return WithKind(absl::Status(CodeOfErrno(err), absl::StrCat(what, ": ", std::strerror(err))), KindOfErrno(err));
+}
+
+absl::Status ConfigError(absl::string_view message) {
+  return WithKind(absl::FailedPreconditionError(message), ErrorKind::kBadConfig);
+}
+
+absl::Status RefusedError(absl::string_view message) {
+  return WithKind(absl::FailedPreconditionError(message), ErrorKind::kRefused);
+}
+
+absl::Status WithStage(absl::Status status, absl::string_view stage) {
+  if (!status.ok() && !status.GetPayload(kStagePayload)) status.SetPayload(kStagePayload, absl::Cord(stage));
+  return status;
+}
+
+std::string StageOf(const absl::Status& status) {
+  auto stage = status.GetPayload(kStagePayload);
+  return stage.has_value() ? std::string(*stage) : std::string();
 }
 
 }  // namespace ndq

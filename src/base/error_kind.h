@@ -8,6 +8,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 
 namespace ndq {
 
@@ -39,5 +40,17 @@ ErrorKind KindOfErrno(int err);
 // A status for a failed system call: "<what>: <strerror>", with its code and
 // kind following errno.
 absl::Status ErrnoError(const std::string& what, int err);
+
+// Errors whose kind is known where they arise, so no code has to imply it:
+// the job's or the operator's configuration cannot work here (kBadConfig),
+// or the driver refuses what it found in a place it owns (kRefused). Both
+// are FailedPrecondition, and neither is retried by Nomad.
+absl::Status ConfigError(absl::string_view message);
+absl::Status RefusedError(absl::string_view message);
+
+// The start stage an error arose in ("plan VM", "await QMP", ...), carried beside
+// its kind; empty when no stage tagged it. The first tag stays.
+absl::Status WithStage(absl::Status status, absl::string_view stage);
+std::string StageOf(const absl::Status& status);
 
 }  // namespace ndq

@@ -99,4 +99,32 @@ inline constexpr absl::Duration kStatsCancelCheck = absl::Seconds(1);
 // One `qemu-system-* --version` (and friends) at fingerprint time.
 inline constexpr absl::Duration kFingerprintProbe = absl::Seconds(10);
 
+// --- exec (nomad alloc exec) -------------------------------------------------
+// A command's stdin counts as done once Nomad sent nothing for this long.
+inline constexpr absl::Duration kExecStdinQuiet = absl::Milliseconds(500);
+// How often a running exec looks whether its caller gave up.
+inline constexpr absl::Duration kExecCancelCheck = absl::Milliseconds(50);
+// How long the stream's last frames get to reach Nomad.
+inline constexpr absl::Duration kExecStreamEndGrace = absl::Seconds(5);
+// guest-exec-status polling: from this, doubling, up to the next.
+inline constexpr absl::Duration kGuestExecFirstPoll = absl::Milliseconds(5);
+inline constexpr absl::Duration kGuestExecMaxPoll = absl::Milliseconds(200);
+// How often a guest command's wait looks whether its caller gave up.
+inline constexpr absl::Duration kGuestExecCancelCheck = absl::Milliseconds(10);
+// How long exec waits for the task's guest agent to answer.
+inline constexpr absl::Duration kExecAgentConnect = absl::Seconds(3);
+
+// --- watches after StartTask (vm/vm_watches.h, vm/boot_watch.h) ----------------
+// One probe of the guest agent or the ready port, and the longest pause between probes.
+inline constexpr absl::Duration kBootProbe = absl::Seconds(2);
+inline constexpr absl::Duration kBootProbeMaxPause = absl::Seconds(1);
+// boot_timeout passed: how long QEMU gets to exit on SIGTERM before SIGKILL.
+inline constexpr absl::Duration kBootFailureStop = absl::Seconds(5);
+// How long a restored guest's agent gets to answer before its clock is set.
+inline constexpr absl::Duration kRestoredClock = absl::Seconds(60);
+// How long a cold warm_start VM has to become ready before no template is taken.
+inline constexpr absl::Duration kWarmReady = absl::Minutes(30);
+// QMP screendump.
+inline constexpr absl::Duration kScreenshot = absl::Seconds(10);
+
 }  // namespace ndq::timeouts

@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 
+#include "base/error_kind.h"
 #include "base/timeouts.h"
 #include "nomadplugin/hclog.h"
 #include "driver/error_classification.h"
@@ -206,8 +207,10 @@ grpc::Status DriverService::StartTask(grpc::ServerContext* context, const driver
       tasks_->Start(TaskRequestFromProto(request->task()),
                     [this, context] { return context->IsCancelled() || lifecycle_->ShutdownRequested(); });
   if (!started.ok()) {
-    nomadplugin::hclog::Error("task start failed",
-                              {{"task_id", request->task().id()}, {"error", std::string(started.status().message())}});
+    nomadplugin::hclog::Error("task start failed", {{"task_id", request->task().id()},
+                                                    {"stage", StageOf(started.status())},
+                                                    {"kind", ErrorKindName(KindOf(started.status()))},
+                                                    {"error", std::string(started.status().message())}});
     return StartFailure(started.status());
   }
   *response->mutable_handle() = HandleToProto(request->task(), *started);

@@ -1,3 +1,4 @@
+#include "base/timeouts.h"
 #include "driver/exec_service.h"
 
 #include <thread>
@@ -11,10 +12,10 @@
 namespace ndq {
 namespace {
 
-constexpr absl::Duration kCancelCheck = absl::Milliseconds(50);
+constexpr absl::Duration kCancelCheck = timeouts::kExecCancelCheck;
 // After the exit frame, how long Nomad gets to end the stream before the
 // call is cancelled so the stdin reader can be joined.
-constexpr absl::Duration kStreamEndGrace = absl::Seconds(5);
+constexpr absl::Duration kStreamEndGrace = timeouts::kExecStreamEndGrace;
 
 driverpb::ExitResult ExitOf(const GuestExecResult& result) {
   driverpb::ExitResult out;

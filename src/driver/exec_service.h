@@ -14,6 +14,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "base/timeouts.h"
 #include "absl/time/time.h"
 #include "nomad/driver.grpc.pb.h"
 #include "vm/task_manager.h"
@@ -23,7 +24,7 @@ namespace ndq {
 namespace driverpb = hashicorp::nomad::plugins::drivers::proto;
 
 // How long a streamed exec waits for more stdin before it starts the command.
-inline constexpr absl::Duration kStdinQuiet = absl::Milliseconds(500);
+inline constexpr absl::Duration kStdinQuiet = timeouts::kExecStdinQuiet;
 
 grpc::Status ExecTaskOnce(TaskManager& tasks, grpc::ServerContext* context, const driverpb::ExecTaskRequest& request,
                           driverpb::ExecTaskResponse* response, const std::function<bool()>& shutting_down);

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <set>
 
+#include "base/error_kind.h"
 #include "base/timeouts.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -44,7 +45,7 @@ std::optional<uint64_t> KeyedValue(const std::optional<std::string>& text, absl:
 absl::Status WriteFile(const std::string& dir, const std::string& file, const std::string& value) {
   const std::string path = dir + "/" + file;
   const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
-  if (fd < 0) return absl::FailedPreconditionError(absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
+  if (fd < 0) return ErrnoError("cannot open " + path, errno);
   const ssize_t n = ::write(fd, value.data(), value.size());
   const int err = errno;
   ::close(fd);

@@ -38,8 +38,7 @@ absl::Status AttachAndRaise(const std::string& tap, const std::string& bridge, i
   if (::ioctl(sock.get(), SIOCBRADDIF, &add) != 0) {
     const int error = errno;
     if (error == EOPNOTSUPP || error == EINVAL) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("\"", bridge, "\" (from the plugin's bridges_allowlist) is not a bridge"));
+      return ConfigError(absl::StrCat("\"", bridge, "\" (from the plugin's bridges_allowlist) is not a bridge"));
     }
     return ErrnoError(absl::StrCat("cannot attach TAP ", tap, " to bridge ", bridge), error);
   }
@@ -70,7 +69,7 @@ absl::StatusOr<UniqueFd> CreateBridgedTap(const std::string& name, const std::st
   // Interfaces are looked up by ioctl, not in /sys/class/net: sysfs shows
   // the namespace of whoever mounted it, which need not be the plugin's.
   if (!InterfaceExists(bridge)) {
-    return absl::FailedPreconditionError(
+    return ConfigError(
         absl::StrCat("bridge \"", bridge, "\" (from the plugin's bridges_allowlist) does not exist on this host"));
   }
   // TUNSETIFF would attach to an existing TAP of the name instead of failing.

@@ -88,7 +88,7 @@ absl::StatusOr<std::optional<std::string>> Qcow2Backing(const std::string& path,
 // the driver holds open); `path` names it in messages.
 absl::StatusOr<ImageInfo> ProbeWithQemuImg(const std::string& path, const std::string& opened_as = "") {
   const std::string qemu_img = FindOnPath("qemu-img");
-  if (qemu_img.empty()) return absl::FailedPreconditionError("qemu-img is not on PATH (package qemu-utils)");
+  if (qemu_img.empty()) return ConfigError("qemu-img is not on PATH (package qemu-utils)");
   std::vector<std::string> argv = {qemu_img, "info", "--output=json", "-U"};
   if (opened_as.empty()) argv.push_back("--backing-chain");
   argv.push_back(opened_as.empty() ? path : opened_as);

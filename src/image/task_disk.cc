@@ -217,7 +217,7 @@ absl::Status CreateOverlayIn(const std::string& task_dir, const std::string& nam
                              const std::string& backing_format, std::optional<int64_t> size) {
   const std::string path = task_dir + "/" + name;
   const std::string qemu_img = FindOnPath("qemu-img");
-  if (qemu_img.empty()) return absl::FailedPreconditionError("qemu-img is not on PATH (package qemu-utils)");
+  if (qemu_img.empty()) return ConfigError("qemu-img is not on PATH (package qemu-utils)");
   // The task dir is the job's to write: whatever it left under the overlay's
   // name (a link to a host file, say) is removed, not followed, and the file
   // is created afresh here; qemu-img then writes through our open file.

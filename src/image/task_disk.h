@@ -13,6 +13,7 @@
 #include "image/image_cache.h"
 #include "policy/plugin_config.h"
 #include "policy/task_config.h"
+#include "policy/task_request.h"
 
 namespace ndq {
 
@@ -36,7 +37,7 @@ struct SourceRequest {
   std::optional<int64_t> size;              // grow the overlay to this many bytes
   // The task's overlay on the cached image (in the task dir); empty: the
   // cached image itself is the drive, read-only (a CD-ROM).
-  std::string overlay_name = "image-overlay.qcow2";
+  std::string overlay_name = kBootOverlayName;
 };
 
 // Creates `task_dir/name` afresh (whatever the job left there is removed,

@@ -72,4 +72,8 @@ struct TaskRequest {
   std::string task_dir() const { return alloc_dir + "/" + identity.name; }
 };
 
+// The task's own disk made from image_source: a qcow2 overlay in its task dir
+// on the cached image. Planning names it before the image is fetched.
+inline constexpr char kBootOverlayName[] = "image-overlay.qcow2";
+
 }  // namespace ndq

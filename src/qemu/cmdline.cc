@@ -105,9 +105,9 @@ bool IsQ35(const VmSpec& spec) {
 // (pc: secondary master; q35: port 2) holds QEMU's own empty default CD-ROM.
 class IdeSlots {
  public:
-  explicit IdeSlots(const VmSpec& spec) : q35_(IsQ35(spec)) {
+  IdeSlots(const VmSpec& spec, const QemuFiles& files) : q35_(IsQ35(spec)) {
     // The boot disk, when IDE, took the first slot by QEMU's own choice.
-    if (!spec.disk.empty() && spec.drive_interface == "ide") next_ = 1;
+    if (!files.boot.empty() && spec.drive_interface == "ide") next_ = 1;
   }
   std::string Next() {
     if (next_ == kDefaultCdromSlot) ++next_;
@@ -139,33 +139,38 @@ void AppendDriveDevice(const Drive& drive, IdeSlots& ide, bool* scsi_controller,
   }
 }
 
-void AppendDrives(const VmSpec& spec, std::vector<std::string>& argv) {
+bool HasFirmware(const VmSpec& spec, const QemuFiles& files) {
+  return spec.firmware.uefi && files.firmware_code >= 0 && files.firmware_vars >= 0;
+}
+
+void AppendDrives(const VmSpec& spec, const QemuFiles& files, std::vector<std::string>& argv) {
   NodeWriter nodes(argv);
-  nodes.Chain("image0", spec.disk, NodeTuning(spec.boot_cache, spec.boot_discard));
-  if (!spec.disk.empty()) AppendBootDevice(spec, argv);
+  nodes.Chain("image0", files.boot, NodeTuning(spec.boot_cache, spec.boot_discard));
+  if (!files.boot.empty()) AppendBootDevice(spec, argv);
   bool scsi_controller = false;
-  IdeSlots ide(spec);
-  for (const Drive& drive : spec.drives) {
-    if (drive.nodes.empty()) continue;  // not opened: nothing to attach
-    nodes.Chain(drive.id, drive.nodes, NodeTuning(drive.cache, drive.discard));
+  IdeSlots ide(spec, files);
+  for (size_t i = 0; i < spec.drives.size() && i < files.drives.size(); ++i) {
+    const Drive& drive = spec.drives[i];
+    if (files.drives[i].empty()) continue;  // not opened: nothing to attach
+    nodes.Chain(drive.id, files.drives[i], NodeTuning(drive.cache, drive.discard));
     AppendDriveDevice(drive, ide, &scsi_controller, argv);
   }
   // UEFI: the firmware's code (read-only) and the task's own variable store
   // are pflash nodes like any disk, named by the machine's pflash0/pflash1.
   const Firmware& fw = spec.firmware;
-  if (fw.uefi && fw.code_fd >= 0 && fw.vars_fd >= 0) {
-    nodes.Chain("fw-code", {DiskNode{"raw", true, fw.code_fd}}, "");
-    nodes.Chain("fw-vars", {DiskNode{"raw", false, fw.vars_fd}}, "");
+  if (HasFirmware(spec, files)) {
+    nodes.Chain("fw-code", {DiskNode{"raw", true, files.firmware_code}}, "");
+    nodes.Chain("fw-vars", {DiskNode{"raw", false, files.firmware_vars}}, "");
     if (fw.secure_boot) argv.insert(argv.end(), {"-global", "driver=cfi.pflash01,property=secure,value=on"});
   }
 }
 
 // QEMU opens -kernel and -initrd by name: it gets the admitted files as
 // /proc/self/fd/N, which reopens exactly the inode the driver checked.
-void AppendKernel(const KernelBoot& boot, std::vector<std::string>& argv) {
-  if (boot.kernel.empty() || boot.kernel_fd < 0) return;
-  argv.insert(argv.end(), {"-kernel", absl::StrCat("/proc/self/fd/", boot.kernel_fd)});
-  if (boot.initrd_fd >= 0) argv.insert(argv.end(), {"-initrd", absl::StrCat("/proc/self/fd/", boot.initrd_fd)});
+void AppendKernel(const KernelBoot& boot, const QemuFiles& files, std::vector<std::string>& argv) {
+  if (boot.kernel.empty() || files.kernel < 0) return;
+  argv.insert(argv.end(), {"-kernel", absl::StrCat("/proc/self/fd/", files.kernel)});
+  if (files.initrd >= 0) argv.insert(argv.end(), {"-initrd", absl::StrCat("/proc/self/fd/", files.initrd)});
   if (!boot.cmdline.empty()) argv.insert(argv.end(), {"-append", boot.cmdline});
 }
 
@@ -194,13 +199,13 @@ void AppendTpm(const VmSpec& spec, const RuntimePaths& paths, std::vector<std::s
 // system (ext4, xfs, btrfs, tmpfs from Linux 6.6; not NFS before 4.2).
 // multidevs=remap: a volume may span file systems (submounts); remapping keeps
 // inode numbers unique in the guest instead of QEMU only warning.
-void AppendShares(const VmSpec& spec, std::vector<std::string>& argv) {
-  for (size_t i = 0; i < spec.shares.size(); ++i) {
+void AppendShares(const VmSpec& spec, const QemuFiles& files, std::vector<std::string>& argv) {
+  for (size_t i = 0; i < spec.shares.size() && i < files.shares.size(); ++i) {
     const Share& share = spec.shares[i];
-    if (share.fd < 0) continue;  // not opened: nothing to share
+    if (files.shares[i] < 0) continue;  // not opened: nothing to share
     const std::string id = absl::StrCat("share", i);
     argv.insert(argv.end(), {"-fsdev",
-                             absl::StrCat("local,id=", id, ",path=/proc/self/fd/", share.fd,
+                             absl::StrCat("local,id=", id, ",path=/proc/self/fd/", files.shares[i],
                                           ",security_model=mapped-xattr,fmode=0644,dmode=0755,multidevs=remap", share.read_only ? ",readonly=on" : ""),
                              "-device",
                              absl::StrCat("virtio-9p-pci,fsdev=", id, ",mount_tag=", EscapeQemuOptionValue(share.tag))});
@@ -230,24 +235,22 @@ void AppendConsole(const ConsolePlan& console, std::vector<std::string>& argv) {
 // vmgenid: its generation ID is not part of the saved state, so each QEMU
 // start tells the restored guest it was cloned (Linux reseeds its RNG).
 // -incoming defer: the state is loaded over QMP after the capabilities are set.
-void AppendWarmStart(const VmSpec& spec, std::vector<std::string>& argv) {
-  const WarmPlan& warm = spec.warm;
-  if (warm.mode == WarmMode::kOff || warm.memory_fd < 0) return;
+void AppendWarmStart(const VmSpec& spec, const QemuFiles& files, std::vector<std::string>& argv) {
+  if (files.warm_mode == WarmMode::kOff || files.warm_memory < 0) return;
   argv.insert(argv.end(),
               {"-object",
                absl::StrCat("memory-backend-file,id=warm-ram,size=", spec.memory_mb, "M,mem-path=/proc/self/fd/",
-                            warm.memory_fd, ",share=", warm.mode == WarmMode::kCold ? "on" : "off"),
+                            files.warm_memory, ",share=", files.warm_mode == WarmMode::kCold ? "on" : "off"),
                "-machine", "memory-backend=warm-ram", "-device", "vmgenid"});
-  if (warm.mode == WarmMode::kRestore) argv.insert(argv.end(), {"-incoming", "defer"});
+  if (files.warm_mode == WarmMode::kRestore) argv.insert(argv.end(), {"-incoming", "defer"});
 }
 
 // The -machine value: type and accelerator, plus what UEFI and Secure Boot need.
-std::string MachineOption(const VmSpec& spec) {
+std::string MachineOption(const VmSpec& spec, const QemuFiles& files) {
   const auto esc = EscapeQemuOptionValue;
   std::string out = absl::StrCat("type=", esc(spec.machine_type), ",accel=", esc(spec.accelerator));
-  const Firmware& fw = spec.firmware;
-  if (fw.uefi && fw.code_fd >= 0 && fw.vars_fd >= 0) out += ",pflash0=fw-code,pflash1=fw-vars";
-  if (fw.secure_boot) out += ",smm=on";
+  if (HasFirmware(spec, files)) out += ",pflash0=fw-code,pflash1=fw-vars";
+  if (spec.firmware.secure_boot) out += ",smm=on";
   return out;
 }
 
@@ -273,21 +276,21 @@ void AppendUserNic(const VmSpec& spec, std::vector<std::string>& argv) {
 // network_mode = "bridge": the TAP the driver made and attached to the
 // bridge, handed over open (QEMU never creates or configures a network
 // device itself, so it needs no privilege and runs no ifup script).
-void AppendBridgeNic(const VmSpec& spec, std::vector<std::string>& argv) {
-  if (spec.network.tap_fd < 0) return;  // not opened: nothing to attach
+void AppendBridgeNic(const VmSpec& spec, const QemuFiles& files, std::vector<std::string>& argv) {
+  if (files.tap < 0) return;  // not opened: nothing to attach
   std::string nic = absl::StrCat(EscapeQemuOptionValue(spec.net_device), ",netdev=net0");
   if (!spec.mac_address.empty()) absl::StrAppend(&nic, ",mac=", EscapeQemuOptionValue(spec.mac_address));
-  argv.insert(argv.end(), {"-netdev", absl::StrCat("tap,id=net0,fd=", spec.network.tap_fd), "-device", nic});
+  argv.insert(argv.end(), {"-netdev", absl::StrCat("tap,id=net0,fd=", files.tap), "-device", nic});
 }
 
 }  // namespace
 
-std::vector<std::string> BuildQemuArgv(const VmSpec& spec, const RuntimePaths& paths) {
+std::vector<std::string> BuildQemuArgv(const VmSpec& spec, const QemuFiles& files, const RuntimePaths& paths) {
   const auto esc = EscapeQemuOptionValue;
   std::vector<std::string> argv = {
       spec.emulator_path,
       "-machine",
-      MachineOption(spec),
+      MachineOption(spec, files),
       // guest= spelled out: "-name a=b" would read "a" as a key and fail.
       "-name",
       absl::StrCat("guest=", esc(spec.name)),
@@ -298,8 +301,8 @@ std::vector<std::string> BuildQemuArgv(const VmSpec& spec, const RuntimePaths& p
   if (spec.cpus > 0 && !ArgsUseOption(spec.args, "smp")) {
     argv.insert(argv.end(), {"-smp", absl::StrCat(spec.cpus)});
   }
-  AppendDrives(spec, argv);
-  AppendKernel(spec.kernel, argv);
+  AppendDrives(spec, files, argv);
+  AppendKernel(spec.kernel, files, argv);
   argv.push_back("-nographic");
   if (spec.sandbox) {
     // QEMU's seccomp filter: no obsolete syscalls, no setuid/setgid or
@@ -322,12 +325,12 @@ std::vector<std::string> BuildQemuArgv(const VmSpec& spec, const RuntimePaths& p
                  "-device", "virtio-serial", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"});
   }
   AppendTpm(spec, paths, argv);
-  AppendShares(spec, argv);
+  AppendShares(spec, files, argv);
   AppendConsole(spec.console, argv);
-  AppendWarmStart(spec, argv);
+  AppendWarmStart(spec, files, argv);
   argv.insert(argv.end(), spec.args.begin(), spec.args.end());
 
-  if (spec.network.enabled) AppendBridgeNic(spec, argv);
+  if (spec.network.enabled) AppendBridgeNic(spec, files, argv);
   else AppendUserNic(spec, argv);
   if (spec.accelerator == "kvm") argv.push_back("-enable-kvm");
   return argv;

@@ -10,7 +10,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "base/timeouts.h"
-#include "qemu/qmp_client.h"
+#include "qemu/guest_agent_client.h"
 
 namespace ndq {
 namespace {

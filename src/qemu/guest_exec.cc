@@ -1,3 +1,4 @@
+#include "base/timeouts.h"
 #include "qemu/guest_exec.h"
 
 #include <algorithm>
@@ -19,7 +20,7 @@ constexpr size_t Base64Size(size_t n) { return (n + 2) / 3 * 4; }
 constexpr size_t kMaxStatusReply = 2 * Base64Size(GuestExec::kAgentOutputLimit) + (4 << 10);
 
 // Cancellation is looked at this often while waiting between polls.
-constexpr absl::Duration kCancelCheck = absl::Milliseconds(10);
+constexpr absl::Duration kCancelCheck = timeouts::kGuestExecCancelCheck;
 
 absl::Status CheckRequest(const GuestExecRequest& request) {
   if (request.argv.empty() || request.argv[0].empty()) {

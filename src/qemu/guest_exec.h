@@ -26,7 +26,8 @@
 #include <string>
 #include <vector>
 
-#include "qemu/qmp_client.h"
+#include "base/timeouts.h"
+#include "qemu/guest_agent_client.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -66,8 +67,8 @@ class GuestExec {
   // Wait's pacing: the first status is asked at once, then after 5 ms,
   // doubling up to 200 ms, so short commands answer fast and long ones cost
   // a few calls a second.
-  static constexpr absl::Duration kFirstPollDelay = absl::Milliseconds(5);
-  static constexpr absl::Duration kMaxPollDelay = absl::Milliseconds(200);
+  static constexpr absl::Duration kFirstPollDelay = timeouts::kGuestExecFirstPoll;
+  static constexpr absl::Duration kMaxPollDelay = timeouts::kGuestExecMaxPoll;
 
   // guest-exec. InvalidArgument for a bad request, NotFound when the guest has
   // no such program, FailedPrecondition for other refusals by the agent.

@@ -13,202 +13,31 @@
 #include <cstring>
 #include <deque>
 #include <map>
-#include <random>
 #include <utility>
 
 #include "base/timeouts.h"
-#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "nomadplugin/bounded_json.h"
 #include "nomadplugin/hclog.h"
+#include "qemu/control_socket.h"
 
 namespace ndq {
 namespace {
 
 using nlohmann::json;
+using control_socket::ConnectUnix;
+using control_socket::Dump;
+using control_socket::Errno;
+using control_socket::ErrorReplyStatus;
+using control_socket::kMaxJsonDepth;
+using control_socket::PollMs;
+using control_socket::Preview;
+using control_socket::SendAll;
+using control_socket::CheckServedBy;
 
-// Status payload key under which an error reply's QMP class travels.
-constexpr absl::string_view kErrorClassPayload = "ndq.qemu/qmp-error-class";
 // No sane reply comes near this; a peer that sends more without a newline is broken.
 constexpr size_t kMaxQmpLine = 64 << 20;
-constexpr char kSentinel = '\xff';
-// Copying or dumping a parsed message recurses once per level, so what QEMU or
-// the guest sends is parsed with a bound (no real message comes near it).
-constexpr size_t kMaxJsonDepth = nomadplugin::kDefaultMaxJsonDepth;
-constexpr absl::Duration kSyncResendInterval = timeouts::kAgentSyncResend;
-
-int PollMs(absl::Time deadline) {
-  const absl::Duration left = deadline - absl::Now();
-  if (left <= absl::ZeroDuration()) return 0;
-  return static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(left) + 1, 60 * 60 * 1000));
-}
-
-std::string Errno(int err) { return std::strerror(err); }
-
-// A short, printable excerpt of untrusted text for error messages.
-std::string Preview(absl::string_view text) {
-  constexpr size_t kMax = 200;
-  std::string out;
-  for (char c : text.substr(0, kMax)) {
-    const auto u = static_cast<unsigned char>(c);
-    if (u >= 0x20 && u < 0x7f) {
-      out.push_back(c);
-    } else {
-      static constexpr char kHex[] = "0123456789abcdef";
-      out += "\\x";
-      out.push_back(kHex[u >> 4]);
-      out.push_back(kHex[u & 15]);
-    }
-  }
-  if (text.size() > kMax) absl::StrAppend(&out, "... (", text.size(), " bytes)");
-  return out;
-}
-
-std::string Dump(const json& value) { return value.dump(-1, ' ', false, json::error_handler_t::replace); }
-
-// Maps a QMP error reply to a Status; the class also rides along as a payload.
-absl::Status ErrorReplyStatus(absl::string_view who, absl::string_view command, const json& error) {
-  std::string cls = "GenericError";
-  std::string desc = "(no description)";
-  if (error.is_object()) {
-    auto c = error.find("class");
-    if (c != error.end() && c->is_string()) cls = c->get<std::string>();
-    auto d = error.find("desc");
-    if (d != error.end() && d->is_string()) desc = d->get<std::string>();
-  }
-  absl::StatusCode code = absl::StatusCode::kUnknown;
-  if (cls == "CommandNotFound") {
-    code = absl::StatusCode::kUnimplemented;
-  } else if (cls == "DeviceNotFound") {
-    code = absl::StatusCode::kNotFound;
-  } else if (cls == "DeviceNotActive" || cls == "KVMMissingCap") {
-    code = absl::StatusCode::kFailedPrecondition;
-  }
-  absl::Status status(code, absl::StrCat(who, " rejected ", command, ": ", desc, " [", cls, "]"));
-  status.SetPayload(kErrorClassPayload, absl::Cord(cls));
-  return status;
-}
-
-// Connects to a unix socket that may not exist yet (QEMU creates its sockets
-// shortly after it starts), retrying with a short backoff until `deadline`.
-// Who serves the socket: the process that listened on it (SO_PEERCRED); 0 if unknown.
-pid_t PeerPid(int fd) {
-  ucred cred{};
-  socklen_t len = sizeof cred;
-  return ::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0 ? cred.pid : 0;
-}
-
-// PermissionDenied unless `expected` (when > 0) serves the socket `fd`; `peer`
-// names it in the message.
-absl::Status CheckServedBy(int fd, absl::string_view peer, pid_t expected) {
-  const pid_t server = PeerPid(fd);
-  if (expected <= 0 || server == expected) return absl::OkStatus();
-  return absl::PermissionDeniedError(absl::StrCat(peer, " is served by process ", server,
-                                                  ", not by the VM's QEMU (pid ", expected,
-                                                  "); refusing to talk to it"));
-}
-
-// With `served_by` > 0, a socket some other process serves is refused before a
-// byte is sent: the socket's directory is QEMU's user's to write, and a link
-// planted there must not make the (root) plugin talk to another daemon.
-absl::StatusOr<int> ConnectUnix(const std::string& path, absl::string_view what, absl::Duration timeout,
-                                pid_t served_by) {
-  const absl::Time deadline = absl::Now() + timeout;
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  if (path.empty() || path.size() >= sizeof(addr.sun_path)) {
-    return absl::InvalidArgumentError(absl::StrCat(what, " socket path \"", path, "\" is ", path.size(),
-                                                   " bytes; a unix socket path must be 1 to ",
-                                                   sizeof(addr.sun_path) - 1, " bytes, so use a shorter directory"));
-  }
-  std::memcpy(addr.sun_path, path.data(), path.size());
-  absl::Duration backoff = absl::Milliseconds(5);
-  while (true) {
-    // A link in the socket's place is refused without connecting through it.
-    if (struct stat st {}; served_by > 0 && ::lstat(path.c_str(), &st) == 0 && !S_ISSOCK(st.st_mode)) {
-      return absl::PermissionDeniedError(absl::StrCat(what, " socket ", path,
-                                                      " is not a socket (something was put in its place); "
-                                                      "refusing to connect through it"));
-    }
-    // Non-blocking so a full backlog (QEMU busy with another client) is EAGAIN, not a hang.
-    const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (fd < 0) return absl::InternalError(absl::StrCat("socket(AF_UNIX): ", Errno(errno)));
-    if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0) {
-      if (absl::Status served = CheckServedBy(fd, absl::StrCat(what, " socket ", path), served_by); !served.ok()) {
-        ::close(fd);
-        return served;
-      }
-      // Reads block in their own thread or behind poll(); writes use MSG_DONTWAIT.
-      ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
-      return fd;
-    }
-    const int err = errno;
-    ::close(fd);
-    // Linux refuses connections to a file that is no socket; do not wait on that.
-    struct stat st;
-    if (err == ECONNREFUSED && ::stat(path.c_str(), &st) == 0 && !S_ISSOCK(st.st_mode)) {
-      return absl::FailedPreconditionError(
-          absl::StrCat(what, " socket path ", path, " exists but is not a socket: point it at the socket QEMU serves"));
-    }
-    const bool transient = err == ENOENT || err == ECONNREFUSED || err == EAGAIN || err == EINTR;
-    if (!transient) {
-      if (err == EACCES || err == EPERM) {
-        return absl::PermissionDeniedError(
-            absl::StrCat("no permission to connect to ", what, " socket ", path, ": ", Errno(err)));
-      }
-      return absl::FailedPreconditionError(
-          absl::StrCat("cannot connect to ", what, " socket ", path, ": ", Errno(err)));
-    }
-    const absl::Duration left = deadline - absl::Now();
-    if (left <= absl::ZeroDuration()) {
-      const std::string waited = absl::FormatDuration(timeout);
-      if (err == ENOENT) {
-        return absl::UnavailableError(absl::StrCat(what, " socket ", path, " still does not exist after ", waited,
-                                                   ": QEMU is not running, or not with this socket configured"));
-      }
-      if (err == ECONNREFUSED) {
-        return absl::UnavailableError(absl::StrCat(what, " socket ", path, " refused connections for ", waited,
-                                                   ": the QEMU that created it has probably exited"));
-      }
-      return absl::UnavailableError(absl::StrCat(what, " socket ", path, " stayed busy for ", waited,
-                                                 " (connection backlog full)"));
-    }
-    absl::SleepFor(std::min(backoff, left));
-    backoff = std::min(backoff * 2, absl::Milliseconds(100));
-  }
-}
-
-// Writes all of `data` before `deadline`. A closed peer is Unavailable.
-absl::Status SendAll(int fd, absl::string_view data, absl::Time deadline, absl::string_view peer,
-                     absl::Duration timeout, bool* partial) {
-  size_t off = 0;
-  while (off < data.size()) {
-    const ssize_t n = ::send(fd, data.data() + off, data.size() - off, MSG_NOSIGNAL | MSG_DONTWAIT);
-    if (n > 0) {
-      off += static_cast<size_t>(n);
-      continue;
-    }
-    const int err = errno;
-    if (n < 0 && err == EINTR) continue;
-    if (n < 0 && (err == EAGAIN || err == EWOULDBLOCK)) {
-      pollfd pfd{fd, POLLOUT, 0};
-      const int ready = ::poll(&pfd, 1, PollMs(deadline));
-      if (ready == 0 && absl::Now() >= deadline) {
-        *partial = off > 0;
-        return absl::DeadlineExceededError(
-            absl::StrCat(peer, ": could not send within ", absl::FormatDuration(timeout), ": the peer is not reading"));
-      }
-      continue;
-    }
-    *partial = off > 0;
-    if (err == EPIPE || err == ECONNRESET || err == ENOTCONN) {
-      return absl::UnavailableError(absl::StrCat(peer, ": connection closed (QEMU exited?)"));
-    }
-    return absl::UnavailableError(absl::StrCat(peer, ": write failed: ", Errno(err)));
-  }
-  return absl::OkStatus();
-}
 
 // Sends the first bytes of `data` with `pass_fd` attached (SCM_RIGHTS);
 // returns how many bytes went. QEMU takes the fd with the command it arrives with.
@@ -232,12 +61,6 @@ absl::StatusOr<size_t> SendWithFd(int fd, absl::string_view data, int pass_fd, a
   }
 }
 
-int64_t RandomSyncId() {
-  // Positive and well inside 2^31 so any agent parses it as a plain integer.
-  thread_local std::mt19937 gen{std::random_device{}()};
-  return std::uniform_int_distribution<int64_t>(1, (int64_t{1} << 31) - 1)(gen);
-}
-
 int IntField(const json& object, const char* key) {
   auto it = object.find(key);
   return it != object.end() && it->is_number_integer() ? it->get<int>() : 0;
@@ -247,10 +70,6 @@ int IntField(const json& object, const char* key) {
 
 std::string QmpVersion::ToString() const { return absl::StrCat(major, ".", minor, ".", micro); }
 
-std::string QmpErrorClass(const absl::Status& status) {
-  auto payload = status.GetPayload(kErrorClassPayload);
-  return payload.has_value() ? std::string(*payload) : std::string();
-}
 
 // ---------------------------------------------------------------------------
 // QmpClient
@@ -725,255 +544,6 @@ absl::Status QmpClient::WaitForDisconnect(absl::Duration timeout) {
   if (s.mu.AwaitWithTimeout(absl::Condition(&s.ended), timeout)) return absl::OkStatus();
   return absl::DeadlineExceededError(
       absl::StrCat(s.peer, ": QEMU still holds the connection open after ", absl::FormatDuration(timeout)));
-}
-
-// ---------------------------------------------------------------------------
-// GuestAgentClient
-
-GuestAgentClient::GuestAgentClient(int fd, std::string peer) : fd_(fd), peer_(std::move(peer)) {}
-
-GuestAgentClient::~GuestAgentClient() { ::close(fd_); }
-
-void GuestAgentClient::Close() { ::shutdown(fd_, SHUT_RDWR); }
-
-absl::StatusOr<std::unique_ptr<GuestAgentClient>> GuestAgentClient::Connect(const std::string& socket_path,
-                                                                            absl::Duration timeout, pid_t served_by) {
-  const absl::Time deadline = absl::Now() + timeout;
-  absl::StatusOr<int> fd = ConnectUnix(socket_path, "guest agent", timeout, served_by);
-  if (!fd.ok()) return fd.status();
-  return Adopt(*fd, absl::StrCat("guest agent socket ", socket_path),
-               std::max(deadline - absl::Now(), absl::ZeroDuration()));
-}
-
-absl::StatusOr<std::unique_ptr<GuestAgentClient>> GuestAgentClient::Adopt(int fd, const std::string& peer,
-                                                                          absl::Duration timeout) {
-  std::unique_ptr<GuestAgentClient> client(new GuestAgentClient(fd, peer));
-  absl::Status status = client->Sync(timeout);
-  if (!status.ok()) return status;
-  return client;
-}
-
-absl::Status GuestAgentClient::Timeout(absl::string_view what, absl::Duration timeout) const {
-  return absl::DeadlineExceededError(absl::StrCat(
-      peer_, ": no ", what, " from the guest agent within ", absl::FormatDuration(timeout),
-      ". Is qemu-guest-agent running in the guest on the virtio-serial port org.qemu.guest_agent.0? "
-      "(It only starts late in the guest's boot.)"));
-}
-
-absl::Status GuestAgentClient::SendLocked(const std::string& data, absl::Time deadline) {
-  bool partial = false;
-  absl::Status status = SendAll(fd_, data, deadline, peer_, deadline - absl::Now(), &partial);
-  // A half-sent command is harmless here: the next sync's 0xFF resets the agent's parser.
-  if (!status.ok()) in_sync_ = false;
-  return status;
-}
-
-absl::Status GuestAgentClient::FillLocked(absl::Time deadline, absl::string_view waiting_for) {
-  if (eof_) {
-    return absl::UnavailableError(absl::StrCat(peer_, ": the connection is closed (the VM exited?)"));
-  }
-  while (true) {
-    pollfd pfd{fd_, POLLIN, 0};
-    const int ready = ::poll(&pfd, 1, PollMs(deadline));
-    if (ready < 0 && errno == EINTR) continue;
-    if (ready == 0) {
-      if (absl::Now() < deadline) continue;
-      in_sync_ = false;
-      // The public caller rewrites this with its own timeout.
-      return absl::DeadlineExceededError(waiting_for);
-    }
-    char chunk[64 << 10];
-    const ssize_t n = ::recv(fd_, chunk, sizeof chunk, MSG_DONTWAIT);
-    if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
-    if (n <= 0) {
-      eof_ = true;
-      in_sync_ = false;
-      return absl::UnavailableError(absl::StrCat(peer_, ": QEMU closed the connection while waiting for ",
-                                                 waiting_for, " (the VM exited?)"));
-    }
-    input_.append(chunk, static_cast<size_t>(n));
-    if (input_.size() > max_line_) {
-      // Only a misbehaving guest sends this much; keep the tail, drop sync.
-      input_.erase(0, input_.size() - max_line_);
-      in_sync_ = false;
-    }
-    return absl::OkStatus();
-  }
-}
-
-absl::StatusOr<std::string> GuestAgentClient::ReadLineLocked(absl::Time deadline) {
-  size_t nl;
-  size_t scanned = 0;  // a long reply arrives in many pieces: search each byte once
-  while ((nl = input_.find('\n', scanned)) == std::string::npos) {
-    if (input_.size() >= max_line_) {
-      input_.clear();
-      in_sync_ = false;
-      return absl::DataLossError(absl::StrCat(peer_, ": the guest agent sent over ", max_line_,
-                                              " bytes without a line break"));
-    }
-    scanned = input_.size();
-    absl::Status status = FillLocked(deadline, "reply");
-    if (!status.ok()) return status;
-  }
-  std::string line = input_.substr(0, nl);
-  input_.erase(0, nl + 1);
-  if (!line.empty() && line.back() == '\r') line.pop_back();
-  return line;
-}
-
-absl::Status GuestAgentClient::SkipToSentinelLocked(absl::Time deadline) {
-  size_t pos;
-  while ((pos = input_.find(kSentinel)) == std::string::npos) {
-    input_.clear();
-    absl::Status status = FillLocked(deadline, "guest-sync-delimited reply");
-    if (!status.ok()) return status;
-  }
-  input_.erase(0, pos + 1);
-  return absl::OkStatus();
-}
-
-absl::Status GuestAgentClient::Sync(absl::Duration timeout) {
-  absl::MutexLock lock(&mu_);
-  absl::Status status = SyncLocked(absl::Now() + timeout);
-  if (absl::IsDeadlineExceeded(status)) return Timeout("answer to guest-sync-delimited", timeout);
-  return status;
-}
-
-absl::Status GuestAgentClient::SyncLocked(absl::Time deadline) {
-  in_sync_ = false;
-  // Whatever arrived before this sync answers something nobody waits for any more.
-  input_.clear();
-  // Bytes sent while the guest end of the channel is being (re)opened can be
-  // lost, so the request is repeated until the agent shows signs of life. Only
-  // the newest id counts: the agent answers in order, so after its reply
-  // nothing stale can follow.
-  std::vector<int64_t> ids;
-  bool agent_answered = false;
-  absl::Time next_send = absl::Now();
-  while (true) {
-    if (!agent_answered && absl::Now() >= next_send) {
-      ids.push_back(RandomSyncId());
-      const json request = {{"execute", "guest-sync-delimited"}, {"arguments", {{"id", ids.back()}}}};
-      // The leading 0xFF makes the agent discard any partial command it holds
-      // (qemu-ga also reports it as a stray byte; that error precedes the sentinel).
-      absl::Status status = SendLocked(std::string(1, kSentinel) + Dump(request) + "\n", deadline);
-      if (!status.ok()) return status;
-      next_send = absl::Now() + kSyncResendInterval;
-    }
-    const absl::Time wait_until = agent_answered ? deadline : std::min(deadline, next_send);
-    absl::Status status = SkipToSentinelLocked(wait_until);
-    absl::StatusOr<std::string> line = status.ok() ? ReadLineLocked(wait_until) : status;
-    if (absl::IsDeadlineExceeded(line.status()) && absl::Now() < deadline) continue;  // time to resend
-    if (!line.ok()) return line.status();
-    // Anything else after a sentinel is a stale reply; skip it.
-    const json reply = nomadplugin::ParseJsonBounded(*line, kMaxJsonDepth);
-    if (!reply.is_object()) continue;
-    auto ret = reply.find("return");
-    if (ret == reply.end() || !ret->is_number_integer()) continue;
-    const int64_t id = ret->get<int64_t>();
-    if (id == ids.back()) {
-      in_sync_ = true;
-      return absl::OkStatus();
-    }
-    if (std::find(ids.begin(), ids.end(), id) != ids.end()) agent_answered = true;
-  }
-}
-
-absl::StatusOr<json> GuestAgentClient::Execute(const std::string& command, const json& arguments,
-                                               absl::Duration timeout, size_t max_reply_bytes) {
-  if (!arguments.is_null() && !arguments.is_object()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("guest agent command ", command, ": arguments must be a JSON object, got ",
-                     arguments.type_name()));
-  }
-  const absl::Time deadline = absl::Now() + timeout;
-  absl::MutexLock lock(&mu_);
-  if (!in_sync_) {
-    absl::Status status = SyncLocked(deadline);
-    if (absl::IsDeadlineExceeded(status)) return Timeout("answer to guest-sync-delimited", timeout);
-    if (!status.ok()) return status;
-  }
-  json request = {{"execute", command}};
-  if (!arguments.is_null()) request["arguments"] = arguments;
-  absl::Status status = SendLocked(Dump(request) + "\n", deadline);
-  if (!status.ok()) return status;
-  max_line_ = std::max(max_reply_bytes, kMaxReplyBytes);
-  absl::StatusOr<std::string> line = ReadLineLocked(deadline);
-  // Delimited lines answer syncs, never commands: leftovers of an earlier sync.
-  while (line.ok() && line->find(kSentinel) != std::string::npos) line = ReadLineLocked(deadline);
-  max_line_ = kMaxReplyBytes;
-  if (!line.ok()) {
-    if (absl::IsDeadlineExceeded(line.status())) {
-      return absl::DeadlineExceededError(absl::StrCat(peer_, ": the guest agent did not answer ", command,
-                                                      " within ", absl::FormatDuration(timeout)));
-    }
-    return line.status();
-  }
-  const json reply = nomadplugin::ParseJsonBounded(*line, kMaxJsonDepth);
-  if (reply.is_object()) {
-    auto ret = reply.find("return");
-    if (ret != reply.end()) return *ret;
-    auto error = reply.find("error");
-    if (error != reply.end()) return ErrorReplyStatus("the guest agent", command, *error);
-  }
-  in_sync_ = false;
-  return absl::DataLossError(
-      absl::StrCat(peer_, ": the guest agent answered ", command, " with something that is not a reply: ",
-                   Preview(*line)));
-}
-
-absl::Status GuestAgentClient::Ping(absl::Duration timeout) { return Execute("guest-ping", nullptr, timeout).status(); }
-
-absl::StatusOr<json> GuestAgentClient::Info(absl::Duration timeout) { return Execute("guest-info", nullptr, timeout); }
-
-absl::Status GuestAgentClient::Shutdown(const std::string& mode, absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
-  absl::MutexLock lock(&mu_);
-  if (!in_sync_) {
-    absl::Status status = SyncLocked(deadline);
-    if (absl::IsDeadlineExceeded(status)) return Timeout("answer to guest-sync-delimited", timeout);
-    if (!status.ok()) return status;
-  }
-  const json request = {{"execute", "guest-shutdown"}, {"arguments", {{"mode", mode}}}};
-  absl::Status status = SendLocked(Dump(request) + "\n", deadline);
-  if (!status.ok()) return status;
-  in_sync_ = false;
-  // guest-shutdown is silent when it succeeds; the agent handles commands in
-  // order, so a reply to this sync proves it got past guest-shutdown without
-  // error. No leading 0xFF here: qemu-ga answers that byte with a parse error,
-  // which would look like a refusal.
-  const int64_t id = RandomSyncId();
-  const json probe = {{"execute", "guest-sync-delimited"}, {"arguments", {{"id", id}}}};
-  status = SendLocked(Dump(probe) + "\n", deadline);
-  // The VM going away right after guest-shutdown is success too.
-  if (absl::IsUnavailable(status)) return absl::OkStatus();
-  if (!status.ok()) return status;
-  while (true) {
-    absl::StatusOr<std::string> line = ReadLineLocked(deadline);
-    if (absl::IsUnavailable(line.status())) return absl::OkStatus();
-    if (absl::IsDeadlineExceeded(line.status())) {
-      return absl::DeadlineExceededError(absl::StrCat(
-          peer_, ": the guest agent neither confirmed nor refused guest-shutdown within ",
-          absl::FormatDuration(timeout), "; the guest may still be shutting down"));
-    }
-    if (!line.ok()) return line.status();
-    const bool delimited = line->find(kSentinel) != std::string::npos;
-    const std::string body = delimited ? line->substr(line->rfind(kSentinel) + 1) : *line;
-    const json reply = nomadplugin::ParseJsonBounded(body, kMaxJsonDepth);
-    if (!reply.is_object()) continue;
-    auto ret = reply.find("return");
-    if (delimited) {
-      if (ret != reply.end() && ret->is_number_integer() && ret->get<int64_t>() == id) {
-        in_sync_ = true;
-        return absl::OkStatus();
-      }
-      continue;
-    }
-    auto error = reply.find("error");
-    if (error != reply.end()) return ErrorReplyStatus("the guest agent", "guest-shutdown", *error);
-    // Some agents do reply to guest-shutdown; that is an acceptance as well.
-    if (ret != reply.end()) return absl::OkStatus();
-  }
 }
 
 }  // namespace ndq

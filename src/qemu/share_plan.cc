@@ -174,9 +174,9 @@ absl::Status CheckSharesReadable(const std::vector<Share>& shares, const std::ve
     if (uid == 0 || MayReadAndSearch(st, uid, groups)) continue;
     char mode[8];
     std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
-    return absl::FailedPreconditionError(absl::StrCat(ShareField(shares[i]), ": QEMU's user ", Quoted(user_name),
-                                                      " cannot read ", ShareWhat(shares[i]), " (mode ", mode,
-                                                      ", owner uid ", st.st_uid, "); it needs r-x there"));
+    return ConfigError(absl::StrCat(ShareField(shares[i]), ": QEMU's user ", Quoted(user_name), " cannot read ",
+                                    ShareWhat(shares[i]), " (mode ", mode, ", owner uid ", st.st_uid,
+                                    "); it needs r-x there"));
   }
   return absl::OkStatus();
 }

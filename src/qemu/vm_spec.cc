@@ -131,23 +131,15 @@ void PlanPortForwards(const TaskConfig& config, const TaskRequest& task, VmSpec&
   }
 }
 
-void PlanImage(const TaskConfig& config, const PreparedImage* prepared, VmSpec& spec,
-               std::vector<std::string>& problems) {
-  if (prepared != nullptr) {
-    // image_source was checked and turned into this file by the start's
-    // admit-image stage.
-    spec.image_path = prepared->path;
-    spec.image_format = prepared->format;
-    return;
-  }
+void PlanImage(const TaskConfig& config, const TaskRequest& task, VmSpec& spec, std::vector<std::string>& problems) {
   if (config.image_path.has_value() && config.image_source.has_value()) {
     problems.push_back("task config: set exactly one of \"image_path\" and \"image_source\", not both");
     return;
   }
   if (config.image_source.has_value() || !config.image_sources.empty()) {
-    // Downloads become a per-task overlay (task_disk) before planning; a
-    // source left here was not prepared.
-    problems.push_back("task config \"image_source\": the image was not prepared before planning");
+    // The admit-image stage fetches the source and makes this overlay on it;
+    // its format is probed when it is opened, like any image's.
+    spec.image_path = task.task_dir() + "/" + kBootOverlayName;
     return;
   }
   if (config.checksum.has_value() || config.checksum_url.has_value()) {
@@ -366,10 +358,10 @@ absl::StatusOr<int> CountCpuset(const std::string& cpuset) {
 }
 
 absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config, const TaskRequest& task, const PluginConfig& plugin,
-                              const HostCapabilities& host, const PreparedImage* prepared) {
+                              const HostCapabilities& host) {
   VmSpec spec;
   std::vector<std::string> problems;
-  PlanImage(config, prepared, spec, problems);
+  PlanImage(config, task, spec, problems);
   PlanEmulator(config, plugin, host, spec, problems);
   PlanFirmware(config, host, spec, problems);
   PlanMachine(config, host, spec, problems);

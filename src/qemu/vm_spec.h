@@ -32,8 +32,9 @@ struct PortForward {
   }
 };
 
-// One layer of the VM's disk as QEMU sees it: a node fed from an fd the
-// driver opened and admitted (QEMU's -add-fd), never a path QEMU opens itself.
+// One layer of a disk as QEMU sees it: a node fed from an fd the driver
+// opened and admitted (QEMU's -add-fd), never a path QEMU opens itself. Made
+// at start (qemu/cmdline.h's QemuFiles), never by planning.
 struct DiskNode {
   std::string format;  // QEMU block driver: "qcow2", "raw", ...
   bool read_only = true;
@@ -74,7 +75,6 @@ struct Drive {
   bool read_only = false;
   int boot_index = 0;  // 1 boots first; 0: not a boot device
   DriveSource source;
-  std::vector<DiskNode> nodes;  // the opened file and its chain, top first (filled at start)
 };
 
 // Direct kernel boot: the files are admitted and handed over as fds;
@@ -83,16 +83,12 @@ struct KernelBoot {
   std::string kernel;  // as the job wrote it
   std::string initrd;
   std::string cmdline;
-  int kernel_fd = -1;  // the descriptors' numbers in QEMU's process
-  int initrd_fd = -1;
 };
 
 struct Firmware {
   bool uefi = false;
   bool secure_boot = false;
   FirmwareFiles files;  // the host's OVMF code and vars template
-  int code_fd = -1;     // filled at start: the code (read-only) and the task's own vars
-  int vars_fd = -1;
 };
 
 // network_mode = "bridge" (src/qemu/network_plan.h): the NIC is a TAP the
@@ -100,7 +96,6 @@ struct Firmware {
 struct BridgeNetwork {
   bool enabled = false;  // network_mode = "bridge" (even when the bridge was refused)
   std::string bridge;    // the host bridge, one of bridges_allowlist
-  int tap_fd = -1;       // the TAP's descriptor number in QEMU (filled at start)
   // Wait for the guest agent to report the NIC's IPv4 address at start.
   bool advertise_address = false;
   int64_t advertise_timeout_ms = 0;
@@ -116,9 +111,8 @@ struct Share {
   ShareOrigin origin = ShareOrigin::kAllocDir;
   std::string host_path;  // kAllocDir: the dir's name under the alloc ("alloc", "<task>/local"); kVolume: Nomad's path
   bool read_only = false;
-  int fd = -1;  // the open directory's number in QEMU's process (filled at start)
   bool operator==(const Share& o) const {
-    return tag == o.tag && origin == o.origin && host_path == o.host_path && read_only == o.read_only && fd == o.fd;
+    return tag == o.tag && origin == o.origin && host_path == o.host_path && read_only == o.read_only;
   }
 };
 
@@ -130,9 +124,6 @@ struct VmSpec {
   std::string drive_interface;
   std::string image_path;    // as the job wrote it; admitted and opened at start (AdmitFile)
   std::string image_format;  // the job's image_format; empty: probed at start
-  // The image and its backing files, top first, filled in at start from the
-  // admitted, opened files.
-  std::vector<DiskNode> disk;
   // QEMU runs under its seccomp sandbox (-sandbox on,...).
   bool sandbox = false;
   int64_t memory_mb = 0;
@@ -178,14 +169,11 @@ struct VmSpec {
 // one InvalidArgument error, each naming its option. `emulators` maps emulator
 // names to binary paths, as the fingerprinter found them.
 //
-// `prepared`, when given, is the image the start made from image_source (the
-// task's overlay): it replaces the config's image options.
-struct PreparedImage {
-  std::string path;
-  std::string format;  // empty: probed at start
-};
+// Planning reads no file and fetches nothing: with image_source the boot disk
+// is the overlay the start will make in the task dir (kBootOverlayName), so a
+// job that cannot run is refused before its image is downloaded.
 absl::StatusOr<VmSpec> PlanVm(const TaskConfig& config, const TaskRequest& task, const PluginConfig& plugin,
-                              const HostCapabilities& host, const PreparedImage* prepared = nullptr);
+                              const HostCapabilities& host);
 
 // The emulator a job asks for ("x86_64" by default; "qemu-system-" dropped):
 // the one binary a start needs the facts of.

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "base/timeouts.h"
 #include "absl/time/time.h"
 #include "qemu/console_plan.h"
 #include "policy/task_config.h"
@@ -25,15 +26,11 @@ struct WarmPlan {
   // When the guest is ready to be saved: the same probes as boot_timeout's
   // watch (guest agent, or the guest accepting on a port_map label).
   BootWatchPlan ready;
-  // Filled at start (vm/warm_start.h).
-  WarmMode mode = WarmMode::kOff;
-  int memory_fd = -1;  // the RAM's file, reopened by QEMU as /proc/self/fd/N
-  int state_fd = -1;   // kRestore: the saved device state; kCold: where it will be saved
 };
 
 // How long a cold warm_start VM has to become ready before no template is
 // taken (the VM keeps running either way).
-inline constexpr absl::Duration kWarmReadyTimeout = absl::Minutes(30);
+inline constexpr absl::Duration kWarmReadyTimeout = timeouts::kWarmReady;
 
 // Checks warm_start against the rest of the planned VM: exactly one of
 // ready_port (a port_map TCP label) and ready_agent (needs guest_agent), a

@@ -14,7 +14,7 @@
 #include "absl/strings/str_split.h"
 #include "base/unique_fd.h"
 #include "nomadplugin/hclog.h"
-#include "qemu/qmp_client.h"
+#include "qemu/guest_agent_client.h"
 
 namespace ndq {
 namespace {

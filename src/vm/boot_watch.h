@@ -9,6 +9,7 @@
 #include <string>
 #include <thread>
 
+#include "base/timeouts.h"
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -37,8 +38,8 @@ class BootWatch {
   BootWatch& operator=(const BootWatch&) = delete;
 
   // Each probe's bound, and the longest pause between probes.
-  static constexpr absl::Duration kProbeTimeout = absl::Seconds(2);
-  static constexpr absl::Duration kMaxPause = absl::Seconds(1);
+  static constexpr absl::Duration kProbeTimeout = timeouts::kBootProbe;
+  static constexpr absl::Duration kMaxPause = timeouts::kBootProbeMaxPause;
 
  private:
   void Run();

@@ -113,8 +113,7 @@ absl::Status MakeConsoleDir(const ConsolePlan& console, std::optional<std::pair<
   rollback.Push([dir = console.dir] { RemoveConsoleDir(dir); });
   UniqueFd dir(::openat(parent.get(), name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
   if (!dir.valid()) {
-    return absl::FailedPreconditionError(absl::StrCat("task config \"console\": ", console.dir,
-                                                      " is not a directory the driver made"));
+    return RefusedError(absl::StrCat("task config \"console\": ", console.dir, " is not a directory the driver made"));
   }
   for (const char* socket : kConsoleSockets) ::unlinkat(dir.get(), socket, 0);  // a previous run's
   if (::fchmod(dir.get(), 0700) != 0) return Errno("cannot set the mode of " + console.dir);

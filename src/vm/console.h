@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 
+#include "base/timeouts.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "base/rollback.h"
@@ -30,7 +31,7 @@ void RemoveConsoleDir(const std::string& dir);
 // The signal that asks for a screenshot (SignalTask); it is not forwarded
 // to QEMU.
 inline constexpr int kScreenshotSignal = SIGUSR2;
-inline constexpr absl::Duration kScreenshotTimeout = absl::Seconds(10);
+inline constexpr absl::Duration kScreenshotTimeout = timeouts::kScreenshot;
 // A PNG larger than this is refused (QEMU's 4K screen is ≈2 MiB).
 inline constexpr size_t kMaxScreenshotBytes = 64u << 20;
 

@@ -107,7 +107,7 @@ absl::StatusOr<MediaFiles::DriveFile> Download(const Drive& drive, const MediaCo
   absl::StatusOr<TaskDisk> disk = PrepareTaskDisk(request, ctx.task.task_dir(), ctx.plugin, *ctx.cache, ctx.emit,
                                                   AdmittingOpener(ctx.scope), ctx.cancelled, ctx.lease);
   if (!disk.ok()) return disk.status();
-  rollback.Push([cache = ctx.cache, cached = disk->cached_image, lease = ctx.lease] { cache->Release(cached, lease); });
+  ctx.owned->leases.push_back(disk->cached_image);
   media.cached_images.push_back(disk->cached_image);
   if (drive.media == DriveMedia::kCdrom) return MediaFiles::DriveFile{disk->cached_image, disk->format};
   rollback.Push([overlay = disk->overlay] { ::unlink(overlay.c_str()); });

@@ -7,7 +7,8 @@
 //  - the CD-ROM's download (the cached image itself, read-only);
 //  - the cloud-init seed (rebuilt at each start from the job's documents);
 //  - the task's copy of the UEFI variable store (made once, kept).
-// Everything made by this start is removed again if the start fails.
+// Everything made by this start is removed again if the start fails; the
+// cache leases it takes go into the VM's resources (vm/vm_resources.h).
 #pragma once
 
 #include <functional>
@@ -23,6 +24,7 @@
 #include "policy/task_config.h"
 #include "policy/task_request.h"
 #include "qemu/vm_spec.h"
+#include "vm/vm_resources.h"
 #include "vm/vm_task.h"
 
 namespace ndq {
@@ -47,6 +49,7 @@ struct MediaContext {
   TaskEventSink emit;
   std::function<bool()> cancelled;
   std::string lease;  // the task key, for cache leases
+  VmResources* owned = nullptr;  // where the leases taken are recorded (released with the VM)
 };
 
 // Opens a local download source (a path or file:// URL) only through

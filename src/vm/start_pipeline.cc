@@ -26,6 +26,8 @@
 #include "qemu/guest_address.h"
 #include "image/task_disk.h"
 #include "vm/console.h"
+#include "vm/fd_table.h"
+#include "vm/vm_resources.h"
 #include "vm/start_media.h"
 #include "nomadplugin/hclog.h"
 #include "qemu/cmdline.h"
@@ -52,33 +54,22 @@ struct DecodedTask {
 // The image the VM boots: the job's image_path, or the task's overlay on a
 // downloaded image. `scope` is what the image's chain may pull in.
 struct AdmittedImage {
-  std::optional<PreparedImage> prepared;  // set for image_source
-  std::string field;                      // the task config field it came from
-  std::string cached_image;               // the overlay's backing image, leased
+  std::string field;         // the task config field it came from
+  std::string cached_image;  // the overlay's backing image, leased
   AdmissionScope scope;
 };
 
-// Every file QEMU gets, open, in the order it receives them (fd 3, 4, ...),
-// and where each went: the boot chain, each drive's chain, the kernel and
-// initrd, the firmware.
-struct OpenDisks {
-  std::vector<UniqueFd> fds;
-  std::vector<DiskNode> boot;
-  std::vector<std::vector<DiskNode>> drives;  // one per spec.drives
-  int kernel_fd = -1, initrd_fd = -1, code_fd = -1, vars_fd = -1;
-  std::vector<int> share_fds;  // one per spec.shares
+// The open-disks stage's output: where the boot chain, each drive's chain,
+// the kernel and initrd, the firmware and the shared directories went among
+// the files QEMU gets (the start's FdTable holds them).
+using OpenDisks = QemuFiles;
 
-  // Hands `fd` to QEMU; returns its number there.
-  int Pass(UniqueFd fd) {
-    fds.push_back(std::move(fd));
-    return supervisor::kFirstPassedFd + static_cast<int>(fds.size()) - 1;
-  }
-  std::vector<DiskNode> PassChain(std::vector<DiskLayer> layers) {
-    std::vector<DiskNode> nodes;
-    for (DiskLayer& layer : layers) nodes.push_back(DiskNode{layer.format, !layer.writable, Pass(std::move(layer.fd))});
-    return nodes;
-  }
-};
+// Adds a chain's files to `fds`; its nodes, top first.
+std::vector<DiskNode> AddChain(std::vector<DiskLayer> layers, FdTable& fds) {
+  std::vector<DiskNode> nodes;
+  for (DiskLayer& layer : layers) nodes.push_back(DiskNode{layer.format, !layer.writable, fds.Add(std::move(layer.fd))});
+  return nodes;
+}
 
 // The VM's place on the host: state directory, sockets, cgroup, user.
 struct HostPlace {
@@ -153,18 +144,18 @@ absl::StatusOr<DecodedTask> Decode(const TaskRequest& task, const PluginConfig& 
 // checksum_url) passes the same admission as image_path before a byte of it
 // is read.
 absl::StatusOr<AdmittedImage> AdmitImage(const TaskRequest& task, const DecodedTask& decoded,
-                                         const PluginConfig& plugin, const StartDeps& deps, Rollback& rollback) {
+                                         const PluginConfig& plugin, const StartDeps& deps, VmResources& owned,
+                                         Rollback& rollback) {
   const std::string task_dir = task.task_dir();
-  AdmittedImage image{std::nullopt, "image_path", "", AdmissionScope{task_dir, task.alloc_dir, plugin.image_paths}};
+  AdmittedImage image{"image_path", "", AdmissionScope{task_dir, task.alloc_dir, plugin.image_paths}};
   if (decoded.sources.empty()) return image;
   const std::string lease = TaskKey(task.identity.id);
   absl::StatusOr<TaskDisk> disk = PrepareTaskDisk(decoded.config, decoded.sources, task_dir, plugin, *deps.cache,
                                                   deps.emit, AdmittingOpener(image.scope), deps.cancelled, lease);
   if (!disk.ok()) return disk.status();
-  rollback.Push([cache = deps.cache, cached = disk->cached_image, lease] { cache->Release(cached, lease); });
+  owned.leases.push_back(disk->cached_image);
   rollback.Push([overlay = disk->overlay] { ::unlink(overlay.c_str()); });
-  image.prepared = PreparedImage{disk->overlay, ""};  // the overlay's format is probed like any image
-  image.field = "image_source";
+  image.field = "image_source";  // its overlay is the path planning gave the boot disk
   image.cached_image = disk->cached_image;
   // The overlay's backing file is that one cached image, nothing else there.
   image.scope.allowed_dirs.push_back(disk->cached_image);
@@ -175,9 +166,9 @@ absl::StatusOr<AdmittedImage> AdmitImage(const TaskRequest& task, const DecodedT
 
 absl::StatusOr<MediaFiles> PrepareMediaFor(const TaskRequest& task, const DecodedTask& decoded,
                                            const PluginConfig& plugin, const VmSpec& spec, const AdmittedImage& image,
-                                           const StartDeps& deps, Rollback& rollback) {
-  const MediaContext context{task, decoded.config, plugin, image.scope, deps.cache, deps.emit, deps.cancelled,
-                             TaskKey(task.identity.id)};
+                                           const StartDeps& deps, VmResources& owned, Rollback& rollback) {
+  const MediaContext context{task,      decoded.config, plugin, image.scope, deps.cache, deps.emit, deps.cancelled,
+                             TaskKey(task.identity.id), &owned};
   return PrepareMedia(spec, context, rollback);
 }
 
@@ -195,30 +186,31 @@ absl::StatusOr<std::vector<DiskLayer>> OpenChain(const std::string& field, const
 
 // A file QEMU reads by name (kernel, initrd), admitted; "" stays unset.
 absl::StatusOr<int> PassFile(const std::string& field, const std::string& path, const AdmissionScope& scope,
-                             OpenDisks& disks) {
+                             FdTable& fds) {
   if (path.empty()) return -1;
   absl::StatusOr<AdmittedFile> file = AdmitFile(field, path, scope, FileAccess::kReadOnly);
   if (!file.ok()) return file.status();
-  return disks.Pass(std::move(file->fd));
+  return fds.Add(std::move(file->fd));
 }
 
 // The firmware: the host's code read-only, the task's variable store read-write.
 absl::Status OpenFirmware(const VmSpec& spec, const MediaFiles& media, const AdmissionScope& task_only,
-                          OpenDisks& disks) {
+                          OpenDisks& disks, FdTable& fds) {
   if (!spec.firmware.uefi) return absl::OkStatus();
   UniqueFd code(::open(spec.firmware.files.code.c_str(), O_RDONLY | O_CLOEXEC));
   if (!code.valid()) return ErrnoStatus("cannot open the UEFI firmware " + spec.firmware.files.code);
   absl::StatusOr<AdmittedFile> vars = AdmitFile("firmware", media.uefi_vars, task_only, FileAccess::kReadWriteIfPossible);
   if (!vars.ok()) return vars.status();
-  if (!vars->writable) return absl::FailedPreconditionError("the task's UEFI variable store is not writable");
-  disks.code_fd = disks.Pass(std::move(code));
-  disks.vars_fd = disks.Pass(std::move(vars->fd));
+  if (!vars->writable) return ConfigError("the task's UEFI variable store is not writable");
+  disks.firmware_code = fds.Add(std::move(code));
+  disks.firmware_vars = fds.Add(std::move(vars->fd));
   return absl::OkStatus();
 }
 
 // The images, every file their chains pull in, the kernel and the firmware
 // are admitted and opened here; QEMU gets the open files, never the paths.
-absl::StatusOr<OpenDisks> OpenDisksFor(const VmSpec& spec, const AdmittedImage& image, const MediaFiles& media) {
+absl::StatusOr<OpenDisks> OpenDisksFor(const VmSpec& spec, const AdmittedImage& image, const MediaFiles& media,
+                                       FdTable& fds) {
   OpenDisks disks;
   AdmissionScope scope = image.scope;
   // The cached images this task leased are drive files too (read-only).
@@ -226,29 +218,29 @@ absl::StatusOr<OpenDisks> OpenDisksFor(const VmSpec& spec, const AdmittedImage& 
   if (!spec.image_path.empty()) {
     absl::StatusOr<std::vector<DiskLayer>> boot = OpenChain(image.field, spec.image_path, spec.image_format, false, scope);
     if (!boot.ok()) return boot.status();
-    disks.boot = disks.PassChain(*std::move(boot));
+    disks.boot = AddChain(*std::move(boot), fds);
   }
   for (size_t i = 0; i < spec.drives.size(); ++i) {
     const Drive& drive = spec.drives[i];
     absl::StatusOr<std::vector<DiskLayer>> chain =
         OpenChain(drive.source.field, media.drives[i].path, media.drives[i].format, drive.read_only, scope);
     if (!chain.ok()) return chain.status();
-    disks.drives.push_back(disks.PassChain(*std::move(chain)));
+    disks.drives.push_back(AddChain(*std::move(chain), fds));
   }
-  absl::StatusOr<int> kernel = PassFile("kernel", spec.kernel.kernel, scope, disks);
+  absl::StatusOr<int> kernel = PassFile("kernel", spec.kernel.kernel, scope, fds);
   if (!kernel.ok()) return kernel.status();
-  disks.kernel_fd = *kernel;
-  absl::StatusOr<int> initrd = PassFile("initrd", spec.kernel.initrd, scope, disks);
+  disks.kernel = *kernel;
+  absl::StatusOr<int> initrd = PassFile("initrd", spec.kernel.initrd, scope, fds);
   if (!initrd.ok()) return initrd.status();
-  disks.initrd_fd = *initrd;
+  disks.initrd = *initrd;
   const AdmissionScope task_only{scope.task_dir, scope.alloc_dir, {}};
-  if (absl::Status fw = OpenFirmware(spec, media, task_only, disks); !fw.ok()) return fw;
+  if (absl::Status fw = OpenFirmware(spec, media, task_only, disks, fds); !fw.ok()) return fw;
   absl::StatusOr<std::vector<UniqueFd>> shares = OpenShareDirs(spec.shares, image.scope.alloc_dir);
   if (!shares.ok()) return shares.status();
-  for (UniqueFd& dir : *shares) disks.share_fds.push_back(disks.Pass(std::move(dir)));
-  if (static_cast<int>(disks.fds.size()) > supervisor::kMaxPassedFds) {
+  for (UniqueFd& dir : *shares) disks.shares.push_back(fds.Add(std::move(dir)));
+  if (!fds.Fits(0)) {
     return absl::InvalidArgumentError(absl::StrCat("task config: the VM's disks, their backing files, kernel, firmware "
-                                                   "and shared directories come to ", disks.fds.size(), " files; at most ",
+                                                   "and shared directories come to ", fds.size(), " files; at most ",
                                                    supervisor::kMaxPassedFds, " can be passed to QEMU"));
   }
   return disks;
@@ -302,7 +294,7 @@ absl::StatusOr<std::optional<passwd>> QemuUser(const TaskRequest& task, const Pl
 // The state directory is root's (0711: QEMU's user may pass, not list or
 // write); QEMU's sockets go in run/, the one place its user may write.
 absl::Status MakeStateDir(const std::string& root, const std::string& id, const std::optional<passwd>& user,
-                          HostPlace& place, Rollback& rollback) {
+                          HostPlace& place, VmResources& owned) {
   if (::mkdir(root.c_str(), 0711) != 0 && errno != EEXIST) return ErrnoStatus("cannot create " + root);
   const std::string& dir = place.record.state_dir;
   if (::mkdir(dir.c_str(), 0711) != 0) {
@@ -311,7 +303,7 @@ absl::Status MakeStateDir(const std::string& root, const std::string& id, const 
     }
     return ErrnoStatus("cannot create " + dir);
   }
-  rollback.Push([dir] { RemoveStateDir(dir); });
+  owned.state_dir = dir;
   place.state_fd.reset(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
   if (!place.state_fd.valid()) return ErrnoStatus("cannot open " + dir);
   if (::mkdirat(place.state_fd.get(), kRunDirName, 0700) != 0) return ErrnoStatus("cannot create " + place.run_dir);
@@ -340,7 +332,7 @@ absl::Status MakeTpmStateDir(const std::string& task_dir, const std::optional<pa
     return ErrnoStatus("cannot create " + path);
   }
   UniqueFd tpm(::openat(dir.get(), kTpmStateDirName, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
-  if (!tpm.valid()) return absl::FailedPreconditionError(absl::StrCat(path, " is not a directory the driver made"));
+  if (!tpm.valid()) return RefusedError(absl::StrCat(path, " is not a directory the driver made"));
   if (user && ::fchown(tpm.get(), user->pw_uid, user->pw_gid) != 0) {
     return ErrnoStatus("cannot hand " + path + " to user " + place.qemu_user);
   }
@@ -350,8 +342,7 @@ absl::Status MakeTpmStateDir(const std::string& task_dir, const std::optional<pa
 }
 
 absl::StatusOr<HostPlace> PrepareHost(const TaskRequest& task, const PluginConfig& plugin, const VmSpec& spec,
-                                      const AdmittedImage& image, const MediaFiles& media, const StartDeps& deps,
-                                      Rollback& rollback) {
+                                      const StartDeps& deps, VmResources& owned, Rollback& rollback) {
   HostPlace place;
   DriverStateRecord& record = place.record;
   record.state_dir = absl::StrCat(deps.state_root, "/", TaskKey(task.identity.id));
@@ -359,16 +350,14 @@ absl::StatusOr<HostPlace> PrepareHost(const TaskRequest& task, const PluginConfi
   record.qmp_socket = place.run_dir + "/" + kQmpSocketName;
   record.guest_agent = spec.guest_agent;
   record.graceful_shutdown = spec.graceful_shutdown;
-  if (!image.cached_image.empty()) record.cached_images.push_back(image.cached_image);
-  record.cached_images.insert(record.cached_images.end(), media.cached_images.begin(), media.cached_images.end());
   if (spec.guest_agent) record.guest_agent_socket = place.run_dir + "/qga.sock";
   if (record.qmp_socket.size() >= 100) {
-    return absl::FailedPreconditionError(absl::StrCat("state_dir \"", deps.state_root, "\" is too long: QMP socket path ",
-                                                      record.qmp_socket, " exceeds the unix socket limit"));
+    return ConfigError(absl::StrCat("state_dir \"", deps.state_root, "\" is too long: QMP socket path ",
+                                    record.qmp_socket, " exceeds the unix socket limit"));
   }
   absl::StatusOr<std::optional<passwd>> user = QemuUser(task, plugin, &place.qemu_user);
   if (!user.ok()) return user.status();
-  if (absl::Status made = MakeStateDir(deps.state_root, task.identity.id, *user, place, rollback); !made.ok()) return made;
+  if (absl::Status made = MakeStateDir(deps.state_root, task.identity.id, *user, place, owned); !made.ok()) return made;
   if (spec.tpm) {
     if (absl::Status made = MakeTpmStateDir(task.task_dir(), *user, place, rollback); !made.ok()) return made;
   }
@@ -376,8 +365,10 @@ absl::StatusOr<HostPlace> PrepareHost(const TaskRequest& task, const PluginConfi
   if (spec.console.enabled) {
     std::optional<std::pair<uid_t, gid_t>> owner;
     if (*user) owner = std::make_pair((*user)->pw_uid, (*user)->pw_gid);
-    if (absl::Status made = MakeConsoleDir(spec.console, owner, rollback); !made.ok()) return made;
-    record.console_dir = spec.console.dir;
+    Rollback console;  // removes what it made if it fails part-way
+    if (absl::Status made = MakeConsoleDir(spec.console, owner, console); !made.ok()) return made;
+    console.Commit();
+    owned.console_dir = record.console_dir = spec.console.dir;
   }
 
   place.limits = PlanCgroupLimits(task, plugin);
@@ -385,34 +376,33 @@ absl::StatusOr<HostPlace> PrepareHost(const TaskRequest& task, const PluginConfi
       plugin.cgroup_parent, CgroupName(task), task.resources.cpuset_cgroup, place.limits);
   if (!cgroup.ok()) return cgroup.status();
   if (*cgroup) {
-    record.cgroup = **cgroup;
+    owned.cgroup = record.cgroup = **cgroup;
     record.memory_limit_bytes = place.limits.memory_bytes;
-    rollback.Push([host = deps.host, made = record.cgroup] { host->RemoveCgroup(made); });
   }
   return place;
 }
 
 // --- warm start -------------------------------------------------------------------------
 
-absl::StatusOr<WarmStart> PrepareWarm(const TaskRequest& task, const VmSpec& spec, OpenDisks& disks,
-                                      const HostPlace& place, const HostCapabilities& host, const StartDeps& deps,
-                                      Rollback& rollback) {
+absl::StatusOr<WarmStart> PrepareWarm(const TaskRequest& task, const VmSpec& spec, const OpenDisks& disks,
+                                      FdTable& fds, const HostPlace& place, const HostCapabilities& host,
+                                      const StartDeps& deps, VmResources& owned, Rollback& rollback) {
   if (!spec.warm.enabled) return WarmStart{};
-  VmSpec opened = spec;  // with the boot chain as opened, as QEMU would get it
-  opened.disk = disks.boot;
   const auto version = host.versions.find(spec.emulator);
   const WarmContext context{task,
-                            opened,
+                            spec,
+                            disks.boot,
                             version == host.versions.end() ? "" : version->second,
                             place.qemu_user,
                             deps.cache,
                             TaskKey(task.identity.id),
                             deps.emit,
-                            [&disks](UniqueFd fd) { return disks.Pass(std::move(fd)); },
-                            [&disks](int in_qemu) { return disks.fds[in_qemu - supervisor::kFirstPassedFd].get(); }};
+                            [&fds](UniqueFd fd) { return fds.Add(std::move(fd)); },
+                            [&fds](int in_qemu) { return fds.Local(in_qemu); },
+                            owned};
   absl::StatusOr<WarmStart> warm = PrepareWarmStart(context, rollback);
-  if (warm.ok() && static_cast<int>(disks.fds.size()) > supervisor::kMaxPassedFds) {
-    return absl::InvalidArgumentError(absl::StrCat("task config \"warm_start\": the VM's files come to ", disks.fds.size(),
+  if (warm.ok() && !fds.Fits(0)) {
+    return absl::InvalidArgumentError(absl::StrCat("task config \"warm_start\": the VM's files come to ", fds.size(),
                                                    "; at most ", supervisor::kMaxPassedFds, " can be passed to QEMU"));
   }
   return warm;
@@ -424,10 +414,10 @@ absl::StatusOr<WarmStart> PrepareWarm(const TaskRequest& task, const VmSpec& spe
 // the files QEMU gets. The TAP is not persistent: once the fds here and in
 // the supervisor are closed, QEMU's is the only one and the TAP ends with
 // QEMU. The undo only removes a leftover (closing the fd already does).
-absl::StatusOr<AttachedNic> AttachNetwork(const TaskRequest& task, const VmSpec& spec, OpenDisks& disks,
-                                          const StartDeps& deps, Rollback& rollback) {
+absl::StatusOr<AttachedNic> AttachNetwork(const TaskRequest& task, const VmSpec& spec, FdTable& fds,
+                                          const StartDeps& deps, VmResources& owned) {
   if (!spec.network.enabled) return AttachedNic{};
-  if (static_cast<int>(disks.fds.size()) + 1 > supervisor::kMaxPassedFds) {
+  if (!fds.Fits(1)) {
     return absl::InvalidArgumentError(absl::StrCat("task config: the VM's disks and files leave no room for the "
                                                    "bridge's TAP among the ", supervisor::kMaxPassedFds,
                                                    " files QEMU can be given"));
@@ -437,42 +427,41 @@ absl::StatusOr<AttachedNic> AttachNetwork(const TaskRequest& task, const VmSpec&
   if (!tap.ok()) {
     return absl::Status(tap.status().code(), absl::StrCat("network_mode = \"bridge\": ", tap.status().message()));
   }
-  rollback.Push([name] { (void)DeleteTap(name); });
-  AttachedNic nic{name, disks.Pass(*std::move(tap))};
+  owned.tap = name;  // its fd closing removes it; Release removes a leftover
+  AttachedNic nic{name, fds.Add(*std::move(tap))};
   deps.emit(absl::StrCat("NIC ", spec.mac_address, " attached to bridge ", spec.network.bridge, " through TAP ", name),
             {{"bridge", spec.network.bridge}, {"tap", name}, {"mac", spec.mac_address}});
   return nic;
 }
 
 // Whether QEMU's user may open every shared directory (qemu/share_plan.h).
-absl::Status SharesReadable(const VmSpec& spec, const OpenDisks& disks, const HostPlace& place) {
+absl::Status SharesReadable(const VmSpec& spec, const OpenDisks& disks, const FdTable& fds, const HostPlace& place) {
   std::vector<int> dirs;
-  for (int passed : disks.share_fds) dirs.push_back(disks.fds[passed - supervisor::kFirstPassedFd].get());
+  for (int passed : disks.shares) dirs.push_back(fds.Local(passed));
   return CheckSharesReadable(spec.shares, dirs, place.qemu_user);
 }
 
 // --- launch ---------------------------------------------------------------------------
 
-absl::StatusOr<Supervisor> Launch(const TaskRequest& task, const VmSpec& spec, OpenDisks& disks,
-                                  const WarmStart& warm, const AttachedNic& nic, const HostPlace& place,
-                                  const std::string& netns, const std::string& swtpm, const StartDeps& deps,
-                                  Rollback& rollback) {
-  VmSpec launched = spec;
-  launched.network.tap_fd = nic.tap_fd;
-  launched.disk = warm.mode == WarmMode::kOff ? disks.boot : warm.boot;
-  launched.warm.mode = warm.mode;
-  launched.warm.memory_fd = warm.memory_fd;
-  launched.warm.state_fd = warm.state_fd;
-  for (size_t i = 0; i < launched.drives.size(); ++i) launched.drives[i].nodes = disks.drives[i];
-  launched.kernel.kernel_fd = disks.kernel_fd;
-  launched.kernel.initrd_fd = disks.initrd_fd;
-  launched.firmware.code_fd = disks.code_fd;
-  launched.firmware.vars_fd = disks.vars_fd;
-  for (size_t i = 0; i < launched.shares.size(); ++i) launched.shares[i].fd = disks.share_fds[i];
+// What QEMU gets, from the stages that opened it: the disks as opened, or
+// the warm start's chain in their place, and the TAP.
+QemuFiles FilesFor(const OpenDisks& disks, const WarmStart& warm, const AttachedNic& nic) {
+  QemuFiles files = disks;
+  if (warm.mode != WarmMode::kOff) files.boot = warm.boot;
+  files.warm_mode = warm.mode;
+  files.warm_memory = warm.memory_fd;
+  files.warm_state = warm.state_fd;
+  files.tap = nic.tap_fd;
+  return files;
+}
+
+absl::StatusOr<Supervisor> Launch(const TaskRequest& task, const VmSpec& spec, const QemuFiles& files, FdTable& fds,
+                                  const HostPlace& place, const std::string& netns, const std::string& swtpm,
+                                  const StartDeps& deps, Rollback& rollback) {
   const DriverStateRecord& record = place.record;
   const std::vector<std::string> qemu_argv =
-      BuildQemuArgv(launched, RuntimePaths{record.qmp_socket, record.guest_agent_socket, place.tpm_socket});
-  supervisor::Placement placement{record.cgroup.ProcsFiles(), netns, static_cast<int>(disks.fds.size())};
+      BuildQemuArgv(spec, files, RuntimePaths{record.qmp_socket, record.guest_agent_socket, place.tpm_socket});
+  supervisor::Placement placement{record.cgroup.ProcsFiles(), netns, static_cast<int>(fds.size())};
   if (spec.tpm) {
     placement.swtpm_path = swtpm;
     placement.swtpm_state_dir = place.tpm_state_dir;
@@ -485,11 +474,9 @@ absl::StatusOr<Supervisor> Launch(const TaskRequest& task, const VmSpec& spec, O
 
   Supervisor supervisor;
   supervisor.started_at = absl::Now();
-  std::vector<int> image_fds;
-  for (const UniqueFd& fd : disks.fds) image_fds.push_back(fd.get());
-  absl::StatusOr<pid_t> pid = deps.host->SpawnSupervisor(argv, place.state_fd.get(), image_fds);
+  absl::StatusOr<pid_t> pid = deps.host->SpawnSupervisor(argv, place.state_fd.get(), fds.Locals());
   if (!pid.ok()) return pid.status();
-  disks.fds.clear();  // QEMU holds them now; ours would only keep the files open
+  fds.Close();  // QEMU holds them now; ours would only keep the files open
   supervisor.pid = *pid;
   rollback.Push([host = deps.host, pid = *pid] { host->KillSupervisor(pid); });
   supervisor.start_ticks = ProcessStartTicks(*pid).value_or(0);
@@ -625,20 +612,22 @@ absl::StatusOr<AdvertisedNetwork> AwaitAddress(const VmSpec& spec, const HostPla
 // --- the runner ----------------------------------------------------------------------------
 
 // Runs one stage: the test hook and the caller's cancellation first; a
-// stage that fails after the caller gave up reports the cancellation.
+// stage that fails after the caller gave up reports the cancellation. Every
+// error leaves tagged with the stage's name (StageOf).
 template <typename Stage>
 auto RunStage(StartStage stage, const StartDeps& deps, Stage&& run) -> decltype(run()) {
+  const char* name = StartStageName(stage);
   if (deps.before_stage) {
-    if (absl::Status injected = deps.before_stage(stage); !injected.ok()) return injected;
+    if (absl::Status injected = deps.before_stage(stage); !injected.ok()) return WithStage(injected, name);
   }
-  if (GaveUp(deps)) return StartCancelled();
+  if (GaveUp(deps)) return WithStage(StartCancelled(), name);
   const absl::Time started = absl::Now();
   auto result = run();
-  log::Debug("start stage done", {{"stage", StartStageName(stage)},
-                                  {"ms", absl::ToDoubleMilliseconds(absl::Now() - started)}});
+  log::Debug("start stage done", {{"stage", name}, {"ms", absl::ToDoubleMilliseconds(absl::Now() - started)}});
   if (!result.ok()) {
-    if (GaveUp(deps)) return StartCancelled();
-    log::Debug("start stage failed", {{"stage", StartStageName(stage)}, {"error", std::string(result.status().message())}});
+    if (GaveUp(deps)) return WithStage(StartCancelled(), name);
+    log::Debug("start stage failed", {{"stage", name}, {"error", std::string(result.status().message())}});
+    return WithStage(result.status(), name);
   }
   return result;
 }
@@ -683,51 +672,54 @@ ExitResult FinalExit(const DriverStateRecord& record) {
   return result;
 }
 
-void RemoveStateDir(const std::string& dir) {
-  std::error_code ignored;
-  std::filesystem::remove_all(dir, ignored);
-}
-
 absl::Status StartCancelled() {
   return absl::CancelledError("StartTask was cancelled (the caller gave up or the plugin is shutting down)");
 }
 
 absl::StatusOr<LaunchedVm> RunStartPipeline(const TaskRequest& task, const PluginConfig& plugin,
                                             const StartDeps& deps, Rollback& rollback) {
+  // What the VM will own, as the stages make it; released as one if the start fails.
+  auto owned = std::make_shared<VmResources>();
+  rollback.Push([owned, host = deps.host, cache = deps.cache, lease = TaskKey(task.identity.id)] {
+    Release(*owned, *host, *cache, lease);
+  });
+  FdTable fds;  // every file QEMU gets; each stage adds its own
   absl::StatusOr<DecodedTask> decoded = RunStage(StartStage::kDecode, deps, [&] { return Decode(task, plugin); });
   if (!decoded.ok()) return decoded.status();
-  absl::StatusOr<AdmittedImage> image = RunStage(StartStage::kAdmitImage, deps, [&] {
-    return AdmitImage(task, *decoded, plugin, deps, rollback);
-  });
-  if (!image.ok()) return image.status();
   HostCapabilities host;
   absl::StatusOr<VmSpec> spec = RunStage(StartStage::kPlanVm, deps, [&] {
     host = deps.capabilities(EmulatorName(decoded->config));
-    return PlanVm(decoded->config, task, plugin, host, image->prepared ? &*image->prepared : nullptr);
+    return PlanVm(decoded->config, task, plugin, host);
   });
   if (!spec.ok()) return spec.status();
+  absl::StatusOr<AdmittedImage> image = RunStage(StartStage::kAdmitImage, deps, [&] {
+    return AdmitImage(task, *decoded, plugin, deps, *owned, rollback);
+  });
+  if (!image.ok()) return image.status();
   absl::StatusOr<MediaFiles> media = RunStage(StartStage::kPrepareMedia, deps, [&] {
-    return PrepareMediaFor(task, *decoded, plugin, *spec, *image, deps, rollback);
+    return PrepareMediaFor(task, *decoded, plugin, *spec, *image, deps, *owned, rollback);
   });
   if (!media.ok()) return media.status();
   absl::StatusOr<OpenDisks> disks =
-      RunStage(StartStage::kOpenDisks, deps, [&] { return OpenDisksFor(*spec, *image, *media); });
+      RunStage(StartStage::kOpenDisks, deps, [&] { return OpenDisksFor(*spec, *image, *media, fds); });
   if (!disks.ok()) return disks.status();
   absl::StatusOr<HostPlace> place = RunStage(StartStage::kPrepareHost, deps, [&] {
-    return PrepareHost(task, plugin, *spec, *image, *media, deps, rollback);
+    return PrepareHost(task, plugin, *spec, deps, *owned, rollback);
   });
   if (!place.ok()) return place.status();
-  if (absl::Status shares = SharesReadable(*spec, *disks, *place); !shares.ok()) return shares;
+  if (absl::Status shares = SharesReadable(*spec, *disks, fds, *place); !shares.ok()) {
+    return WithStage(shares, StartStageName(StartStage::kPrepareHost));
+  }
   absl::StatusOr<WarmStart> warm = RunStage(StartStage::kWarmStart, deps, [&] {
-    return PrepareWarm(task, *spec, *disks, *place, host, deps, rollback);
+    return PrepareWarm(task, *spec, *disks, fds, *place, host, deps, *owned, rollback);
   });
   if (!warm.ok()) return warm.status();
   absl::StatusOr<AttachedNic> nic = RunStage(StartStage::kAttachNetwork, deps, [&] {
-    return AttachNetwork(task, *spec, *disks, deps, rollback);
+    return AttachNetwork(task, *spec, fds, deps, *owned);
   });
   if (!nic.ok()) return nic.status();
   absl::StatusOr<Supervisor> supervisor = RunStage(StartStage::kLaunch, deps, [&] {
-    return Launch(task, *spec, *disks, *warm, *nic, *place, decoded->netns, host.swtpm, deps, rollback);
+    return Launch(task, *spec, FilesFor(*disks, *warm, *nic), fds, *place, decoded->netns, host.swtpm, deps, rollback);
   });
   if (!supervisor.ok()) return supervisor.status();
   absl::StatusOr<Qemu> qemu = RunStage(StartStage::kAwaitQmp, deps, [&] { return AwaitQmp(*place, *supervisor, deps); });
@@ -748,13 +740,11 @@ absl::StatusOr<LaunchedVm> RunStartPipeline(const TaskRequest& task, const Plugi
   vm.record.supervisor_start_ticks = supervisor->start_ticks;
   vm.record.qemu_pid = qemu->pid;
   vm.record.qemu_start_ticks = qemu->start_ticks;
-  vm.record.tap_name = nic->tap_name;
+  KeepResourcesIn(*owned, vm.record);  // released by DestroyTask from here on
   vm.record.network = *std::move(network);
   if (warm->mode != WarmMode::kOff) {
     vm.record.warm_start = *restored ? "restored" : "cold";
     vm.record.warm_template = warm->key;
-    // Leased: eviction spares the template while this VM maps it.
-    if (*restored) vm.record.cached_images.push_back(warm->template_dir);
   }
   vm.warm_capture = std::move(warm->capture);
   vm.supervisor_pidfd = std::move(supervisor->pidfd);

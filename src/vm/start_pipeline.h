@@ -38,10 +38,12 @@
 
 namespace ndq {
 
+// In the order they run. Planning needs nothing downloaded, so a job that
+// cannot work is refused before its image is fetched.
 enum class StartStage {
   kDecode,
-  kAdmitImage,
   kPlanVm,
+  kAdmitImage,
   kPrepareMedia,
   kOpenDisks,
   kPrepareHost,
@@ -53,7 +55,7 @@ enum class StartStage {
   kAwaitAddress   // advertise_address: the guest's IPv4 address from its agent
 };
 inline constexpr StartStage kAllStartStages[] = {
-    StartStage::kDecode,      StartStage::kAdmitImage,    StartStage::kPlanVm, StartStage::kPrepareMedia,
+    StartStage::kDecode,      StartStage::kPlanVm,        StartStage::kAdmitImage, StartStage::kPrepareMedia,
     StartStage::kOpenDisks,   StartStage::kPrepareHost,   StartStage::kWarmStart,
     StartStage::kAttachNetwork, StartStage::kLaunch,      StartStage::kAwaitQmp,
     StartStage::kRestoreState, StartStage::kAwaitAddress};
@@ -104,10 +106,6 @@ std::string TaskKey(const std::string& id);
 // How a VM ended: the supervisor's exit record, plus whether the cgroup's
 // OOM killer ended it.
 ExitResult FinalExit(const DriverStateRecord& record);
-
-// Removes a task's state directory and everything in it (a start's undo,
-// and Destroy).
-void RemoveStateDir(const std::string& dir);
 
 // The status of a start whose caller gave up.
 absl::Status StartCancelled();

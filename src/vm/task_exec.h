@@ -5,6 +5,7 @@
 
 #include <functional>
 
+#include "base/timeouts.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "qemu/guest_exec.h"
@@ -20,7 +21,7 @@ struct TaskExecOptions {
 
 // How long exec waits for the guest agent to answer before it reports that
 // there is none: a running agent answers in milliseconds.
-inline constexpr absl::Duration kExecAgentConnect = absl::Seconds(3);
+inline constexpr absl::Duration kExecAgentConnect = timeouts::kExecAgentConnect;
 
 // Runs `request` in `task`'s guest and waits for it. FailedPrecondition when
 // the task has exited or runs without guest_agent, Unavailable when its agent

@@ -18,6 +18,7 @@
 #include "host/signals.h"
 #include "nomadplugin/hclog.h"
 #include "vm/console.h"
+#include "vm/vm_resources.h"
 
 namespace ndq {
 namespace {
@@ -96,12 +97,7 @@ std::string TaskManager::CacheDir() const {
   return absl::StrCat(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp", "/nomad-driver-qemu-", ::geteuid(), "-images");
 }
 
-ImageCache& TaskManager::CacheAt(const std::string& dir) {
-  absl::MutexLock lock(&mu_);
-  std::unique_ptr<ImageCache>& cache = caches_[dir];
-  if (cache == nullptr) cache = std::make_unique<ImageCache>(dir);
-  return *cache;
-}
+ImageCache& TaskManager::CacheAt(const std::string& dir) { return caches_.At(dir); }
 
 void TaskManager::EvictImages(const PluginConfig& plugin) {
   if (plugin.image_cache_max_size <= 0) return;
@@ -112,12 +108,7 @@ void TaskManager::EvictImages(const PluginConfig& plugin) {
       if (!task->result()) in_use.insert(task->record().cached_images.begin(), task->record().cached_images.end());
     }
   }
-  absl::StatusOr<std::vector<std::string>> removed = CacheAt(CacheDir()).Evict(plugin.image_cache_max_size, in_use);
-  if (!removed.ok()) {
-    log::Warn("image cache eviction failed", {{"error", std::string(removed.status().message())}});
-  } else if (!removed->empty()) {
-    log::Info("evicted images from the cache", {{"images", *removed}});
-  }
+  caches_.Evict(CacheDir(), plugin.image_cache_max_size, in_use);
 }
 
 std::string TaskManager::StateRoot() const {
@@ -159,15 +150,7 @@ void TaskManager::OnSupervisorExit(const std::string& id) {
   task->DrainQmpEvents(timeouts::kExitEventDrain);  // QEMU's last events (SHUTDOWN) are relayed before the exit
   ExitResult result = FinalExit(task->record());
   RemoveConsoleDir(task->record().console_dir);  // QEMU leaves vnc.sock behind
-  std::string boot_failure;
-  {
-    absl::MutexLock lock(&mu_);
-    if (auto it = boot_failures_.find(id); it != boot_failures_.end()) {
-      boot_failure = it->second;
-      boot_failures_.erase(it);
-    }
-  }
-  if (!boot_failure.empty()) {
+  if (const std::string boot_failure = watches_.TakeBootFailure(id); !boot_failure.empty()) {
     const std::string tail = LastLines(result.serial_tail, kBootFailureTailLines);
     result.error = absl::StrCat(boot_failure, "; last serial console lines (ttyS0):\n",
                                 tail.empty() ? "(none)" : tail);
@@ -310,160 +293,8 @@ absl::Status TaskManager::Register(const TaskIdentity& task, LaunchedVm launched
                    launched.spec.console.vnc_socket,
          {{"console_serial", launched.spec.console.serial_socket}, {"console_vnc", launched.spec.console.vnc_socket}});
   }
-  if (launched.spec.boot_watch.timeout > absl::ZeroDuration()) WatchBoot(task, vm, launched);
-  if (launched.warm_capture) WatchWarm(task, vm, launched);
-  if (launched.record.warm_start == "restored" && launched.spec.guest_agent) SetRestoredClock(task, vm, launched);
+  watches_.Begin(task, vm, launched);
   return absl::OkStatus();
-}
-
-void TaskManager::SetRestoredClock(const TaskIdentity& task, const std::shared_ptr<VmTask>& vm,
-                                   const LaunchedVm& launched) {
-  // The guest resumed with the template's time; once its agent answers, the
-  // host's time is set, so logs, certificates and timers are not off by the
-  // template's age. Not on StartTask's path: the agent answers after the
-  // guest has run a little.
-  BootWatchContext context;
-  context.vm = vm;
-  context.plan.guest_agent = true;
-  context.plan.timeout = kRestoredClockTimeout;
-  context.netns = launched.netns;
-  context.started = absl::Now();
-  std::weak_ptr<VmTask> weak = vm;
-  context.on_ready = [this, task, weak](const std::string&, absl::Duration) {
-    std::shared_ptr<VmTask> held = weak.lock();
-    if (!held) return;
-    absl::Status set = SetGuestClock(*held);
-    if (set.ok()) {
-      Emit(task, "Warm start: the guest's clock was set to the host's time", {{"warm_clock", "set"}});
-    } else {
-      Emit(task, absl::StrCat("Warm start: the guest's clock could not be set: ", set.message()),
-           {{"warm_clock", "failed"}});
-    }
-  };
-  context.on_timeout = [this, task] {
-    Emit(task, "Warm start: the guest's clock was not set: its agent did not answer within " +
-                   absl::FormatDuration(kRestoredClockTimeout),
-         {{"warm_clock", "failed"}});
-  };
-  absl::MutexLock lock(&boot_mu_);
-  warm_watches_[task.id] = std::make_unique<BootWatch>(std::move(context));
-}
-
-// --- warm_start ----------------------------------------------------------------------
-
-void TaskManager::WatchWarm(const TaskIdentity& task, const std::shared_ptr<VmTask>& vm, LaunchedVm& launched) {
-  BootWatchContext context;
-  context.vm = vm;
-  context.plan = launched.spec.warm.ready;
-  context.netns = launched.netns;
-  context.started = launched.record.started_at;
-  std::weak_ptr<VmTask> weak = vm;
-  std::shared_ptr<WarmCapture> capture = std::move(launched.warm_capture);
-  context.on_ready = [this, task, weak, capture](const std::string& what, absl::Duration) {
-    if (std::shared_ptr<VmTask> held = weak.lock()) SaveWarmTemplate(task, *held, *capture, what);
-    *capture = WarmCapture{};  // its files are QEMU's alone now
-  };
-  context.on_timeout = [this, task, timeout = context.plan.timeout] {
-    Emit(task, absl::StrCat("Warm start: no template saved: the guest was not ready within ",
-                            absl::FormatDuration(timeout)),
-         {{"warm_start", "cold"}});
-  };
-  absl::MutexLock lock(&boot_mu_);
-  warm_watches_[task.id] = std::make_unique<BootWatch>(std::move(context));
-}
-
-void TaskManager::SaveWarmTemplate(const TaskIdentity& task, VmTask& vm, WarmCapture& capture,
-                                   const std::string& ready) {
-  absl::StatusOr<SavedTemplate> saved = SaveTemplate(vm, capture);
-  if (!saved.ok()) {
-    const bool raced = absl::IsAlreadyExists(saved.status());
-    if (!raced) {
-      log::Warn("warm_start: no template saved", {{"task_id", task.id}, {"error", std::string(saved.status().message())}});
-    }
-    Emit(task, absl::StrCat("Warm start: no template saved: ", saved.status().message()), {{"warm_start", "cold"}});
-    return;
-  }
-  auto ms = [](absl::Duration d) { return std::to_string(absl::ToInt64Milliseconds(d)); };
-  Emit(task,
-       absl::StrCat("Warm start: template ", saved->key.substr(0, 12), " saved once ", ready, " answered (RAM ",
-                    saved->ram_bytes >> 20, " MiB, device state ", saved->state_bytes >> 10, " KiB, disk ",
-                    saved->disk_bytes >> 10, " KiB); the guest was paused ", ms(saved->paused), " ms"),
-       {{"warm_template", saved->key},
-        {"warm_template_ms", ms(saved->total)},
-        {"warm_pause_ms", ms(saved->paused)},
-        {"warm_ram_bytes", std::to_string(saved->ram_bytes)},
-        {"warm_state_bytes", std::to_string(saved->state_bytes)},
-        {"warm_disk_bytes", std::to_string(saved->disk_bytes)}});
-  EvictImages(config_());  // templates count against image_cache_max_size
-}
-
-// --- boot_timeout and screenshots ------------------------------------------------
-
-void TaskManager::WatchBoot(const TaskIdentity& task, const std::shared_ptr<VmTask>& vm, const LaunchedVm& launched) {
-  const BootWatchPlan& plan = launched.spec.boot_watch;
-  std::string waited_for = plan.guest_agent ? "the guest agent (guest-ping)" : "";
-  if (!plan.port_label.empty()) {
-    absl::StrAppend(&waited_for, waited_for.empty() ? "" : " or ", "port \"", plan.port_label, "\" (TCP, guest port ",
-                    plan.guest_port, ")");
-  }
-  BootWatchContext context;
-  context.vm = vm;
-  context.plan = plan;
-  context.netns = launched.netns;
-  context.started = launched.record.started_at;
-  context.on_ready = [this, task](const std::string& what, absl::Duration elapsed) {
-    Emit(task, absl::StrCat("Guest ready: ", what, " answered ", absl::FormatDuration(absl::Trunc(elapsed, absl::Milliseconds(100))),
-                            " after QEMU started"),
-         {{"boot_ready", what}});
-  };
-  std::weak_ptr<VmTask> weak = vm;
-  context.on_timeout = [this, task, weak, timeout = plan.timeout, waited_for] {
-    if (std::shared_ptr<VmTask> held = weak.lock()) FailBoot(task, held, timeout, waited_for);
-  };
-  absl::MutexLock lock(&boot_mu_);
-  boot_watches_[task.id] = std::make_unique<BootWatch>(std::move(context));
-}
-
-void TaskManager::FailBoot(const TaskIdentity& task, const std::shared_ptr<VmTask>& vm, absl::Duration timeout,
-                           const std::string& waited_for) {
-  absl::StatusOr<std::string> shot = TakeScreenshot(*vm);
-  std::string failure = absl::StrCat("the VM did not become ready within boot_timeout ", absl::FormatDuration(timeout),
-                                     ": ", waited_for, " did not answer; ");
-  std::map<std::string, std::string> annotations = {{"boot_timeout", absl::FormatDuration(timeout)}};
-  if (shot.ok()) {
-    absl::StrAppend(&failure, "screenshot ", *shot);
-    annotations["screenshot"] = *shot;
-  } else {
-    absl::StrAppend(&failure, "no screenshot (", shot.status().message(), ")");
-  }
-  log::Warn("guest not ready in time; stopping the VM", {{"task_id", task.id}, {"error", failure}});
-  {
-    absl::MutexLock lock(&mu_);
-    boot_failures_[task.id] = failure;
-  }
-  Emit(task, "Boot timeout: " + failure, annotations);
-  // The guest is stuck: no power button; QEMU exits on SIGTERM, then SIGKILL.
-  if (absl::Status stopped = vm->Stop(kBootFailureStopTimeout, SIGTERM); !stopped.ok()) {
-    log::Warn("could not stop the VM after its boot timeout",
-              {{"task_id", task.id}, {"error", std::string(stopped.message())}});
-  }
-}
-
-void TaskManager::EndBootWatch(const std::string& id) {
-  std::unique_ptr<BootWatch> watch, warm;
-  {
-    absl::MutexLock lock(&boot_mu_);
-    if (auto it = boot_watches_.find(id); it != boot_watches_.end()) {
-      watch = std::move(it->second);
-      boot_watches_.erase(it);
-    }
-    if (auto it = warm_watches_.find(id); it != warm_watches_.end()) {
-      warm = std::move(it->second);
-      warm_watches_.erase(it);
-    }
-  }
-  watch.reset();  // joins, outside the lock
-  warm.reset();
 }
 
 absl::Status TaskManager::Screenshot(VmTask& vm) {
@@ -516,7 +347,10 @@ absl::Status TaskManager::Recover(const TaskIdentity& task, const std::string& d
   if (!running) {
     // The VM ended while the plugin was away; its supervisor left the record.
     vm->MarkExited(FinalExit(*record));
-    RemoveLeftoverTap(record->tap_name);
+    // Its TAP at once (another VM may want the name); the rest when Nomad destroys it.
+    VmResources tap_only;
+    tap_only.tap = record->tap_name;
+    Release(tap_only, *host_, CacheAt(CacheDir()), TaskKey(id));
   }
   Emit(task, running ? "Reattached to the running VM after a plugin restart"
                                     : "The VM exited while the plugin was not running");
@@ -540,15 +374,6 @@ absl::Status TaskManager::Stop(const std::string& id, absl::Duration timeout, co
   return (*task)->Stop(timeout, *sig);
 }
 
-// A bridged VM's TAP goes with QEMU's last fd; one still there (made
-// persistent by someone) is removed, and a failure only logged.
-void TaskManager::RemoveLeftoverTap(const std::string& tap_name) {
-  if (tap_name.empty()) return;
-  if (absl::Status removed = DeleteTap(tap_name); !removed.ok()) {
-    log::Warn("leftover TAP not removed", {{"tap", tap_name}, {"error", std::string(removed.message())}});
-  }
-}
-
 absl::Status TaskManager::Destroy(const std::string& id, bool force) {
   absl::StatusOr<std::shared_ptr<VmTask>> task = Find(id);
   if (!task.ok()) {
@@ -563,17 +388,13 @@ absl::Status TaskManager::Destroy(const std::string& id, bool force) {
     // At once: no request to the guest, no waiting on a hung agent or QMP.
     if (absl::Status status = (*task)->Kill(); !status.ok()) return status;
   }
-  EndBootWatch(id);
+  watches_.End(id);
+  (void)watches_.TakeBootFailure(id);
   {
     absl::MutexLock lock(&mu_);
     tasks_.erase(id);
-    boot_failures_.erase(id);
   }
-  RemoveConsoleDir((*task)->record().console_dir);
-  host_->RemoveCgroup((*task)->record().cgroup);
-  RemoveLeftoverTap((*task)->record().tap_name);
-  RemoveStateDir((*task)->record().state_dir);
-  for (const std::string& image : (*task)->record().cached_images) CacheAt(CacheDir()).Release(image, TaskKey(id));
+  Release(ResourcesOf((*task)->record()), *host_, CacheAt(CacheDir()), TaskKey(id));
   log::Debug("task destroyed", {{"task_id", id}});
   return absl::OkStatus();
 }

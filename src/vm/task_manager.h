@@ -23,10 +23,11 @@
 #include "policy/plugin_config.h"
 #include "host/process_watch.h"
 #include "qemu/vm_spec.h"
-#include "vm/boot_watch.h"
+#include "vm/cache_keeper.h"
 #include "vm/start_pipeline.h"
 #include "vm/task_exec.h"
 #include "vm/vm_task.h"
+#include "vm/vm_watches.h"
 
 namespace ndq {
 
@@ -56,14 +57,6 @@ std::string DefaultSupervisorPath();
 // Signal names that ask the guest rather than QEMU: SIGPWR (power failure)
 // presses the ACPI power button.
 inline constexpr char kPowerdownSignal[] = "SIGPWR";
-
-// boot_timeout: how much of the serial console a failed boot reports, and
-// how long QEMU gets to exit on SIGTERM before SIGKILL.
-inline constexpr size_t kBootFailureTailLines = 20;
-inline constexpr absl::Duration kBootFailureStopTimeout = absl::Seconds(5);
-
-// How long a restored guest's agent gets to answer before its clock is set.
-inline constexpr absl::Duration kRestoredClockTimeout = absl::Seconds(60);
 
 class TaskManager {
  public:
@@ -127,20 +120,6 @@ class TaskManager {
   void EmitIsolation(const TaskIdentity& task, const VmSpec& spec, const PluginConfig& plugin,
                      const CgroupLimits& limits, const DriverStateRecord& record, const std::string& netns);
   ImageCache& CacheAt(const std::string& dir);
-  void RemoveLeftoverTap(const std::string& tap_name);
-  // boot_timeout (vm/boot_watch.h): watches the VM until its guest answers.
-  void WatchBoot(const TaskIdentity& task, const std::shared_ptr<VmTask>& vm, const LaunchedVm& launched);
-  // The guest did not answer in time: screenshot, stop, and the reason kept for the exit.
-  void FailBoot(const TaskIdentity& task, const std::shared_ptr<VmTask>& vm, absl::Duration timeout,
-                const std::string& waited_for);
-  // Ends a task's boot watch (not from its own thread).
-  // Ends the task's boot_timeout watch and its warm_start watch, if any.
-  void EndBootWatch(const std::string& id);
-  // warm_start on a cold VM: once its guest is ready, save it as a template.
-  void WatchWarm(const TaskIdentity& task, const std::shared_ptr<VmTask>& vm, LaunchedVm& launched);
-  void SaveWarmTemplate(const TaskIdentity& task, VmTask& vm, WarmCapture& capture, const std::string& ready);
-  // A VM restored from a template, with guest_agent: its clock set once the agent answers.
-  void SetRestoredClock(const TaskIdentity& task, const std::shared_ptr<VmTask>& vm, const LaunchedVm& launched);
   // A screenshot asked for by kScreenshotSignal.
   absl::Status Screenshot(VmTask& vm);
   // Keeps the image cache under image_cache_max_size, sparing images in use.
@@ -158,12 +137,10 @@ class TaskManager {
   std::map<std::string, std::shared_ptr<VmTask>> tasks_ ABSL_GUARDED_BY(mu_);
   // IDs whose StartTask is under way, so a duplicate is refused at once.
   std::map<std::string, bool> starting_ ABSL_GUARDED_BY(mu_);
-  // One cache object per directory, so single-flight spans every task.
-  std::map<std::string, std::unique_ptr<ImageCache>> caches_ ABSL_GUARDED_BY(mu_);
   // cgroup parents whose missing isolation has been logged.
   std::set<std::string> reported_isolation_ ABSL_GUARDED_BY(mu_);
-  // Why a task's boot failed (boot_timeout), for its exit result.
-  std::map<std::string, std::string> boot_failures_ ABSL_GUARDED_BY(mu_);
+  // One cache object per directory, so single-flight spans every task.
+  CacheKeeper caches_;
 
   absl::Mutex prepare_mu_;
   std::thread preparer_ ABSL_GUARDED_BY(prepare_mu_);
@@ -173,9 +150,9 @@ class TaskManager {
   ExitWatcher watcher_;
   // Declared after the watcher, so destroyed before it: their threads stop
   // first (they use the members above, never the watcher).
-  absl::Mutex boot_mu_;
-  std::map<std::string, std::unique_ptr<BootWatch>> boot_watches_ ABSL_GUARDED_BY(boot_mu_);
-  std::map<std::string, std::unique_ptr<BootWatch>> warm_watches_ ABSL_GUARDED_BY(boot_mu_);
+  VmWatches watches_{[this](const TaskIdentity& task, const std::string& message,
+                            const std::map<std::string, std::string>& annotations) { Emit(task, message, annotations); },
+                     [this] { EvictImages(config_()); }};
 };
 
 }  // namespace ndq

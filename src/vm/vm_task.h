@@ -20,6 +20,7 @@
 #include "absl/time/time.h"
 #include "host/cgroups.h"
 #include "policy/task_request.h"
+#include "qemu/guest_agent_client.h"
 #include "qemu/qmp_client.h"
 
 namespace ndq {

@@ -55,7 +55,7 @@ absl::StatusOr<UniqueFd> ReopenReadOnly(int fd) {
 // The planned boot chain, every layer read-only: the warm VM writes only to
 // its own overlay on top.
 absl::StatusOr<std::vector<DiskNode>> ReadOnlyBase(const WarmContext& c) {
-  std::vector<DiskNode> base = c.spec.disk;
+  std::vector<DiskNode> base = c.boot;
   for (DiskNode& node : base) {
     if (node.read_only) continue;
     absl::StatusOr<UniqueFd> ro = ReopenReadOnly(c.local_fd(node.fd));
@@ -70,13 +70,13 @@ absl::StatusOr<TemplateIdentity> IdentityFor(const WarmContext& c) {
   const TaskIdentity& who = c.task.identity;
   id.owner = TemplateOwner{who.namespace_name, who.job_id, who.task_group, who.name};
   std::vector<std::string> digests;
-  for (const DiskNode& node : c.spec.disk) {
+  for (const DiskNode& node : c.boot) {
     absl::StatusOr<std::string> digest = ContentDigest(c.local_fd(node.fd));
     if (!digest.ok()) return digest.status();
     digests.push_back(*digest);
   }
   id.image_digest = absl::StrJoin(digests, "+");
-  id.config_digest = WarmConfigDigest(c.spec, c.qemu_user);
+  id.config_digest = WarmConfigDigest(c.spec, c.boot, c.qemu_user);
   id.qemu_version = c.qemu_version;
   id.machine = c.spec.machine_type;
   id.memory_mb = c.spec.memory_mb;
@@ -214,7 +214,7 @@ const nlohmann::json& IgnoreSharedCapability() {
 
 }  // namespace
 
-std::string WarmConfigDigest(const VmSpec& spec, const std::string& qemu_user) {
+std::string WarmConfigDigest(const VmSpec& spec, const std::vector<DiskNode>& boot, const std::string& qemu_user) {
   VmSpec c = spec;
   c.name.clear();
   c.mac_address.clear();  // the saved NIC keeps the template's MAC anyway
@@ -227,8 +227,10 @@ std::string WarmConfigDigest(const VmSpec& spec, const std::string& qemu_user) {
   c.console.vnc_socket.clear();
   c.boot_watch = BootWatchPlan{};
   c.warm = WarmPlan{};
-  for (DiskNode& node : c.disk) node.read_only = true;
-  std::vector<std::string> argv = BuildQemuArgv(c, RuntimePaths{"qmp", c.guest_agent ? "qga" : "", "tpm"});
+  QemuFiles files;  // only the boot chain: the other files are refused with warm_start
+  files.boot = boot;
+  for (DiskNode& node : files.boot) node.read_only = true;
+  std::vector<std::string> argv = BuildQemuArgv(c, files, RuntimePaths{"qmp", c.guest_agent ? "qga" : "", "tpm"});
   argv[0] = c.emulator;  // the version is in the key; the binary's path is not
   argv.push_back("--qemu-user=" + qemu_user);
   absl::StatusOr<Hasher> hasher = Hasher::Create("sha256");
@@ -238,8 +240,8 @@ std::string WarmConfigDigest(const VmSpec& spec, const std::string& qemu_user) {
 
 absl::StatusOr<WarmStart> PrepareWarmStart(const WarmContext& c, Rollback& rollback) {
   if (!c.spec.warm.enabled) return WarmStart{};
-  if (c.spec.disk.empty()) return absl::InvalidArgumentError("task config \"warm_start\": the VM has no boot disk");
-  absl::StatusOr<int64_t> disk_size = BootDiskSize(c.local_fd(c.spec.disk.front().fd), c.spec.disk.front().format);
+  if (c.boot.empty()) return absl::InvalidArgumentError("task config \"warm_start\": the VM has no boot disk");
+  absl::StatusOr<int64_t> disk_size = BootDiskSize(c.local_fd(c.boot.front().fd), c.boot.front().format);
   if (!disk_size.ok()) return disk_size.status();
   absl::StatusOr<TemplateIdentity> id = IdentityFor(c);
   if (!id.ok()) return id.status();
@@ -252,7 +254,7 @@ absl::StatusOr<WarmStart> PrepareWarmStart(const WarmContext& c, Rollback& rollb
   if (absl::Status leased = c.cache->Lease(kTemplatePrefix + key, c.lease); leased.ok()) {
     absl::StatusOr<OpenedTemplate> opened = store.Open(*id);
     if (opened.ok()) {
-      rollback.Push([cache = c.cache, dir = opened->dir, lease = c.lease] { cache->Release(dir, lease); });
+      c.owned.leases.push_back(opened->dir);  // eviction spares it while this VM maps it
       return Restore(c, *std::move(opened), *std::move(base), rollback);
     }
     c.cache->Release(store.DirFor(key), c.lease);

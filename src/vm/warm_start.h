@@ -24,8 +24,10 @@
 #include "image/image_cache.h"
 #include "image/vm_template.h"
 #include "policy/task_request.h"
+#include "qemu/cmdline.h"
 #include "qemu/qmp_client.h"
 #include "qemu/vm_spec.h"
+#include "vm/vm_resources.h"
 #include "vm/vm_task.h"
 
 namespace ndq {
@@ -44,7 +46,7 @@ struct WarmCapture {
 
 struct WarmStart {
   WarmMode mode = WarmMode::kOff;
-  std::vector<DiskNode> boot;  // the boot disk's chain, replacing the planned one
+  std::vector<DiskNode> boot;  // the boot disk's chain, in place of the one opened
   int memory_fd = -1;
   int state_fd = -1;
   std::string key;
@@ -54,7 +56,8 @@ struct WarmStart {
 
 struct WarmContext {
   const TaskRequest& task;
-  const VmSpec& spec;  // planned; spec.disk is the boot image's chain as opened
+  const VmSpec& spec;
+  const std::vector<DiskNode>& boot;  // the boot image's chain as the open-disks stage opened it
   std::string qemu_version;
   std::string qemu_user;  // empty: root
   ImageCache* cache;
@@ -62,6 +65,7 @@ struct WarmContext {
   TaskEventSink emit;
   std::function<int(UniqueFd)> pass;  // hands an fd to QEMU; its number there
   std::function<int(int)> local_fd;   // our fd behind a number in QEMU
+  VmResources& owned;                 // where a template's lease is recorded
 };
 
 // The overlay a warm VM writes, in its task dir.
@@ -91,8 +95,9 @@ struct SavedTemplate {
 // always resumes). AlreadyExists: another start saved the same key first.
 absl::StatusOr<SavedTemplate> SaveTemplate(VmTask& vm, WarmCapture& capture);
 
-// The config part of the key: QEMU's argv for `spec` with every per-task
-// value (name, paths, host ports, MAC, console sockets) blanked, and QEMU's user.
-std::string WarmConfigDigest(const VmSpec& spec, const std::string& qemu_user);
+// The config part of the key: QEMU's argv for `spec` booting `boot` (its
+// layers read-only) with every per-task value (name, paths, host ports, MAC,
+// console sockets) blanked, and QEMU's user.
+std::string WarmConfigDigest(const VmSpec& spec, const std::vector<DiskNode>& boot, const std::string& qemu_user);
 
 }  // namespace ndq

@@ -13,7 +13,7 @@
 #include "../support/plugin_harness.h"
 #include "../support/test_guest.h"
 #include "qemu/guest_exec.h"
-#include "qemu/qmp_client.h"
+#include "qemu/guest_agent_client.h"
 
 namespace ndq {
 namespace {

@@ -9,6 +9,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "qemu/guest_agent_client.h"
 #include "qemu/qmp_client.h"
 #include "scripted_peer.h"
 

@@ -59,11 +59,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
   }
   if (spec->cpus < 0 || spec->memory_mb < 128) __builtin_trap();
-  spec->disk = {ndq::DiskNode{spec->image_format.empty() ? "qcow2" : spec->image_format, false, 3},
+  ndq::QemuFiles files;
+  files.boot = {ndq::DiskNode{spec->image_format.empty() ? "qcow2" : spec->image_format, false, 3},
                 ndq::DiskNode{"raw", true, 4}};
-  const std::vector<std::string> argv = ndq::BuildQemuArgv(*spec,
-                                                           ndq::RuntimePaths{"/run/ndq/0123456789abcdef/qmp.sock",
-                                                                             "/run/ndq/0123456789abcdef/qga.sock"});
+  const std::vector<std::string> argv =
+      ndq::BuildQemuArgv(*spec, files,
+                         ndq::RuntimePaths{"/run/ndq/0123456789abcdef/qmp.sock", "/run/ndq/0123456789abcdef/qga.sock"});
   if (argv.empty() || argv[0] != spec->emulator_path) __builtin_trap();
   return 0;
 }

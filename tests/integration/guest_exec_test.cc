@@ -17,7 +17,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "qemu/qmp_client.h"
+#include "qemu/guest_agent_client.h"
 #include "../support/child_process.h"
 #include "../support/plugin_harness.h"
 #include "../support/temp_dir.h"

@@ -336,6 +336,33 @@ TEST_F(ImageSourceTest, BadImageOptionsAreRefusedClearly) {
   ExpectRefused(Config({{"image_source", base_ + "/missing.qcow2"}, {"checksum", digest_}}), "404");
 }
 
+// The VM is planned before its image is fetched: a job that can never start
+// (an emulator the operator did not allow, a port_map label with no port, a
+// warm_start its VM cannot have) is refused without a byte downloaded, and
+// Nomad is told not to retry.
+TEST_F(ImageSourceTest, AJobThatCannotRunIsRefusedBeforeItsImageIsFetched) {
+  const nlohmann::json source = {{"image_source", base_ + "/guest.qcow2"}, {"checksum", "sha256:" + digest_}};
+  const std::vector<std::pair<nlohmann::json, std::string>> cases = {
+      {{{"emulator", "aarch64"}}, "emulator"},
+      {{{"port_map", {{{"nosuchlabel", 80}}}}}, "nosuchlabel"},
+      {{{"warm_start", {{"ready_port", "nosuchlabel"}}}}, "warm_start"},
+  };
+  const int gets_before = FullGets("/guest.qcow2");
+  for (const auto& [extra, message] : cases) {
+    SCOPED_TRACE(extra.dump());
+    nlohmann::json config = Config(source);
+    for (const auto& [k, v] : extra.items()) config[k] = v;
+    FakeAlloc alloc("early");
+    const grpc::Status status = harness_->Start(alloc.Task(config), nullptr);
+    ASSERT_FALSE(status.ok());
+    EXPECT_THAT(status.error_message(), HasSubstr(message));
+    EXPECT_EQ(StartIsRecoverable(status), std::optional<bool>(false));
+    EXPECT_FALSE(fs::exists(alloc.task_dir() + "/image-overlay.qcow2"));
+  }
+  EXPECT_EQ(FullGets("/guest.qcow2"), gets_before) << "nothing was fetched";
+  EXPECT_FALSE(fs::exists(cache_ / ("sha256-" + digest_)));
+}
+
 TEST_F(ImageSourceTest, AllowlistHoldsSourcesChecksumFilesAndRedirects) {
   plugin_config_["image_source_allowlist"] = {base_ + "/"};
   Launch();

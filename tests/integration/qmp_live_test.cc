@@ -25,6 +25,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "../support/test_guest.h"
+#include "qemu/guest_agent_client.h"
 #include "qemu/qmp_client.h"
 #include "host/run_command.h"
 

@@ -19,6 +19,7 @@
 #include "../support/test_guest.h"
 #include "absl/strings/match.h"
 #include "host/process_watch.h"
+#include "qemu/guest_agent_client.h"
 #include "qemu/qmp_client.h"
 #include "vm/vm_task.h"
 

@@ -40,5 +40,24 @@ TEST(ErrorKind, ErrnoSaysWhetherTheHostRanShort) {
   EXPECT_EQ(ErrnoError("cannot open /x", ENOENT).message(), "cannot open /x: No such file or directory");
 }
 
+TEST(ErrorKind, ConfigAndRefusedErrorsCarryTheirKindNotTheCodesDefault) {
+  // FailedPrecondition alone means a transient kind (a peer not ready yet):
+  // these say at their source that a retry cannot help.
+  const absl::Status config = ConfigError("state_dir is too long");
+  EXPECT_EQ(config.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(KindOf(config), ErrorKind::kBadConfig);
+  EXPECT_EQ(config.message(), "state_dir is too long");
+  EXPECT_EQ(KindOf(RefusedError("x is not a directory the driver made")), ErrorKind::kRefused);
+  EXPECT_EQ(KindOf(absl::FailedPreconditionError("QMP is not up yet")), ErrorKind::kTransient);
+}
+
+TEST(ErrorKind, TheFirstStageTagStaysAndTheKindIsKept) {
+  const absl::Status tagged = WithStage(WithStage(ConfigError("bad"), "plan_vm"), "launch");
+  EXPECT_EQ(StageOf(tagged), "plan_vm");
+  EXPECT_EQ(KindOf(tagged), ErrorKind::kBadConfig);
+  EXPECT_EQ(StageOf(absl::InternalError("x")), "");
+  EXPECT_TRUE(WithStage(absl::OkStatus(), "launch").ok());
+}
+
 }  // namespace
 }  // namespace ndq

@@ -2,6 +2,7 @@
 // test's own (entered by one thread with setns, so the host's interfaces are
 // never touched). Needs root, like the driver's bridge mode.
 #include "host/tap_device.h"
+#include "base/error_kind.h"
 
 #include <fcntl.h>
 #include <sched.h>
@@ -95,6 +96,8 @@ TEST_F(TapDeviceTest, BridgeMustExistAndBeABridge) {
     absl::StatusOr<UniqueFd> not_bridge = CreateBridgedTap("ndqtest1", "lo");
     EXPECT_THAT(std::string(not_bridge.status().message()), HasSubstr("\"lo\" (from the plugin's "
                                                                       "bridges_allowlist) is not a bridge"));
+    EXPECT_EQ(KindOf(missing.status()), ErrorKind::kBadConfig) << "the operator's list, not a passing fault";
+    EXPECT_EQ(KindOf(not_bridge.status()), ErrorKind::kBadConfig);
     EXPECT_FALSE(InterfaceExists("ndqtest1")) << "a failed attach leaves no TAP";
   });
 }

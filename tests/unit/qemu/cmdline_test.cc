@@ -55,10 +55,16 @@ VmSpec BaseSpec() {
   spec.accelerator = "tcg";
   spec.drive_interface = "ide";
   spec.image_path = "/alloc/web/local/linux.img";
-  spec.disk = {DiskNode{"raw", false, 3}};
   spec.memory_mb = 256;
   spec.name = "web";
   return spec;
+}
+
+// What the start opened for BaseSpec: the image, as QEMU's fd 3.
+QemuFiles BaseFiles() {
+  QemuFiles files;
+  files.boot = {DiskNode{"raw", false, 3}};
+  return files;
 }
 
 const RuntimePaths kPaths{"/run/ndq/t/qmp.sock", "/run/ndq/t/qga.sock"};
@@ -127,8 +133,9 @@ std::vector<std::string> ValuesOf(const std::vector<std::string>& argv, const st
 TEST(CmdlineBuildQemuArgv, TheImageIsPassedAsAnFdNeverByName) {
   VmSpec spec = BaseSpec();
   spec.image_path = "/alloc/web/local/x.img,file=/etc/shadow";
-  spec.disk = {DiskNode{"qcow2", false, 3}, DiskNode{"raw", true, 4}};
-  const std::vector<std::string> argv = BuildQemuArgv(spec, kPaths);
+  QemuFiles files;
+  files.boot = {DiskNode{"qcow2", false, 3}, DiskNode{"raw", true, 4}};
+  const std::vector<std::string> argv = BuildQemuArgv(spec, files, kPaths);
   EXPECT_THAT(argv, Not(Contains(HasSubstr("x.img"))));
   EXPECT_THAT(argv, Not(Contains("-drive")));
   EXPECT_THAT(ValuesOf(argv, "-add-fd"), ElementsAre("fd=4,set=2", "fd=3,set=1"));
@@ -144,11 +151,12 @@ TEST(CmdlineBuildQemuArgv, EverySplicedValueKeepsItsKeys) {
   VmSpec spec = BaseSpec();
   spec.machine_type = "pc,accel=kvm";
   spec.name = "web,debug-threads=on";
-  spec.disk = {DiskNode{"raw,file=/etc/shadow", false, 3}};
+  QemuFiles files;
+  files.boot = {DiskNode{"raw,file=/etc/shadow", false, 3}};
   spec.guest_agent = true;
   spec.dns_searches = {"a.example,hostfwd=tcp::22-:22"};
   spec.port_forwards = {{"http", "tcp", "1.2.3.4", 8080, 80}};
-  const std::vector<std::string> argv = BuildQemuArgv(spec, RuntimePaths{"/r,x/qmp.sock", "/r,y/qga.sock"});
+  const std::vector<std::string> argv = BuildQemuArgv(spec, files, RuntimePaths{"/r,x/qmp.sock", "/r,y/qga.sock"});
   EXPECT_THAT(KeysOf(ValueOf(argv, "-machine")), ElementsAre("type", "accel"));
   EXPECT_THAT(KeysOf(ValueOf(argv, "-name")), ElementsAre("guest"));
   EXPECT_THAT(KeysOf(ValuesOf(argv, "-blockdev").at(1)), ElementsAre("driver", "node-name", "file"));
@@ -164,10 +172,12 @@ TEST(CmdlineBuildQemuArgv, EverySplicedValueKeepsItsKeys) {
 
 TEST(CmdlineBuildQemuArgv, SharesPassTheOpenedDirectoryAndKeepTheirKeys) {
   VmSpec spec = BaseSpec();
-  spec.shares = {Share{"a,path=/etc,b", ShareOrigin::kVolume, "/srv/x,path=/etc", false, 7},
-                 Share{"secrets", ShareOrigin::kAllocDir, "web/secrets", true, 8},
-                 Share{"unopened", ShareOrigin::kVolume, "/srv/y", false, -1}};
-  const std::vector<std::string> argv = BuildQemuArgv(spec, kPaths);
+  spec.shares = {Share{"a,path=/etc,b", ShareOrigin::kVolume, "/srv/x,path=/etc", false},
+                 Share{"secrets", ShareOrigin::kAllocDir, "web/secrets", true},
+                 Share{"unopened", ShareOrigin::kVolume, "/srv/y", false}};
+  QemuFiles files = BaseFiles();
+  files.shares = {7, 8, -1};
+  const std::vector<std::string> argv = BuildQemuArgv(spec, files, kPaths);
   EXPECT_THAT(argv, Not(Contains(HasSubstr("/srv/"))));
   EXPECT_THAT(argv, Not(Contains(HasSubstr("unopened"))));
   const std::vector<std::string> fsdevs = ValuesOf(argv, "-fsdev");
@@ -186,21 +196,21 @@ TEST(CmdlineBuildQemuArgv, SharesPassTheOpenedDirectoryAndKeepTheirKeys) {
 TEST(CmdlineBuildQemuArgv, NameIsAnExplicitKeySoEqualsSignsAreHarmless) {
   VmSpec spec = BaseSpec();
   spec.name = "a=b";
-  EXPECT_EQ(ValueOf(BuildQemuArgv(spec, kPaths), "-name"), "guest=a=b");
+  EXPECT_EQ(ValueOf(BuildQemuArgv(spec, BaseFiles(), kPaths), "-name"), "guest=a=b");
 }
 
 TEST(CmdlineBuildQemuArgv, SmpFromCpusUnlessTheJobSetsIt) {
   VmSpec spec = BaseSpec();
-  EXPECT_THAT(BuildQemuArgv(spec, kPaths), Not(Contains("-smp")));
+  EXPECT_THAT(BuildQemuArgv(spec, BaseFiles(), kPaths), Not(Contains("-smp")));
   spec.cpus = 3;
-  EXPECT_EQ(ValueOf(BuildQemuArgv(spec, kPaths), "-smp"), "3");
+  EXPECT_EQ(ValueOf(BuildQemuArgv(spec, BaseFiles(), kPaths), "-smp"), "3");
   spec.args = {"--smp", "2"};
-  std::vector<std::string> argv = BuildQemuArgv(spec, kPaths);
+  std::vector<std::string> argv = BuildQemuArgv(spec, BaseFiles(), kPaths);
   EXPECT_THAT(argv, Not(Contains("-smp")));
   EXPECT_EQ(ValueOf(argv, "--smp"), "2");
   // "-smp" as another option's value is not the job setting -smp.
   spec.args = {"-append", "-smp"};
-  argv = BuildQemuArgv(spec, kPaths);
+  argv = BuildQemuArgv(spec, BaseFiles(), kPaths);
   EXPECT_EQ(std::count(argv.begin(), argv.end(), "-smp"), 2);
   EXPECT_EQ(ValueOf(argv, "-smp"), "3");
 }
@@ -208,23 +218,23 @@ TEST(CmdlineBuildQemuArgv, SmpFromCpusUnlessTheJobSetsIt) {
 TEST(CmdlineBuildQemuArgv, NetworkOnlyWithForwardsOrDnsSearches) {
   VmSpec spec = BaseSpec();
   spec.ignored_dns_servers = {"8.8.8.8"};
-  EXPECT_THAT(BuildQemuArgv(spec, kPaths), Not(Contains("-netdev")));
+  EXPECT_THAT(BuildQemuArgv(spec, BaseFiles(), kPaths), Not(Contains("-netdev")));
   spec.dns_searches = {"example.com"};
-  EXPECT_EQ(ValueOf(BuildQemuArgv(spec, kPaths), "-netdev"), "user,id=user.0,dnssearch=example.com");
-  EXPECT_THAT(BuildQemuArgv(spec, kPaths), Not(Contains(HasSubstr("8.8.8.8"))));
+  EXPECT_EQ(ValueOf(BuildQemuArgv(spec, BaseFiles(), kPaths), "-netdev"), "user,id=user.0,dnssearch=example.com");
+  EXPECT_THAT(BuildQemuArgv(spec, BaseFiles(), kPaths), Not(Contains(HasSubstr("8.8.8.8"))));
 }
 
 TEST(CmdlineBuildQemuArgv, EnableKvmOnlyForKvm) {
   VmSpec spec = BaseSpec();
-  EXPECT_THAT(BuildQemuArgv(spec, kPaths), Not(Contains("-enable-kvm")));
+  EXPECT_THAT(BuildQemuArgv(spec, BaseFiles(), kPaths), Not(Contains("-enable-kvm")));
   spec.accelerator = "kvm";
-  const std::vector<std::string> argv = BuildQemuArgv(spec, kPaths);
+  const std::vector<std::string> argv = BuildQemuArgv(spec, BaseFiles(), kPaths);
   EXPECT_EQ(argv.back(), "-enable-kvm");
   EXPECT_EQ(ValueOf(argv, "-machine"), "type=pc,accel=kvm");
 }
 
 TEST(CmdlineBuildQemuArgv, QmpOnlyWithASocketPath) {
-  const std::vector<std::string> argv = BuildQemuArgv(BaseSpec(), RuntimePaths{});
+  const std::vector<std::string> argv = BuildQemuArgv(BaseSpec(), BaseFiles(), RuntimePaths{});
   EXPECT_THAT(argv, Not(Contains("-chardev")));
   EXPECT_THAT(argv, Not(Contains("-mon")));
 }
@@ -233,7 +243,7 @@ TEST(CmdlineBuildQemuArgv, JobArgsAfterOursAndBeforeTheNetwork) {
   VmSpec spec = BaseSpec();
   spec.args = {"-netdev", "user,id=mine"};
   spec.port_forwards = {{"ssh", "tcp", "", 2222, 22}};
-  const std::vector<std::string> argv = BuildQemuArgv(spec, kPaths);
+  const std::vector<std::string> argv = BuildQemuArgv(spec, BaseFiles(), kPaths);
   const auto mine = std::find(argv.begin(), argv.end(), "user,id=mine");
   const auto ours = std::find(argv.begin(), argv.end(), "user,id=user.0,hostfwd=tcp::2222-:22");
   const auto mon = std::find(argv.begin(), argv.end(), "-mon");
@@ -289,7 +299,6 @@ Drive DriveFromJson(const json& d) {
     else if (key == "serial") drive.serial = v.get<std::string>();
     else if (key == "read_only") drive.read_only = v.get<bool>();
     else if (key == "boot_index") drive.boot_index = v.get<int>();
-    else if (key == "nodes") drive.nodes = NodesFromJson(v);
     else ADD_FAILURE() << "unknown drive field in golden file: " << key;
   }
   return drive;
@@ -311,33 +320,25 @@ void AddHardwareSetters(std::map<std::string, std::function<void(VmSpec&, const 
     for (const json& d : v) s.drives.push_back(DriveFromJson(d));
   };
   setters["kernel"] = [](VmSpec& s, const json& v) {
-    s.kernel = KernelBoot{v.value("kernel", ""), v.value("initrd", ""), v.value("cmdline", ""),
-                          v.value("kernel_fd", -1), v.value("initrd_fd", -1)};
+    s.kernel = KernelBoot{v.value("kernel", ""), v.value("initrd", ""), v.value("cmdline", "")};
   };
   setters["net_device"] = [](VmSpec& s, const json& v) { s.net_device = v.get<std::string>(); };
   setters["mac_address"] = [](VmSpec& s, const json& v) { s.mac_address = v.get<std::string>(); };
   setters["own_nic"] = [](VmSpec& s, const json& v) { s.own_nic = v.get<bool>(); };
   setters["firmware"] = [](VmSpec& s, const json& v) {
     s.firmware = Firmware{v.value("uefi", false), v.value("secure_boot", false),
-                          FirmwareFiles{v.value("code", ""), v.value("vars", "")}, v.value("code_fd", -1),
-                          v.value("vars_fd", -1)};
+                          FirmwareFiles{v.value("code", ""), v.value("vars", "")}};
   };
   setters["tpm"] = [](VmSpec& s, const json& v) { s.tpm = v.get<bool>(); };
   // network_mode = "bridge" (src/qemu/network_plan.h)
   setters["network"] = [](VmSpec& s, const json& v) {
     s.network.enabled = v.value("enabled", false);
     s.network.bridge = v.value("bridge", "");
-    s.network.tap_fd = v.value("tap_fd", -1);
     s.network.advertise_address = v.value("advertise_address", false);
     s.network.guest_ports = v.value("guest_ports", std::map<std::string, int>{});
   };
-  // warm_start (src/qemu/warm_plan.h): {"mode": "cold"|"restore", "memory_fd", "state_fd"}.
-  setters["warm"] = [](VmSpec& s, const json& v) {
-    s.warm.enabled = true;
-    s.warm.mode = v.at("mode").get<std::string>() == "restore" ? WarmMode::kRestore : WarmMode::kCold;
-    s.warm.memory_fd = v.value("memory_fd", -1);
-    s.warm.state_fd = v.value("state_fd", -1);
-  };
+  // warm_start (src/qemu/warm_plan.h); its mode and files are QemuFiles'.
+  setters["warm"] = [](VmSpec& s, const json&) { s.warm.enabled = true; };
 }
 
 // virtio-9p shares (share_plan.h): [{"tag", "origin": "alloc_dir"|"volume",
@@ -348,8 +349,7 @@ void AddShareSetters(std::map<std::string, std::function<void(VmSpec&, const jso
       s.shares.push_back(Share{share.at("tag").get<std::string>(),
                                share.at("origin").get<std::string>() == "volume" ? ShareOrigin::kVolume
                                                                                  : ShareOrigin::kAllocDir,
-                               share.at("host_path").get<std::string>(), share.value("read_only", false),
-                               share.value("fd", -1)});
+                               share.at("host_path").get<std::string>(), share.value("read_only", false)});
     }
   };
 }
@@ -366,7 +366,6 @@ VmSpec SpecFromJson(const json& j) {
       {"image_path", [](VmSpec& s, const json& v) { s.image_path = v.get<std::string>(); }},
       {"image_format", [](VmSpec& s, const json& v) { s.image_format = v.get<std::string>(); }},
       {"sandbox", [](VmSpec& s, const json& v) { s.sandbox = v.get<bool>(); }},
-      {"disk", [](VmSpec& s, const json& v) { s.disk = NodesFromJson(v); }},
       {"memory_mb", [](VmSpec& s, const json& v) { s.memory_mb = v.get<int64_t>(); }},
       {"memory_max_mb", [](VmSpec& s, const json& v) { s.memory_max_mb = v.get<int64_t>(); }},
       {"cpus", [](VmSpec& s, const json& v) { s.cpus = v.get<int>(); }},
@@ -398,6 +397,51 @@ VmSpec SpecFromJson(const json& j) {
     it->second(spec, value);
   }
   return spec;
+}
+
+// The runtime half of a golden spec, which the files keep beside the plan
+// (one JSON object, as the VmSpec held both before QemuFiles): "disk" (the
+// boot chain), each drive's "nodes", "kernel_fd", "initrd_fd", "code_fd",
+// "vars_fd", "tap_fd", warm's "mode", "memory_fd" and "state_fd", each
+// share's "fd". Taken out of `spec`, so what remains is the plan.
+QemuFiles TakeFilesFromJson(json& spec) {
+  QemuFiles files;
+  auto take = [](json& object, const char* key, int fallback) {
+    if (!object.is_object() || !object.contains(key)) return fallback;
+    const int value = object.at(key).get<int>();
+    object.erase(key);
+    return value;
+  };
+  if (spec.contains("disk")) {
+    files.boot = NodesFromJson(spec.at("disk"));
+    spec.erase("disk");
+  }
+  if (spec.contains("drives")) {
+    for (json& drive : spec["drives"]) {
+      files.drives.push_back(drive.contains("nodes") ? NodesFromJson(drive.at("nodes")) : std::vector<DiskNode>{});
+      drive.erase("nodes");
+    }
+  }
+  if (spec.contains("kernel")) {
+    files.kernel = take(spec["kernel"], "kernel_fd", -1);
+    files.initrd = take(spec["kernel"], "initrd_fd", -1);
+  }
+  if (spec.contains("firmware")) {
+    files.firmware_code = take(spec["firmware"], "code_fd", -1);
+    files.firmware_vars = take(spec["firmware"], "vars_fd", -1);
+  }
+  if (spec.contains("network")) files.tap = take(spec["network"], "tap_fd", -1);
+  if (spec.contains("warm")) {
+    json& warm = spec["warm"];
+    files.warm_mode = warm.value("mode", "") == "restore" ? WarmMode::kRestore : WarmMode::kCold;
+    warm.erase("mode");
+    files.warm_memory = take(warm, "memory_fd", -1);
+    files.warm_state = take(warm, "state_fd", -1);
+  }
+  if (spec.contains("shares")) {
+    for (json& share : spec["shares"]) files.shares.push_back(take(share, "fd", -1));
+  }
+  return files;
 }
 
 RuntimePaths PathsFromJson(const json& j) {
@@ -452,8 +496,10 @@ TEST_P(CmdlineGolden, MatchesArgvFile) {
   for (const auto& [key, unused] : input.items()) {
     EXPECT_TRUE(key == "spec" || key == "paths" || key == "comment") << "unknown key " << key;
   }
+  json spec = input.at("spec");
+  const QemuFiles files = TakeFilesFromJson(spec);
   const std::vector<std::string> actual =
-      BuildQemuArgv(SpecFromJson(input.at("spec")), PathsFromJson(input.value("paths", json::object())));
+      BuildQemuArgv(SpecFromJson(spec), files, PathsFromJson(input.value("paths", json::object())));
   if (const char* update = std::getenv("NDQ_UPDATE_GOLDEN"); update != nullptr && std::string(update) == "1") {
     std::ofstream(base + ".argv") << absl::StrJoin(actual, "\n") << "\n";
     GTEST_SKIP() << "rewrote " << base << ".argv";
@@ -608,7 +654,6 @@ TEST(CmdlineQemu, RealQemuAcceptsTheArgv) {
   VmSpec spec = BaseSpec();
   spec.emulator_path = qemu;
   spec.image_path = image;
-  spec.disk = {DiskNode{"raw", false, 3}};
   spec.sandbox = true;
   spec.memory_mb = 128;
   spec.cpus = 1;
@@ -618,7 +663,7 @@ TEST(CmdlineQemu, RealQemuAcceptsTheArgv) {
   spec.port_forwards = {{"ssh", "tcp", "127.0.0.1", port, 22}};
   spec.dns_searches = {"example.com"};
   const RuntimePaths paths{dir + "/q,mp.sock", dir + "/qga,x.sock"};
-  const std::vector<std::string> argv = BuildQemuArgv(spec, paths);
+  const std::vector<std::string> argv = BuildQemuArgv(spec, BaseFiles(), paths);
 
   const std::string log = dir + "/qemu.log";
   // The image reaches QEMU only as fd 3, as the supervisor hands it on.
@@ -667,7 +712,7 @@ TEST(CmdlineQemu, RealQemuAcceptsEveryDriveAndNicOption) {
   VmSpec spec = BaseSpec();
   spec.emulator_path = qemu;
   spec.memory_mb = 128;
-  spec.disk = {DiskNode{"raw", false, 3}};
+  QemuFiles opened = BaseFiles();
   spec.boot_index = 2;
   spec.boot_cache = "writethrough";
   spec.args = {"-S"};
@@ -678,7 +723,7 @@ TEST(CmdlineQemu, RealQemuAcceptsEveryDriveAndNicOption) {
     Drive drive;
     drive.id = absl::StrCat("disk", i + 1);
     std::tie(drive.interface, drive.cache, drive.discard, drive.serial) = disks[i];
-    drive.nodes = {DiskNode{"raw", false, 4 + static_cast<int>(i)}};
+    opened.drives.push_back({DiskNode{"raw", false, 4 + static_cast<int>(i)}});
     spec.drives.push_back(drive);
   }
   Drive cdrom;
@@ -686,13 +731,13 @@ TEST(CmdlineQemu, RealQemuAcceptsEveryDriveAndNicOption) {
   cdrom.media = DriveMedia::kCdrom;
   cdrom.read_only = true;
   cdrom.boot_index = 1;
-  cdrom.nodes = {DiskNode{"raw", true, 8}};
+  opened.drives.push_back({DiskNode{"raw", true, 8}});
   spec.drives.push_back(cdrom);
   spec.net_device = "e1000";
   spec.mac_address = "02:12:34:56:78:9a";
   spec.own_nic = true;
   const RuntimePaths paths{dir + "/qmp.sock", ""};
-  const std::vector<std::string> argv = BuildQemuArgv(spec, paths);
+  const std::vector<std::string> argv = BuildQemuArgv(spec, opened, paths);
   ChildGuard child;
   ASSERT_TRUE(SpawnQemu(argv, files, dir + "/qemu.log", &child));
   ASSERT_EQ(WaitForFileOrExit(dir, paths.qmp_socket, child.pid, absl::Seconds(60)), "")

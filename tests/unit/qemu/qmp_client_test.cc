@@ -1,6 +1,7 @@
 // QmpClient and GuestAgentClient against transcripts recorded from the real
 // QEMU 7.2 and qemu-ga 7.2 (tests/unit/qemu/qmp_transcripts, re-recorded by
 // capture.py there), replayed by a scripted peer on a socketpair.
+#include "qemu/guest_agent_client.h"
 #include "qemu/qmp_client.h"
 
 #include <fcntl.h>

@@ -46,7 +46,6 @@ TEST_F(WarmPlanning, ReadyPortIsThePortMapLabelsForward) {
   absl::StatusOr<VmSpec> spec = Plan();
   ASSERT_TRUE(spec.ok()) << spec.status();
   EXPECT_TRUE(spec->warm.enabled);
-  EXPECT_EQ(spec->warm.mode, WarmMode::kOff);  // decided at start
   EXPECT_EQ(spec->warm.ready.port_label, "http");
   EXPECT_EQ(spec->warm.ready.host_port, 25080);
   EXPECT_EQ(spec->warm.ready.guest_port, 80);

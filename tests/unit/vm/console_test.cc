@@ -1,6 +1,7 @@
 // The console's host side: its directory, the serial tail a failed boot
 // reports, and how the boot watch reads QEMU's `info usernet`.
 #include "vm/console.h"
+#include "base/error_kind.h"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -56,6 +57,7 @@ TEST(ConsoleDir, ALinkInItsPlaceIsRefused) {
   Rollback rollback;
   const absl::Status status = MakeConsoleDir(plan, std::nullopt, rollback);
   EXPECT_THAT(std::string(status.message()), HasSubstr("is not a directory the driver made"));
+  EXPECT_EQ(KindOf(status), ErrorKind::kRefused) << "the same on every retry";
   rollback.Commit();
   EXPECT_TRUE(fs::is_symlink(plan.dir));
 }

@@ -127,6 +127,7 @@ TEST_F(StartPipelineTest, EachStageFailingInTurnLeavesNothingBehind) {
     ASSERT_FALSE(handle.ok());
     EXPECT_EQ(std::string(handle.status().message()), std::string(failures.at(failing).message()));
     EXPECT_EQ(Retryable(handle.status()), Retryable(failures.at(failing)));
+    EXPECT_EQ(StageOf(handle.status()), StartStageName(failing)) << "the error names its stage";
     EXPECT_EQ(ran.back(), failing) << "no stage runs after a failure";
     EXPECT_EQ(ran.size(), static_cast<size_t>(failing) + 1) << "every stage before it ran";
     // A failure at await QMP comes after a real process was started.
@@ -143,11 +144,30 @@ TEST_F(StartPipelineTest, QemuNeverAnsweringTimesOutRetryablyAndKillsTheSupervis
   EXPECT_EQ(handle.status().code(), absl::StatusCode::kDeadlineExceeded) << std::string(handle.status().message());
   EXPECT_THAT(handle.status().message(), HasSubstr("QEMU did not answer on its QMP socket within 300ms"));
   EXPECT_TRUE(Retryable(handle.status()));
+  EXPECT_EQ(StageOf(handle.status()), StartStageName(StartStage::kAwaitQmp));
   EXPECT_EQ(host_.supervisors_spawned(), 1);
   EXPECT_EQ(host_.cgroups_made(), 1);
   EXPECT_THAT(Leftovers(), IsEmpty());
   // The supervisor was asked to place QEMU in the cgroup the host made.
   EXPECT_THAT(absl::StrJoin(host_.last_argv(), " "), HasSubstr("/nonexistent-fake-cgroup/ndq-unit/"));
+}
+
+// A state_dir whose sockets cannot fit a unix socket address fails every
+// start the same way: Nomad must not restart the task for it.
+TEST_F(StartPipelineTest, AStateDirTooLongForSocketsIsAConfigErrorNotRetried) {
+  const std::string deep = state_.path() + "/" + std::string(60, 's') + "/" + std::string(60, 't');
+  fs::create_directories(deep);
+  plugin_.state_dir = deep;
+  auto manager = Manager();
+  absl::StatusOr<DriverStateRecord> handle = manager->Start(Task());
+  ASSERT_FALSE(handle.ok());
+  EXPECT_THAT(handle.status().message(), HasSubstr("is too long"));
+  EXPECT_EQ(KindOf(handle.status()), ErrorKind::kBadConfig);
+  EXPECT_FALSE(Retryable(handle.status()));
+  EXPECT_EQ(StageOf(handle.status()), StartStageName(StartStage::kPrepareHost));
+  EXPECT_EQ(host_.supervisors_spawned(), 0);
+  fs::remove_all(state_.path() + "/" + std::string(60, 's'));
+  EXPECT_THAT(Leftovers(), IsEmpty());
 }
 
 TEST_F(StartPipelineTest, HostFailuresKeepTheirKind) {
