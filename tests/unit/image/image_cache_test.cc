@@ -6,6 +6,7 @@
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <thread>
 
 #include <gmock/gmock.h>
@@ -40,6 +41,27 @@ struct CopyDownloader {
     };
   }
 };
+
+// Polls `condition` until it holds or `timeout` passes.
+bool WaitUntil(const std::function<bool()>& condition, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (!condition()) {
+    if (absl::Now() > deadline) return false;
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  return true;
+}
+
+// How many of this process's descriptors are open on `path`.
+int OpenDescriptorsOf(const std::string& path) {
+  int n = 0;
+  std::error_code error;
+  for (const auto& fd : fs::directory_iterator("/proc/self/fd", error)) {
+    std::error_code gone;
+    if (fs::read_symlink(fd.path(), gone) == path) ++n;
+  }
+  return n;
+}
 
 std::string MakeFile(const TempDir& dir, const std::string& name, size_t bytes) {
   std::ofstream(dir / name) << std::string(bytes, 'x');
@@ -100,7 +122,10 @@ TEST(ImageCache, TwoCachesOnOneDirectoryAreSerializedByTheFileLock) {
   downloader.hold = &release;
   std::thread ta([&] { EXPECT_TRUE(a.Acquire("sha256-cc", {image}, downloader.Get()).ok()); });
   std::thread tb([&] { EXPECT_TRUE(b.Acquire("sha256-cc", {image}, downloader.Get()).ok()); });
-  absl::SleepFor(absl::Milliseconds(200));
+  // One is inside its download, the other waits for the key's file lock,
+  // which it holds open meanwhile: two of our descriptors name that file.
+  const std::string lock = cache_dir.path() + "/.sha256-cc.lock";
+  ASSERT_TRUE(WaitUntil([&] { return downloader.calls >= 1 && OpenDescriptorsOf(lock) >= 2; }, absl::Seconds(30)));
   release.Notify();
   ta.join();
   tb.join();

@@ -159,8 +159,12 @@ TEST(SeedIsoTest, WritesAnIso9660VolumeNamedCidata) {
 
 TEST(SeedIsoTest, SameFilesGiveTheSameBytes) {
   testing::TempDir dir;
+  const time_t first = ::time(nullptr);
   ASSERT_TRUE(WriteSeedIso(SomeFiles(), dir / "a.iso").ok());
-  ::sleep(1);  // a timestamp taken from the clock would now differ
+  // Into the next second of the wall clock: a timestamp taken from it would now differ.
+  const absl::Time deadline = absl::Now() + absl::Seconds(5);
+  while (::time(nullptr) <= first && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(10));
+  ASSERT_GT(::time(nullptr), first);
   ASSERT_TRUE(WriteSeedIso(SomeFiles(), dir / "b.iso").ok());
   EXPECT_TRUE(ReadFile(dir / "a.iso") == ReadFile(dir / "b.iso"));
 }
