@@ -12,6 +12,8 @@ if command -v ccache >/dev/null; then
   launcher=(-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
   # Paths under the checkout are hashed relative to it.
   export CCACHE_BASEDIR="$PWD"
+  # Debug info names the build dir; another checkout of the same tree still hits.
+  export CCACHE_NOHASHDIR=1
 fi
 cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo "${launcher[@]}" "$@" >/dev/null
 ninja -C "$dir" -j "$(nproc)"
