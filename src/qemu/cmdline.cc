@@ -4,6 +4,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "policy/allowlist.h"
+#include "qemu/hardware_plan.h"
 
 namespace ndq {
 
@@ -95,9 +96,7 @@ void AppendBootDevice(const VmSpec& spec, std::vector<std::string>& argv) {
   // "none": the job attaches image0 itself through args (-device ...,drive=image0).
 }
 
-bool IsQ35(const VmSpec& spec) {
-  return spec.machine_type == "q35" || spec.machine_type.rfind("pc-q35-", 0) == 0;
-}
+bool IsQ35(const VmSpec& spec) { return IsQ35Machine(spec.machine_type); }
 
 // IDE devices are placed explicitly: QEMU puts an unplaced one on the first
 // bus and fails once that bus is full ("IDE unit 1 is in use", measured with
@@ -110,13 +109,12 @@ class IdeSlots {
     if (!files.boot.empty() && spec.drive_interface == "ide") next_ = 1;
   }
   std::string Next() {
-    if (next_ == kDefaultCdromSlot) ++next_;
+    if (next_ == kIdeDefaultCdromSlot) ++next_;
     const int slot = next_++;
     return q35_ ? absl::StrCat("bus=ide.", slot, ",") : absl::StrCat("bus=ide.", slot / 2, ",unit=", slot % 2, ",");
   }
 
  private:
-  static constexpr int kDefaultCdromSlot = 2;
   bool q35_;
   int next_ = 0;
 };

@@ -252,6 +252,25 @@ std::string QuotedList(const std::vector<std::string>& items) {
   return absl::StrJoin(items, ", ", [](std::string* out, const std::string& s) { out->append(Quoted(s)); });
 }
 
+namespace {
+
+// Each IDE device takes a slot of its own: more than the machine has would
+// fail QEMU's start ("IDE unit ... is in use") rather than planning.
+void CheckIdeSlots(bool has_disk, const VmSpec& spec, std::vector<std::string>& problems) {
+  int used = has_disk && spec.drive_interface == "ide" ? 1 : 0;
+  for (const Drive& drive : spec.drives) {
+    if (drive.media == DriveMedia::kCdrom || drive.interface == "ide") ++used;
+  }
+  const int slots = UsableIdeSlots(spec.machine_type);
+  if (used <= slots) return;
+  problems.push_back(absl::StrCat("task config: ", used, " IDE devices (the boot disk when drive_interface is \"ide\", ",
+                                  "disk blocks with interface \"ide\", the CD-ROM), but machine \"",
+                                  spec.machine_type.empty() ? "pc" : spec.machine_type, "\" has room for ", slots,
+                                  "; use interface \"virtio\", \"scsi\" or \"nvme\" for the others"));
+}
+
+}  // namespace
+
 bool BootsWithoutImage(const TaskConfig& config) {
   return config.cdrom.has_value() || config.cdrom_source.has_value() || config.kernel.has_value();
 }
@@ -271,6 +290,7 @@ void PlanDrives(const TaskConfig& config, const PluginConfig& plugin, VmSpec& sp
   PlanCdrom(config, plugin, spec, problems);
   PlanSeed(config, spec, problems);
   PlanBootOrder(config, spec, problems);
+  CheckIdeSlots(has_disk, spec, problems);
 }
 
 void PlanKernel(const TaskConfig& config, VmSpec& spec, std::vector<std::string>& problems) {

@@ -15,6 +15,18 @@
 
 namespace ndq {
 
+// Whether `machine_type` is a q35 machine ("q35" or a versioned "pc-q35-*").
+inline bool IsQ35Machine(const std::string& machine_type) {
+  return machine_type == "q35" || machine_type.rfind("pc-q35-", 0) == 0;
+}
+
+// IDE devices the driver can place, each on an explicit slot (qemu/cmdline.cc):
+// pc has two buses of two units, q35's AHCI six ports, and slot 2 keeps
+// QEMU's own default CD-ROM.
+inline constexpr int kIdeDefaultCdromSlot = 2;
+inline int UsableIdeSlots(const std::string& machine_type) { return (IsQ35Machine(machine_type) ? 6 : 4) - 1; }
+
+
 // "name" in double quotes, and a list of them, for messages.
 std::string Quoted(const std::string& s);
 std::string QuotedList(const std::vector<std::string>& items);

@@ -174,6 +174,28 @@ TEST_F(HardwarePlan, SixteenDiskBlocksAreTheLimit) {
   EXPECT_THAT(spec_.drives, IsEmpty());
 }
 
+// Every IDE device gets a slot of its own (pc: 4 less QEMU's default CD-ROM's,
+// q35: 6 less it); one more is refused by planning, not by QEMU at start.
+TEST_F(HardwarePlan, IdeDevicesMustFitTheMachinesSlots) {
+  DiskConfig ide = Blank("1M");
+  ide.interface = "ide";
+  config_.disks = {ide, ide};  // with the IDE boot disk: 3 of pc's 3
+  EXPECT_EQ(DriveProblems(), "");
+  config_.cdrom = "local/install.iso";  // a 4th
+  EXPECT_THAT(DriveProblems(), HasSubstr("4 IDE devices"));
+  EXPECT_THAT(DriveProblems(), HasSubstr("machine \"pc\" has room for 3"));
+  before_.drive_interface = "virtio";  // the boot disk leaves IDE: 3 again
+  EXPECT_EQ(DriveProblems(), "");
+  before_.drive_interface = "ide";
+  before_.machine_type = "q35";  // 5 slots
+  EXPECT_EQ(DriveProblems(), "");
+  config_.disks = {ide, ide, ide, ide};  // 6 with the boot disk and the CD-ROM
+  EXPECT_THAT(DriveProblems(), HasSubstr("machine \"q35\" has room for 5"));
+  DiskConfig virtio = Blank("1M");
+  config_.disks = {ide, ide, ide, virtio, virtio};  // virtio disks take no IDE slot
+  EXPECT_EQ(DriveProblems(), "");
+}
+
 // A disk block sets only what the job asked for; QEMU's defaults hold otherwise.
 TEST_F(HardwarePlan, ADiskBlockLeavesQemusDefaultsAndIsWritable) {
   config_.disks = {Blank("1G")};
