@@ -54,8 +54,7 @@ struct DecodedTask {
 // The image the VM boots: the job's image_path, or the task's overlay on a
 // downloaded image. `scope` is what the image's chain may pull in.
 struct AdmittedImage {
-  std::string field;         // the task config field it came from
-  std::string cached_image;  // the overlay's backing image, leased
+  std::string field;  // the task config field it came from
   AdmissionScope scope;
 };
 
@@ -147,7 +146,7 @@ absl::StatusOr<AdmittedImage> AdmitImage(const TaskRequest& task, const DecodedT
                                          const PluginConfig& plugin, const StartDeps& deps, VmResources& owned,
                                          Rollback& rollback) {
   const std::string task_dir = task.task_dir();
-  AdmittedImage image{"image_path", "", AdmissionScope{task_dir, task.alloc_dir, plugin.image_paths}};
+  AdmittedImage image{"image_path", AdmissionScope{task_dir, task.alloc_dir, plugin.image_paths}};
   if (decoded.sources.empty()) return image;
   const std::string lease = TaskKey(task.identity.id);
   absl::StatusOr<TaskDisk> disk = PrepareTaskDisk(decoded.config, decoded.sources, task_dir, plugin, *deps.cache,
@@ -156,7 +155,6 @@ absl::StatusOr<AdmittedImage> AdmitImage(const TaskRequest& task, const DecodedT
   owned.leases.push_back(disk->cached_image);
   rollback.Push([overlay = disk->overlay] { ::unlink(overlay.c_str()); });
   image.field = "image_source";  // its overlay is the path planning gave the boot disk
-  image.cached_image = disk->cached_image;
   // The overlay's backing file is that one cached image, nothing else there.
   image.scope.allowed_dirs.push_back(disk->cached_image);
   return image;
