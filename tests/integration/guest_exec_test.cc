@@ -21,6 +21,7 @@
 #include "../support/child_process.h"
 #include "../support/plugin_harness.h"
 #include "../support/temp_dir.h"
+#include "../support/eventually.h"
 
 namespace ndq {
 namespace {
@@ -29,15 +30,7 @@ constexpr char kQemuGa[] = "/usr/sbin/qemu-ga";
 constexpr absl::Duration kGenerous = absl::Seconds(20);
 
 using testing::ProcessesMentioning;
-
-bool WaitFor(const std::function<bool()>& condition, absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
-  while (!condition()) {
-    if (absl::Now() > deadline) return false;
-    absl::SleepFor(absl::Milliseconds(5));
-  }
-  return true;
-}
+using ::ndq::testing::Eventually;
 
 class GuestExecTest : public ::testing::Test {
  protected:
@@ -179,7 +172,7 @@ TEST_F(GuestExecTest, CancelledWaitReturnsAndKillLeavesNoProcess) {
   const std::string marker = "30.0424242";
   auto exec = GuestExec::Start(*agent_, Command({"/bin/sleep", marker}));
   ASSERT_TRUE(exec.ok()) << exec.status();
-  ASSERT_TRUE(WaitFor([&] { return !ProcessesMentioning("sleep " + marker).empty(); }, kGenerous));
+  ASSERT_TRUE(Eventually([&] { return !ProcessesMentioning("sleep " + marker).empty(); }, kGenerous));
   EXPECT_EQ(ProcessesMentioning("sleep " + marker), std::vector<pid_t>{static_cast<pid_t>(exec->pid())});
 
   std::atomic<bool> cancel{false};
@@ -203,7 +196,7 @@ TEST_F(GuestExecTest, CancelledWaitReturnsAndKillLeavesNoProcess) {
 TEST_F(GuestExecTest, KillingACommandThatAlreadyEndedIsFine) {
   auto exec = GuestExec::Start(*agent_, Command({"/bin/true"}));
   ASSERT_TRUE(exec.ok()) << exec.status();
-  ASSERT_TRUE(WaitFor([&] { return !std::filesystem::exists(absl::StrCat("/proc/", exec->pid())); },
+  ASSERT_TRUE(Eventually([&] { return !std::filesystem::exists(absl::StrCat("/proc/", exec->pid())); },
                                  kGenerous));
   EXPECT_TRUE(exec->Kill().ok());
   EXPECT_TRUE(exec->finished());

@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include "../../support/temp_dir.h"
+#include "../../support/eventually.h"
 #include "absl/strings/match.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
@@ -20,6 +21,7 @@
 namespace ndq {
 namespace {
 
+using ::ndq::testing::Eventually;
 using ::ndq::testing::TempDir;
 using ::testing::HasSubstr;
 namespace fs = std::filesystem;
@@ -41,16 +43,6 @@ struct CopyDownloader {
     };
   }
 };
-
-// Polls `condition` until it holds or `timeout` passes.
-bool WaitUntil(const std::function<bool()>& condition, absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
-  while (!condition()) {
-    if (absl::Now() > deadline) return false;
-    absl::SleepFor(absl::Milliseconds(5));
-  }
-  return true;
-}
 
 // How many of this process's descriptors are open on `path`.
 int OpenDescriptorsOf(const std::string& path) {
@@ -125,7 +117,7 @@ TEST(ImageCache, TwoCachesOnOneDirectoryAreSerializedByTheFileLock) {
   // One is inside its download, the other waits for the key's file lock,
   // which it holds open meanwhile: two of our descriptors name that file.
   const std::string lock = cache_dir.path() + "/.sha256-cc.lock";
-  ASSERT_TRUE(WaitUntil([&] { return downloader.calls >= 1 && OpenDescriptorsOf(lock) >= 2; }, absl::Seconds(30)));
+  ASSERT_TRUE(Eventually([&] { return downloader.calls >= 1 && OpenDescriptorsOf(lock) >= 2; }, absl::Seconds(30)));
   release.Notify();
   ta.join();
   tb.join();

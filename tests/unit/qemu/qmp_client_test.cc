@@ -27,11 +27,13 @@
 #include "absl/strings/str_replace.h"
 #include "absl/synchronization/mutex.h"
 #include "nomadplugin/bounded_json.h"
+#include "../../support/eventually.h"
 
 namespace ndq {
 namespace {
 
 using nlohmann::json;
+using ::ndq::testing::Eventually;
 using ::testing::HasSubstr;
 
 constexpr absl::Duration kGenerous = absl::Seconds(10);  // for what must not time out
@@ -386,15 +388,6 @@ TEST(qmp_client, EventsBeforeTheHandlerIsInstalledAreHandedToItFirst) {
   EventLog later;
   client->SetEventHandler([&](const QmpEvent& e) { later.Add(e); });
   EXPECT_THAT(later.Names(), ::testing::IsEmpty());
-}
-
-bool Eventually(const std::function<bool()>& condition, absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
-  while (!condition()) {
-    if (absl::Now() > deadline) return false;
-    absl::SleepFor(absl::Milliseconds(5));
-  }
-  return true;
 }
 
 // What descriptor `fd` refers to ("socket:[inode]"), read through /proc
