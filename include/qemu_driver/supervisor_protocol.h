@@ -26,7 +26,7 @@ inline constexpr char kLogFile[] = "supervisor.log";    // the supervisor's stdo
 inline constexpr char kTempSuffix[] = ".tmp";
 
 // Command line:
-//   nomad-qemu-supervisor --state-dir DIR --stdout PATH --stderr PATH [--user NAME]
+//   nomad-qemu-supervisor --state-dir DIR (--stdout PATH --stderr PATH | --pooled) [--user NAME]
 //                         [--cgroup PROCS_FILE]... [--netns PATH] [--pass-fds N]
 //                         [--swtpm PATH --swtpm-state DIR --swtpm-socket PATH] -- QEMU ARGS...
 // --pass-fds N: fds 3 .. 3+N-1, open when the supervisor starts, reach QEMU
@@ -51,6 +51,14 @@ inline constexpr char kArgPassFds[] = "--pass-fds";
 inline constexpr char kArgSwtpm[] = "--swtpm";
 inline constexpr char kArgSwtpmState[] = "--swtpm-state";
 inline constexpr char kArgSwtpmSocket[] = "--swtpm-socket";
+// --pooled (in place of --stdout and --stderr): a warm pool's QEMU, started
+// before any task wants it. Its output waits in its pipes until the plugin
+// hands it to a task: it writes kHandoverFile in the state directory (the
+// task's stdout path, a newline, its stderr path, a newline) and sends the
+// supervisor SIGUSR1; from then on the output goes there as for any VM.
+inline constexpr char kArgPooled[] = "--pooled";
+inline constexpr char kHandoverFile[] = "handover";
+inline constexpr int kHandoverSignal = 10;  // SIGUSR1 on Linux (checked in the supervisor)
 inline constexpr int kFirstPassedFd = 3;
 inline constexpr int kMaxPassedFds = 32;
 inline constexpr int kMaxCgroups = 8;  // one per v1 controller is five
@@ -105,6 +113,9 @@ struct Placement {
   // socket. All empty: no TPM. "= {}" keeps brace-initialized Placements that
   // stop at passed_fds free of missing-initializer warnings.
   std::string swtpm_path = {}, swtpm_state_dir = {}, swtpm_socket = {};
+  // A warm pool's QEMU (--pooled): the output paths come at handover, so
+  // SupervisorArgv leaves out --stdout and --stderr.
+  bool pooled = false;
 };
 
 // The supervisor's argv (argv[0] = supervisor_path). An empty `user` runs QEMU

@@ -42,6 +42,7 @@ hs::Spec WarmStartSpec() {
   return hs::Object({
       {"ready_port", hs::Attr("ready_port", "string")},
       {"ready_agent", hs::Attr("ready_agent", "bool")},
+      {"warm_pool", hs::Attr("warm_pool", "number")},
   });
 }
 
@@ -85,7 +86,8 @@ DiskConfig DecodeDisk(ConfigReader& r) {
 void DecodeBlocks(ConfigReader& reader, bool reject_unknown, TaskConfig& config) {
   if (std::optional<ConfigReader> block = reader.Block("warm_start")) {
     if (reject_unknown) block->RejectUnknownFields(Names(WarmStartSpec()));
-    config.warm_start = WarmStartConfig{block->String("ready_port"), block->Bool("ready_agent").value_or(false)};
+    config.warm_start = WarmStartConfig{block->String("ready_port"), block->Bool("ready_agent").value_or(false),
+                                        block->Integer("warm_pool")};
     reader.Absorb(*block);
   }
   if (std::optional<ConfigReader> block = reader.Block("cloud_init")) {

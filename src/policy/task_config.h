@@ -22,6 +22,7 @@ namespace ndq {
 struct WarmStartConfig {
   std::optional<std::string> ready_port;  // a port_map label that must answer TCP from the guest
   bool ready_agent = false;               // the guest agent answers guest-ping
+  std::optional<int64_t> warm_pool;       // QEMUs kept started for the template (default 1, 0: none)
 };
 
 struct CloudInitConfig {

@@ -64,6 +64,13 @@ void PlanWarmStart(const TaskConfig& config, VmSpec& spec, std::vector<std::stri
   } else {
     PlanReadyPort(*asked.ready_port, spec, warm, problems);
   }
+  if (asked.warm_pool) {
+    if (*asked.warm_pool < 0 || *asked.warm_pool > kMaxWarmPool) {
+      problems.push_back(absl::StrCat(kPrefix, "warm_pool must be from 0 to ", kMaxWarmPool, ", got ", *asked.warm_pool));
+    } else {
+      warm.pool_size = static_cast<int>(*asked.warm_pool);
+    }
+  }
   const std::vector<std::string> incompatible = Incompatible(config, spec);
   if (!incompatible.empty()) {
     problems.push_back(absl::StrCat(kPrefix, "cannot be used with ", absl::StrJoin(incompatible, ", ")));

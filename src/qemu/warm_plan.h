@@ -15,6 +15,9 @@ namespace ndq {
 
 struct VmSpec;
 
+inline constexpr int kDefaultWarmPool = 1;
+inline constexpr int kMaxWarmPool = 8;
+
 enum class WarmMode {
   kOff,
   kCold,     // boots normally; the RAM is a file the driver holds, saved once ready
@@ -26,6 +29,10 @@ struct WarmPlan {
   // When the guest is ready to be saved: the same probes as boot_timeout's
   // watch (guest agent, or the guest accepting on a port_map label).
   BootWatchPlan ready;
+  // warm_pool: how many QEMUs are kept started ahead for the template, its
+  // state loaded and paused, so a restore only attaches the task's parts
+  // (vm/warm_pool.h). 0: none.
+  int pool_size = kDefaultWarmPool;
 };
 
 // How long a cold warm_start VM has to become ready before no template is

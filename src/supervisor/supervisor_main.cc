@@ -33,7 +33,7 @@ namespace ndq::supervisor {
 namespace {
 
 constexpr char kUsage[] =
-    "usage: nomad-qemu-supervisor --state-dir DIR --stdout PATH --stderr PATH [--user NAME]\n"
+    "usage: nomad-qemu-supervisor --state-dir DIR (--stdout PATH --stderr PATH | --pooled) [--user NAME]\n"
     "                             [--cgroup PROCS_FILE]... [--netns PATH] [--pass-fds N]\n"
     "                             [--swtpm PATH --swtpm-state DIR --swtpm-socket PATH] -- QEMU [ARGS...]\n";
 // After QEMU is gone, a process it left behind may still hold the stderr pipe
@@ -54,6 +54,7 @@ struct Options {
   int cgroup_count = 0;
   const char* netns = nullptr;
   const char* pass_fds = nullptr;  // read before anything else (PassedFdCount)
+  bool pooled = false;             // --pooled: the output paths come at handover
   SwtpmOptions swtpm;
   char** qemu_argv = nullptr;  // NULL-terminated: the tail of our own argv
 };
@@ -90,6 +91,10 @@ bool ParseArgs(int argc, char** argv, Options* opts, ErrorText* error) {
       opts->qemu_argv = argv + i + 1;
       break;
     }
+    if (std::strcmp(arg, kArgPooled) == 0) {
+      opts->pooled = true;
+      continue;
+    }
     const bool cgroup = std::strcmp(arg, kArgCgroup) == 0;
     if (cgroup && opts->cgroup_count == kMaxCgroups) {
       error->Set("more than %d %s arguments", kMaxCgroups, kArgCgroup);
@@ -116,12 +121,16 @@ bool ParseArgs(int argc, char** argv, Options* opts, ErrorText* error) {
     }
     *slot = argv[++i];
   }
-  const char* missing = opts->state_dir == nullptr     ? kArgStateDir
-                        : opts->stdout_path == nullptr ? kArgStdout
-                        : opts->stderr_path == nullptr ? kArgStderr
-                                                       : nullptr;
+  const char* missing = opts->state_dir == nullptr                      ? kArgStateDir
+                        : opts->stdout_path == nullptr && !opts->pooled ? kArgStdout
+                        : opts->stderr_path == nullptr && !opts->pooled ? kArgStderr
+                                                                        : nullptr;
   if (missing != nullptr) {
     error->Set("%s is required", missing);
+    return false;
+  }
+  if (opts->pooled && (opts->stdout_path != nullptr || opts->stderr_path != nullptr)) {
+    error->Set("%s takes no %s or %s: they come at handover", kArgPooled, kArgStdout, kArgStderr);
     return false;
   }
   if (opts->pass_fds != nullptr && PassedFdCount(argc, argv) == 0) {
@@ -143,7 +152,9 @@ void EnsureStandardFds() {
   }
 }
 
-// Returns a signalfd for SIGTERM and SIGCHLD, or -1.
+static_assert(kHandoverSignal == SIGUSR1, "the protocol's handover signal is SIGUSR1");
+
+// Returns a signalfd for SIGTERM, SIGCHLD and SIGUSR1 (a pooled VM's handover), or -1.
 int DetachAndTakeSignals() {
   // The plugin shares the Nomad agent's process group and session; a Ctrl-C
   // or hangup there must not reach the VM. Fails only if we already lead a
@@ -155,12 +166,13 @@ int DetachAndTakeSignals() {
   // An inherited SIG_IGN for SIGCHLD would make the kernel reap QEMU for us
   // and lose its exit status.
   act.sa_handler = SIG_DFL;
-  for (int sig : {SIGTERM, SIGCHLD}) ::sigaction(sig, &act, nullptr);
+  for (int sig : {SIGTERM, SIGCHLD, SIGUSR1}) ::sigaction(sig, &act, nullptr);
   // Set, not add to, the mask: the plugin may have spawned us with SIGTERM blocked.
   sigset_t taken;
   sigemptyset(&taken);
   sigaddset(&taken, SIGTERM);
   sigaddset(&taken, SIGCHLD);
+  sigaddset(&taken, SIGUSR1);
   ::sigprocmask(SIG_SETMASK, &taken, nullptr);
   return ::signalfd(-1, &taken, SFD_NONBLOCK | SFD_CLOEXEC);
 }
@@ -168,7 +180,7 @@ int DetachAndTakeSignals() {
 // A stale record from an earlier run in the same directory would tell a
 // restarted plugin that this VM already exited.
 void RemoveStaleFiles(int dir_fd) {
-  for (const char* name : {kPidFile, kExitFile}) {
+  for (const char* name : {kPidFile, kExitFile, kHandoverFile}) {
     char temp[256];
     std::snprintf(temp, sizeof temp, "%s%s", name, kTempSuffix);
     ::unlinkat(dir_fd, name, 0);
@@ -209,8 +221,8 @@ struct Stream {
   OutputTail* tail = nullptr;
   bool open = true;
   const char* what = "";  // "stdout" or "stderr"
-  const char* path = "";
-  bool pending = false;  // waiting for a FIFO reader; the output waits in the pipe meanwhile
+  const char* path = nullptr;  // nullptr: a pooled VM's, not handed over yet
+  bool pending = false;  // waiting for a FIFO reader or a handover; the output waits in the pipe meanwhile
 
   // Whether its pipe is read now: not while the output waits for a reader,
   // so QEMU's output is kept (in the pipe), not dropped.
@@ -221,6 +233,10 @@ struct Stream {
 // without a reader is tried again later (QEMU does not wait for it); any
 // other failure means QEMU does not start.
 bool OpenOutputFirst(Stream* stream, ErrorText* error) {
+  if (stream->path == nullptr) {  // pooled: kept until the handover names it
+    stream->pending = true;
+    return true;
+  }
   switch (TryOpenOutput(stream->what, stream->path, &stream->out_fd, error)) {
     case OutputOpen::kOpened: return true;
     case OutputOpen::kNoReaderYet:
@@ -235,6 +251,7 @@ bool OpenOutputFirst(Stream* stream, ErrorText* error) {
 // A pending stream tried again; true once it no longer waits.
 bool RetryPendingOutput(Stream* stream) {
   if (!stream->pending) return true;
+  if (stream->path == nullptr) return false;
   ErrorText error;
   switch (TryOpenOutput(stream->what, stream->path, &stream->out_fd, &error)) {
     case OutputOpen::kNoReaderYet: return false;
@@ -270,11 +287,40 @@ void Drain(Stream* stream) {
   }
 }
 
-void ForwardSigterm(int signal_fd, pid_t qemu) {
+// A pooled VM handed to a task: its output paths from kHandoverFile (two
+// lines). Kept in static buffers: the supervisor has no heap of its own.
+void TakeHandover(int dir_fd, Stream streams[2]) {
+  static char text[2 * 4096 + 2];
+  static bool taken = false;
+  if (taken || streams[0].path != nullptr) {
+    Log("%s ignored: the output already has its destination", kHandoverFile);
+    return;
+  }
+  const int fd = ::openat(dir_fd, kHandoverFile, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+  ssize_t len = fd < 0 ? -1 : ::read(fd, text, sizeof text - 1);
+  if (fd >= 0) ::close(fd);
+  char* second = len > 0 ? static_cast<char*>(std::memchr(text, '\n', static_cast<size_t>(len))) : nullptr;
+  char* end = second != nullptr ? static_cast<char*>(std::memchr(second + 1, '\n', static_cast<size_t>(text + len - second - 1))) : nullptr;
+  if (end == nullptr || second == text || end == second + 1) {
+    Log("%s unreadable or malformed: the output stays in QEMU's pipes", kHandoverFile);
+    return;
+  }
+  *second = '\0';
+  *end = '\0';
+  taken = true;
+  streams[0].path = text;
+  streams[1].path = second + 1;
+  Log("handed over: stdout to %s, stderr to %s", streams[0].path, streams[1].path);
+  for (int i = 0; i < 2; ++i) RetryPendingOutput(&streams[i]);
+}
+
+// SIGTERM is forwarded to QEMU; SIGUSR1 hands a pooled VM's output over.
+void HandleSignals(int signal_fd, pid_t qemu, int dir_fd, Stream streams[2]) {
   signalfd_siginfo info[8];
   ssize_t n;
   while ((n = ::read(signal_fd, info, sizeof info)) > 0) {
     for (size_t i = 0; i < static_cast<size_t>(n) / sizeof info[0]; ++i) {
+      if (info[i].ssi_signo == SIGUSR1) TakeHandover(dir_fd, streams);
       if (info[i].ssi_signo != SIGTERM) continue;
       Log("SIGTERM from pid %u: forwarding to QEMU pid %d", info[i].ssi_pid, static_cast<int>(qemu));
       ::kill(qemu, SIGTERM);  // a zombie not yet reaped ignores it harmlessly
@@ -282,11 +328,16 @@ void ForwardSigterm(int signal_fd, pid_t qemu) {
   }
 }
 
+// Whether a stream waits for a FIFO reader to come (polled): a pooled VM's
+// waits for its handover instead (a signal).
+bool AwaitsReader(const Stream& stream) { return stream.pending && stream.path != nullptr; }
+
 // QEMU has exited while a log FIFO still had no reader: what it wrote last
 // is worth a short wait for the reader (Nomad's log collector), but never
 // more than kPendingOutputGrace, and a SIGTERM ends the wait.
 void AwaitPendingReaders(int signal_fd, Stream streams[2]) {
   const int64_t give_up_ms = NowUnixMs() + kPendingOutputGraceMs;
+  if (!AwaitsReader(streams[0]) && !AwaitsReader(streams[1])) return;  // a pooled VM never handed over
   for (;;) {
     const bool out_done = RetryPendingOutput(&streams[0]);
     const bool err_done = RetryPendingOutput(&streams[1]);
@@ -303,12 +354,12 @@ void AwaitPendingReaders(int signal_fd, Stream streams[2]) {
 
 // Runs until QEMU is reaped; returns its wait status. streams[0] is stdout,
 // streams[1] stderr.
-int Supervise(pid_t qemu, int signal_fd, Stream streams[2]) {
+int Supervise(pid_t qemu, int signal_fd, int dir_fd, Stream streams[2]) {
   size_t copied = 0;
   for (;;) {
     pollfd fds[3] = {{signal_fd, POLLIN, 0}, {-1, POLLIN, 0}, {-1, POLLIN, 0}};
     for (int i = 0; i < 2; ++i) fds[i + 1].fd = streams[i].Readable() ? streams[i].pipe_fd : -1;  // -1: ignored
-    const bool waiting = streams[0].pending || streams[1].pending;
+    const bool waiting = AwaitsReader(streams[0]) || AwaitsReader(streams[1]);
     if (::poll(fds, 3, waiting ? kReaderPollMs : -1) < 0) {
       if (errno == EINTR) continue;
       // Cannot happen with valid fds; still, QEMU's status must be recorded.
@@ -325,7 +376,7 @@ int Supervise(pid_t qemu, int signal_fd, Stream streams[2]) {
       RetryPendingOutput(&streams[i]);
     }
     if ((fds[0].revents & POLLIN) == 0) continue;
-    ForwardSigterm(signal_fd, qemu);
+    HandleSignals(signal_fd, qemu, dir_fd, streams);
     int status = 0;
     if (::waitpid(qemu, &status, WNOHANG) == qemu) {
       AwaitPendingReaders(signal_fd, streams);
@@ -477,7 +528,7 @@ int Run(int argc, char** argv) {
   const int signal_fd = DetachAndTakeSignals();
   char command[1024];
   DescribeCommand(opts.qemu_argv, command, sizeof command);
-  Log("starting in %s%s%s: %s", opts.state_dir, opts.user != nullptr ? " as user " : "",
+  Log("starting in %s%s%s%s: %s", opts.state_dir, opts.pooled ? " (pooled)" : "", opts.user != nullptr ? " as user " : "",
       opts.user != nullptr ? opts.user : "", command);
   RemoveStaleFiles(dir_fd);
   int64_t started_at_ms = NowUnixMs();
@@ -511,7 +562,7 @@ int Run(int argc, char** argv) {
   WritePidFile(dir_fd, qemu);
   Log("QEMU running as pid %d", static_cast<int>(qemu));
 
-  const int status = Supervise(qemu, signal_fd, child.streams);
+  const int status = Supervise(qemu, signal_fd, dir_fd, child.streams);
   const ExitFacts facts = QemuExitFacts(qemu, status, started_at_ms, out_tail, err_tail);
   // Gone before exit.json appears: a plugin that sees the record may remove
   // the TPM's state directory.

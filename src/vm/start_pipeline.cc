@@ -26,6 +26,7 @@
 #include "qemu/guest_address.h"
 #include "image/task_disk.h"
 #include "vm/console.h"
+#include "vm/pool_handover.h"
 #include "vm/fd_table.h"
 #include "vm/vm_resources.h"
 #include "vm/start_media.h"
@@ -382,6 +383,13 @@ absl::StatusOr<HostPlace> PrepareHost(const TaskRequest& task, const PluginConfi
 
 // --- warm start -------------------------------------------------------------------------
 
+// What a pooled QEMU cannot take on at handover: a network namespace (QEMU
+// would have to have been started in it), console sockets, a kernel and
+// initrd passed by name.
+bool PoolableTask(const TaskRequest& task, const VmSpec& spec) {
+  return task.netns_path.empty() && !spec.console.enabled && spec.kernel.kernel.empty() && !spec.network.enabled;
+}
+
 absl::StatusOr<WarmStart> PrepareWarm(const TaskRequest& task, const VmSpec& spec, const OpenDisks& disks,
                                       FdTable& fds, const HostPlace& place, const HostCapabilities& host,
                                       const StartDeps& deps, VmResources& owned, Rollback& rollback) {
@@ -397,7 +405,10 @@ absl::StatusOr<WarmStart> PrepareWarm(const TaskRequest& task, const VmSpec& spe
                             deps.emit,
                             [&fds](UniqueFd fd) { return fds.Add(std::move(fd)); },
                             [&fds](int in_qemu) { return fds.Local(in_qemu); },
-                            owned};
+                            owned,
+                            deps.pool,
+                            deps.supervisor_path,
+                            PoolableTask(task, spec)};
   absl::StatusOr<WarmStart> warm = PrepareWarmStart(context, rollback);
   if (warm.ok() && !fds.Fits(0)) {
     return absl::InvalidArgumentError(absl::StrCat("task config \"warm_start\": the VM's files come to ", fds.size(),
@@ -451,6 +462,61 @@ QemuFiles FilesFor(const OpenDisks& disks, const WarmStart& warm, const Attached
   files.warm_state = warm.state_fd;
   files.tap = nic.tap_fd;
   return files;
+}
+
+UniqueFd DupFd(const UniqueFd& fd) { return UniqueFd(::fcntl(fd.get(), F_DUPFD_CLOEXEC, 0)); }
+
+// warm_pool: the pooled QEMU's supervisor becomes the task's (its slot dir
+// the task's state dir). Its rollback is the warm start stage's Discard.
+absl::StatusOr<Supervisor> TakePooledSupervisor(PooledVm& pooled, const HostPlace& place) {
+  if (absl::Status moved = MoveSlotInto(pooled, place.record.state_dir); !moved.ok()) return moved;
+  Supervisor supervisor;
+  supervisor.started_at = absl::Now();
+  supervisor.pid = pooled.supervisor_pid;
+  supervisor.start_ticks = pooled.supervisor_start_ticks;
+  supervisor.pidfd = DupFd(pooled.supervisor_pidfd);
+  if (!supervisor.pidfd.valid()) return ErrnoStatus("cannot keep the pooled VM's supervisor pidfd");
+  return supervisor;
+}
+
+// warm_pool: the pooled QEMU, its QMP session already open (the guest paused).
+absl::StatusOr<Qemu> TakePooledQemu(PooledVm& pooled) {
+  Qemu qemu;
+  qemu.pid = pooled.qemu_pid;
+  qemu.start_ticks = pooled.qemu_start_ticks;
+  qemu.pidfd = DupFd(pooled.qemu_pidfd);
+  if (!qemu.pidfd.valid() || !pooled.qmp) return absl::UnavailableError("the pooled QEMU has no QMP session");
+  if (PidfdExited(qemu.pidfd.get())) return absl::UnavailableError("the pooled QEMU exited before its handover");
+  qemu.qmp = std::move(pooled.qmp);
+  qemu.run_state = "paused";
+  return qemu;
+}
+
+// warm_pool: the task's overlay, forwards, cgroup and log paths attached to
+// the pooled QEMU, then the guest resumed.
+absl::Status AttachPooled(const TaskRequest& task, const VmSpec& spec, const WarmStart& warm, const HostPlace& place,
+                          Qemu& qemu, const StartDeps& deps) {
+  const absl::Time started = absl::Now();
+  TaskParts parts;
+  parts.overlay_fd = warm.task_overlay.get();
+  parts.forwards = spec.port_forwards;
+  parts.cgroup_procs = place.record.cgroup.ProcsFiles();
+  parts.stdout_path = task.stdout_path;
+  parts.stderr_path = task.stderr_path;
+  if (absl::Status attached = AttachTaskParts(*qemu.qmp, *warm.pooled, place.record.state_dir, parts); !attached.ok()) {
+    return WithKind(absl::UnavailableError(absl::StrCat("task config \"warm_start\": handing a pooled QEMU to the task failed: ",
+                                                        attached.message())),
+                    ErrorKind::kQemuFailed);
+  }
+  qemu.run_state = "running";
+  const absl::Duration took = absl::Now() - started;
+  deps.emit(absl::StrCat("Warm start: restored from template ", warm.key.substr(0, 12), " in ",
+                         absl::FormatDuration(absl::Trunc(took, absl::Milliseconds(1))), " (a pooled QEMU)"),
+            {{"warm_start", "restored"},
+             {"warm_template", warm.key},
+             {"warm_pool", "taken"},
+             {"warm_restore_ms", std::to_string(absl::ToInt64Milliseconds(took))}});
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Supervisor> Launch(const TaskRequest& task, const VmSpec& spec, const QemuFiles& files, FdTable& fds,
@@ -716,14 +782,21 @@ absl::StatusOr<LaunchedVm> RunStartPipeline(const TaskRequest& task, const Plugi
     return AttachNetwork(task, *spec, fds, deps, *owned);
   });
   if (!nic.ok()) return nic.status();
+  PooledVm* const pooled = warm->pooled.get();
   absl::StatusOr<Supervisor> supervisor = RunStage(StartStage::kLaunch, deps, [&] {
+    if (pooled != nullptr) return TakePooledSupervisor(*pooled, *place);
     return Launch(task, *spec, FilesFor(*disks, *warm, *nic), fds, *place, decoded->netns, host.swtpm, deps, rollback);
   });
   if (!supervisor.ok()) return supervisor.status();
-  absl::StatusOr<Qemu> qemu = RunStage(StartStage::kAwaitQmp, deps, [&] { return AwaitQmp(*place, *supervisor, deps); });
+  absl::StatusOr<Qemu> qemu = RunStage(StartStage::kAwaitQmp, deps, [&] {
+    if (pooled != nullptr) return TakePooledQemu(*pooled);
+    return AwaitQmp(*place, *supervisor, deps);
+  });
   if (!qemu.ok()) return qemu.status();
   absl::StatusOr<bool> restored = RunStage(StartStage::kRestoreState, deps, [&]() -> absl::StatusOr<bool> {
-    if (absl::Status loaded = RestoreState(*qemu->qmp, *warm, deps.cache->dir(), deps.emit); !loaded.ok()) return loaded;
+    absl::Status loaded = pooled != nullptr ? AttachPooled(task, *spec, *warm, *place, *qemu, deps)
+                                            : RestoreState(*qemu->qmp, *warm, deps.cache->dir(), deps.emit);
+    if (!loaded.ok()) return loaded;
     return warm->mode == WarmMode::kRestore;
   });
   if (!restored.ok()) return restored.status();

@@ -34,6 +34,7 @@
 #include "qemu/qmp_client.h"
 #include "qemu/vm_spec.h"
 #include "vm/vm_task.h"
+#include "vm/warm_pool.h"
 #include "vm/warm_start.h"
 
 namespace ndq {
@@ -49,9 +50,9 @@ enum class StartStage {
   kPrepareHost,
   kWarmStart,      // warm_start: restore a template that fits, or boot cold to save one
   kAttachNetwork,  // network_mode = "bridge": the TAP on the bridge
-  kLaunch,
-  kAwaitQmp,
-  kRestoreState,  // warm_start: the template's device state loaded, the guest resumed
+  kLaunch,        // a pooled QEMU (warm_pool): its directory becomes the task's
+  kAwaitQmp,      // a pooled QEMU: its QMP session, already open
+  kRestoreState,  // warm_start: the template's device state loaded (a pooled QEMU: the task's parts attached), the guest resumed
   kAwaitAddress   // advertise_address: the guest's IPv4 address from its agent
 };
 inline constexpr StartStage kAllStartStages[] = {
@@ -76,6 +77,8 @@ struct StartDeps {
   TaskEventSink emit;
   // Asked between stages and while waiting; true once the caller gave up.
   std::function<bool()> cancelled;
+  // warm_start's pool of QEMUs started ahead; null: none.
+  WarmPool* pool = nullptr;
   // Runs before each stage: an error fails the start there (tests use it to
   // fail every stage in turn).
   std::function<absl::Status(StartStage)> before_stage;

@@ -112,8 +112,12 @@ std::vector<std::string> SupervisorArgv(const std::string& supervisor_path, cons
                                         const std::string& stdout_path, const std::string& stderr_path,
                                         const std::string& user, const std::vector<std::string>& qemu_argv,
                                         const Placement& placement) {
-  std::vector<std::string> argv = {supervisor_path, kArgStateDir, state_dir, kArgStdout, stdout_path,
-                                   kArgStderr,      stderr_path};
+  std::vector<std::string> argv = {supervisor_path, kArgStateDir, state_dir};
+  if (placement.pooled) {
+    argv.push_back(kArgPooled);
+  } else {
+    argv.insert(argv.end(), {kArgStdout, stdout_path, kArgStderr, stderr_path});
+  }
   if (!user.empty()) {
     argv.push_back(kArgUser);
     argv.push_back(user);

@@ -55,12 +55,14 @@ TaskManager::~TaskManager() { AwaitPrepared(); }
 
 void TaskManager::Prepare() {
   AwaitPrepared();  // a second SetConfig: one preparation at a time
+  pool_.ExpectAdoption();
   absl::MutexLock lock(&prepare_mu_);
   preparer_ = std::thread([this] {
     const PluginConfig plugin = config_();
     const std::string root = StateRoot();
     const absl::Time started = absl::Now();
     if (::mkdir(root.c_str(), 0711) == 0 || errno == EEXIST) fingerprinter_->KeepFactsIn(root + "/" + kHostFactsFile);
+    pool_.Adopt(root);
     // The kept digests before the probing, which may take a while on a first
     // launch: a restore meanwhile should not hash its template again.
     const std::string cache = CacheDir();
@@ -109,6 +111,7 @@ void TaskManager::EvictImages(const PluginConfig& plugin) {
     }
   }
   caches_.Evict(CacheDir(), plugin.image_cache_max_size, in_use);
+  pool_.Prune();  // slots of an evicted template go with it
 }
 
 std::string TaskManager::StateRoot() const {
@@ -266,6 +269,7 @@ StartDeps TaskManager::StartDepsFor(const TaskIdentity& task, const PluginConfig
   };
   deps.cancelled = cancelled;
   deps.before_stage = options_.before_stage;
+  deps.pool = &pool_;
   return deps;
 }
 

@@ -71,6 +71,8 @@ class TaskManager {
   void Prepare();
   // Waits for Prepare's background work (tests).
   void AwaitPrepared();
+  // The warm pool (tests and benchmarks watch it fill).
+  WarmPool& pool() { return pool_; }
 
   // Runs the task's VM; returns its driver state (for Nomad's TaskHandle)
   // once QEMU answers on QMP. On failure nothing is left behind: no process,
@@ -132,6 +134,8 @@ class TaskManager {
   CgroupManager cgroups_{DetectCgroupMounts()};
   SystemVmHost system_host_{&cgroups_};
   VmHost* const host_;
+  // warm_start's QEMUs started ahead; adopted from the last plugin by Prepare.
+  WarmPool pool_{host_};
 
   absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<VmTask>> tasks_ ABSL_GUARDED_BY(mu_);

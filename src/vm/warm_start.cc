@@ -20,6 +20,7 @@
 #include "image/task_disk.h"
 #include "nomadplugin/hclog.h"
 #include "qemu/cmdline.h"
+#include "vm/warm_pool.h"
 
 namespace ndq {
 namespace {
@@ -90,9 +91,9 @@ std::optional<std::pair<uid_t, gid_t>> NonRootOwner(const std::string& user) {
   return std::make_pair(pw->pw_uid, pw->pw_gid);
 }
 
-// Copies `from` (a template's empty overlay) to `task_dir/name`, replacing
-// whatever the job left there without following it.
-absl::StatusOr<UniqueFd> CopyIntoTaskDir(const std::string& from, const std::string& task_dir, const std::string& name) {
+}  // namespace
+
+absl::StatusOr<UniqueFd> CopyOverlayInto(const std::string& from, const std::string& task_dir, const std::string& name) {
   UniqueFd in(::open(from.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
   if (!in.valid()) return Errno("cannot open " + from);
   UniqueFd dir(::open(task_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
@@ -111,11 +112,13 @@ absl::StatusOr<UniqueFd> CopyIntoTaskDir(const std::string& from, const std::str
   return out;
 }
 
+namespace {
+
 absl::StatusOr<WarmStart> Restore(const WarmContext& c, OpenedTemplate opened, std::vector<DiskNode> base,
                                   Rollback& rollback) {
   const std::string task_dir = c.task.task_dir();
   absl::StatusOr<UniqueFd> overlay =
-      CopyIntoTaskDir(opened.dir + "/" + kTemplateOverlay, task_dir, kWarmDiskName);
+      CopyOverlayInto(opened.dir + "/" + kTemplateOverlay, task_dir, kWarmDiskName);
   if (!overlay.ok()) return overlay.status();
   rollback.Push([path = task_dir + "/" + kWarmDiskName] { ::unlink(path.c_str()); });
   WarmStart warm;
@@ -128,6 +131,50 @@ absl::StatusOr<WarmStart> Restore(const WarmContext& c, OpenedTemplate opened, s
   warm.memory_fd = c.pass(std::move(opened.ram));
   warm.state_fd = c.pass(std::move(opened.state));
   return warm;
+}
+
+// A pooled QEMU already runs the template: the task only needs its own
+// overlay, attached at handover.
+absl::StatusOr<WarmStart> FromPool(const WarmContext& c, const std::string& template_dir,
+                                   std::shared_ptr<PooledVm> pooled, Rollback& rollback) {
+  const std::string task_dir = c.task.task_dir();
+  absl::StatusOr<UniqueFd> overlay = CopyOverlayInto(template_dir + "/" + kTemplateOverlay, task_dir, kWarmDiskName);
+  if (!overlay.ok()) {
+    c.pool->Discard(*pooled);
+    return overlay.status();
+  }
+  rollback.Push([path = task_dir + "/" + kWarmDiskName] { ::unlink(path.c_str()); });
+  // Until the VM is registered, a failed start removes the pooled QEMU (after
+  // the handover's first step, its directory is the task's state dir).
+  rollback.Push([pool = c.pool, pooled] { pool->Discard(*pooled); });
+  WarmStart warm;
+  warm.mode = WarmMode::kRestore;
+  warm.key = pooled->key;
+  warm.template_dir = template_dir;
+  warm.pooled = std::move(pooled);
+  warm.task_overlay = *std::move(overlay);
+  return warm;
+}
+
+// What the pool starts this template's QEMUs from: the image's layers as
+// this start opened them (read-only), kept open by the recipe.
+absl::StatusOr<std::shared_ptr<PoolRecipe>> RecipeFor(const WarmContext& c, const TemplateIdentity& id,
+                                                      const std::vector<DiskNode>& base) {
+  auto recipe = std::make_shared<PoolRecipe>();
+  recipe->identity = id;
+  recipe->key = id.Key();
+  recipe->cache_dir = c.cache->dir();
+  recipe->spec = PoolSpec(c.spec);
+  for (const DiskNode& node : base) {
+    auto fd = std::make_shared<UniqueFd>(::fcntl(c.local_fd(node.fd), F_DUPFD_CLOEXEC, 0));
+    if (!fd->valid()) return Errno("cannot keep an image layer open for the warm pool");
+    recipe->base.push_back(std::move(fd));
+    recipe->base_formats.push_back(node.format);
+  }
+  recipe->qemu_user = c.qemu_user;
+  recipe->supervisor_path = c.supervisor_path;
+  recipe->size = c.spec.warm.pool_size;
+  return recipe;
 }
 
 absl::StatusOr<UniqueFd> Memfd(const char* name, int64_t bytes) {
@@ -250,15 +297,31 @@ absl::StatusOr<WarmStart> PrepareWarmStart(const WarmContext& c, Rollback& rollb
   const std::string key = id->Key();
   const TemplateStore store(c.cache->dir());
   std::string reason;
+  const bool pooling = c.pool != nullptr && c.poolable && c.spec.warm.pool_size > 0;
   // Leased before it is opened, so eviction cannot take it meanwhile.
   if (absl::Status leased = c.cache->Lease(kTemplatePrefix + key, c.lease); leased.ok()) {
-    absl::StatusOr<OpenedTemplate> opened = store.Open(*id);
-    if (opened.ok()) {
-      c.owned.leases.push_back(opened->dir);  // eviction spares it while this VM maps it
-      return Restore(c, *std::move(opened), *std::move(base), rollback);
+    std::optional<absl::StatusOr<WarmStart>> warm;
+    if (std::shared_ptr<PooledVm> pooled = pooling ? c.pool->Take(key) : nullptr) {
+      warm = FromPool(c, store.DirFor(key), std::move(pooled), rollback);
+    }
+    if (!warm || !warm->ok()) {
+      absl::StatusOr<OpenedTemplate> opened = store.Open(*id);
+      if (opened.ok()) {
+        warm = Restore(c, *std::move(opened), *base, rollback);
+      } else {
+        reason = std::string(opened.status().message());
+      }
+    }
+    if (warm && warm->ok()) {
+      c.owned.leases.push_back(store.DirFor(key));  // eviction spares it while this VM maps it
+      if (pooling) {
+        absl::StatusOr<std::shared_ptr<PoolRecipe>> recipe = RecipeFor(c, *id, *base);
+        if (recipe.ok()) c.pool->Want(*std::move(recipe));
+      }
+      return *std::move(warm);
     }
     c.cache->Release(store.DirFor(key), c.lease);
-    reason = std::string(opened.status().message());
+    if (warm && reason.empty()) return warm->status();  // the template is there, the restore failed
   } else {
     reason = std::string(leased.message());
   }
@@ -267,17 +330,22 @@ absl::StatusOr<WarmStart> PrepareWarmStart(const WarmContext& c, Rollback& rollb
   return Cold(c, *std::move(id), *std::move(base), *disk_size, rollback);
 }
 
-absl::Status RestoreState(QmpClient& qmp, const WarmStart& warm, const std::string& cache_dir,
-                          const TaskEventSink& emit) {
-  if (warm.mode != WarmMode::kRestore) return absl::OkStatus();
-  const absl::Time started = absl::Now();
+absl::Status LoadTemplateState(QmpClient& qmp, int state_fd) {
   auto execute = [&qmp](const std::string& command, const nlohmann::json& arguments) {
     return qmp.Execute(command, arguments, timeouts::kQmpCommand);
   };
   absl::Status status = execute("migrate-set-capabilities", IgnoreSharedCapability()).status();
-  if (status.ok()) status = execute("migrate-incoming", {{"uri", absl::StrCat("fd:", warm.state_fd)}}).status();
+  if (status.ok()) status = execute("migrate-incoming", {{"uri", absl::StrCat("fd:", state_fd)}}).status();
   if (status.ok()) status = AwaitMigration(execute, timeouts::kWarmMigrate);
-  if (status.ok()) status = execute("cont", nullptr).status();
+  return status;
+}
+
+absl::Status RestoreState(QmpClient& qmp, const WarmStart& warm, const std::string& cache_dir,
+                          const TaskEventSink& emit) {
+  if (warm.mode != WarmMode::kRestore) return absl::OkStatus();
+  const absl::Time started = absl::Now();
+  absl::Status status = LoadTemplateState(qmp, warm.state_fd);
+  if (status.ok()) status = qmp.Cont(timeouts::kQmpCommand);
   if (!status.ok()) {
     TemplateStore(cache_dir).Remove(warm.key);
     return WithKind(absl::FailedPreconditionError(absl::StrCat(

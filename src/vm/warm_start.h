@@ -32,6 +32,10 @@
 
 namespace ndq {
 
+class WarmPool;
+struct PooledVm;
+struct PoolRecipe;
+
 // The parts of a cold VM the driver keeps until it saves the template.
 struct WarmCapture {
   TemplateIdentity identity;
@@ -52,6 +56,13 @@ struct WarmStart {
   std::string key;
   std::string template_dir;  // kRestore: leased until the task is destroyed
   std::shared_ptr<WarmCapture> capture;  // kCold
+  // kRestore from the warm pool: a QEMU already running the template,
+  // paused; the task's overlay (our fd, not among QEMU's files) is attached
+  // to it at handover (vm/pool_handover.h).
+  std::shared_ptr<PooledVm> pooled;
+  UniqueFd task_overlay;
+  // kRestore with warm_pool > 0: what the pool keeps started for this template.
+  std::shared_ptr<PoolRecipe> recipe;
 };
 
 struct WarmContext {
@@ -66,12 +77,23 @@ struct WarmContext {
   std::function<int(UniqueFd)> pass;  // hands an fd to QEMU; its number there
   std::function<int(int)> local_fd;   // our fd behind a number in QEMU
   VmResources& owned;                 // where a template's lease is recorded
+  WarmPool* pool = nullptr;           // null: no warm pool
+  std::string supervisor_path;        // what a pooled QEMU runs under
+  bool poolable = false;              // the task has nothing a pooled QEMU cannot take on (PoolableTask)
 };
 
 // The overlay a warm VM writes, in its task dir.
 inline constexpr char kWarmDiskName[] = "warm-disk.qcow2";
 
 absl::StatusOr<WarmStart> PrepareWarmStart(const WarmContext& context, Rollback& rollback);
+
+// Copies `from` (a template's empty overlay) to `dir/name`, replacing
+// whatever is there without following it; the copy, open read-write.
+absl::StatusOr<UniqueFd> CopyOverlayInto(const std::string& from, const std::string& dir, const std::string& name);
+
+// Loads a template's device state (QEMU's fd `state_fd`) into a QEMU started
+// with -incoming defer; the guest stays paused.
+absl::Status LoadTemplateState(QmpClient& qmp, int state_fd);
 
 // Loads the template's state into a QEMU started with -incoming defer and
 // resumes the guest. On failure the template is removed (the next start

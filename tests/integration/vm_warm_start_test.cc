@@ -411,10 +411,34 @@ class WarmStartTest : public ::testing::Test {
         << "guest time " << guest_seconds << "; the template was saved " << age << " ago";
   }
 
+  // The warm pool's slots whose manifest says they are ready, by slot name.
+  std::map<std::string, json> ReadySlots() {
+    std::map<std::string, json> ready;
+    for (const std::string& slot : ::ndq::testing::PoolSlots(state_dir())) {
+      const json m = json::parse(ReadFile(state_dir() + "/pool/" + slot + "/slot.json"), nullptr, false);
+      if (m.is_object() && m.value("ready", false)) ready[slot] = m;
+    }
+    return ready;
+  }
+  // Waits for a ready slot of template `key` other than `not_this`; its name
+  // and manifest.
+  std::pair<std::string, json> AwaitReadySlot(const std::string& key, const std::string& not_this = "") {
+    std::pair<std::string, json> found;
+    WaitUntil(
+        [&] {
+          for (auto& [slot, manifest] : ReadySlots()) {
+            if (slot != not_this && manifest.value("key", "") == key) found = {slot, manifest};
+          }
+          return !found.first.empty();
+        },
+        absl::Seconds(90));
+    return found;
+  }
+
   // Nothing of the suite's VMs left: no process, no state directory.
   void ExpectNothingLeft() {
-    EXPECT_TRUE(WaitUntil([&] { return ProcessesMentioning(state_dir()).empty(); }, absl::Seconds(10)))
-        << ProcessesMentioning(state_dir()).size() << " processes left";
+    EXPECT_TRUE(WaitUntil([&] { return ::ndq::testing::VmProcessesLeft(state_dir()).empty(); }, absl::Seconds(10)))
+        << ::ndq::testing::VmProcessesLeft(state_dir()).size() << " processes left";
     EXPECT_THAT(::ndq::testing::VmStateLeft(state_dir()), IsEmpty());
     EXPECT_THAT(::ndq::testing::CgroupsUnder(harness().cgroup_parent()), IsEmpty());
   }
@@ -675,6 +699,157 @@ TEST_F(WarmStartTest, RestoredVmsStopDestroyAndSurviveAPluginCrash) {
   ExpectNothingLeft();
 }
 
+// 3b. The warm pool (warm_pool, default 1): a restore leaves a QEMU started
+// ahead for the template, its state loaded and the guest paused; the next
+// restore takes it and gets its own port forward, disk overlay (in its task
+// dir), cgroup and log, and the pool is refilled.
+TEST_F(WarmStartTest, ARestoreTakesAPooledQemuWithItsOwnPortDiskCgroupAndLog) {
+  ASSERT_TRUE(SharedTemplate());
+  const std::string key = suite_->key;
+  FakeAlloc first("web");
+  const driverpb::TaskHandle first_handle = StartRestored(first, FreePort());
+  ASSERT_FALSE(first_handle.config().id().empty());
+  const auto [slot, manifest] = AwaitReadySlot(suite_->key);
+  ASSERT_FALSE(slot.empty()) << "no pooled QEMU after a restore; events:\n" << events().All();
+  EXPECT_EQ(manifest.value("key", ""), key);
+  const pid_t pooled_qemu = manifest.value("qemu_pid", -1);
+  ASSERT_TRUE(ProcessAlive(pooled_qemu));
+  ASSERT_TRUE(harness().Destroy(first_handle.config().id(), true).ok());
+
+  FakeAlloc alloc("web");
+  const int port = FreePort();
+  const absl::Time started = absl::Now();
+  const driverpb::TaskHandle handle = StartRestored(alloc, port);
+  ASSERT_FALSE(handle.config().id().empty());
+  const std::string id = handle.config().id();
+  const auto restored = EventOf(events(), id, "Warm start: restored from template");
+  ASSERT_TRUE(restored.has_value());
+  EXPECT_THAT(restored->message, HasSubstr("(a pooled QEMU)"));
+  EXPECT_EQ(AnnotationOf(restored, "warm_pool"), "taken");
+  ASSERT_THAT(WaitForPage(port, kRestoredPageTimeout), HasSubstr(kPage)) << events().All();
+  std::cerr << "pooled VM served its page " << absl::Now() - started << " after StartTask\n";
+  const DriverStateRecord record = RecordOf(handle);
+  EXPECT_EQ(record.qemu_pid, pooled_qemu) << "the pooled QEMU became the task's";
+  EXPECT_FALSE(fs::exists(state_dir() + "/pool/" + slot)) << "the slot became the task's state dir";
+  EXPECT_TRUE(fs::exists(record.state_dir + "/" + supervisor::kPidFile)) << record.state_dir;
+  EXPECT_TRUE(ListensOn(pooled_qemu, port)) << "its forward was added at handover";
+  if (record.cgroup.version != CgroupVersion::kNone) {
+    EXPECT_THAT(ReadFile("/proc/" + std::to_string(pooled_qemu) + "/cgroup"), HasSubstr(harness().cgroup_parent()))
+        << "QEMU moved into the task's cgroup";
+  }
+  // What the task's guest writes goes to the task's overlay in its task dir.
+  const std::string disk = alloc.task_dir() + "/warm-disk.qcow2";
+  const std::string write = absl::StrCat("head -c 512 /dev/zero | tr '\\000' M | dd of=/dev/vda bs=512 seek=",
+                                         kMarkerSector, " count=1 conv=fsync 2>&1; echo pooled-log-check > /dev/console");
+  const ExecOutcome wrote = ExecOnce(harness(), id, {"/bin/sh", "-c", write});
+  ASSERT_TRUE(wrote.status.ok()) << wrote.status.error_message();
+  ASSERT_EQ(wrote.exit_code, 0) << wrote.out << wrote.err;
+  EXPECT_TRUE(HoldsMarker(disk)) << QemuIoRead(disk, absl::StrCat("read -v ", kMarkerOffset, " 32"));
+  EXPECT_FALSE(HoldsMarker(record.state_dir + "/" + "overlay.qcow2")) << "the slot's own overlay stays as it was";
+  EXPECT_FALSE(HoldsMarker(TemplateDir(key) + "/disk.qcow2"));
+  // The guest's console reaches the task's log after the handover.
+  EXPECT_TRUE(WaitForFileToContain(alloc.stdout_path(), "pooled-log-check", absl::Seconds(30)))
+      << ReadFile(alloc.stdout_path());
+
+  // The pool is refilled, with another QEMU.
+  const auto [next_slot, next_manifest] = AwaitReadySlot(suite_->key, slot);
+  EXPECT_FALSE(next_slot.empty()) << "the pool was not refilled";
+  EXPECT_NE(next_manifest.value("qemu_pid", -1), pooled_qemu);
+
+  ASSERT_TRUE(harness().Stop(id, absl::Seconds(30)).ok());
+  driverpb::WaitTaskResponse wait;
+  ASSERT_TRUE(harness().Wait(id, &wait, absl::Seconds(10)).ok());
+  EXPECT_EQ(wait.result().exit_code(), 0) << wait.err();
+  ASSERT_TRUE(harness().Destroy(id, false).ok());
+  EXPECT_FALSE(fs::exists(record.state_dir));
+  ExpectNothingLeft();
+}
+
+// 3c. A pooled QEMU that dies before any task takes it is removed with its
+// slot (no process, no directory) and replaced; restores go on.
+TEST_F(WarmStartTest, APooledQemuThatDiesIsRemovedAndReplaced) {
+  ASSERT_TRUE(SharedTemplate());
+  FakeAlloc first("web");
+  const driverpb::TaskHandle first_handle = StartRestored(first, FreePort());
+  ASSERT_FALSE(first_handle.config().id().empty());
+  ASSERT_TRUE(harness().Destroy(first_handle.config().id(), true).ok());
+  const auto [slot, manifest] = AwaitReadySlot(suite_->key);
+  ASSERT_FALSE(slot.empty()) << events().All();
+  const pid_t qemu = manifest.value("qemu_pid", -1), supervisor_pid = manifest.value("supervisor_pid", -1);
+  ASSERT_EQ(::kill(qemu, SIGKILL), 0);
+  const std::string slot_dir = state_dir() + "/pool/" + slot;
+  EXPECT_TRUE(WaitUntil([&] { return !fs::exists(slot_dir) && Ended(qemu) && Ended(supervisor_pid); },
+                        absl::Seconds(30)))
+      << "the dead slot is left: " << absl::StrJoin(Listing(slot_dir), " ");
+  EXPECT_THAT(ProcessesMentioning(slot_dir), IsEmpty());
+  const auto [replacement, replacement_manifest] = AwaitReadySlot(suite_->key, slot);
+  EXPECT_FALSE(replacement.empty()) << "the dead slot was not replaced";
+
+  FakeAlloc alloc("web");
+  const int port = FreePort();
+  const driverpb::TaskHandle handle = StartRestored(alloc, port);
+  ASSERT_FALSE(handle.config().id().empty());
+  EXPECT_THAT(WaitForPage(port, kRestoredPageTimeout), HasSubstr(kPage));
+  EXPECT_NE(RecordOf(handle).qemu_pid, qemu);
+  ASSERT_TRUE(harness().Destroy(handle.config().id(), true).ok());
+  ExpectNothingLeft();
+}
+
+// 3d. Pooled QEMUs outlive the plugin: killed and launched again, the plugin
+// adopts them, and its first restore takes the same QEMU.
+TEST_F(WarmStartTest, ANewPluginAdoptsThePoolAndItsFirstRestoreTakesIt) {
+  ASSERT_TRUE(SharedTemplate());
+  FakeAlloc first("web");
+  const driverpb::TaskHandle first_handle = StartRestored(first, FreePort());
+  ASSERT_FALSE(first_handle.config().id().empty());
+  ASSERT_TRUE(harness().Destroy(first_handle.config().id(), true).ok());
+  const auto [slot, manifest] = AwaitReadySlot(suite_->key);
+  ASSERT_FALSE(slot.empty()) << events().All();
+  const pid_t qemu = manifest.value("qemu_pid", -1);
+
+  harness().process().Signal(SIGKILL);
+  ASSERT_TRUE(harness().process().WaitExit(absl::Seconds(5)).ok());
+  ASSERT_TRUE(ProcessAlive(qemu)) << "a pooled QEMU died with the plugin";
+  ASSERT_NO_FATAL_FAILURE(RestartPlugin());
+
+  FakeAlloc alloc("web");
+  const int port = FreePort();
+  const driverpb::TaskHandle handle = StartRestored(alloc, port);
+  ASSERT_FALSE(handle.config().id().empty());
+  EXPECT_THAT(AnnotationOf(EventOf(events(), handle.config().id(), "Warm start: restored"), "warm_pool"), "taken")
+      << events().All();
+  EXPECT_EQ(RecordOf(handle).qemu_pid, qemu) << "the adopted QEMU";
+  EXPECT_THAT(WaitForPage(port, kRestoredPageTimeout), HasSubstr(kPage));
+  ASSERT_TRUE(harness().Stop(handle.config().id(), absl::Seconds(30)).ok());
+  driverpb::WaitTaskResponse wait;
+  ASSERT_TRUE(harness().Wait(handle.config().id(), &wait, absl::Seconds(10)).ok());
+  EXPECT_EQ(wait.result().exit_code(), 0) << wait.err();
+  ASSERT_TRUE(harness().Destroy(handle.config().id(), false).ok());
+  ExpectNothingLeft();
+}
+
+// 3e. A template removed (evicted, or failed) while its pool waits takes
+// the pool with it: no pooled process, no slot left.
+TEST_F(WarmStartTest, ATemplateRemovedWhileItsPoolWaitsTakesThePoolWithIt) {
+  ASSERT_TRUE(SharedTemplate());
+  FakeAlloc first("web");
+  const driverpb::TaskHandle first_handle = StartRestored(first, FreePort());
+  ASSERT_FALSE(first_handle.config().id().empty());
+  ASSERT_TRUE(harness().Destroy(first_handle.config().id(), true).ok());
+  const auto [slot, manifest] = AwaitReadySlot(suite_->key);
+  ASSERT_FALSE(slot.empty()) << events().All();
+  const pid_t qemu = manifest.value("qemu_pid", -1), supervisor_pid = manifest.value("supervisor_pid", -1);
+  // What eviction and a failed restore do to a template: its directory goes.
+  fs::remove_all(TemplateDir(suite_->key));
+  suite_->key.clear();
+  suite_->template_problem = "removed by ATemplateRemovedWhileItsPoolWaitsTakesThePoolWithIt";
+  EXPECT_TRUE(WaitUntil([&] { return ::ndq::testing::PoolSlots(state_dir()).empty() && Ended(qemu) && Ended(supervisor_pid); },
+                        absl::Seconds(30)))
+      << "left: " << absl::StrJoin(::ndq::testing::PoolSlots(state_dir()), " ");
+  EXPECT_THAT(::ndq::testing::VmProcessesLeft(state_dir()), IsEmpty());
+  ExpectNothingLeft();
+}
+
 // 4. A template that does not fit is never used: a changed image, changed
 // args, a changed memory size each boot cold with the reason in the event;
 // a truncated template file fails its check and is removed. Its own image
@@ -682,10 +857,13 @@ TEST_F(WarmStartTest, RestoredVmsStopDestroyAndSurviveAPluginCrash) {
 TEST_F(WarmStartTest, ChangedImageArgsMemoryAndABrokenTemplateBootCold) {
   const std::string image = suite_->images / "inv.qcow2";
   fs::copy_file(Guest("guest.qcow2"), image, fs::copy_options::overwrite_existing);
+  // Without a pool: a pooled QEMU holds the image open read-only, and QEMU's
+  // image locking then refuses the in-place write below (a pool's cost,
+  // docs/warm-start.md).
   auto config = [&](const std::string& page) {
     return WarmConfig({{"image_path", image},
                        {"args", {"-fw_cfg", "name=opt/guest/page,string=" + page}},
-                       {"warm_start", {{"ready_agent", true}}}});
+                       {"warm_start", {{"ready_agent", true}, {"warm_pool", 0}}}});
   };
   // Starts `cfg` as task "inv"; expects a cold boot whose reason contains
   // `reason`; destroys it before the guest is ready (so it saves nothing).
@@ -857,6 +1035,9 @@ TEST_F(WarmStartTest, RefusedCombinationsNameWarmStart) {
       {{{"warm_start", {{"ready_agent", true}}}, {"guest_agent", false}}, {"ready_agent", "guest_agent"}},
       {{{"warm_start", {{"ready_port", "http"}, {"ready_agent", true}}}}, {"ready_port", "ready_agent"}},
       {{{"warm_start", json::object()}}, {"ready_port", "ready_agent"}},
+      {{{"warm_start", {{"ready_port", "http"}, {"warm_pool", -1}}}}, {"warm_pool", "-1"}},
+      {{{"warm_start", {{"ready_port", "http"}, {"warm_pool", 1000000}}}}, {"warm_pool", "from 0 to 8"}},
+      {{{"warm_start", {{"ready_port", "http"}, {"warm_pool", "many"}}}}, {"warm_pool"}},
   };
   for (const auto& [extra, names] : cases) {
     SCOPED_TRACE(extra.dump());

@@ -103,7 +103,32 @@ inline std::set<std::string> Listing(const std::string& dir) {
 inline std::set<std::string> VmStateLeft(const std::string& state_dir) {
   std::set<std::string> names = Listing(state_dir);
   names.erase("host-facts.json");
+  names.erase("pool");  // the warm pool's own directory (see VmProcessesLeft)
   return names;
+}
+
+// The warm pool's slots (vm/warm_pool.h): QEMUs the plugin keeps ready on
+// purpose, beyond the tasks that made them, each in <state_dir>/pool/<slot>.
+inline std::set<std::string> PoolSlots(const std::string& state_dir) { return Listing(state_dir + "/pool"); }
+
+// Processes of VMs still running under `state_dir`, not counting the QEMUs
+// (and supervisors) that wait in the warm pool. A pooled QEMU handed to a
+// task keeps its old slot path in its command line, but that slot no longer
+// exists, so a task's VM left behind is always counted.
+inline std::vector<pid_t> VmProcessesLeft(const std::string& state_dir) {
+  const std::set<std::string> slots = PoolSlots(state_dir);
+  std::vector<pid_t> left;
+  for (pid_t pid : ProcessesMentioning(state_dir)) {
+    std::string cmdline = ReadSmallFile("/proc/" + std::to_string(pid) + "/cmdline").value_or("");
+    std::replace(cmdline.begin(), cmdline.end(), '\0', ' ');
+    bool pooled = false;
+    for (const std::string& slot : slots) {
+      const std::string dir = state_dir + "/pool/" + slot;
+      pooled = pooled || cmdline.find(dir + " ") != std::string::npos || cmdline.find(dir + "/") != std::string::npos;
+    }
+    if (!pooled) left.push_back(pid);
+  }
+  return left;
 }
 
 // The job config the tests boot the guest with: TCG, the task's overlay on a

@@ -3,6 +3,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <limits>
+
 #include "qemu/vm_spec.h"
 
 namespace ndq {
@@ -21,7 +23,7 @@ class WarmPlanning : public ::testing::Test {
     task_.resources.task_ports = {{"http", 25080}, {"dns", 25053}};
     config_.image_path = "local/disk.qcow2";
     config_.port_map = {{"http", 80}};
-    config_.warm_start = WarmStartConfig{"http", false};
+    config_.warm_start = WarmStartConfig{"http", false, std::nullopt};
   }
   absl::StatusOr<VmSpec> Plan() const { return PlanVm(config_, task_, PluginConfig{}, host_); }
   std::string Problems() const {
@@ -53,8 +55,28 @@ TEST_F(WarmPlanning, ReadyPortIsThePortMapLabelsForward) {
   EXPECT_EQ(spec->warm.ready.timeout, kWarmReadyTimeout);
 }
 
+TEST_F(WarmPlanning, WarmPoolIsOneUnlessSetAndZeroTurnsItOff) {
+  absl::StatusOr<VmSpec> spec = Plan();
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->warm.pool_size, 1);
+  for (int64_t size : {0, 3, kMaxWarmPool}) {
+    config_.warm_start->warm_pool = size;
+    spec = Plan();
+    ASSERT_TRUE(spec.ok()) << spec.status();
+    EXPECT_EQ(spec->warm.pool_size, size);
+  }
+}
+
+TEST_F(WarmPlanning, HostileWarmPoolSizesAreRefusedNamingTheField) {
+  for (int64_t size : {int64_t{-1}, int64_t{kMaxWarmPool + 1}, int64_t{1} << 40, std::numeric_limits<int64_t>::min()}) {
+    config_.warm_start->warm_pool = size;
+    EXPECT_THAT(Problems(), HasSubstr("task config \"warm_start\": warm_pool must be from 0 to 8, got " +
+                                      std::to_string(size)));
+  }
+}
+
 TEST_F(WarmPlanning, ReadyAgentNeedsTheGuestAgent) {
-  config_.warm_start = WarmStartConfig{std::nullopt, true};
+  config_.warm_start = WarmStartConfig{std::nullopt, true, std::nullopt};
   EXPECT_THAT(Problems(), HasSubstr("task config \"warm_start\": ready_agent needs guest_agent = true"));
   config_.guest_agent = true;
   absl::StatusOr<VmSpec> spec = Plan();
@@ -64,16 +86,16 @@ TEST_F(WarmPlanning, ReadyAgentNeedsTheGuestAgent) {
 }
 
 TEST_F(WarmPlanning, ExactlyOneReadinessProbe) {
-  config_.warm_start = WarmStartConfig{std::nullopt, false};
+  config_.warm_start = WarmStartConfig{std::nullopt, false, std::nullopt};
   EXPECT_THAT(Problems(), HasSubstr("\"warm_start\": set exactly one of ready_port"));
   config_.guest_agent = true;
-  config_.warm_start = WarmStartConfig{"http", true};
+  config_.warm_start = WarmStartConfig{"http", true, std::nullopt};
   EXPECT_THAT(Problems(), HasSubstr("\"warm_start\": set exactly one of ready_port"));
 }
 
 TEST_F(WarmPlanning, HostileReadyPortNamesTheLabels) {
   for (const char* label : {"nope", "", "http,hostfwd=tcp::22-:22", "../../etc/passwd"}) {
-    config_.warm_start = WarmStartConfig{label, false};
+    config_.warm_start = WarmStartConfig{label, false, std::nullopt};
     EXPECT_THAT(Problems(), AllOf(HasSubstr("\"warm_start\": ready_port"), HasSubstr("is not a TCP port_map label"),
                                   HasSubstr("port_map has \"http\"")))
         << label;

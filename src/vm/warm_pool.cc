@@ -1,0 +1,540 @@
+#include "vm/warm_pool.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pwd.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <random>
+
+#include "absl/cleanup/cleanup.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "base/error_kind.h"
+#include "base/rollback.h"
+#include "base/small_file.h"
+#include "base/timeouts.h"
+#include "host/process_watch.h"
+#include "nomadplugin/hclog.h"
+#include "qemu/cmdline.h"
+#include "qemu/guest_agent_client.h"
+#include "qemu_driver/supervisor_protocol.h"
+#include "vm/fd_table.h"
+#include "vm/warm_start.h"
+
+namespace ndq {
+namespace {
+
+namespace log = nomadplugin::hclog;
+using json = nlohmann::json;
+
+constexpr char kRunDir[] = "run";
+constexpr char kQmpSocket[] = "qmp.sock";
+constexpr char kAgentSocket[] = "qga.sock";
+// A pooled QEMU's own start, state load and warm-up, each.
+constexpr absl::Duration kSlotStepTimeout = absl::Seconds(30);
+// The warm-up's connection: how long the guest has to close its side.
+constexpr absl::Duration kWarmUpProbe = absl::Seconds(3);
+
+absl::Status Errno(const std::string& what) { return ErrnoError(what, errno); }
+
+std::string NewSlotName() {
+  static thread_local std::mt19937_64 random{std::random_device{}()};
+  return absl::StrFormat("p%016x", random());
+}
+
+bool Exited(const UniqueFd& pidfd) { return !pidfd.valid() || PidfdExited(pidfd.get()); }
+
+// A port on 127.0.0.1 nothing listens on now (the warm-up's forward).
+absl::StatusOr<int> FreeLocalPort() {
+  UniqueFd s(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  if (!s.valid() || ::bind(s.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      ::getsockname(s.get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    return Errno("cannot find a free local port for the warm-up");
+  }
+  return ntohs(addr.sin_port);
+}
+
+// Connects to the guest's ready port through `port`, half-closes, and waits
+// for the guest to close its side: the guest has accepted and served a
+// connection, as the readiness watch made it do before the template was saved.
+void ProbeOnce(int port) {
+  UniqueFd s(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (!s.valid() || ::connect(s.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return;
+  ::shutdown(s.get(), SHUT_WR);
+  const absl::Time deadline = absl::Now() + kWarmUpProbe;
+  char buffer[4096];
+  for (;;) {
+    pollfd pfd = {s.get(), POLLIN, 0};
+    const int ms = static_cast<int>(absl::ToInt64Milliseconds(deadline - absl::Now()));
+    if (ms <= 0 || ::poll(&pfd, 1, ms) <= 0) return;
+    if (::read(s.get(), buffer, sizeof buffer) <= 0) return;
+  }
+}
+
+absl::Status Hmp(QmpClient& qmp, const std::string& command) {
+  absl::StatusOr<json> out = qmp.Execute("human-monitor-command", {{"command-line", command}}, timeouts::kQmpCommand);
+  if (!out.ok()) return out.status();
+  // hostfwd_add answers "" when it worked, its error text otherwise.
+  const std::string text = out->is_string() ? out->get<std::string>() : "";
+  if (command.rfind("hostfwd_add", 0) == 0 && !text.empty()) return absl::InternalError(command + ": " + text);
+  return absl::OkStatus();
+}
+
+// Runs the restored guest for one served connection (or one agent ping),
+// then pauses it again: TCG translates the guest's code on first use, and
+// that first use is most of a restore's time (measured: a restored test
+// guest's first answer 180-220 ms, 13-45 ms after one warm-up).
+absl::Status WarmUp(QmpClient& qmp, const PoolRecipe& recipe, const std::string& run_dir) {
+  const BootWatchPlan& ready = recipe.spec.warm.ready;
+  if (ready.guest_agent) {
+    if (absl::Status cont = qmp.Cont(timeouts::kQmpCommand); !cont.ok()) return cont;
+    absl::StatusOr<std::unique_ptr<GuestAgentClient>> agent =
+        GuestAgentClient::Connect(run_dir + "/" + kAgentSocket, kSlotStepTimeout);
+    if (agent.ok()) (void)(*agent)->Ping(kWarmUpProbe);
+    return qmp.Stop(timeouts::kQmpCommand);
+  }
+  if (ready.guest_port <= 0) return absl::OkStatus();
+  absl::StatusOr<int> port = FreeLocalPort();
+  if (!port.ok()) return port.status();
+  const std::string rule = absl::StrCat("tcp:127.0.0.1:", *port);
+  if (absl::Status added = Hmp(qmp, absl::StrCat("hostfwd_add user.0 ", rule, "-:", ready.guest_port)); !added.ok()) {
+    return added;
+  }
+  absl::Status status = qmp.Cont(timeouts::kQmpCommand);
+  if (status.ok()) ProbeOnce(*port);
+  if (absl::Status stopped = qmp.Stop(timeouts::kQmpCommand); status.ok()) status = stopped;
+  if (absl::Status removed = Hmp(qmp, "hostfwd_remove user.0 " + rule); status.ok()) status = removed;
+  return status;
+}
+
+// <dir>/run, QEMU's user's to write its sockets in (the slot dir is root's).
+absl::Status MakeSlotDir(const std::string& dir, const std::string& qemu_user) {
+  if (::mkdir(dir.c_str(), 0711) != 0) return Errno("cannot create " + dir);
+  const std::string run = dir + "/" + kRunDir;
+  if (::mkdir(run.c_str(), 0700) != 0) return Errno("cannot create " + run);
+  if (qemu_user.empty()) return absl::OkStatus();
+  const passwd* pw = ::getpwnam(qemu_user.c_str());
+  if (pw == nullptr) return absl::NotFoundError(absl::StrCat("QEMU's user ", qemu_user, " does not exist"));
+  if (::chown(run.c_str(), pw->pw_uid, pw->pw_gid) != 0) return Errno("cannot hand " + run + " to " + qemu_user);
+  return absl::OkStatus();
+}
+
+// Written once the supervisor runs (so a relaunched plugin can remove a slot
+// that never got ready, processes and all) and again, ready, once it is.
+absl::Status WriteManifest(const PooledVm& vm, const std::string& template_dir, bool ready) {
+  const json manifest = {{"key", vm.key},
+                         {"ready", ready},
+                         {"template_dir", template_dir},
+                         {"supervisor_pid", vm.supervisor_pid},
+                         {"supervisor_start_ticks", vm.supervisor_start_ticks},
+                         {"qemu_pid", vm.qemu_pid},
+                         {"qemu_start_ticks", vm.qemu_start_ticks}};
+  return WriteSmallFileAtomically(vm.dir + "/" + kSlotManifest, manifest.dump());
+}
+
+// QEMU's pid from the supervisor's pid file, checked to be the process that
+// answers on `qmp`.
+absl::Status FindQemu(PooledVm& vm, absl::Time deadline) {
+  if (absl::Status there = WaitForPathOrExit(vm.dir, supervisor::kPidFile, vm.supervisor_pidfd.get(), deadline);
+      !there.ok()) {
+    return there;
+  }
+  std::string problem;
+  std::optional<pid_t> pid = supervisor::ReadQemuPid(vm.dir, &problem);
+  if (!pid) return absl::InternalError("a pooled QEMU's pid could not be read: " + problem);
+  vm.qemu_pid = *pid;
+  vm.qemu_start_ticks = ProcessStartTicks(*pid).value_or(0);
+  absl::StatusOr<int> pidfd = OpenVerifiedPidfd(*pid, vm.qemu_start_ticks);
+  if (!pidfd.ok()) return pidfd.status();
+  vm.qemu_pidfd.reset(*pidfd);
+  return vm.qmp->CheckServedBy(vm.qemu_pid);
+}
+
+// Kills a slot's supervisor (QEMU dies with it), waits for QEMU, removes the dir.
+void Remove(VmHost& host, PooledVm& vm) {
+  if (!Exited(vm.supervisor_pidfd)) {
+    if (vm.our_child) {
+      host.KillSupervisor(vm.supervisor_pid);
+    } else {
+      ::syscall(SYS_pidfd_send_signal, vm.supervisor_pidfd.get(), SIGKILL, nullptr, 0);
+    }
+  } else if (vm.our_child) {
+    ::waitpid(vm.supervisor_pid, nullptr, WNOHANG);
+  }
+  if (vm.qemu_pidfd.valid()) {
+    pollfd gone = {vm.qemu_pidfd.get(), POLLIN, 0};
+    ::poll(&gone, 1, static_cast<int>(absl::ToInt64Milliseconds(timeouts::kKillWait)));
+  }
+  if (vm.qmp) vm.qmp->Close();
+  std::error_code ignored;
+  if (!vm.dir.empty()) std::filesystem::remove_all(vm.dir, ignored);
+}
+
+// A slot a previous plugin left: usable when its manifest is there (it got
+// ready), its supervisor and QEMU are the processes it names, its template
+// is still there, and QEMU answers QMP with the guest paused.
+absl::StatusOr<std::shared_ptr<PooledVm>> AdoptSlot(const std::string& dir, std::string* template_dir) {
+  auto vm = std::make_shared<PooledVm>();
+  vm->dir = dir;
+  std::optional<std::string> text = ReadSmallFile(dir + "/" + kSlotManifest);
+  json manifest = text ? json::parse(*text, nullptr, false) : json();
+  if (!manifest.is_object()) return absl::NotFoundError("no manifest: its supervisor never ran");
+  vm->key = manifest.value("key", "");
+  *template_dir = manifest.value("template_dir", "");
+  vm->supervisor_pid = manifest.value("supervisor_pid", -1);
+  vm->supervisor_start_ticks = manifest.value("supervisor_start_ticks", uint64_t{0});
+  vm->qemu_pid = manifest.value("qemu_pid", -1);
+  vm->qemu_start_ticks = manifest.value("qemu_start_ticks", uint64_t{0});
+  if (absl::StatusOr<int> fd = OpenVerifiedPidfd(vm->supervisor_pid, vm->supervisor_start_ticks); fd.ok()) {
+    vm->supervisor_pidfd.reset(*fd);
+  }
+  if (absl::StatusOr<int> fd = OpenVerifiedPidfd(vm->qemu_pid, vm->qemu_start_ticks); fd.ok()) {
+    vm->qemu_pidfd.reset(*fd);
+  }
+  if (Exited(vm->supervisor_pidfd) || Exited(vm->qemu_pidfd)) return absl::NotFoundError("its QEMU is gone");
+  if (!manifest.value("ready", false)) return absl::NotFoundError("it never got ready");
+  struct stat st;
+  if (vm->key.empty() || template_dir->empty() || ::stat(template_dir->c_str(), &st) != 0) {
+    return absl::NotFoundError("its template is gone");
+  }
+  absl::StatusOr<std::unique_ptr<QmpClient>> qmp =
+      QmpClient::Connect(dir + "/" + kRunDir + "/" + kQmpSocket, timeouts::kQmpCommand);
+  if (!qmp.ok()) return qmp.status();
+  vm->qmp = *std::move(qmp);
+  if (absl::Status served = vm->qmp->CheckServedBy(vm->qemu_pid); !served.ok()) return served;
+  absl::StatusOr<std::string> state = vm->qmp->QueryStatus(timeouts::kQmpCommand);
+  if (!state.ok()) return state.status();
+  if (*state != "paused") return absl::FailedPreconditionError("its guest is " + *state + ", not paused");
+  return vm;
+}
+
+}  // namespace
+
+VmSpec PoolSpec(const VmSpec& task_spec) {
+  VmSpec spec = task_spec;
+  spec.name = "warm-pool";
+  spec.port_forwards.clear();
+  spec.own_nic = true;  // the user network stays, for the forwards added at handover
+  spec.console = ConsolePlan{};
+  spec.boot_watch = BootWatchPlan{};
+  return spec;
+}
+
+WarmPool::WarmPool(VmHost* host) : host_(host) { worker_ = std::thread([this] { Run(); }); }
+
+WarmPool::~WarmPool() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+    wake_.Signal();
+  }
+  worker_.join();
+  // The ready QEMUs stay for the next plugin; only our sessions close.
+  absl::MutexLock lock(&mu_);
+  for (auto& [key, entry] : entries_) {
+    for (auto& vm : entry.ready) {
+      if (vm->qmp) vm->qmp->Close();
+    }
+  }
+}
+
+void WarmPool::ExpectAdoption() {
+  absl::MutexLock lock(&mu_);
+  adopting_ = true;
+}
+
+void WarmPool::Adopt(const std::string& state_root) {
+  const std::string dir = state_root + "/" + kPoolDirName;
+  absl::Cleanup adopted_all = [this] {
+    absl::MutexLock lock(&mu_);
+    adopting_ = false;
+  };
+  {
+    absl::MutexLock lock(&mu_);
+    if (!dir_.empty()) return;  // adopted at the first SetConfig; the slots since are this plugin's own
+  }
+  if (::mkdir(state_root.c_str(), 0711) != 0 && errno != EEXIST) return;
+  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    log::Warn("warm pool disabled: cannot create its directory", {{"dir", dir}, {"error", std::strerror(errno)}});
+    return;
+  }
+  int adopted = 0, removed = 0;
+  std::error_code error;
+  for (const auto& item : std::filesystem::directory_iterator(dir, error)) {
+    std::string template_dir;
+    absl::StatusOr<std::shared_ptr<PooledVm>> vm = AdoptSlot(item.path().string(), &template_dir);
+    if (!vm.ok()) {
+      PooledVm left;
+      left.dir = item.path().string();
+      // Its supervisor, if the manifest names a live one, goes with it.
+      if (std::optional<std::string> text = ReadSmallFile(left.dir + "/" + kSlotManifest)) {
+        const json m = json::parse(*text, nullptr, false);
+        if (m.is_object()) {
+          if (absl::StatusOr<int> fd = OpenVerifiedPidfd(m.value("supervisor_pid", -1),
+                                                         m.value("supervisor_start_ticks", uint64_t{0}));
+              fd.ok()) {
+            left.supervisor_pidfd.reset(*fd);
+          }
+        }
+      }
+      log::Debug("warm pool: removing a slot", {{"dir", left.dir}, {"reason", std::string(vm.status().message())}});
+      Remove(*host_, left);
+      ++removed;
+      continue;
+    }
+    absl::MutexLock lock(&mu_);
+    Entry& entry = entries_[(*vm)->key];
+    entry.ready.push_back(*std::move(vm));
+    entry.template_dir = template_dir;
+    entry.used = absl::Now();
+    ++adopted;
+  }
+  absl::MutexLock lock(&mu_);
+  dir_ = dir;
+  if (adopted + removed > 0) log::Info("warm pool adopted", {{"ready", adopted}, {"removed", removed}});
+  wake_.Signal();
+}
+
+std::shared_ptr<PooledVm> WarmPool::Take(const std::string& key) {
+  std::vector<std::shared_ptr<PooledVm>> dead;
+  std::shared_ptr<PooledVm> taken;
+  {
+    absl::MutexLock lock(&mu_);
+    auto adopted = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !adopting_; };
+    mu_.AwaitWithTimeout(absl::Condition(&adopted), kAdoptWait);
+    auto it = entries_.find(key);
+    if (it == entries_.end()) return nullptr;
+    Entry& entry = it->second;
+    entry.used = absl::Now();
+    while (!taken && !entry.ready.empty()) {
+      std::shared_ptr<PooledVm> vm = std::move(entry.ready.front());
+      entry.ready.pop_front();
+      if (Exited(vm->supervisor_pidfd) || Exited(vm->qemu_pidfd)) {
+        dead.push_back(std::move(vm));
+      } else {
+        taken = std::move(vm);
+      }
+    }
+    entry.refill_after = absl::Now() + kPoolRefillDelay;
+    wake_.Signal();
+  }
+  for (auto& vm : dead) {
+    log::Info("warm pool: a pooled QEMU had died; removed", {{"dir", vm->dir}, {"template", key}});
+    Remove(*host_, *vm);
+  }
+  return taken;
+}
+
+void WarmPool::Want(std::shared_ptr<PoolRecipe> recipe) {
+  absl::MutexLock lock(&mu_);
+  Entry& entry = entries_[recipe->key];
+  entry.template_dir = TemplateStore(recipe->cache_dir).DirFor(recipe->key);
+  entry.recipe = std::move(recipe);
+  entry.used = absl::Now();
+  entry.refill_after = absl::Now() + kPoolRefillDelay;
+  wake_.Signal();
+}
+
+void WarmPool::Prune() {
+  absl::MutexLock lock(&mu_);
+  wake_.Signal();  // the worker checks every template on its next pass
+}
+
+void WarmPool::Discard(PooledVm& vm) { Remove(*host_, vm); }
+
+int WarmPool::Ready(const std::string& key) {
+  absl::MutexLock lock(&mu_);
+  int n = 0;
+  for (const auto& [k, entry] : entries_) {
+    if (key.empty() || k == key) n += static_cast<int>(entry.ready.size());
+  }
+  return n;
+}
+
+bool WarmPool::AwaitReady(const std::string& key, int count, absl::Duration timeout) {
+  absl::MutexLock lock(&mu_);
+  auto enough = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto it = entries_.find(key);
+    return it != entries_.end() && static_cast<int>(it->second.ready.size()) >= count;
+  };
+  return mu_.AwaitWithTimeout(absl::Condition(&enough), timeout);
+}
+
+void WarmPool::Run() {
+  for (;;) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (stopping_) return;
+    }
+    const bool more = Tend();
+    absl::MutexLock lock(&mu_);
+    if (stopping_) return;
+    if (!more) wake_.WaitWithTimeout(&mu_, absl::Seconds(1));
+  }
+}
+
+bool WarmPool::Tend() {
+  std::vector<std::shared_ptr<PooledVm>> remove;
+  std::shared_ptr<PoolRecipe> next;
+  absl::Time wake_at = absl::InfiniteFuture();
+  {
+    absl::MutexLock lock(&mu_);
+    if (dir_.empty()) return false;
+    const absl::Time now = absl::Now();
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      Entry& entry = it->second;
+      struct stat st;
+      const bool gone = ::stat(entry.template_dir.c_str(), &st) != 0;
+      const bool idle = now - entry.used > kPoolIdle;
+      for (auto vm = entry.ready.begin(); vm != entry.ready.end();) {
+        if (gone || idle || Exited((*vm)->supervisor_pidfd) || Exited((*vm)->qemu_pidfd)) {
+          remove.push_back(std::move(*vm));
+          vm = entry.ready.erase(vm);
+        } else {
+          ++vm;
+        }
+      }
+      if ((gone || idle) && entry.launching == 0) {
+        it = entries_.erase(it);
+        continue;
+      }
+      const bool short_of = entry.recipe && !gone && !idle &&
+                            static_cast<int>(entry.ready.size()) + entry.launching < entry.recipe->size;
+      if (short_of && !next) {
+        if (now >= entry.refill_after) {
+          next = entry.recipe;
+          ++entry.launching;
+        } else {
+          wake_at = std::min(wake_at, entry.refill_after);
+        }
+      }
+      ++it;
+    }
+  }
+  for (auto& vm : remove) {
+    log::Debug("warm pool: removing a slot (QEMU gone, template gone or idle)", {{"dir", vm->dir}, {"template", vm->key}});
+    Remove(*host_, *vm);
+  }
+  if (!next) {
+    if (wake_at != absl::InfiniteFuture()) {
+      absl::MutexLock lock(&mu_);
+      wake_.WaitWithTimeout(&mu_, std::max(wake_at - absl::Now(), absl::ZeroDuration()));
+      return true;
+    }
+    return false;
+  }
+  const absl::Time started = absl::Now();
+  absl::StatusOr<std::shared_ptr<PooledVm>> vm = Launch(*next);
+  std::shared_ptr<PooledVm> unwanted;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = entries_.find(next->key);
+    Entry* entry = it == entries_.end() ? nullptr : &it->second;
+    if (entry != nullptr) --entry->launching;
+    if (!vm.ok()) {
+      log::Warn("warm pool: a QEMU for the template could not be made ready; the pool stops refilling it",
+                {{"template", next->key}, {"error", std::string(vm.status().message())}});
+      if (entry != nullptr && entry->recipe == next) entry->recipe = nullptr;  // the next restore brings a new one
+      return true;
+    }
+    if (entry == nullptr) {
+      unwanted = *std::move(vm);  // its template was dropped meanwhile
+    } else {
+      entry->ready.push_back(*std::move(vm));
+      log::Debug("warm pool: QEMU ready", {{"template", next->key},
+                                          {"ready", static_cast<int>(entry->ready.size())},
+                                          {"ms", absl::ToDoubleMilliseconds(absl::Now() - started)}});
+    }
+  }
+  if (unwanted) Remove(*host_, *unwanted);
+  return true;
+}
+
+absl::StatusOr<std::shared_ptr<PooledVm>> WarmPool::Launch(const PoolRecipe& recipe) {
+  std::string root;
+  {
+    absl::MutexLock lock(&mu_);
+    root = dir_;
+  }
+  absl::StatusOr<OpenedTemplate> opened = TemplateStore(recipe.cache_dir).Open(recipe.identity);
+  if (!opened.ok()) return opened.status();
+  auto vm = std::make_shared<PooledVm>();
+  vm->key = recipe.key;
+  vm->dir = root + "/" + NewSlotName();
+  const std::string run_dir = vm->dir + "/" + kRunDir;
+  Rollback undo;
+  undo.Push([this, vm] { Remove(*host_, *vm); });
+  if (absl::Status made = MakeSlotDir(vm->dir, recipe.qemu_user); !made.ok()) return made;
+  absl::StatusOr<UniqueFd> overlay = CopyOverlayInto(opened->dir + "/" + kTemplateOverlay, vm->dir, kSlotOverlay);
+  if (!overlay.ok()) return overlay.status();
+
+  FdTable fds;
+  QemuFiles files;
+  files.boot.push_back(DiskNode{"qcow2", false, fds.Add(*std::move(overlay))});
+  files.boot.push_back(DiskNode{"qcow2", true, fds.Add(std::move(opened->disk))});
+  for (size_t i = 0; i < recipe.base.size(); ++i) {
+    UniqueFd layer(::fcntl(recipe.base[i]->get(), F_DUPFD_CLOEXEC, 0));
+    if (!layer.valid()) return Errno("cannot duplicate an image layer's fd");
+    files.boot.push_back(DiskNode{recipe.base_formats[i], true, fds.Add(std::move(layer))});
+  }
+  files.warm_mode = WarmMode::kRestore;
+  files.warm_memory = fds.Add(std::move(opened->ram));
+  files.warm_state = fds.Add(std::move(opened->state));
+  if (!fds.Fits(0)) return absl::ResourceExhaustedError("too many files for a pooled QEMU");
+  std::vector<std::string> qemu_argv = BuildQemuArgv(
+      recipe.spec, files,
+      RuntimePaths{run_dir + "/" + kQmpSocket, recipe.spec.guest_agent ? run_dir + "/" + kAgentSocket : "", ""});
+  qemu_argv.push_back("-S");  // paused once the state is loaded, until a task takes it
+  supervisor::Placement placement;
+  placement.passed_fds = static_cast<int>(fds.size());
+  placement.pooled = true;
+  const std::vector<std::string> argv =
+      supervisor::SupervisorArgv(recipe.supervisor_path, vm->dir, "", "", recipe.qemu_user, qemu_argv, placement);
+  UniqueFd dir_fd(::open(vm->dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir_fd.valid()) return Errno("cannot open " + vm->dir);
+  absl::StatusOr<pid_t> pid = host_->SpawnSupervisor(argv, dir_fd.get(), fds.Locals());
+  if (!pid.ok()) return pid.status();
+  fds.Close();
+  vm->supervisor_pid = *pid;
+  vm->our_child = true;
+  vm->supervisor_start_ticks = ProcessStartTicks(*pid).value_or(0);
+  absl::StatusOr<int> pidfd = OpenVerifiedPidfd(*pid, 0);
+  if (!pidfd.ok()) return pidfd.status();
+  vm->supervisor_pidfd.reset(*pidfd);
+  if (absl::Status written = WriteManifest(*vm, opened->dir, false); !written.ok()) return written;
+
+  const absl::Time deadline = absl::Now() + kSlotStepTimeout;
+  if (absl::Status there = WaitForPathOrExit(run_dir, kQmpSocket, vm->supervisor_pidfd.get(), deadline); !there.ok()) {
+    return absl::Status(there.code(), absl::StrCat("a pooled QEMU did not start: ", there.message()));
+  }
+  absl::StatusOr<std::unique_ptr<QmpClient>> qmp = QmpClient::Connect(run_dir + "/" + kQmpSocket, kSlotStepTimeout);
+  if (!qmp.ok()) return qmp.status();
+  vm->qmp = *std::move(qmp);
+  if (absl::Status found = FindQemu(*vm, deadline); !found.ok()) return found;
+  if (absl::Status loaded = LoadTemplateState(*vm->qmp, files.warm_state); !loaded.ok()) return loaded;
+  if (absl::Status warmed = WarmUp(*vm->qmp, recipe, run_dir); !warmed.ok()) return warmed;
+  if (absl::Status written = WriteManifest(*vm, opened->dir, true); !written.ok()) return written;
+  undo.Commit();
+  return vm;
+}
+
+}  // namespace ndq
