@@ -11,11 +11,13 @@
 #include "base/error_kind.h"
 #include "base/small_file.h"
 #include "base/timeouts.h"
+#include "nomadplugin/hclog.h"
 #include "qemu_driver/supervisor_protocol.h"
 
 namespace ndq {
 namespace {
 
+namespace log = nomadplugin::hclog;
 using json = nlohmann::json;
 
 constexpr char kTaskOverlayNode[] = "task-overlay";
@@ -109,11 +111,21 @@ absl::Status MoveSlotInto(PooledVm& vm, const std::string& state_dir) {
 }
 
 absl::Status AttachTaskParts(QmpClient& qmp, const PooledVm& vm, const std::string& state_dir, const TaskParts& parts) {
-  if (absl::Status status = AttachOverlay(qmp, parts.overlay_fd); !status.ok()) return status;
-  if (absl::Status status = AddForwards(qmp, parts.forwards); !status.ok()) return status;
-  if (absl::Status status = JoinCgroup(vm.qemu_pid, parts.cgroup_procs); !status.ok()) return status;
-  if (absl::Status status = HandOutput(vm, state_dir, parts); !status.ok()) return status;
-  return Qmp(qmp, "cont", nullptr);
+  const absl::Time started = absl::Now();
+  json phases = json::array();  // [phase, ms since the start], at debug level
+  auto mark = [&](const char* phase) { phases.push_back({phase, absl::ToDoubleMilliseconds(absl::Now() - started)}); };
+  absl::Status status = AttachOverlay(qmp, parts.overlay_fd);
+  mark("overlay attached");
+  if (status.ok()) status = AddForwards(qmp, parts.forwards);
+  mark("forwards added");
+  if (status.ok()) status = JoinCgroup(vm.qemu_pid, parts.cgroup_procs);
+  mark("cgroup joined");
+  if (status.ok()) status = HandOutput(vm, state_dir, parts);
+  mark("output handed over");
+  if (status.ok()) status = Qmp(qmp, "cont", nullptr);
+  mark("resumed");
+  log::Debug("pooled VM handover phases", {{"ms_since_start", phases}});
+  return status;
 }
 
 }  // namespace ndq

@@ -189,6 +189,29 @@ void Remove(VmHost& host, PooledVm& vm) {
   if (!vm.dir.empty()) std::filesystem::remove_all(vm.dir, ignored);
 }
 
+// The supervisor of a slot that left no manifest (the plugin died between
+// spawning it and writing one): a process of our own user whose argv has
+// "--state-dir <dir>"; QEMU dies with it.
+void KillSupervisorOf(const std::string& dir) {
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc", error)) {
+    const std::string name = entry.path().filename();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    struct stat st;
+    if (::stat(entry.path().c_str(), &st) != 0 || st.st_uid != ::geteuid()) continue;
+    std::optional<std::string> cmdline = ReadSmallFile(entry.path().string() + "/cmdline");
+    if (!cmdline || cmdline->find(absl::StrCat(supervisor::kArgStateDir, std::string(1, '\0'), dir, std::string(1, '\0'))) ==
+                        std::string::npos) {
+      continue;
+    }
+    const pid_t pid = std::stoi(name);
+    if (absl::StatusOr<int> fd = OpenVerifiedPidfd(pid, ProcessStartTicks(pid).value_or(0)); fd.ok()) {
+      ::syscall(SYS_pidfd_send_signal, *fd, SIGKILL, nullptr, 0);
+      ::close(*fd);
+    }
+  }
+}
+
 // A slot a previous plugin left: usable when its manifest is there (it got
 // ready), its supervisor and QEMU are the processes it names, its template
 // is still there, and QEMU answers QMP with the guest paused.
@@ -239,6 +262,14 @@ VmSpec PoolSpec(const VmSpec& task_spec) {
   return spec;
 }
 
+std::vector<std::string> PooledQemuArgv(const VmSpec& pool_spec, const QemuFiles& files, const std::string& run_dir) {
+  std::vector<std::string> argv = BuildQemuArgv(
+      pool_spec, files,
+      RuntimePaths{run_dir + "/" + kQmpSocket, pool_spec.guest_agent ? run_dir + "/" + kAgentSocket : "", ""});
+  argv.push_back("-S");  // paused once the state is loaded, until a task takes it
+  return argv;
+}
+
 WarmPool::WarmPool(VmHost* host) : host_(host) { worker_ = std::thread([this] { Run(); }); }
 
 WarmPool::~WarmPool() {
@@ -286,7 +317,9 @@ void WarmPool::Adopt(const std::string& state_root) {
       PooledVm left;
       left.dir = item.path().string();
       // Its supervisor, if the manifest names a live one, goes with it.
-      if (std::optional<std::string> text = ReadSmallFile(left.dir + "/" + kSlotManifest)) {
+      if (std::optional<std::string> text = ReadSmallFile(left.dir + "/" + kSlotManifest); !text) {
+        KillSupervisorOf(left.dir);
+      } else {
         const json m = json::parse(*text, nullptr, false);
         if (m.is_object()) {
           if (absl::StatusOr<int> fd = OpenVerifiedPidfd(m.value("supervisor_pid", -1),
@@ -500,10 +533,7 @@ absl::StatusOr<std::shared_ptr<PooledVm>> WarmPool::Launch(const PoolRecipe& rec
   files.warm_memory = fds.Add(std::move(opened->ram));
   files.warm_state = fds.Add(std::move(opened->state));
   if (!fds.Fits(0)) return absl::ResourceExhaustedError("too many files for a pooled QEMU");
-  std::vector<std::string> qemu_argv = BuildQemuArgv(
-      recipe.spec, files,
-      RuntimePaths{run_dir + "/" + kQmpSocket, recipe.spec.guest_agent ? run_dir + "/" + kAgentSocket : "", ""});
-  qemu_argv.push_back("-S");  // paused once the state is loaded, until a task takes it
+  const std::vector<std::string> qemu_argv = PooledQemuArgv(recipe.spec, files, run_dir);
   supervisor::Placement placement;
   placement.passed_fds = static_cast<int>(fds.size());
   placement.pooled = true;

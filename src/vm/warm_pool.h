@@ -30,6 +30,7 @@
 #include "base/unique_fd.h"
 #include "host/vm_host.h"
 #include "image/vm_template.h"
+#include "qemu/cmdline.h"
 #include "qemu/qmp_client.h"
 #include "qemu/vm_spec.h"
 
@@ -82,6 +83,10 @@ inline constexpr absl::Duration kPoolRefillDelay = absl::Milliseconds(500);
 // The planned VM as its pooled QEMUs run it: no task's name, forwards,
 // console or watches; its user network kept, so forwards can be added.
 VmSpec PoolSpec(const VmSpec& task_spec);
+
+// A pooled QEMU's argv: `pool_spec` (PoolSpec) restoring from `files`, its
+// sockets in `run_dir`, paused once the state is loaded (-S).
+std::vector<std::string> PooledQemuArgv(const VmSpec& pool_spec, const QemuFiles& files, const std::string& run_dir);
 
 class WarmPool {
  public:

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -140,9 +141,37 @@ std::string AttributeOf(testing::PluginHarness& harness, const std::string& id, 
   return it == attrs.end() ? "" : it->second;
 }
 
+// How a start of the warm config runs: a cold boot of the plain job, a
+// restore with no pool (warm_pool = 0), or a restore that takes a pooled QEMU.
+enum class Kind { kCold, kRestored, kPooled };
+
 struct Bench {
   std::string image;  // our copy of guest.qcow2
+  std::string state_dir;
   testing::PluginHarness* harness;
+
+  // The warm pool's ready slots: their QEMUs' pids.
+  std::vector<int> ReadyPooledQemus() const {
+    std::vector<int> pids;
+    std::error_code ec;
+    for (const auto& e : std::filesystem::directory_iterator(state_dir + "/pool", ec)) {
+      std::ifstream in(e.path() / "slot.json");
+      const json m = json::parse(in, nullptr, false);
+      if (m.is_object() && m.value("ready", false)) pids.push_back(m.value("qemu_pid", -1));
+    }
+    return pids;
+  }
+  // Waits for a ready pooled QEMU; its pid, or -1.
+  int AwaitPooledQemu() const {
+    const absl::Time deadline = absl::Now() + absl::Seconds(120);
+    while (absl::Now() < deadline) {
+      const std::vector<int> pids = ReadyPooledQemus();
+      if (!pids.empty()) return pids.front();
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    std::fprintf(stderr, "warm_bench: no pooled QEMU got ready within 120 s\n");
+    return -1;
+  }
 
   json ColdConfig() const {
     return {{"image_path", "local/disk.qcow2"},
@@ -150,20 +179,21 @@ struct Bench {
             {"drive_interface", "virtio"},
             {"port_map", {{{"http", 80}}}}};
   }
-  json WarmConfig() const {
+  json WarmConfig(bool pool = false) const {
     return {{"image_path", image},
             {"accelerator", "tcg"},
             {"drive_interface", "virtio"},
             {"port_map", {{{"http", 80}}}},
-            {"warm_start", {{"ready_port", "http"}}}};
+            {"warm_start", {{"ready_port", "http"}, {"warm_pool", pool ? 1 : 0}}}};
   }
 
   // Starts one VM (cold: the job without warm_start, on an overlay made
   // beforehand; warm: the warm config, whose InspectTask must say
   // `expect_warm`); its task id, or "" after printing why.
-  std::string Start(testing::FakeAlloc& alloc, bool warm, int port, const std::string& expect_warm = "restored") {
+  std::string Start(testing::FakeAlloc& alloc, bool warm, int port, const std::string& expect_warm = "restored",
+                    bool pool = false) {
     if (!warm) alloc.AddOverlay(image);
-    driverpb::TaskConfig task = alloc.Task(warm ? WarmConfig() : ColdConfig());
+    driverpb::TaskConfig task = alloc.Task(warm ? WarmConfig(pool) : ColdConfig());
     testing::AddTaskPort(&task, "http", port);
     driverpb::TaskHandle handle;
     const grpc::Status status = harness->Start(task, &handle);
@@ -182,11 +212,16 @@ struct Bench {
   }
 
   // StartTask -> page, in ms; -1 on failure. `call_ms`: StartTask alone.
-  double TimeToPage(bool warm, double* call_ms) {
+  // kPooled waits for a ready pooled QEMU before the clock starts, and
+  // checks that the start took it.
+  double TimeToPage(Kind how, double* call_ms) {
+    const bool warm = how != Kind::kCold;
     testing::FakeAlloc alloc("web");
     const int port = testing::FreePort();
     if (!warm) alloc.AddOverlay(image);  // before the clock starts
-    driverpb::TaskConfig task = alloc.Task(warm ? WarmConfig() : ColdConfig());
+    const int pooled = how == Kind::kPooled ? AwaitPooledQemu() : 0;
+    if (pooled < 0) return -1;
+    driverpb::TaskConfig task = alloc.Task(warm ? WarmConfig(how == Kind::kPooled) : ColdConfig());
     testing::AddTaskPort(&task, "http", port);
     driverpb::TaskHandle handle;
     const absl::Time start = absl::Now();
@@ -199,7 +234,13 @@ struct Bench {
     const bool answered = WaitForPage(port, absl::Seconds(180));
     const double ms = absl::ToDoubleMilliseconds(absl::Now() - start);
     const std::string kind = AttributeOf(*harness, task.id(), "warm_start");
+    const std::string qemu = AttributeOf(*harness, task.id(), "qemu_pid");
     harness->Destroy(task.id(), true);
+    if (how == Kind::kPooled && qemu != std::to_string(pooled)) {
+      std::fprintf(stderr, "warm_bench: the restore did not take the pooled QEMU %d (its QEMU: %s)\n", pooled,
+                   qemu.c_str());
+      return -1;
+    }
     if (!answered) {
       std::fprintf(stderr, "warm_bench: no page within 180 s (%s)\n", warm ? "restore" : "cold");
       return -1;
@@ -211,8 +252,9 @@ struct Bench {
     return ms;
   }
 
-  // Total PSS of `n` QEMUs running at once, in MiB; -1 on failure.
-  double PssOfMany(bool warm, int n) {
+  // Total PSS of `n` QEMUs running at once (and of the pool's QEMUs left
+  // waiting, with `pool`), in MiB; -1 on failure.
+  double PssOfMany(bool warm, int n, bool pool = false) {
     std::vector<std::unique_ptr<testing::FakeAlloc>> allocs;
     std::vector<std::string> ids;
     const double total = [&] {
@@ -220,17 +262,24 @@ struct Bench {
       for (int i = 0; i < n; ++i) {
         allocs.push_back(std::make_unique<testing::FakeAlloc>("web"));
         ports.push_back(testing::FreePort());
-        ids.push_back(Start(*allocs.back(), warm, ports.back()));
+        ids.push_back(Start(*allocs.back(), warm, ports.back(), "restored", pool));
         if (ids.back().empty()) return -1.0;
       }
-      for (int port : ports) {
-        if (!WaitForPage(port, absl::Seconds(300))) {
-          std::fprintf(stderr, "warm_bench: a page never answered (%s)\n", warm ? "restored" : "cold");
+      for (size_t i = 0; i < ports.size(); ++i) {
+        if (!WaitForPage(ports[i], absl::Seconds(300))) {
+          std::fprintf(stderr, "warm_bench: a page never answered (%s, port %d); its serial console:\n%s\n",
+                       warm ? "restored" : "cold", ports[i],
+                       testing::ReadFile(allocs[i]->stdout_path()).c_str());
           return -1.0;
         }
       }
       absl::SleepFor(absl::Seconds(2));  // let the guests settle after answering
       double sum = 0;
+      if (pool) {
+        if (AwaitPooledQemu() < 0) return -1.0;  // refilled after the restores took it
+        absl::SleepFor(absl::Seconds(2));
+        for (int pid : ReadyPooledQemus()) sum += static_cast<double>(PssKiB(pid)) / 1024.0;
+      }
       for (const std::string& id : ids) {
         int pid = 0;
         if (!absl::SimpleAtoi(AttributeOf(*harness, id, "qemu_pid"), &pid)) return -1.0;
@@ -256,6 +305,7 @@ int Run() {
   std::filesystem::create_directories(work / "cache");
   Bench bench;
   bench.image = work / "images/guest.qcow2";
+  bench.state_dir = work / "s";
   std::filesystem::copy_file(*guests + "/guest.qcow2", bench.image);
   testing::PluginHarness harness(work / "s",
                                  {{"image_paths", {work / "images"}}, {"image_cache_dir", work / "cache"}});
@@ -282,35 +332,62 @@ int Run() {
     harness.Destroy(cold_id, true);
   }
 
-  std::vector<double> cold, restored, cold_call, restored_call;
-  for (int i = 0; i < kRounds; ++i) {
-    double cc = 0, rc = 0;
-    const double c = bench.TimeToPage(false, &cc);
-    const double r = bench.TimeToPage(true, &rc);
-    if (c < 0 || r < 0) return 1;
+  // NDQ_WARM_BENCH_MEMORY_ONLY=1: only the memory rows (a quicker rerun).
+  const char* memory_only_env = std::getenv("NDQ_WARM_BENCH_MEMORY_ONLY");
+  const bool memory_only = memory_only_env != nullptr && std::string(memory_only_env) == "1";
+  // One restore with warm_pool = 1 starts the template's pool.
+  {
+    double unused = 0;
+    if (bench.TimeToPage(Kind::kRestored, &unused) < 0) return 1;
+    testing::FakeAlloc alloc("web");
+    const std::string id = bench.Start(alloc, true, testing::FreePort(), "restored", /*pool=*/true);
+    if (id.empty()) return 1;
+    harness.Destroy(id, true);
+  }
+  std::vector<double> cold, restored, pooled, cold_call, restored_call, pooled_call;
+  for (int i = 0; i < (memory_only ? 0 : kRounds); ++i) {
+    double cc = 0, rc = 0, pc = 0;
+    const double c = bench.TimeToPage(Kind::kCold, &cc);
+    const double r = bench.TimeToPage(Kind::kRestored, &rc);
+    const double p = bench.TimeToPage(Kind::kPooled, &pc);
+    if (c < 0 || r < 0 || p < 0) return 1;
     cold.push_back(c);
     restored.push_back(r);
+    pooled.push_back(p);
     cold_call.push_back(cc);
     restored_call.push_back(rc);
-    std::fprintf(stderr, "warm_bench: round %d: cold %.0f ms (StartTask %.0f), restored %.0f ms (StartTask %.0f)\n",
-                 i + 1, c, cc, r, rc);
+    pooled_call.push_back(pc);
+    std::fprintf(stderr,
+                 "warm_bench: round %d: cold %.0f ms (StartTask %.0f), restored %.0f ms (StartTask %.0f), "
+                 "pooled %.0f ms (StartTask %.0f)\n",
+                 i + 1, c, cc, r, rc, p, pc);
   }
   // Each restore through a plugin launched just before it, as after a
   // client restart or an upgrade: host facts and digests come from what the
   // earlier launch kept, nothing is probed or hashed again.
-  std::vector<double> relaunched, relaunched_call;
-  for (int i = 0; i < kRelaunchRounds; ++i) {
+  // With the pool, the plugin is relaunched once its pooled QEMU is ready:
+  // the new plugin adopts it, and its first restore takes it.
+  std::vector<double> relaunched, relaunched_call, relaunched_pooled, relaunched_pooled_call;
+  for (int i = 0; i < (memory_only ? 0 : kRelaunchRounds); ++i) {
+    if (bench.AwaitPooledQemu() < 0) return 1;  // the last pooled restore's refill, before the plugin goes
     harness.Restart();
     double rc = 0;
-    const double r = bench.TimeToPage(true, &rc);
-    if (r < 0) return 1;
+    const double r = bench.TimeToPage(Kind::kRestored, &rc);  // warm_pool = 0: the pool stays as adopted
+    harness.Restart();
+    double pc = 0;
+    const double p = bench.TimeToPage(Kind::kPooled, &pc);
+    if (r < 0 || p < 0) return 1;
     relaunched.push_back(r);
     relaunched_call.push_back(rc);
-    std::fprintf(stderr, "warm_bench: relaunched plugin %d: restored %.0f ms (StartTask %.0f)\n", i + 1, r, rc);
+    relaunched_pooled.push_back(p);
+    relaunched_pooled_call.push_back(pc);
+    std::fprintf(stderr, "warm_bench: relaunched plugin %d: restored %.0f ms (StartTask %.0f), pooled %.0f ms (StartTask %.0f)\n",
+                 i + 1, r, rc, p, pc);
   }
+  const double pss_pooled = bench.PssOfMany(true, kAtOnce, /*pool=*/true);
   const double pss_restored = bench.PssOfMany(true, kAtOnce);
   const double pss_cold = bench.PssOfMany(false, kAtOnce);
-  if (pss_restored < 0 || pss_cold < 0) return 1;
+  if (pss_restored < 0 || pss_cold < 0 || pss_pooled < 0) return 1;
 
   auto annotation = [&](const char* key) {
     double v = -1;
@@ -320,20 +397,33 @@ int Run() {
   };
   std::printf("\n%-62s %10s %10s\n", "warm_bench (guest.qcow2, TCG, 10 rounds each, alternating)", "median", "p95 (max)");
   Row("StartTask -> page through port_map, cold boot", Percentile(cold, 0.5), Percentile(cold, 0.95), "ms");
-  Row("StartTask -> page through port_map, restored", Percentile(restored, 0.5), Percentile(restored, 0.95), "ms");
-  Row("cold / restored (target: at least 20)", Percentile(cold, 0.5) / Percentile(restored, 0.5),
+  Row("StartTask -> page through port_map, restored (warm_pool = 0)", Percentile(restored, 0.5),
+      Percentile(restored, 0.95), "ms");
+  Row("StartTask -> page through port_map, restored from the pool", Percentile(pooled, 0.5), Percentile(pooled, 0.95),
+      "ms");
+  Row("cold / restored, no pool", Percentile(cold, 0.5) / Percentile(restored, 0.5),
       Percentile(cold, 0.95) / Percentile(restored, 0.95), "x");
-  Row("StartTask -> page, restored by a newly launched plugin", Percentile(relaunched, 0.5),
+  Row("cold / restored from the pool (target: at least 20)", Percentile(cold, 0.5) / Percentile(pooled, 0.5),
+      Percentile(cold, 0.95) / Percentile(pooled, 0.95), "x");
+  Row("StartTask -> page, restored by a newly launched plugin, no pool", Percentile(relaunched, 0.5),
       Percentile(relaunched, 0.95), "ms");
-  Row("cold / restored by a newly launched plugin (target: at least 20)", Percentile(cold, 0.5) / Percentile(relaunched, 0.5),
+  Row("StartTask -> page, newly launched plugin, adopted pool", Percentile(relaunched_pooled, 0.5),
+      Percentile(relaunched_pooled, 0.95), "ms");
+  Row("cold / restored by a newly launched plugin, no pool", Percentile(cold, 0.5) / Percentile(relaunched, 0.5),
       Percentile(cold, 0.95) / Percentile(relaunched, 0.95), "x");
+  Row("cold / newly launched plugin, adopted pool (target: at least 20)",
+      Percentile(cold, 0.5) / Percentile(relaunched_pooled, 0.5),
+      Percentile(cold, 0.95) / Percentile(relaunched_pooled, 0.95), "x");
   std::printf("%-62s %10s %10s\n", "StartTask call alone, median", "restored", "cold");
   Row("StartTask returned (QEMU started; restored: state loaded)", Percentile(restored_call, 0.5),
       Percentile(cold_call, 0.5), "ms");
+  Row("StartTask returned, restored from the pool", Percentile(pooled_call, 0.5), 0, "ms");
   Row("StartTask returned, restored by a newly launched plugin", Percentile(relaunched_call, 0.5), 0, "ms");
+  Row("StartTask returned, newly launched plugin, adopted pool", Percentile(relaunched_pooled_call, 0.5), 0, "ms");
   std::printf("%-62s %10s %10s\n", "memory, 10 VMs at once", "restored", "cold");
   Row("total PSS of the QEMUs (smaps_rollup)", pss_restored, pss_cold, "MiB");
   Row("per VM", pss_restored / kAtOnce, pss_cold / kAtOnce, "MiB");
+  Row("total PSS, 10 restored with warm_pool = 1 (+ the pooled QEMU)", pss_pooled, pss_restored, "MiB");
   std::printf("%-62s %10s %10s\n", "taking the template (save event)", "total", "paused");
   Row("time", annotation("warm_template_ms"), annotation("warm_pause_ms"), "ms");
   Row("ram file, state file", annotation("warm_ram_bytes") / 1048576.0, annotation("warm_state_bytes") / 1048576.0,

@@ -87,6 +87,13 @@ bool WaitFor(const std::function<bool()>& done, Clock::duration timeout = kTimeo
 
 bool Exists(const std::string& path) { return ::access(path.c_str(), F_OK) == 0; }
 
+// Writes `content` to `path` whole, as the plugin's atomic writes leave it.
+void WriteFile(const std::string& path, const std::string& content) {
+  const std::string temp = path + ".tmp";
+  std::ofstream(temp, std::ios::binary | std::ios::trunc) << content;
+  ASSERT_EQ(::rename(temp.c_str(), path.c_str()), 0) << path;
+}
+
 std::vector<std::string> ListDir(const std::string& dir) {
   std::vector<std::string> names;
   for (const auto& entry : std::filesystem::directory_iterator(dir)) names.push_back(entry.path().filename());
@@ -511,6 +518,52 @@ TEST_F(SupervisorTest, MissingNamespaceOrCgroupIsRecordedWithoutStartingQemu) {
   EXPECT_EQ(ReadFile(Out()), "") << "QEMU must not have run";
 }
 
+// --pooled (a warm pool's QEMU, vm/warm_pool.h): no output destination until
+// the handover; what QEMU wrote before it waits in the pipes and reaches the
+// task's files after it, in order.
+TEST_F(SupervisorTest, PooledOutputWaitsInThePipesUntilItsHandover) {
+  Placement pooled;
+  pooled.pooled = true;
+  const std::string go = state_ / "go";
+  const pid_t sup = Spawn(SupervisorArgv(kSupervisor, state_.path(), "", "", "",
+                                         Shell("echo before; echo err-before >&2; while [ ! -e " + go +
+                                               " ]; do sleep 0.01; done; echo after; echo err-after >&2; exit 3"),
+                                         pooled));
+  ASSERT_GT(WaitQemuPid(), 0);
+  EXPECT_FALSE(Exists(Out())) << "no destination before the handover";
+  // A malformed handover (one line) is refused; the output keeps waiting.
+  WriteFile(state_ / kHandoverFile, Out() + "\n");
+  ASSERT_EQ(::kill(sup, kHandoverSignal), 0);
+  ASSERT_TRUE(WaitFor([&] { return LogContains(std::string(kHandoverFile) + " unreadable or malformed"); }))
+      << ReadFile(Log());
+  EXPECT_FALSE(Exists(Out()));
+  WriteFile(state_ / kHandoverFile, Out() + "\n" + Err() + "\n");
+  ASSERT_EQ(::kill(sup, kHandoverSignal), 0);
+  ASSERT_TRUE(WaitFor([&] { return ReadFile(Out()) == "before\n" && ReadFile(Err()) == "err-before\n"; }))
+      << ReadFile(Log());
+  WriteFile(go, "");
+  ExpectSupervisorExit(sup, kExitOk);
+  EXPECT_EQ(ReadFile(Out()), "before\nafter\n");
+  EXPECT_EQ(ReadFile(Err()), "err-before\nerr-after\n");
+  EXPECT_EQ(Record().exit_code, 3);
+  EXPECT_TRUE(LogContains("handed over: stdout to " + Out() + ", stderr to " + Err())) << ReadFile(Log());
+}
+
+// A pooled QEMU that ends before any handover: its output is in the exit
+// record's tails, and the supervisor does not wait for a reader that cannot come.
+TEST_F(SupervisorTest, PooledQemuEndingBeforeItsHandoverKeepsItsOutputInTheRecord) {
+  Placement pooled;
+  pooled.pooled = true;
+  const pid_t sup = Spawn(SupervisorArgv(kSupervisor, state_.path(), "", "", "",
+                                         Shell("echo pooled-out; echo pooled-err >&2; exit 4"), pooled));
+  ExpectSupervisorExit(sup, kExitOk, std::chrono::seconds(3));
+  const ExitRecord r = Record();
+  EXPECT_EQ(r.exit_code, 4);
+  EXPECT_EQ(r.stdout_tail, "pooled-out\n");
+  EXPECT_EQ(r.stderr_tail, "pooled-err\n");
+  EXPECT_FALSE(Exists(Out()));
+}
+
 TEST_F(SupervisorTest, UnopenableOutputIsRecorded) {
   const pid_t sup =
       Spawn(SupervisorArgv(kSupervisor, state_.path(), Out(), logs_ / "missing-dir/stderr", "", Shell("exit 0")));
@@ -529,13 +582,15 @@ TEST_F(SupervisorTest, UsageErrorsExitTwoWithoutARecord) {
       {kSupervisor, "--state-dir", state_.path(), "--stdout", Out(), "--stderr", Err(), "--bogus", "--", "/bin/true"},
       {kSupervisor, "--state-dir", state_.path(), "--stdout", Out(), "--stderr"},
       SupervisorArgv(kSupervisor, missing_dir, Out(), Err(), "", {"/bin/true"}),
+      {kSupervisor, "--state-dir", state_.path(), "--pooled", "--stdout", Out(), "--", "/bin/true"},
   };
   const std::vector<std::string> messages = {"--state-dir is required",
                                              "no QEMU command after \"--\"",
                                              "no QEMU command after \"--\"",
                                              "unknown argument \"--bogus\"",
                                              "--stderr needs a non-empty value",
-                                             "state directory " + missing_dir + ": No such file or directory"};
+                                             "state directory " + missing_dir + ": No such file or directory",
+                                             "--pooled takes no --stdout or --stderr: they come at handover"};
   for (size_t i = 0; i < cases.size(); ++i) {
     SCOPED_TRACE(messages[i]);
     const pid_t sup = Spawn(cases[i]);

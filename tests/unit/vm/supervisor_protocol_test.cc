@@ -363,6 +363,16 @@ TEST(SupervisorArgv, UserAndPlacementComeBeforeTheEndOfOptions) {
                           "--pass-fds", "2", "--", "/usr/bin/qemu"));
 }
 
+// A warm pool's QEMU gets its output paths at handover, not on its command line.
+TEST(SupervisorArgv, APooledVmHasNoOutputPaths) {
+  Placement placement;
+  placement.passed_fds = 3;
+  placement.pooled = true;
+  EXPECT_THAT(SupervisorArgv("/opt/sup", "/run/pool/p1", "", "", "nobody", {"/usr/bin/qemu"}, placement),
+              ElementsAre("/opt/sup", "--state-dir", "/run/pool/p1", "--pooled", "--user", "nobody", "--pass-fds", "3",
+                          "--", "/usr/bin/qemu"));
+}
+
 // QEMU arguments that look like the supervisor's own options stay QEMU's.
 TEST(SupervisorArgv, QemuArgumentsAreCopiedVerbatimAfterTheSeparator) {
   const std::vector<std::string> qemu = {"/usr/bin/qemu", "--user", "root", "--", "--state-dir", "/etc", "",
