@@ -45,6 +45,13 @@ inline constexpr char kArgStateDir[] = "--state-dir";
 inline constexpr char kArgStdout[] = "--stdout";
 inline constexpr char kArgStderr[] = "--stderr";
 inline constexpr char kArgUser[] = "--user";
+// --user-ids UID:GID[:G1,G2,...] (with --user): the user's ids and
+// supplementary groups as the plugin looked them up, so the supervisor needs
+// no user database of its own (it is linked statically: its start is on
+// every StartTask's path). --user without it: the user is unknown, and QEMU
+// does not run (exit.json says so).
+inline constexpr char kArgUserIds[] = "--user-ids";
+inline constexpr int kMaxUserGroups = 64;
 inline constexpr char kArgCgroup[] = "--cgroup";
 inline constexpr char kArgNetns[] = "--netns";
 inline constexpr char kArgPassFds[] = "--pass-fds";
@@ -119,7 +126,13 @@ struct Placement {
 };
 
 // The supervisor's argv (argv[0] = supervisor_path). An empty `user` runs QEMU
-// as the supervisor's own user.
+// as the supervisor's own user; a user this process can look up also gets
+// --user-ids (UserIds).
+// "UID:GID:G1,G2,..." for --user-ids (its groups as getgrouplist gives them,
+// the primary one included); nullopt when `user` is unknown or has more than
+// kMaxUserGroups groups (the supervisor then looks it up and reports it).
+std::optional<std::string> UserIds(const std::string& user);
+
 std::vector<std::string> SupervisorArgv(const std::string& supervisor_path, const std::string& state_dir,
                                         const std::string& stdout_path, const std::string& stderr_path,
                                         const std::string& user, const std::vector<std::string>& qemu_argv,

@@ -32,7 +32,7 @@ const char* StepName(Step step) {
     case Step::kRedirect: return "redirect stdout/stderr";
     case Step::kCgroup: return "join the VM's cgroup";
     case Step::kNetns: return "enter the network namespace";
-    case Step::kGroups: return "initgroups";
+    case Step::kGroups: return "setgroups";
     case Step::kSetgid: return "setgid";
     case Step::kSetuid: return "setuid";
     case Step::kDeathSignal: return "prctl(PR_SET_PDEATHSIG)";
@@ -61,8 +61,8 @@ int FormatPid(pid_t pid, char (&out)[16]) {
   ::_exit(kCouldNotRunExitCode);
 }
 
-// Runs between fork and exec: only async-signal-safe calls, plus initgroups,
-// which is fine because the supervisor is single-threaded.
+// Runs between fork and exec: only async-signal-safe calls (the user and its
+// groups were looked up before the fork).
 [[noreturn]] void ExecInChild(const ChildSetup& s, pid_t supervisor, int report_fd) {
   // Ignored dispositions survive exec (we ignore SIGINT, SIGHUP, SIGPIPE); a
   // VM must start with the defaults so it can be stopped normally.
@@ -102,7 +102,9 @@ int FormatPid(pid_t pid, char (&out)[16]) {
   if (s.netns_fd >= 0 && ::setns(s.netns_fd, CLONE_NEWNET) != 0) FailInChild(report_fd, Step::kNetns, errno);
 
   if (s.run_as.name != nullptr) {
-    if (::initgroups(s.run_as.name, s.run_as.gid) != 0) FailInChild(report_fd, Step::kGroups, errno);
+    if (::setgroups(static_cast<size_t>(s.run_as.group_count), s.run_as.groups) != 0) {
+      FailInChild(report_fd, Step::kGroups, errno);
+    }
     if (::setgid(s.run_as.gid) != 0) FailInChild(report_fd, Step::kSetgid, errno);
     if (::setuid(s.run_as.uid) != 0) FailInChild(report_fd, Step::kSetuid, errno);
   }
@@ -117,22 +119,40 @@ int FormatPid(pid_t pid, char (&out)[16]) {
 
 }  // namespace
 
-bool ResolveUser(const char* name, RunAs* out, ErrorText* error) {
-  passwd entry{};
-  passwd* found = nullptr;
-  char buf[4096];
-  const int rc = ::getpwnam_r(name, &entry, buf, sizeof buf, &found);
-  if (found == nullptr) {
-    if (rc == 0 || rc == ENOENT || rc == ESRCH) {
-      error->Set("user \"%s\" does not exist", name);
-    } else {
-      error->Set("look up user \"%s\": %s", name, std::strerror(rc));
-    }
+namespace {
+
+// One unsigned decimal id up to the next `stop` (or the end); advances *p.
+bool TakeId(const char** p, char stop, unsigned* out) {
+  const char* s = *p;
+  unsigned long v = 0;
+  const char* start = s;
+  while (*s >= '0' && *s <= '9' && s - start < 10) v = v * 10 + static_cast<unsigned long>(*s++ - '0');
+  if (s == start || (*s != stop && *s != '\0') || v > 0xfffffffeUL) return false;
+  *out = static_cast<unsigned>(v);
+  *p = *s == stop ? s + 1 : s;
+  return true;
+}
+
+}  // namespace
+
+bool ParseUserIds(const char* name, const char* ids, RunAs* out, ErrorText* error) {
+  const char* p = ids;
+  unsigned uid = 0, gid = 0;
+  bool ok = TakeId(&p, ':', &uid) && TakeId(&p, ':', &gid);
+  int count = 0;
+  while (ok && *p != '\0') {
+    unsigned group = 0;
+    ok = count < kMaxUserGroups && TakeId(&p, ',', &group);
+    if (ok) out->groups[count++] = group;
+  }
+  if (!ok) {
+    error->Set("%s \"%s\" is not UID:GID[:G1,G2,...] (at most %d groups)", kArgUserIds, ids, kMaxUserGroups);
     return false;
   }
   out->name = name;
-  out->uid = entry.pw_uid;
-  out->gid = entry.pw_gid;
+  out->uid = uid;
+  out->gid = gid;
+  out->group_count = count;
   return true;
 }
 

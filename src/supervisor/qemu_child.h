@@ -15,10 +15,13 @@ struct RunAs {
   const char* name = nullptr;  // nullptr: stay as the supervisor's user
   uid_t uid = 0;
   gid_t gid = 0;
+  gid_t groups[kMaxUserGroups] = {};  // supplementary groups (setgroups before exec)
+  int group_count = 0;
 };
 
-// Looks up `name` in the user database; false with *error set when unknown.
-bool ResolveUser(const char* name, RunAs* out, ErrorText* error);
+// Takes the ids of --user-ids ("UID:GID[:G1,G2,...]") for user `name`; false
+// with *error set when malformed.
+bool ParseUserIds(const char* name, const char* ids, RunAs* out, ErrorText* error);
 
 struct ChildSetup {
   char* const* argv = nullptr;  // argv[0] is the path executed (no PATH search)

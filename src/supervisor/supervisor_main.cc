@@ -50,6 +50,7 @@ struct Options {
   const char* stdout_path = nullptr;
   const char* stderr_path = nullptr;
   const char* user = nullptr;
+  const char* user_ids = nullptr;  // --user-ids: the plugin's lookup of --user
   const char* cgroups[kMaxCgroups] = {};
   int cgroup_count = 0;
   const char* netns = nullptr;
@@ -104,6 +105,7 @@ bool ParseArgs(int argc, char** argv, Options* opts, ErrorText* error) {
                         : std::strcmp(arg, kArgStdout) == 0 ? &opts->stdout_path
                         : std::strcmp(arg, kArgStderr) == 0 ? &opts->stderr_path
                         : std::strcmp(arg, kArgUser) == 0   ? &opts->user
+                        : std::strcmp(arg, kArgUserIds) == 0 ? &opts->user_ids
                         : std::strcmp(arg, kArgNetns) == 0  ? &opts->netns
                         : std::strcmp(arg, kArgPassFds) == 0 ? &opts->pass_fds
                         : std::strcmp(arg, kArgSwtpm) == 0 ? &opts->swtpm.path
@@ -127,6 +129,10 @@ bool ParseArgs(int argc, char** argv, Options* opts, ErrorText* error) {
                                                                         : nullptr;
   if (missing != nullptr) {
     error->Set("%s is required", missing);
+    return false;
+  }
+  if (opts->user_ids != nullptr && opts->user == nullptr) {
+    error->Set("%s needs %s", kArgUserIds, kArgUser);
     return false;
   }
   if (opts->pooled && (opts->stdout_path != nullptr || opts->stderr_path != nullptr)) {
@@ -446,7 +452,13 @@ bool MakeOutputPipe(const char* name, int* ours, int* qemus, ErrorText* error) {
 bool PrepareChild(const Options& opts, Child* child, ErrorText* error) {
   ChildSetup& setup = child->setup;
   setup.argv = opts.qemu_argv;
-  if (opts.user != nullptr && !ResolveUser(opts.user, &setup.run_as, error)) return false;
+  // The plugin passes the ids of every user it could look up (the
+  // supervisor reads no user database: it is linked statically).
+  if (opts.user != nullptr && opts.user_ids == nullptr) {
+    error->Set("user \"%s\" does not exist (the plugin found no ids for it)", opts.user);
+    return false;
+  }
+  if (opts.user_ids != nullptr && !ParseUserIds(opts.user, opts.user_ids, &setup.run_as, error)) return false;
   for (int i = 0; i < opts.cgroup_count; ++i) {
     setup.cgroup_fds[i] = ::open(opts.cgroups[i], O_WRONLY | O_CLOEXEC);
     if (setup.cgroup_fds[i] < 0) {

@@ -94,7 +94,6 @@ struct Qemu {
   uint64_t start_ticks = 0;
   UniqueFd pidfd;
   std::unique_ptr<QmpClient> qmp;
-  std::string run_state;
 };
 
 // network_mode = "bridge": the TAP made for the VM, already among the fds
@@ -488,7 +487,6 @@ absl::StatusOr<Qemu> TakePooledQemu(PooledVm& pooled) {
   if (!qemu.pidfd.valid() || !pooled.qmp) return absl::UnavailableError("the pooled QEMU has no QMP session");
   if (PidfdExited(qemu.pidfd.get())) return absl::UnavailableError("the pooled QEMU exited before its handover");
   qemu.qmp = std::move(pooled.qmp);
-  qemu.run_state = "paused";
   return qemu;
 }
 
@@ -508,7 +506,6 @@ absl::Status AttachPooled(const TaskRequest& task, const VmSpec& spec, const War
                                                         attached.message())),
                     ErrorKind::kQemuFailed);
   }
-  qemu.run_state = "running";
   const absl::Duration took = absl::Now() - started;
   deps.emit(absl::StrCat("Warm start: restored from template ", warm.key.substr(0, 12), " in ",
                          absl::FormatDuration(absl::Trunc(took, absl::Milliseconds(1))), " (a pooled QEMU)"),
@@ -640,11 +637,9 @@ absl::StatusOr<Qemu> AwaitQmp(const HostPlace& place, Supervisor& supervisor, co
     return absl::InternalError("QEMU answered on QMP but its pid could not be read: " + pid_problem);
   }
   // Connected before the pid was known: check now that QEMU itself answered.
+  // (No query-status: the handshake already proved QEMU answers commands.)
   if (absl::Status served = qemu.qmp->CheckServedBy(qemu.pid); !served.ok()) return served;
   trace.Mark("pid verified");
-  absl::StatusOr<std::string> run_state = qemu.qmp->QueryStatus();
-  qemu.run_state = run_state.ok() ? *run_state : std::string(run_state.status().message());
-  trace.Mark("query-status answered");
   return qemu;
 }
 
@@ -824,7 +819,6 @@ absl::StatusOr<LaunchedVm> RunStartPipeline(const TaskRequest& task, const Plugi
   vm.spec = *std::move(spec);
   vm.limits = place->limits;
   vm.netns = decoded->netns;
-  vm.run_state = std::move(qemu->run_state);
   return vm;
 }
 

@@ -93,7 +93,6 @@ struct LaunchedVm {
   VmSpec spec;
   CgroupLimits limits;
   std::string netns;
-  std::string run_state;  // QEMU's run state at start, or why it is unknown
   std::shared_ptr<WarmCapture> warm_capture;  // a cold warm_start VM: what saving it needs
 };
 

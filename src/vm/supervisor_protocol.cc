@@ -1,6 +1,8 @@
 #include "qemu_driver/supervisor_protocol.h"
 
 #include <fcntl.h>
+#include <grp.h>
+#include <pwd.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -108,6 +110,19 @@ std::optional<pid_t> ReadQemuPid(const std::string& state_dir, std::string* erro
   return static_cast<pid_t>(pid);
 }
 
+std::optional<std::string> UserIds(const std::string& user) {
+  passwd entry{};
+  passwd* found = nullptr;
+  char buf[4096];
+  if (::getpwnam_r(user.c_str(), &entry, buf, sizeof buf, &found) != 0 || found == nullptr) return std::nullopt;
+  gid_t groups[kMaxUserGroups];
+  int count = kMaxUserGroups;
+  if (::getgrouplist(user.c_str(), entry.pw_gid, groups, &count) < 0) return std::nullopt;
+  std::string ids = std::to_string(entry.pw_uid) + ":" + std::to_string(entry.pw_gid) + ":";
+  for (int i = 0; i < count; ++i) ids += (i == 0 ? "" : ",") + std::to_string(groups[i]);
+  return ids;
+}
+
 std::vector<std::string> SupervisorArgv(const std::string& supervisor_path, const std::string& state_dir,
                                         const std::string& stdout_path, const std::string& stderr_path,
                                         const std::string& user, const std::vector<std::string>& qemu_argv,
@@ -121,6 +136,10 @@ std::vector<std::string> SupervisorArgv(const std::string& supervisor_path, cons
   if (!user.empty()) {
     argv.push_back(kArgUser);
     argv.push_back(user);
+    if (std::optional<std::string> ids = UserIds(user)) {
+      argv.push_back(kArgUserIds);
+      argv.push_back(*ids);
+    }
   }
   for (const std::string& procs : placement.cgroup_procs) {
     argv.push_back(kArgCgroup);

@@ -287,8 +287,7 @@ absl::Status TaskManager::Register(const TaskIdentity& task, LaunchedVm launched
   }
   log::Info("VM started", {{"task_id", task.id},
                            {"qemu_pid", record.qemu_pid},
-                           {"supervisor_pid", record.supervisor_pid},
-                           {"run_state", launched.run_state}});
+                           {"supervisor_pid", record.supervisor_pid}});
   Emit(task, absl::StrCat("Started QEMU (pid ", record.qemu_pid, ")"),
        {{"qemu_pid", std::to_string(record.qemu_pid)}, {"supervisor_pid", std::to_string(record.supervisor_pid)}});
   EmitIsolation(task, launched.spec, config_(), launched.limits, record, launched.netns);

@@ -472,7 +472,8 @@ TEST_F(SupervisorTest, UnknownUserIsRecorded) {
   ExpectSupervisorExit(sup, kExitCouldNotRun);
   const ExitRecord r = Record();
   EXPECT_EQ(r.exit_code, kCouldNotRunExitCode);
-  EXPECT_EQ(r.error, "user \"ndq-no-such-user\" does not exist");
+  // The plugin's lookup found no ids (SupervisorArgv leaves --user-ids out).
+  EXPECT_EQ(r.error, "user \"ndq-no-such-user\" does not exist (the plugin found no ids for it)");
   ExpectStateFiles({kExitFile, kLogFile});
 }
 
@@ -609,9 +610,10 @@ TEST_F(SupervisorTest, OwnSessionAndSignalStateAndNoInheritedFds) {
   EXPECT_EQ(::getsid(sup), sup);
   EXPECT_EQ(::getpgid(sup), sup);
   EXPECT_NE(::getsid(sup), ::getsid(0));
-  // The supervisor: only SIGTERM and SIGCHLD blocked (we spawned it with
-  // SIGTERM blocked for itself), SIGINT/SIGHUP/SIGPIPE ignored.
-  EXPECT_EQ(SignalMask(sup, "SigBlk"), Bit(SIGTERM) | Bit(SIGCHLD));
+  // The supervisor: only SIGTERM, SIGCHLD and SIGUSR1 (a pooled VM's
+  // handover) blocked, taken through its signalfd (we spawned it with SIGTERM
+  // blocked for itself), SIGINT/SIGHUP/SIGPIPE ignored.
+  EXPECT_EQ(SignalMask(sup, "SigBlk"), Bit(SIGTERM) | Bit(SIGCHLD) | Bit(SIGUSR1));
   const uint64_t ignored = Bit(SIGINT) | Bit(SIGHUP) | Bit(SIGPIPE);
   EXPECT_EQ(SignalMask(sup, "SigIgn") & ignored, ignored);
   // QEMU: nothing blocked or ignored, and only stdin/stdout/stderr open.

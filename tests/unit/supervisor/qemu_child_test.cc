@@ -33,6 +33,19 @@
 namespace ndq::supervisor {
 namespace {
 
+// What the plugin does for the supervisor (SupervisorArgv's --user-ids): the
+// user's ids and groups from the user database.
+bool ResolveUser(const char* name, RunAs* out, ErrorText* error) {
+  const passwd* pw = ::getpwnam(name);
+  if (pw == nullptr) return false;
+  gid_t groups[kMaxUserGroups];
+  int count = kMaxUserGroups;
+  if (::getgrouplist(name, pw->pw_gid, groups, &count) < 0) return false;
+  std::string ids = std::to_string(pw->pw_uid) + ":" + std::to_string(pw->pw_gid) + ":";
+  for (int i = 0; i < count; ++i) ids += (i == 0 ? "" : ",") + std::to_string(groups[i]);
+  return ParseUserIds(name, ids.c_str(), out, error);
+}
+
 using ::ndq::testing::TempDir;
 using namespace ::ndq::supervisor::test_util;
 
@@ -380,26 +393,35 @@ TEST(QemuChild, DiesWithTheProcessThatStartedIt) {
   EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << status;
 }
 
-TEST(ResolveUser, FindsTheUsersIdsInTheUserDatabase) {
-  const passwd* me = ::getpwuid(::geteuid());
-  ASSERT_NE(me, nullptr);
-  const std::string name = me->pw_name;
-  const uid_t uid = me->pw_uid;
-  const gid_t gid = me->pw_gid;
+// --user-ids as the plugin writes them (SupervisorArgv).
+TEST(ParseUserIds, TakesUidGidAndGroups) {
   RunAs run_as;
   ErrorText error;
-  ASSERT_TRUE(ResolveUser(name.c_str(), &run_as, &error)) << error.text;
-  EXPECT_STREQ(run_as.name, name.c_str());
-  EXPECT_EQ(run_as.uid, uid);
-  EXPECT_EQ(run_as.gid, gid);
+  ASSERT_TRUE(ParseUserIds("qemu", "107:110:110,36,4294967294", &run_as, &error)) << error.text;
+  EXPECT_STREQ(run_as.name, "qemu");
+  EXPECT_EQ(run_as.uid, 107u);
+  EXPECT_EQ(run_as.gid, 110u);
+  ASSERT_EQ(run_as.group_count, 3);
+  EXPECT_EQ(run_as.groups[1], 36u);
+  EXPECT_EQ(run_as.groups[2], 4294967294u);
+  RunAs no_groups;
+  ASSERT_TRUE(ParseUserIds("qemu", "107:110:", &no_groups, &error)) << error.text;
+  EXPECT_EQ(no_groups.group_count, 0);
 }
 
-TEST(ResolveUser, AnUnknownUserIsNamedInTheError) {
-  RunAs run_as;
-  ErrorText error;
-  EXPECT_FALSE(ResolveUser("ndq-no-such-user", &run_as, &error));
-  EXPECT_EQ(std::string(error.text), "user \"ndq-no-such-user\" does not exist");
-  EXPECT_EQ(run_as.name, nullptr);
+TEST(ParseUserIds, MalformedIdsAreRefusedAndNamed) {
+  std::string many = "1:1:";
+  for (int i = 0; i <= kMaxUserGroups; ++i) many += std::to_string(i) + ",";
+  many.pop_back();
+  for (const std::string& bad : {std::string(""), std::string("107"), std::string("a:b"), std::string("107:110:x"),
+                                 std::string("-1:0:"), std::string("107:110:1,,2"), std::string("4294967295:0:"),
+                                 std::string("99999999999:0:"), many}) {
+    RunAs run_as;
+    ErrorText error;
+    EXPECT_FALSE(ParseUserIds("qemu", bad.c_str(), &run_as, &error)) << bad;
+    EXPECT_NE(std::string(error.text).find("--user-ids"), std::string::npos) << error.text;
+    EXPECT_EQ(run_as.name, nullptr);
+  }
 }
 
 }  // namespace

@@ -356,9 +356,11 @@ TEST(SupervisorArgv, UserAndPlacementComeBeforeTheEndOfOptions) {
   placement.cgroup_procs = {"/sys/fs/cgroup/memory/nomad/t/cgroup.procs", "/sys/fs/cgroup/cpu/nomad/t/cgroup.procs"};
   placement.netns = "/var/run/netns/alloc1";
   placement.passed_fds = 2;
+  const std::optional<std::string> ids = UserIds("nobody");
+  ASSERT_TRUE(ids.has_value()) << "this host has no user nobody";
   EXPECT_THAT(SupervisorArgv("/opt/sup", "/run/t", "/o", "/e", "nobody", {"/usr/bin/qemu"}, placement),
               ElementsAre("/opt/sup", "--state-dir", "/run/t", "--stdout", "/o", "--stderr", "/e", "--user", "nobody",
-                          "--cgroup", "/sys/fs/cgroup/memory/nomad/t/cgroup.procs", "--cgroup",
+                          "--user-ids", *ids, "--cgroup", "/sys/fs/cgroup/memory/nomad/t/cgroup.procs", "--cgroup",
                           "/sys/fs/cgroup/cpu/nomad/t/cgroup.procs", "--netns", "/var/run/netns/alloc1",
                           "--pass-fds", "2", "--", "/usr/bin/qemu"));
 }
@@ -368,9 +370,17 @@ TEST(SupervisorArgv, APooledVmHasNoOutputPaths) {
   Placement placement;
   placement.passed_fds = 3;
   placement.pooled = true;
-  EXPECT_THAT(SupervisorArgv("/opt/sup", "/run/pool/p1", "", "", "nobody", {"/usr/bin/qemu"}, placement),
-              ElementsAre("/opt/sup", "--state-dir", "/run/pool/p1", "--pooled", "--user", "nobody", "--pass-fds", "3",
-                          "--", "/usr/bin/qemu"));
+  EXPECT_THAT(SupervisorArgv("/opt/sup", "/run/pool/p1", "", "", "", {"/usr/bin/qemu"}, placement),
+              ElementsAre("/opt/sup", "--state-dir", "/run/pool/p1", "--pooled", "--pass-fds", "3", "--",
+                          "/usr/bin/qemu"));
+}
+
+// The user's ids as the plugin looks them up: uid, gid, then its groups.
+TEST(UserIds, UidGidAndGroupsOfAKnownUserNoneForAnUnknownOne) {
+  const std::optional<std::string> root = UserIds("root");
+  ASSERT_TRUE(root.has_value());
+  EXPECT_EQ(root->substr(0, 5), "0:0:0");
+  EXPECT_EQ(UserIds("ndq-no-such-user"), std::nullopt);
 }
 
 // QEMU arguments that look like the supervisor's own options stay QEMU's.
