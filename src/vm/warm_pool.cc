@@ -303,11 +303,6 @@ void WarmPool::Adopt(const std::string& state_root) {
     absl::MutexLock lock(&mu_);
     if (!dir_.empty()) return;  // adopted at the first SetConfig; the slots since are this plugin's own
   }
-  if (::mkdir(state_root.c_str(), 0711) != 0 && errno != EEXIST) return;
-  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
-    log::Warn("warm pool disabled: cannot create its directory", {{"dir", dir}, {"error", std::strerror(errno)}});
-    return;
-  }
   int adopted = 0, removed = 0;
   std::error_code error;
   for (const auto& item : std::filesystem::directory_iterator(dir, error)) {
@@ -514,6 +509,8 @@ absl::StatusOr<std::shared_ptr<PooledVm>> WarmPool::Launch(const PoolRecipe& rec
   vm->key = recipe.key;
   vm->dir = root + "/" + NewSlotName();
   const std::string run_dir = vm->dir + "/" + kRunDir;
+  // Made with the first slot: a plugin whose jobs never pool leaves no trace.
+  if (::mkdir(root.c_str(), 0700) != 0 && errno != EEXIST) return Errno("cannot create the warm pool's dir " + root);
   Rollback undo;
   undo.Push([this, vm] { Remove(*host_, *vm); });
   if (absl::Status made = MakeSlotDir(vm->dir, recipe.qemu_user); !made.ok()) return made;

@@ -828,25 +828,45 @@ TEST_F(WarmStartTest, ANewPluginAdoptsThePoolAndItsFirstRestoreTakesIt) {
   ExpectNothingLeft();
 }
 
-// 3e. A template removed (evicted, or failed) while its pool waits takes
-// the pool with it: no pooled process, no slot left.
-TEST_F(WarmStartTest, ATemplateRemovedWhileItsPoolWaitsTakesThePoolWithIt) {
+// 3e. A template evicted while its pool waits takes the pool with it: the
+// cache is given a bound the template exceeds (SetConfig again), the next
+// start evicts it, and no pooled process or slot is left.
+TEST_F(WarmStartTest, ATemplateEvictedWhileItsPoolWaitsTakesThePoolWithIt) {
   ASSERT_TRUE(SharedTemplate());
+  const std::string key = suite_->key;
   FakeAlloc first("web");
   const driverpb::TaskHandle first_handle = StartRestored(first, FreePort());
   ASSERT_FALSE(first_handle.config().id().empty());
-  ASSERT_TRUE(harness().Destroy(first_handle.config().id(), true).ok());
-  const auto [slot, manifest] = AwaitReadySlot(suite_->key);
+  ASSERT_TRUE(harness().Destroy(first_handle.config().id(), true).ok());  // its lease on the template ends
+  const auto [slot, manifest] = AwaitReadySlot(key);
   ASSERT_FALSE(slot.empty()) << events().All();
   const pid_t qemu = manifest.value("qemu_pid", -1), supervisor_pid = manifest.value("supervisor_pid", -1);
-  // What eviction and a failed restore do to a template: its directory goes.
-  fs::remove_all(TemplateDir(suite_->key));
+
+  const json bounded = {{"state_dir", state_dir()},
+                        {"cgroup_parent", harness().cgroup_parent()},
+                        {"image_paths", {suite_->images.path(), *TestGuestDir()}},
+                        {"image_cache_dir", suite_->cache.path()},
+                        {"image_cache_max_size", "1K"}};
+  ASSERT_TRUE(harness().client().SetConfig(bounded).ok());
   suite_->key.clear();
-  suite_->template_problem = "removed by ATemplateRemovedWhileItsPoolWaitsTakesThePoolWithIt";
-  EXPECT_TRUE(WaitUntil([&] { return ::ndq::testing::PoolSlots(state_dir()).empty() && Ended(qemu) && Ended(supervisor_pid); },
-                        absl::Seconds(30)))
+  suite_->template_problem = "evicted by ATemplateEvictedWhileItsPoolWaitsTakesThePoolWithIt";
+  // Any start evicts once it is registered: a plain VM of the guest image.
+  FakeAlloc plain("plain");
+  plain.AddOverlay(Guest("guest.qcow2"));
+  driverpb::TaskConfig task = plain.Task(::ndq::testing::GuestConfig());
+  AddTaskPort(&task, "http", FreePort());
+  driverpb::TaskHandle handle;
+  const grpc::Status started = harness().Start(task, &handle);
+  ASSERT_TRUE(started.ok()) << started.error_message();
+  EXPECT_TRUE(WaitUntil([&] { return !fs::exists(TemplateDir(key)); }, absl::Seconds(30))) << "the template was not evicted";
+  EXPECT_TRUE(WaitUntil(
+      [&] { return ::ndq::testing::PoolSlots(state_dir()).empty() && Ended(qemu) && Ended(supervisor_pid); },
+      absl::Seconds(30)))
       << "left: " << absl::StrJoin(::ndq::testing::PoolSlots(state_dir()), " ");
-  EXPECT_THAT(::ndq::testing::VmProcessesLeft(state_dir()), IsEmpty());
+  EXPECT_TRUE(harness().Destroy(handle.config().id(), true).ok());
+  json unbounded = bounded;
+  unbounded.erase("image_cache_max_size");
+  EXPECT_TRUE(harness().client().SetConfig(unbounded).ok());
   ExpectNothingLeft();
 }
 

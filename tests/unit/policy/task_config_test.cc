@@ -49,7 +49,8 @@ TEST(TaskConfig, SchemaCoversNomadsQemuOptions) {
   const auto& warm = attrs.at("warm_start").block_value().nested().object().attributes();
   EXPECT_EQ(warm.at("ready_port").attr().type(), "string");
   EXPECT_EQ(warm.at("ready_agent").attr().type(), "bool");
-  EXPECT_EQ(warm.size(), 2u);
+  EXPECT_EQ(warm.at("warm_pool").attr().type(), "number");
+  EXPECT_EQ(warm.size(), 3u);
   for (const auto& [name, type] : network) {
     ASSERT_TRUE(attrs.count(name)) << name;
     EXPECT_EQ(attrs.at(name).attr().type(), type) << name;
