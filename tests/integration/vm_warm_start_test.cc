@@ -435,6 +435,16 @@ class WarmStartTest : public ::testing::Test {
     return found;
   }
 
+  // A restore of the shared template (destroyed at once) starts its pool;
+  // the ready slot's name and manifest, or an empty name.
+  std::pair<std::string, json> PoolAfterARestore() {
+    FakeAlloc first("web");
+    const driverpb::TaskHandle handle = StartRestored(first, FreePort());
+    if (handle.config().id().empty()) return {};
+    EXPECT_TRUE(harness().Destroy(handle.config().id(), true).ok());
+    return AwaitReadySlot(suite_->key);
+  }
+
   // Nothing of the suite's VMs left: no process, no state directory.
   void ExpectNothingLeft() {
     EXPECT_TRUE(WaitUntil([&] { return ::ndq::testing::VmProcessesLeft(state_dir()).empty(); }, absl::Seconds(10)))
@@ -769,11 +779,7 @@ TEST_F(WarmStartTest, ARestoreTakesAPooledQemuWithItsOwnPortDiskCgroupAndLog) {
 // slot (no process, no directory) and replaced; restores go on.
 TEST_F(WarmStartTest, APooledQemuThatDiesIsRemovedAndReplaced) {
   ASSERT_TRUE(SharedTemplate());
-  FakeAlloc first("web");
-  const driverpb::TaskHandle first_handle = StartRestored(first, FreePort());
-  ASSERT_FALSE(first_handle.config().id().empty());
-  ASSERT_TRUE(harness().Destroy(first_handle.config().id(), true).ok());
-  const auto [slot, manifest] = AwaitReadySlot(suite_->key);
+  const auto [slot, manifest] = PoolAfterARestore();
   ASSERT_FALSE(slot.empty()) << events().All();
   const pid_t qemu = manifest.value("qemu_pid", -1), supervisor_pid = manifest.value("supervisor_pid", -1);
   ASSERT_EQ(::kill(qemu, SIGKILL), 0);
@@ -799,11 +805,7 @@ TEST_F(WarmStartTest, APooledQemuThatDiesIsRemovedAndReplaced) {
 // adopts them, and its first restore takes the same QEMU.
 TEST_F(WarmStartTest, ANewPluginAdoptsThePoolAndItsFirstRestoreTakesIt) {
   ASSERT_TRUE(SharedTemplate());
-  FakeAlloc first("web");
-  const driverpb::TaskHandle first_handle = StartRestored(first, FreePort());
-  ASSERT_FALSE(first_handle.config().id().empty());
-  ASSERT_TRUE(harness().Destroy(first_handle.config().id(), true).ok());
-  const auto [slot, manifest] = AwaitReadySlot(suite_->key);
+  const auto [slot, manifest] = PoolAfterARestore();
   ASSERT_FALSE(slot.empty()) << events().All();
   const pid_t qemu = manifest.value("qemu_pid", -1);
 
@@ -834,11 +836,7 @@ TEST_F(WarmStartTest, ANewPluginAdoptsThePoolAndItsFirstRestoreTakesIt) {
 TEST_F(WarmStartTest, ATemplateEvictedWhileItsPoolWaitsTakesThePoolWithIt) {
   ASSERT_TRUE(SharedTemplate());
   const std::string key = suite_->key;
-  FakeAlloc first("web");
-  const driverpb::TaskHandle first_handle = StartRestored(first, FreePort());
-  ASSERT_FALSE(first_handle.config().id().empty());
-  ASSERT_TRUE(harness().Destroy(first_handle.config().id(), true).ok());  // its lease on the template ends
-  const auto [slot, manifest] = AwaitReadySlot(key);
+  const auto [slot, manifest] = PoolAfterARestore();  // the restored VM destroyed: its lease on the template ends
   ASSERT_FALSE(slot.empty()) << events().All();
   const pid_t qemu = manifest.value("qemu_pid", -1), supervisor_pid = manifest.value("supervisor_pid", -1);
 
