@@ -31,8 +31,9 @@ const std::vector<std::string>& DiskFormats() {
 }
 // Each drive costs at least one passed fd; this keeps a job within the budget.
 constexpr size_t kMaxDisks = 16;
-// Linux reads at most 2048 bytes on x86; more is refused rather than cut.
-constexpr size_t kMaxKernelCmdline = 2048;
+// x86 Linux's COMMAND_LINE_SIZE is 2048 with the terminating NUL: 2047 bytes
+// of text. More is refused rather than cut.
+constexpr size_t kMaxKernelCmdline = 2047;
 // virtio-blk and ATA carry 20 bytes of serial.
 constexpr size_t kMaxSerial = 20;
 
@@ -223,6 +224,16 @@ void PlanBootOrder(const TaskConfig& config, VmSpec& spec, std::vector<std::stri
   // Only these boot disk devices take a bootindex.
   const bool disk_bootable = has_disk && (spec.drive_interface == "ide" || spec.drive_interface == "virtio" ||
                                           spec.drive_interface == "scsi");
+  if (has_disk && !disk_bootable && cdrom != nullptr && order == "disk") {
+    // Only the CD-ROM could take an index, and an indexed device boots
+    // before every other: the CD-ROM would come first.
+    if (config.boot_order) {
+      problems.push_back(absl::StrCat(Field("boot_order"), ": \"disk\" cannot come before the CD-ROM with drive_interface ",
+                                      Quoted(spec.drive_interface),
+                                      " (only ide, virtio and scsi boot disks take a boot index)"));
+    }
+    return;  // unset: the firmware's own order, as without boot_order
+  }
   if (cdrom != nullptr) cdrom->boot_index = order == "cdrom" ? 1 : 2;
   if (disk_bootable) spec.boot_index = order == "disk" || cdrom == nullptr ? 1 : 2;
 }

@@ -481,6 +481,27 @@ TEST_F(HardwarePlan, ABootOrderNamingAMissingDeviceIsRefused) {
   EXPECT_EQ(DriveProblems(), "task config \"boot_order\": \"disk\" needs image_path or image_source");
 }
 
+// sd, floppy, pflash and none boot disks take no boot index; an indexed
+// CD-ROM would then boot first, whatever boot_order says.
+TEST_F(HardwarePlan, ADiskFirstBootOrderTheInterfaceCannotHonourIsRefused) {
+  config_.cdrom = "local/install.iso";
+  for (const char* iface : {"sd", "floppy", "pflash", "none"}) {
+    before_.drive_interface = iface;
+    config_.boot_order = "disk";
+    EXPECT_EQ(DriveProblems(), absl::StrCat("task config \"boot_order\": \"disk\" cannot come before the CD-ROM with "
+                                            "drive_interface \"", iface,
+                                            "\" (only ide, virtio and scsi boot disks take a boot index)"));
+    // Unset: no device gets an index, the firmware's own order decides.
+    config_.boot_order.reset();
+    EXPECT_EQ(DriveProblems(), "") << iface;
+    for (const Drive& drive : spec_.drives) EXPECT_EQ(drive.boot_index, 0) << iface << " " << drive.id;
+    // "cdrom" stays possible: the CD-ROM alone is indexed.
+    config_.boot_order = "cdrom";
+    EXPECT_EQ(DriveProblems(), "") << iface;
+    EXPECT_EQ(spec_.drives[0].boot_index, 1) << iface;
+  }
+}
+
 TEST_F(HardwarePlan, BootOrderIsExactlyDiskOrCdrom) {
   config_.cdrom = "local/install.iso";
   for (const char* bad : {"CDROM", "disk ", "cdrom,disk", "network", "cdrom\n"}) {
@@ -531,14 +552,14 @@ TEST_F(HardwarePlan, AKernelCmdlineIsOneLineOfPrintableBytes) {
   config_.kernel_cmdline = "console=ttyS0,115200n8 root=/dev/vda1 init=/sbin/init -- a=b";
   EXPECT_EQ(KernelProblems(), "");
   EXPECT_EQ(spec_.kernel.cmdline, *config_.kernel_cmdline);
-  config_.kernel_cmdline = std::string(2047, 'a');
+  config_.kernel_cmdline = std::string(2047, 'a');  // x86's COMMAND_LINE_SIZE, less its NUL
   EXPECT_EQ(KernelProblems(), "");
   EXPECT_EQ(spec_.kernel.cmdline.size(), 2047u);
-  for (const std::string& bad : {std::string(2049, 'a'), std::string("quiet\tsplash"), std::string("quiet\r"),
+  for (const std::string& bad : {std::string(2048, 'a'), std::string(2049, 'a'), std::string("quiet\tsplash"), std::string("quiet\r"),
                                  std::string("quiet\x7f"), std::string("quiet\0init=/bin/sh", 18)}) {
     config_.kernel_cmdline = bad;
     EXPECT_EQ(KernelProblems(),
-              "task config \"kernel_cmdline\": must be one line of printable characters, at most 2048 "
+              "task config \"kernel_cmdline\": must be one line of printable characters, at most 2047 "
               "bytes");
     EXPECT_EQ(spec_.kernel.cmdline, "") << "a refused line must not reach QEMU, not even cut";
   }
