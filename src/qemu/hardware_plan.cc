@@ -1,6 +1,7 @@
 #include "qemu/hardware_plan.h"
 
 #include <algorithm>
+#include <map>
 #include <cstdint>
 
 #include "absl/strings/ascii.h"
@@ -94,6 +95,7 @@ void PlanDiskSource(const DiskConfig& disk, const std::string& name, const Plugi
     source.origin = DriveOrigin::kDownload;
     source.field = name + ".image_source";
     source.urls = {*disk.image_source};
+    if (disk.image_source->empty()) problems.push_back(absl::StrCat(Field(source.field), ": must not be empty"));
     source.checksum = disk.checksum.value_or("");
     if (source.checksum.empty() && !plugin.allow_unverified_images) {
       problems.push_back(absl::StrCat(Field(name + ".checksum"),
@@ -136,6 +138,21 @@ void PlanDisk(const DiskConfig& disk, size_t index, const PluginConfig& plugin, 
   spec.drives.push_back(std::move(drive));
 }
 
+// Two NVMe controllers with one serial look to Linux like two paths to one
+// namespace (it may join them as multipath): each serial once.
+void CheckNvmeSerials(const VmSpec& spec, std::vector<std::string>& problems) {
+  std::map<std::string, size_t> first;  // serial -> its first disk block
+  for (size_t i = 0; i < spec.drives.size(); ++i) {
+    const Drive& drive = spec.drives[i];
+    if (drive.interface != "nvme") continue;
+    auto [it, added] = first.emplace(drive.serial, i);
+    if (!added) {
+      problems.push_back(absl::StrCat(Field(absl::StrCat("disk[", i, "].serial")), ": ", Quoted(drive.serial),
+                                      " is already disk[", it->second, "]'s NVMe serial"));
+    }
+  }
+}
+
 void PlanCdrom(const TaskConfig& config, const PluginConfig& plugin, VmSpec& spec, std::vector<std::string>& problems) {
   if (config.cdrom_checksum && !config.cdrom_source) {
     problems.push_back(absl::StrCat(Field("cdrom_checksum"), ": only checks a cdrom_source download"));
@@ -159,6 +176,7 @@ void PlanCdrom(const TaskConfig& config, const PluginConfig& plugin, VmSpec& spe
     drive.source.origin = DriveOrigin::kDownload;
     drive.source.field = "cdrom_source";
     drive.source.urls = {*config.cdrom_source};
+    if (config.cdrom_source->empty()) problems.push_back(absl::StrCat(Field("cdrom_source"), ": must not be empty"));
     drive.source.checksum = config.cdrom_checksum.value_or("");
     if (drive.source.checksum.empty() && !plugin.allow_unverified_images) {
       problems.push_back(absl::StrCat(Field("cdrom_checksum"),
@@ -298,6 +316,7 @@ void PlanDrives(const TaskConfig& config, const PluginConfig& plugin, VmSpec& sp
     return;
   }
   for (size_t i = 0; i < config.disks.size(); ++i) PlanDisk(config.disks[i], i, plugin, spec, problems);
+  CheckNvmeSerials(spec, problems);
   PlanCdrom(config, plugin, spec, problems);
   PlanSeed(config, spec, problems);
   PlanBootOrder(config, spec, problems);

@@ -288,6 +288,41 @@ TEST_F(HardwarePlan, AnNvmeDiskKeepsTheSerialTheJobGives) {
   EXPECT_EQ(spec_.drives[0].serial, "db-volume");
 }
 
+// Linux would take two NVMe controllers with one serial for two paths to one
+// namespace: a serial given twice, or one equal to another disk's default
+// (its block's id), is refused naming both blocks.
+TEST_F(HardwarePlan, NvmeSerialsAreUnique) {
+  DiskConfig a = Blank("1G"), b = Blank("1G");
+  a.interface = b.interface = "nvme";
+  a.serial = b.serial = "db";
+  config_.disks = {a, b};
+  EXPECT_EQ(DriveProblems(), "task config \"disk[1].serial\": \"db\" is already disk[0]'s NVMe serial");
+  a.serial.reset();  // its default serial is its id, "disk1"
+  b.serial = "disk1";
+  config_.disks = {a, b};
+  EXPECT_EQ(DriveProblems(), "task config \"disk[1].serial\": \"disk1\" is already disk[0]'s NVMe serial");
+  b.serial = "disk2";  // its own default: fine
+  config_.disks = {a, b};
+  EXPECT_EQ(DriveProblems(), "");
+  b.interface = "virtio";  // another bus: no NVMe subsystem to confuse
+  b.serial = "disk1";
+  config_.disks = {a, b};
+  EXPECT_EQ(DriveProblems(), "");
+}
+
+// An empty source would be planned as a download of the URL "".
+TEST_F(HardwarePlan, EmptyDownloadSourcesAreRefused) {
+  DiskConfig disk;
+  disk.image_source = "";
+  disk.checksum = "sha256:" + std::string(64, '0');
+  config_.disks = {disk};
+  EXPECT_EQ(DriveProblems(), "task config \"disk[0].image_source\": must not be empty");
+  config_.disks.clear();
+  config_.cdrom_source = "";
+  config_.cdrom_checksum = "sha256:" + std::string(64, '0');
+  EXPECT_EQ(DriveProblems(), "task config \"cdrom_source\": must not be empty");
+}
+
 // virtio-blk and ATA carry 20 bytes of serial; the value is also a -device
 // option, so only plain characters pass.
 TEST_F(HardwarePlan, SerialBoundaries) {
