@@ -255,6 +255,7 @@ absl::StatusOr<std::shared_ptr<PooledVm>> AdoptSlot(const std::string& dir, std:
 VmSpec PoolSpec(const VmSpec& task_spec) {
   VmSpec spec = task_spec;
   spec.name = "warm-pool";
+  spec.mac_address.clear();  // the NIC's MAC is in the template's state
   spec.port_forwards.clear();
   spec.own_nic = true;  // the user network stays, for the forwards added at handover
   spec.console = ConsolePlan{};

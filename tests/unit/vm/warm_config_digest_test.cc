@@ -3,29 +3,13 @@
 // anything the saved guest depends on differs.
 #include <gtest/gtest.h>
 
+#include "../../support/warm_spec.h"
 #include "vm/warm_start.h"
 
 namespace ndq {
 namespace {
 
-VmSpec Task(const std::string& name, int host_port) {
-  VmSpec spec;
-  spec.emulator = "x86_64";
-  spec.emulator_path = "/usr/bin/qemu-system-x86_64";
-  spec.machine_type = "pc";
-  spec.accelerator = "tcg";
-  spec.drive_interface = "virtio";
-  spec.memory_mb = 256;
-  spec.name = name;
-  spec.image_path = "/var/nomad/alloc/" + name + "/web/local/disk.qcow2";
-  spec.port_forwards = {PortForward{"http", "tcp", "10.0.0." + std::to_string(host_port % 200), host_port, 80}};
-  spec.mac_address = "52:54:00:" + std::to_string(host_port % 90 + 10) + ":00:01";
-  spec.guest_agent = true;
-  spec.console = ConsolePlan{true, "/alloc/" + name + "/console", "/alloc/" + name + "/console/serial.sock",
-                             "/alloc/" + name + "/console/vnc.sock"};
-  spec.warm.enabled = true;
-  return spec;
-}
+VmSpec Task(const std::string& name, int host_port) { return ::ndq::testing::WarmTaskSpec(name, host_port); }
 
 // The boot chain as the open-disks stage opened it: an overlay on a base.
 const std::vector<DiskNode> kBoot = {DiskNode{"qcow2", false, 3}, DiskNode{"qcow2", true, 4}};

@@ -16,6 +16,7 @@
 
 #include "../../fakes/fake_vm_host.h"
 #include "../../support/temp_dir.h"
+#include "../../support/warm_spec.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "host/process_watch.h"
@@ -32,24 +33,7 @@ using ::testing::IsEmpty;
 using ::testing::Not;
 using json = nlohmann::json;
 
-VmSpec TaskSpec() {
-  VmSpec spec;
-  spec.emulator = "x86_64";
-  spec.emulator_path = "/usr/bin/qemu-system-x86_64";
-  spec.machine_type = "pc";
-  spec.accelerator = "tcg";
-  spec.drive_interface = "virtio";
-  spec.image_path = "/alloc/web/local/disk.qcow2";
-  spec.memory_mb = 256;
-  spec.name = "web-task-name";
-  spec.guest_agent = true;
-  spec.port_forwards = {{"http", "tcp", "127.0.0.1", 25123, 80}};
-  spec.console.enabled = true;
-  spec.console.serial_socket = "/alloc/web/console/serial.sock";
-  spec.warm.enabled = true;
-  spec.warm.ready.guest_port = 80;
-  return spec;
-}
+VmSpec TaskSpec() { return ::ndq::testing::WarmTaskSpec("web-task-name", 25123); }
 
 QemuFiles RestoreFiles() {
   QemuFiles files;
@@ -78,11 +62,10 @@ TEST(PooledQemuArgv, KeepsNothingOfTheTaskButItsVmAndStartsPaused) {
                                           "-file,backing=image0-b1")));
 }
 
+// Whichever task's restore left the recipe, the pooled QEMU is the same (its
+// NIC's MAC comes from the template's state, as for every restore).
 TEST(PoolSpec, TwoTasksOfOneJobGetTheSamePooledQemu) {
-  VmSpec other = TaskSpec();
-  other.name = "another-alloc";
-  other.port_forwards = {{"http", "tcp", "10.0.0.5", 31000, 80}};
-  other.console.serial_socket = "/alloc/other/console/serial.sock";
+  const VmSpec other = ::ndq::testing::WarmTaskSpec("another-alloc", 31000);
   EXPECT_EQ(PooledQemuArgv(PoolSpec(TaskSpec()), RestoreFiles(), "/r"), PooledQemuArgv(PoolSpec(other), RestoreFiles(), "/r"));
 }
 
