@@ -297,8 +297,7 @@ void Drain(Stream* stream) {
 // lines). Kept in static buffers: the supervisor has no heap of its own.
 void TakeHandover(int dir_fd, Stream streams[2]) {
   static char text[2 * 4096 + 2];
-  static bool taken = false;
-  if (taken || streams[0].path != nullptr) {
+  if (streams[0].path != nullptr) {
     Log("%s ignored: the output already has its destination", kHandoverFile);
     return;
   }
@@ -313,7 +312,6 @@ void TakeHandover(int dir_fd, Stream streams[2]) {
   }
   *second = '\0';
   *end = '\0';
-  taken = true;
   streams[0].path = text;
   streams[1].path = second + 1;
   Log("handed over: stdout to %s, stderr to %s", streams[0].path, streams[1].path);

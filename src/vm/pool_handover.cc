@@ -48,18 +48,15 @@ absl::Status AttachOverlay(QmpClient& qmp, int overlay_fd) {
 
 absl::Status AddForwards(QmpClient& qmp, const std::vector<PortForward>& forwards) {
   for (const PortForward& forward : forwards) {
-    absl::StatusOr<std::string> rule = HostForwardRule(forward);
-    if (!rule.ok()) return rule.status();
-    absl::StatusOr<json> out = qmp.Execute("human-monitor-command", {{"command-line", "hostfwd_add user.0 " + *rule}},
-                                           timeouts::kQmpCommand);
-    if (!out.ok()) return out.status();
-    if (out->is_string() && !out->get<std::string>().empty()) {
-      return absl::UnavailableError(absl::StrCat("port_map \"", forward.label, "\": QEMU could not forward ",
-                                                 forward.host_ip.empty() ? "*" : forward.host_ip, ":", forward.host_port,
-                                                 ": ", out->get<std::string>()));
-    }
+    if (absl::Status added = AddHostForward(qmp, forward); !added.ok()) return added;
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> Hmp(QmpClient& qmp, const std::string& command) {
+  absl::StatusOr<json> out = qmp.Execute("human-monitor-command", {{"command-line", command}}, timeouts::kQmpCommand);
+  if (!out.ok()) return out.status();
+  return out->is_string() ? out->get<std::string>() : std::string();
 }
 
 absl::Status JoinCgroup(pid_t qemu, const std::vector<std::string>& procs_files) {
@@ -99,6 +96,27 @@ absl::StatusOr<std::string> HostForwardRule(const PortForward& forward) {
     return absl::InvalidArgumentError(absl::StrCat("port_map \"", forward.label, "\": a forward a pooled VM cannot take"));
   }
   return absl::StrCat(forward.protocol, ":", forward.host_ip, ":", forward.host_port, "-:", forward.guest_port);
+}
+
+absl::Status AddHostForward(QmpClient& qmp, const PortForward& forward) {
+  absl::StatusOr<std::string> rule = HostForwardRule(forward);
+  if (!rule.ok()) return rule.status();
+  absl::StatusOr<std::string> out = Hmp(qmp, "hostfwd_add user.0 " + *rule);
+  if (!out.ok()) return out.status();
+  // hostfwd_add answers "" when it worked, its error text otherwise.
+  if (!out->empty()) {
+    return absl::UnavailableError(absl::StrCat("port_map \"", forward.label, "\": QEMU could not forward ",
+                                               forward.host_ip.empty() ? "*" : forward.host_ip, ":", forward.host_port,
+                                               ": ", *out));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RemoveHostForward(QmpClient& qmp, const PortForward& forward) {
+  if (absl::StatusOr<std::string> rule = HostForwardRule(forward); !rule.ok()) return rule.status();
+  // hostfwd_remove takes the host side only: [tcp|udp]:[address]:port.
+  return Hmp(qmp, absl::StrCat("hostfwd_remove user.0 ", forward.protocol, ":", forward.host_ip, ":", forward.host_port))
+      .status();
 }
 
 absl::Status MoveSlotInto(PooledVm& vm, const std::string& state_dir) {

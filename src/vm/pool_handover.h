@@ -36,4 +36,9 @@ absl::Status AttachTaskParts(QmpClient& qmp, const PooledVm& vm, const std::stri
 // for anything but an IPv4 address or "" and tcp/udp.
 absl::StatusOr<std::string> HostForwardRule(const PortForward& forward);
 
+// Adds or removes one forward on QEMU's user network (user.0) through HMP,
+// the rule checked first (HostForwardRule). The pool's warm-up uses both.
+absl::Status AddHostForward(QmpClient& qmp, const PortForward& forward);
+absl::Status RemoveHostForward(QmpClient& qmp, const PortForward& forward);
+
 }  // namespace ndq

@@ -30,6 +30,7 @@
 #include "qemu/guest_agent_client.h"
 #include "qemu_driver/supervisor_protocol.h"
 #include "vm/fd_table.h"
+#include "vm/pool_handover.h"
 #include "vm/warm_start.h"
 
 namespace ndq {
@@ -90,15 +91,6 @@ void ProbeOnce(int port) {
   }
 }
 
-absl::Status Hmp(QmpClient& qmp, const std::string& command) {
-  absl::StatusOr<json> out = qmp.Execute("human-monitor-command", {{"command-line", command}}, timeouts::kQmpCommand);
-  if (!out.ok()) return out.status();
-  // hostfwd_add answers "" when it worked, its error text otherwise.
-  const std::string text = out->is_string() ? out->get<std::string>() : "";
-  if (command.rfind("hostfwd_add", 0) == 0 && !text.empty()) return absl::InternalError(command + ": " + text);
-  return absl::OkStatus();
-}
-
 // Runs the restored guest for one served connection (or one agent ping),
 // then pauses it again: TCG translates the guest's code on first use, and
 // that first use is most of a restore's time (measured: a restored test
@@ -115,14 +107,12 @@ absl::Status WarmUp(QmpClient& qmp, const PoolRecipe& recipe, const std::string&
   if (ready.guest_port <= 0) return absl::OkStatus();
   absl::StatusOr<int> port = FreeLocalPort();
   if (!port.ok()) return port.status();
-  const std::string rule = absl::StrCat("tcp:127.0.0.1:", *port);
-  if (absl::Status added = Hmp(qmp, absl::StrCat("hostfwd_add user.0 ", rule, "-:", ready.guest_port)); !added.ok()) {
-    return added;
-  }
+  const PortForward forward{ready.port_label, "tcp", "127.0.0.1", *port, ready.guest_port};
+  if (absl::Status added = AddHostForward(qmp, forward); !added.ok()) return added;
   absl::Status status = qmp.Cont(timeouts::kQmpCommand);
   if (status.ok()) ProbeOnce(*port);
   if (absl::Status stopped = qmp.Stop(timeouts::kQmpCommand); status.ok()) status = stopped;
-  if (absl::Status removed = Hmp(qmp, "hostfwd_remove user.0 " + rule); status.ok()) status = removed;
+  if (absl::Status removed = RemoveHostForward(qmp, forward); status.ok()) status = removed;
   return status;
 }
 
@@ -215,12 +205,18 @@ void KillSupervisorOf(const std::string& dir) {
 // A slot a previous plugin left: usable when its manifest is there (it got
 // ready), its supervisor and QEMU are the processes it names, its template
 // is still there, and QEMU answers QMP with the guest paused.
-absl::StatusOr<std::shared_ptr<PooledVm>> AdoptSlot(const std::string& dir, std::string* template_dir) {
-  auto vm = std::make_shared<PooledVm>();
+// Fills `*vm` as far as it gets, so a slot it refuses is removed with the
+// processes it found.
+absl::Status AdoptSlot(const std::string& dir, PooledVm* vm, std::string* template_dir) {
   vm->dir = dir;
   std::optional<std::string> text = ReadSmallFile(dir + "/" + kSlotManifest);
-  json manifest = text ? json::parse(*text, nullptr, false) : json();
-  if (!manifest.is_object()) return absl::NotFoundError("no manifest: its supervisor never ran");
+  if (!text) {
+    // The plugin died between spawning its supervisor and writing one.
+    KillSupervisorOf(dir);
+    return absl::NotFoundError("no manifest: its supervisor never ran");
+  }
+  json manifest = json::parse(*text, nullptr, false);
+  if (!manifest.is_object()) return absl::NotFoundError("its manifest is unreadable");
   vm->key = manifest.value("key", "");
   *template_dir = manifest.value("template_dir", "");
   vm->supervisor_pid = manifest.value("supervisor_pid", -1);
@@ -247,7 +243,7 @@ absl::StatusOr<std::shared_ptr<PooledVm>> AdoptSlot(const std::string& dir, std:
   absl::StatusOr<std::string> state = vm->qmp->QueryStatus(timeouts::kQmpCommand);
   if (!state.ok()) return state.status();
   if (*state != "paused") return absl::FailedPreconditionError("its guest is " + *state + ", not paused");
-  return vm;
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -308,31 +304,16 @@ void WarmPool::Adopt(const std::string& state_root) {
   std::error_code error;
   for (const auto& item : std::filesystem::directory_iterator(dir, error)) {
     std::string template_dir;
-    absl::StatusOr<std::shared_ptr<PooledVm>> vm = AdoptSlot(item.path().string(), &template_dir);
-    if (!vm.ok()) {
-      PooledVm left;
-      left.dir = item.path().string();
-      // Its supervisor, if the manifest names a live one, goes with it.
-      if (std::optional<std::string> text = ReadSmallFile(left.dir + "/" + kSlotManifest); !text) {
-        KillSupervisorOf(left.dir);
-      } else {
-        const json m = json::parse(*text, nullptr, false);
-        if (m.is_object()) {
-          if (absl::StatusOr<int> fd = OpenVerifiedPidfd(m.value("supervisor_pid", -1),
-                                                         m.value("supervisor_start_ticks", uint64_t{0}));
-              fd.ok()) {
-            left.supervisor_pidfd.reset(*fd);
-          }
-        }
-      }
-      log::Debug("warm pool: removing a slot", {{"dir", left.dir}, {"reason", std::string(vm.status().message())}});
-      Remove(*host_, left);
+    auto vm = std::make_shared<PooledVm>();
+    if (absl::Status usable = AdoptSlot(item.path().string(), vm.get(), &template_dir); !usable.ok()) {
+      log::Debug("warm pool: removing a slot", {{"dir", vm->dir}, {"reason", std::string(usable.message())}});
+      Remove(*host_, *vm);  // with the supervisor it found, if that one is still the slot's
       ++removed;
       continue;
     }
     absl::MutexLock lock(&mu_);
-    Entry& entry = entries_[(*vm)->key];
-    entry.ready.push_back(*std::move(vm));
+    Entry& entry = entries_[vm->key];
+    entry.ready.push_back(std::move(vm));
     entry.template_dir = template_dir;
     entry.used = absl::Now();
     ++adopted;
