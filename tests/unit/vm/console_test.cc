@@ -20,6 +20,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "../../support/eventually.h"
 #include "../../support/temp_dir.h"
 #include "vm/boot_watch.h"
 
@@ -27,6 +28,7 @@ namespace ndq {
 namespace {
 
 namespace fs = std::filesystem;
+using ::ndq::testing::Eventually;
 using ::ndq::testing::TempDir;
 using ::testing::HasSubstr;
 
@@ -126,6 +128,7 @@ class FakeAgentSocket {
     ::close(listen_fd_);
   }
   std::atomic<bool> ready{false};
+  std::atomic<int> unanswered{0};  // requests that came while not ready
 
  private:
   // One connection at a time, like QEMU's chardev.
@@ -153,7 +156,10 @@ class FakeAgentSocket {
         std::string line = input.substr(0, nl);
         input.erase(0, nl + 1);
         line.erase(0, line.find_first_not_of('\xff'));
-        if (!ready) continue;
+        if (!ready) {
+          ++unanswered;
+          continue;
+        }
         const nlohmann::json request = nlohmann::json::parse(line, nullptr, false);
         if (request.is_discarded()) continue;
         std::string reply = request.value("execute", "") == "guest-sync-delimited"
@@ -211,7 +217,8 @@ TEST(BootWatch, ReadyWhenTheGuestAgentAnswers) {
   WatchOutcome outcome;
   const absl::Time start = absl::Now();
   BootWatch watch(AgentWatch(tmp.path() + "/qga.sock", absl::Seconds(30), outcome));
-  absl::SleepFor(absl::Milliseconds(800));  // the guest "boots": probes meanwhile get no answer
+  // The guest "boots": the watch's probes get no answer until it has probed twice.
+  ASSERT_TRUE(Eventually([&agent] { return agent.unanswered >= 2; }, absl::Seconds(10)));
   agent.ready = true;
   ASSERT_TRUE(Ended(outcome, absl::Seconds(10)));
   absl::MutexLock lock(&outcome.mu);
