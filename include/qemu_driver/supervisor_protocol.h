@@ -24,6 +24,10 @@ inline constexpr char kPidFile[] = "qemu.pid";          // QEMU's pid, decimal +
 inline constexpr char kExitFile[] = "exit.json";        // written once, when QEMU is gone
 inline constexpr char kLogFile[] = "supervisor.log";    // the supervisor's stdout/stderr
 inline constexpr char kTempSuffix[] = ".tmp";
+// The one directory of a VM's state that QEMU's user may write: its sockets.
+inline constexpr char kRunDir[] = "run";
+inline constexpr char kQmpSocket[] = "qmp.sock";         // in kRunDir
+inline constexpr char kGuestAgentSocket[] = "qga.sock";  // in kRunDir, with guest_agent
 
 // Command line:
 //   nomad-qemu-supervisor --state-dir DIR (--stdout PATH --stderr PATH | --pooled) [--user NAME]

@@ -4,6 +4,7 @@
 // layer (driver/error_classification.h), nowhere else.
 #pragma once
 
+#include <cerrno>
 #include <optional>
 #include <string>
 
@@ -40,6 +41,8 @@ ErrorKind KindOfErrno(int err);
 // A status for a failed system call: "<what>: <strerror>", with its code and
 // kind following errno.
 absl::Status ErrnoError(const std::string& what, int err);
+// The same for the call that just failed (errno as it is now).
+inline absl::Status ErrnoNow(const std::string& what) { return ErrnoError(what, errno); }
 
 // Errors whose kind is known where they arise, so no code has to imply it:
 // the job's or the operator's configuration cannot work here (kBadConfig),

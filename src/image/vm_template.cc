@@ -86,7 +86,6 @@ bool AllZero(const char* data, size_t len) {
   return len == 0 || (data[0] == 0 && std::memcmp(data, data + 1, len - 1) == 0);
 }
 
-absl::Status Errno(const std::string& what) { return ErrnoError(what, errno); }
 
 // Makes the staging name unique per process and call.
 std::string StagingName(const std::string& key) {
@@ -155,7 +154,7 @@ void KeepDigestsIn(const std::string& path) {
 
 absl::StatusOr<std::string> ContentDigest(int fd) {
   struct stat st;
-  if (::fstat(fd, &st) != 0) return Errno("cannot stat a file to hash");
+  if (::fstat(fd, &st) != 0) return ErrnoNow("cannot stat a file to hash");
   const FileIdentity identity = FileIdentity::Of(st);
   {
     absl::MutexLock lock(&digest_mu);
@@ -171,7 +170,7 @@ absl::StatusOr<std::string> ContentDigest(int fd) {
   for (;;) {
     const ssize_t n = ::pread(fd, buffer.get(), kChunk, offset);
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return Errno("cannot read a file to hash");
+    if (n < 0) return ErrnoNow("cannot read a file to hash");
     if (n == 0) break;
     XXH3_128bits_update(state.get(), buffer.get(), static_cast<size_t>(n));
     offset += n;
@@ -298,10 +297,10 @@ TemplateStore::Writer::~Writer() {
 }
 
 absl::Status TemplateStore::Writer::Begin() {
-  if (::mkdir(store_.dir_.c_str(), 0700) != 0 && errno != EEXIST) return Errno("cannot create " + store_.dir_);
+  if (::mkdir(store_.dir_.c_str(), 0700) != 0 && errno != EEXIST) return ErrnoNow("cannot create " + store_.dir_);
   staging_ = absl::StrCat(store_.dir_, "/", StagingName(id_.Key()));
   if (::mkdir(staging_.c_str(), 0700) != 0) {
-    const absl::Status failed = Errno("cannot create " + staging_);
+    const absl::Status failed = ErrnoNow("cannot create " + staging_);
     staging_.clear();
     return failed;
   }
@@ -311,7 +310,7 @@ absl::Status TemplateStore::Writer::Begin() {
 absl::Status TemplateStore::Writer::CopyFd(const std::string& name, int fd, int64_t bytes) {
   const std::string path = staging_ + "/" + name;
   UniqueFd out(::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
-  if (!out.valid()) return Errno("cannot create " + path);
+  if (!out.valid()) return ErrnoNow("cannot create " + path);
   std::unique_ptr<XXH3_state_t, decltype(&XXH3_freeState)> state(XXH3_createState(), XXH3_freeState);
   XXH3_128bits_reset(state.get());
   std::unique_ptr<char[]> buffer(new char[kChunk]);
@@ -319,7 +318,7 @@ absl::Status TemplateStore::Writer::CopyFd(const std::string& name, int fd, int6
     const size_t want = static_cast<size_t>(std::min<int64_t>(kChunk, bytes - offset));
     const ssize_t n = ::pread(fd, buffer.get(), want, offset);
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return Errno("cannot read what goes into " + path);
+    if (n < 0) return ErrnoNow("cannot read what goes into " + path);
     if (n == 0) return absl::DataLossError(absl::StrCat(path, ": the source ended at ", offset, " of ", bytes, " bytes"));
     XXH3_128bits_update(state.get(), buffer.get(), static_cast<size_t>(n));
     // Zero runs (most of a fresh guest's RAM) stay holes.
@@ -327,13 +326,13 @@ absl::Status TemplateStore::Writer::CopyFd(const std::string& name, int fd, int6
       for (ssize_t done = 0; done < n;) {
         const ssize_t w = ::pwrite(out.get(), buffer.get() + done, static_cast<size_t>(n - done), offset + done);
         if (w < 0 && errno == EINTR) continue;
-        if (w < 0) return Errno("cannot write " + path);
+        if (w < 0) return ErrnoNow("cannot write " + path);
         done += w;
       }
     }
     offset += n;
   }
-  if (::ftruncate(out.get(), bytes) != 0 || ::fsync(out.get()) != 0) return Errno("cannot write " + path);
+  if (::ftruncate(out.get(), bytes) != 0 || ::fsync(out.get()) != 0) return ErrnoNow("cannot write " + path);
   files_.push_back(File{name, bytes, Hex128(XXH3_128bits_digest(state.get()))});
   return absl::OkStatus();
 }
@@ -359,10 +358,10 @@ absl::Status TemplateStore::Writer::Publish() {
                                    {"files", files}};
   const std::string path = staging_ + "/" + kManifest;
   UniqueFd out(::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
-  if (!out.valid()) return Errno("cannot create " + path);
+  if (!out.valid()) return ErrnoNow("cannot create " + path);
   const std::string text = manifest.dump(2);
   if (::write(out.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size()) || ::fsync(out.get()) != 0) {
-    return Errno("cannot write " + path);
+    return ErrnoNow("cannot write " + path);
   }
   for (const File& file : files_) ::chmod((staging_ + "/" + file.name).c_str(), 0400);
   // QEMU 7.2 opens its memory file read-write even to map it privately: an
@@ -371,12 +370,12 @@ absl::Status TemplateStore::Writer::Publish() {
   if (ram_owner_) {
     const std::string ram = staging_ + "/" + kTemplateRam;
     if (::chown(ram.c_str(), ram_owner_->first, ram_owner_->second) != 0 || ::chmod(ram.c_str(), 0600) != 0) {
-      return Errno("cannot hand " + ram + " to QEMU's user");
+      return ErrnoNow("cannot hand " + ram + " to QEMU's user");
     }
   }
   if (::rename(staging_.c_str(), store_.DirFor(id_.Key()).c_str()) != 0) {
     if (errno == EEXIST || errno == ENOTEMPTY) return absl::AlreadyExistsError("another start saved this template first");
-    return Errno("cannot publish template " + store_.DirFor(id_.Key()));
+    return ErrnoNow("cannot publish template " + store_.DirFor(id_.Key()));
   }
   published_ = true;
   return absl::OkStatus();

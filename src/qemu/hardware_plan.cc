@@ -42,14 +42,13 @@ bool Contains(const std::vector<std::string>& list, const std::string& value) {
   return std::find(list.begin(), list.end(), value) != list.end();
 }
 
-std::string Field(const std::string& name) { return absl::StrCat("task config \"", name, "\""); }
 
 // Checks an optional choice; returns the value, or "" when unset or refused.
 std::string Choice(const std::string& field, const std::optional<std::string>& value,
                    const std::vector<std::string>& allowed, std::vector<std::string>& problems) {
   if (!value) return "";
   if (Contains(allowed, *value)) return *value;
-  problems.push_back(absl::StrCat(Field(field), ": ", Quoted(*value), " is not supported; use one of ",
+  problems.push_back(absl::StrCat(TaskConfigField(field), ": ", Quoted(*value), " is not supported; use one of ",
                                   QuotedList(allowed)));
   return "";
 }
@@ -66,10 +65,10 @@ int64_t SizeOrProblem(const std::string& field, const std::optional<std::string>
   if (!text) return 0;
   absl::StatusOr<int64_t> bytes = ParseSize(*text);
   if (!bytes.ok()) {
-    problems.push_back(absl::StrCat(Field(field), ": ", bytes.status().message()));
+    problems.push_back(absl::StrCat(TaskConfigField(field), ": ", bytes.status().message()));
     return 0;
   }
-  if (*bytes < 512) problems.push_back(absl::StrCat(Field(field), ": ", Quoted(*text), " is too small for a disk"));
+  if (*bytes < 512) problems.push_back(absl::StrCat(TaskConfigField(field), ": ", Quoted(*text), " is too small for a disk"));
   return *bytes;
 }
 
@@ -80,25 +79,25 @@ void PlanDiskSource(const DiskConfig& disk, const std::string& name, const Plugi
   source.size_bytes = SizeOrProblem(name + ".size", disk.size, problems);
   source.format = Choice(name + ".format", disk.format, DiskFormats(), problems);
   if (disk.image_path && disk.image_source) {
-    problems.push_back(absl::StrCat(Field(name), ": set at most one of \"image_path\" and \"image_source\""));
+    problems.push_back(absl::StrCat(TaskConfigField(name), ": set at most one of \"image_path\" and \"image_source\""));
     return;
   }
   if (disk.checksum && !disk.image_source) {
-    problems.push_back(absl::StrCat(Field(name + ".checksum"), ": only checks an image_source download"));
+    problems.push_back(absl::StrCat(TaskConfigField(name + ".checksum"), ": only checks an image_source download"));
   }
   if (disk.image_path) {
     source.origin = DriveOrigin::kJobFile;
     source.field = name + ".image_path";
     source.path = *disk.image_path;
-    if (source.path.empty()) problems.push_back(absl::StrCat(Field(source.field), ": must not be empty"));
+    if (source.path.empty()) problems.push_back(absl::StrCat(TaskConfigField(source.field), ": must not be empty"));
   } else if (disk.image_source) {
     source.origin = DriveOrigin::kDownload;
     source.field = name + ".image_source";
     source.urls = {*disk.image_source};
-    if (disk.image_source->empty()) problems.push_back(absl::StrCat(Field(source.field), ": must not be empty"));
+    if (disk.image_source->empty()) problems.push_back(absl::StrCat(TaskConfigField(source.field), ": must not be empty"));
     source.checksum = disk.checksum.value_or("");
     if (source.checksum.empty() && !plugin.allow_unverified_images) {
-      problems.push_back(absl::StrCat(Field(name + ".checksum"),
+      problems.push_back(absl::StrCat(TaskConfigField(name + ".checksum"),
                                       ": required for image_source; the plugin config does not set "
                                       "allow_unverified_images"));
     }
@@ -106,11 +105,11 @@ void PlanDiskSource(const DiskConfig& disk, const std::string& name, const Plugi
     source.origin = DriveOrigin::kBlank;
     source.field = name + ".size";
     if (!disk.size) {
-      problems.push_back(absl::StrCat(Field(name), ": set image_path, image_source, or size for a blank disk"));
+      problems.push_back(absl::StrCat(TaskConfigField(name), ": set image_path, image_source, or size for a blank disk"));
     }
     if (source.format.empty()) source.format = "raw";
     if (source.format != "raw" && source.format != "qcow2") {
-      problems.push_back(absl::StrCat(Field(name + ".format"), ": a blank disk is \"raw\" or \"qcow2\""));
+      problems.push_back(absl::StrCat(TaskConfigField(name + ".format"), ": a blank disk is \"raw\" or \"qcow2\""));
     }
   }
 }
@@ -126,7 +125,7 @@ void PlanDisk(const DiskConfig& disk, size_t index, const PluginConfig& plugin, 
   drive.read_only = disk.readonly;
   if (disk.serial) {
     if (!IsPlainName(*disk.serial) || disk.serial->size() > kMaxSerial) {
-      problems.push_back(absl::StrCat(Field(name + ".serial"), ": ", Quoted(*disk.serial), " must be 1 to ",
+      problems.push_back(absl::StrCat(TaskConfigField(name + ".serial"), ": ", Quoted(*disk.serial), " must be 1 to ",
                                       kMaxSerial, " letters, digits, '.', '_' or '-'"));
     } else {
       drive.serial = *disk.serial;
@@ -147,7 +146,7 @@ void CheckNvmeSerials(const VmSpec& spec, std::vector<std::string>& problems) {
     if (drive.interface != "nvme") continue;
     auto [it, added] = first.emplace(drive.serial, i);
     if (!added) {
-      problems.push_back(absl::StrCat(Field(absl::StrCat("disk[", i, "].serial")), ": ", Quoted(drive.serial),
+      problems.push_back(absl::StrCat(TaskConfigField(absl::StrCat("disk[", i, "].serial")), ": ", Quoted(drive.serial),
                                       " is already disk[", it->second, "]'s NVMe serial"));
     }
   }
@@ -155,7 +154,7 @@ void CheckNvmeSerials(const VmSpec& spec, std::vector<std::string>& problems) {
 
 void PlanCdrom(const TaskConfig& config, const PluginConfig& plugin, VmSpec& spec, std::vector<std::string>& problems) {
   if (config.cdrom_checksum && !config.cdrom_source) {
-    problems.push_back(absl::StrCat(Field("cdrom_checksum"), ": only checks a cdrom_source download"));
+    problems.push_back(absl::StrCat(TaskConfigField("cdrom_checksum"), ": only checks a cdrom_source download"));
   }
   if (!config.cdrom && !config.cdrom_source) return;
   if (config.cdrom && config.cdrom_source) {
@@ -171,15 +170,15 @@ void PlanCdrom(const TaskConfig& config, const PluginConfig& plugin, VmSpec& spe
   if (config.cdrom) {
     drive.source.field = "cdrom";
     drive.source.path = *config.cdrom;
-    if (config.cdrom->empty()) problems.push_back(absl::StrCat(Field("cdrom"), ": must not be empty"));
+    if (config.cdrom->empty()) problems.push_back(absl::StrCat(TaskConfigField("cdrom"), ": must not be empty"));
   } else {
     drive.source.origin = DriveOrigin::kDownload;
     drive.source.field = "cdrom_source";
     drive.source.urls = {*config.cdrom_source};
-    if (config.cdrom_source->empty()) problems.push_back(absl::StrCat(Field("cdrom_source"), ": must not be empty"));
+    if (config.cdrom_source->empty()) problems.push_back(absl::StrCat(TaskConfigField("cdrom_source"), ": must not be empty"));
     drive.source.checksum = config.cdrom_checksum.value_or("");
     if (drive.source.checksum.empty() && !plugin.allow_unverified_images) {
-      problems.push_back(absl::StrCat(Field("cdrom_checksum"),
+      problems.push_back(absl::StrCat(TaskConfigField("cdrom_checksum"),
                                       ": required for cdrom_source; the plugin config does not set "
                                       "allow_unverified_images"));
     }
@@ -190,10 +189,10 @@ void PlanCdrom(const TaskConfig& config, const PluginConfig& plugin, VmSpec& spe
 void CheckDocument(const std::string& name, const std::optional<std::string>& inline_text,
                    const std::optional<std::string>& file, std::vector<std::string>& problems) {
   if (inline_text && file) {
-    problems.push_back(absl::StrCat(Field("cloud_init." + name), ": set at most one of \"", name, "\" and \"", name,
+    problems.push_back(absl::StrCat(TaskConfigField("cloud_init." + name), ": set at most one of \"", name, "\" and \"", name,
                                     "_file\""));
   }
-  if (file && file->empty()) problems.push_back(absl::StrCat(Field("cloud_init." + name + "_file"), ": must not be empty"));
+  if (file && file->empty()) problems.push_back(absl::StrCat(TaskConfigField("cloud_init." + name + "_file"), ": must not be empty"));
 }
 
 // The seed is built at start; here its options are checked and its drive
@@ -227,15 +226,15 @@ void PlanBootOrder(const TaskConfig& config, VmSpec& spec, std::vector<std::stri
   const bool has_disk = !spec.image_path.empty();
   const std::string order = config.boot_order.value_or(cdrom != nullptr && !has_disk ? "cdrom" : "disk");
   if (order != "disk" && order != "cdrom") {
-    problems.push_back(absl::StrCat(Field("boot_order"), ": ", Quoted(order), " is not supported; use \"disk\" or \"cdrom\""));
+    problems.push_back(absl::StrCat(TaskConfigField("boot_order"), ": ", Quoted(order), " is not supported; use \"disk\" or \"cdrom\""));
     return;
   }
   if (order == "cdrom" && cdrom == nullptr) {
-    problems.push_back(absl::StrCat(Field("boot_order"), ": \"cdrom\" needs cdrom or cdrom_source"));
+    problems.push_back(absl::StrCat(TaskConfigField("boot_order"), ": \"cdrom\" needs cdrom or cdrom_source"));
     return;
   }
   if (order == "disk" && !has_disk && config.boot_order) {
-    problems.push_back(absl::StrCat(Field("boot_order"), ": \"disk\" needs image_path or image_source"));
+    problems.push_back(absl::StrCat(TaskConfigField("boot_order"), ": \"disk\" needs image_path or image_source"));
     return;
   }
   if (spec.drives.empty() || !spec.kernel.kernel.empty()) return;
@@ -246,7 +245,7 @@ void PlanBootOrder(const TaskConfig& config, VmSpec& spec, std::vector<std::stri
     // Only the CD-ROM could take an index, and an indexed device boots
     // before every other: the CD-ROM would come first.
     if (config.boot_order) {
-      problems.push_back(absl::StrCat(Field("boot_order"), ": \"disk\" cannot come before the CD-ROM with drive_interface ",
+      problems.push_back(absl::StrCat(TaskConfigField("boot_order"), ": \"disk\" cannot come before the CD-ROM with drive_interface ",
                                       Quoted(spec.drive_interface),
                                       " (only ide, virtio and scsi boot disks take a boot index)"));
     }
@@ -276,6 +275,8 @@ bool ParseMac(const std::string& text, std::string* normal, uint8_t* first) {
 }  // namespace
 
 std::string Quoted(const std::string& s) { return absl::StrCat("\"", s, "\""); }
+
+std::string TaskConfigField(const std::string& name) { return absl::StrCat("task config ", Quoted(name)); }
 
 std::string QuotedList(const std::vector<std::string>& items) {
   return absl::StrJoin(items, ", ", [](std::string* out, const std::string& s) { out->append(Quoted(s)); });
@@ -307,8 +308,8 @@ bool BootsWithoutImage(const TaskConfig& config) {
 void PlanDrives(const TaskConfig& config, const PluginConfig& plugin, VmSpec& spec,
                 std::vector<std::string>& problems) {
   const bool has_disk = !spec.image_path.empty();
-  if (!has_disk && config.disk_cache) problems.push_back(Field("disk_cache") + ": the task has no boot disk");
-  if (!has_disk && config.disk_discard) problems.push_back(Field("disk_discard") + ": the task has no boot disk");
+  if (!has_disk && config.disk_cache) problems.push_back(TaskConfigField("disk_cache") + ": the task has no boot disk");
+  if (!has_disk && config.disk_discard) problems.push_back(TaskConfigField("disk_discard") + ": the task has no boot disk");
   spec.boot_cache = Choice("disk_cache", config.disk_cache, CacheModes(), problems);
   spec.boot_discard = Choice("disk_discard", config.disk_discard, DiscardModes(), problems);
   if (config.disks.size() > kMaxDisks) {
@@ -325,23 +326,23 @@ void PlanDrives(const TaskConfig& config, const PluginConfig& plugin, VmSpec& sp
 
 void PlanKernel(const TaskConfig& config, VmSpec& spec, std::vector<std::string>& problems) {
   if (!config.kernel) {
-    if (config.initrd) problems.push_back(absl::StrCat(Field("initrd"), ": needs kernel"));
-    if (config.kernel_cmdline) problems.push_back(absl::StrCat(Field("kernel_cmdline"), ": needs kernel"));
+    if (config.initrd) problems.push_back(absl::StrCat(TaskConfigField("initrd"), ": needs kernel"));
+    if (config.kernel_cmdline) problems.push_back(absl::StrCat(TaskConfigField("kernel_cmdline"), ": needs kernel"));
     return;
   }
   KernelBoot& boot = spec.kernel;
   boot.kernel = *config.kernel;
-  if (boot.kernel.empty()) problems.push_back(absl::StrCat(Field("kernel"), ": must not be empty"));
+  if (boot.kernel.empty()) problems.push_back(absl::StrCat(TaskConfigField("kernel"), ": must not be empty"));
   if (config.initrd) {
     boot.initrd = *config.initrd;
-    if (boot.initrd.empty()) problems.push_back(absl::StrCat(Field("initrd"), ": must not be empty"));
+    if (boot.initrd.empty()) problems.push_back(absl::StrCat(TaskConfigField("initrd"), ": must not be empty"));
   }
   const std::string cmdline = config.kernel_cmdline.value_or("");
   const bool printable = std::all_of(cmdline.begin(), cmdline.end(), [](char c) {
     return static_cast<unsigned char>(c) >= 0x20 && c != 0x7f;
   });
   if (!printable || cmdline.size() > kMaxKernelCmdline) {
-    problems.push_back(absl::StrCat(Field("kernel_cmdline"), ": must be one line of printable characters, at most ",
+    problems.push_back(absl::StrCat(TaskConfigField("kernel_cmdline"), ": must be one line of printable characters, at most ",
                                     kMaxKernelCmdline, " bytes"));
   } else {
     boot.cmdline = cmdline;
@@ -368,10 +369,10 @@ void PlanNic(const TaskConfig& config, const TaskRequest& task, const HostCapabi
   spec.net_device = config.net_device.value_or("virtio-net");
   const auto models = host.net_devices.find(spec.emulator);
   if (!IsPlainName(spec.net_device)) {
-    problems.push_back(absl::StrCat(Field("net_device"), ": ", Quoted(spec.net_device), " is not a device name"));
+    problems.push_back(absl::StrCat(TaskConfigField("net_device"), ": ", Quoted(spec.net_device), " is not a device name"));
   } else if (config.net_device && spec.net_device != "virtio-net" && models != host.net_devices.end() &&
              !models->second.empty() && !Contains(models->second, spec.net_device)) {
-    problems.push_back(absl::StrCat(Field("net_device"), ": ", Quoted(spec.net_device), " is not a NIC model of qemu-system-",
+    problems.push_back(absl::StrCat(TaskConfigField("net_device"), ": ", Quoted(spec.net_device), " is not a NIC model of qemu-system-",
                                     spec.emulator, "; it has ", QuotedList(models->second)));
   }
   if (!config.mac_address) {
@@ -380,13 +381,13 @@ void PlanNic(const TaskConfig& config, const TaskRequest& task, const HostCapabi
   }
   uint8_t first = 0;
   if (!ParseMac(*config.mac_address, &spec.mac_address, &first)) {
-    problems.push_back(absl::StrCat(Field("mac_address"), ": ", Quoted(*config.mac_address),
+    problems.push_back(absl::StrCat(TaskConfigField("mac_address"), ": ", Quoted(*config.mac_address),
                                     " is not a MAC address like 02:00:00:12:34:56"));
   } else if (first & 0x01) {
-    problems.push_back(absl::StrCat(Field("mac_address"), ": ", Quoted(*config.mac_address),
+    problems.push_back(absl::StrCat(TaskConfigField("mac_address"), ": ", Quoted(*config.mac_address),
                                     " is a multicast address; a NIC needs a unicast one (first byte even)"));
   } else if (spec.mac_address == "00:00:00:00:00:00") {
-    problems.push_back(absl::StrCat(Field("mac_address"), ": the all-zero address is not usable"));
+    problems.push_back(absl::StrCat(TaskConfigField("mac_address"), ": the all-zero address is not usable"));
   }
 }
 
@@ -394,15 +395,15 @@ void PlanFirmware(const TaskConfig& config, const HostCapabilities& host, VmSpec
                   std::vector<std::string>& problems) {
   const std::string kind = config.firmware.value_or("bios");
   if (kind != "bios" && kind != "uefi") {
-    problems.push_back(absl::StrCat(Field("firmware"), ": ", Quoted(kind), " is not supported; use \"bios\" or \"uefi\""));
+    problems.push_back(absl::StrCat(TaskConfigField("firmware"), ": ", Quoted(kind), " is not supported; use \"bios\" or \"uefi\""));
   }
   if (config.secure_boot && kind != "uefi") {
-    problems.push_back(absl::StrCat(Field("secure_boot"), ": needs firmware = \"uefi\""));
+    problems.push_back(absl::StrCat(TaskConfigField("secure_boot"), ": needs firmware = \"uefi\""));
   }
   if (kind == "uefi") {
     const std::optional<FirmwareFiles>& files = config.secure_boot ? host.secure_boot : host.uefi;
     if (!files) {
-      problems.push_back(absl::StrCat(Field(config.secure_boot ? "secure_boot" : "firmware"), ": this client has no ",
+      problems.push_back(absl::StrCat(TaskConfigField(config.secure_boot ? "secure_boot" : "firmware"), ": this client has no ",
                                       config.secure_boot ? "Secure Boot " : "", "UEFI firmware (Debian package ovmf)"));
     } else {
       spec.firmware = Firmware{true, config.secure_boot, *files};
@@ -412,14 +413,14 @@ void PlanFirmware(const TaskConfig& config, const HostCapabilities& host, VmSpec
     // SMM keeps the firmware's variable store from the guest; QEMU has it on q35.
     const std::string machine = config.machine_type.value_or("q35");
     if (machine != "q35" && machine.rfind("pc-q35-", 0) != 0) {
-      problems.push_back(absl::StrCat(Field("secure_boot"), ": needs a q35 machine (for SMM); machine_type is ",
+      problems.push_back(absl::StrCat(TaskConfigField("secure_boot"), ": needs a q35 machine (for SMM); machine_type is ",
                                       Quoted(machine)));
     }
     if (!config.machine_type) spec.machine_type = "q35";
   }
   if (config.tpm) {
     if (host.swtpm.empty()) {
-      problems.push_back(absl::StrCat(Field("tpm"), ": swtpm is not installed on this client (Debian packages swtpm, "
+      problems.push_back(absl::StrCat(TaskConfigField("tpm"), ": swtpm is not installed on this client (Debian packages swtpm, "
                                                     "swtpm-tools)"));
     }
     spec.tpm = true;

@@ -30,6 +30,8 @@ inline int UsableIdeSlots(const std::string& machine_type) { return (IsQ35Machin
 // "name" in double quotes, and a list of them, for messages.
 std::string Quoted(const std::string& s);
 std::string QuotedList(const std::vector<std::string>& items);
+// How messages name a task config option: task config "name".
+std::string TaskConfigField(const std::string& name);
 
 // Whether the config boots without a boot disk (a CD-ROM or a kernel), so
 // image_path is not required.

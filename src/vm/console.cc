@@ -12,16 +12,15 @@
 #include "absl/strings/str_cat.h"
 #include "base/error_kind.h"
 #include "base/unique_fd.h"
+#include "qemu_driver/supervisor_protocol.h"
 
 namespace ndq {
 namespace {
 
 constexpr const char* kConsoleSockets[] = {"serial.sock", "vnc.sock"};
-constexpr char kRunDirName[] = "run";
 constexpr char kScreendumpName[] = "screendump.png";
 constexpr unsigned char kPngSignature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
 
-absl::Status Errno(const std::string& what) { return ErrnoError(what, errno); }
 
 std::string Basename(const std::string& path) { return path.substr(path.rfind('/') + 1); }
 std::string Dirname(const std::string& path) { return path.substr(0, path.rfind('/')); }
@@ -30,10 +29,10 @@ std::string Dirname(const std::string& path) { return path.substr(0, path.rfind(
 // followed, as a job (or a guest writing through a share) may plant links.
 absl::StatusOr<UniqueFd> OpenLogDir(const std::string& alloc_dir) {
   UniqueFd dir(::open(alloc_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!dir.valid()) return Errno("cannot open the alloc dir " + alloc_dir);
+  if (!dir.valid()) return ErrnoNow("cannot open the alloc dir " + alloc_dir);
   for (const char* part : {"alloc", "logs"}) {
     UniqueFd next(::openat(dir.get(), part, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
-    if (!next.valid()) return Errno(absl::StrCat("cannot open ", alloc_dir, "/alloc/logs (at ", part, ")"));
+    if (!next.valid()) return ErrnoNow(absl::StrCat("cannot open ", alloc_dir, "/alloc/logs (at ", part, ")"));
     dir = std::move(next);
   }
   return dir;
@@ -53,9 +52,9 @@ std::string SafeName(const std::string& name) {
 // bounded size that starts like a PNG.
 absl::StatusOr<UniqueFd> OpenScreendump(int run_fd) {
   UniqueFd png(::openat(run_fd, kScreendumpName, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC));
-  if (!png.valid()) return Errno("QEMU's screendump cannot be opened");
+  if (!png.valid()) return ErrnoNow("QEMU's screendump cannot be opened");
   struct stat st;
-  if (::fstat(png.get(), &st) != 0) return Errno("QEMU's screendump cannot be read");
+  if (::fstat(png.get(), &st) != 0) return ErrnoNow("QEMU's screendump cannot be read");
   if (!S_ISREG(st.st_mode) || st.st_size < 8 || static_cast<size_t>(st.st_size) > kMaxScreenshotBytes) {
     return absl::DataLossError("QEMU's screendump is not a regular file of a plausible size");
   }
@@ -76,7 +75,7 @@ absl::StatusOr<std::pair<UniqueFd, std::string>> CreateShotFile(int log_fd, cons
         attempt == 0 ? stem + ".png" : absl::StrCat(stem, "-", sequence.fetch_add(1) + attempt, ".png");
     UniqueFd fd(::openat(log_fd, name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644));
     if (fd.valid()) return std::make_pair(std::move(fd), name);
-    if (errno != EEXIST) return Errno("cannot create the screenshot " + name);
+    if (errno != EEXIST) return ErrnoNow("cannot create the screenshot " + name);
   }
   return absl::AlreadyExistsError("no free screenshot name in the log dir");
 }
@@ -87,14 +86,14 @@ absl::Status CopyAll(int from, int to) {
   for (;;) {
     const ssize_t n = ::read(from, buf, sizeof buf);
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return Errno("cannot read QEMU's screendump");
+    if (n < 0) return ErrnoNow("cannot read QEMU's screendump");
     if (n == 0) return absl::OkStatus();
     total += static_cast<size_t>(n);
     if (total > kMaxScreenshotBytes) return absl::DataLossError("QEMU's screendump grew while being copied");
     for (ssize_t done = 0; done < n;) {
       const ssize_t w = ::write(to, buf + done, static_cast<size_t>(n - done));
       if (w < 0 && errno == EINTR) continue;
-      if (w <= 0) return Errno("cannot write the screenshot");
+      if (w <= 0) return ErrnoNow("cannot write the screenshot");
       done += w;
     }
   }
@@ -108,17 +107,17 @@ absl::Status MakeConsoleDir(const ConsolePlan& console, std::optional<std::pair<
   const std::string task_dir = Dirname(console.dir);
   const std::string name = Basename(console.dir);
   UniqueFd parent(::open(task_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!parent.valid()) return Errno("cannot open task dir " + task_dir);
-  if (::mkdirat(parent.get(), name.c_str(), 0700) != 0 && errno != EEXIST) return Errno("cannot create " + console.dir);
+  if (!parent.valid()) return ErrnoNow("cannot open task dir " + task_dir);
+  if (::mkdirat(parent.get(), name.c_str(), 0700) != 0 && errno != EEXIST) return ErrnoNow("cannot create " + console.dir);
   rollback.Push([dir = console.dir] { RemoveConsoleDir(dir); });
   UniqueFd dir(::openat(parent.get(), name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
   if (!dir.valid()) {
     return RefusedError(absl::StrCat("task config \"console\": ", console.dir, " is not a directory the driver made"));
   }
   for (const char* socket : kConsoleSockets) ::unlinkat(dir.get(), socket, 0);  // a previous run's
-  if (::fchmod(dir.get(), 0700) != 0) return Errno("cannot set the mode of " + console.dir);
+  if (::fchmod(dir.get(), 0700) != 0) return ErrnoNow("cannot set the mode of " + console.dir);
   if (owner && ::fchown(dir.get(), owner->first, owner->second) != 0) {
-    return Errno("cannot hand " + console.dir + " to QEMU's user");
+    return ErrnoNow("cannot hand " + console.dir + " to QEMU's user");
   }
   return absl::OkStatus();
 }
@@ -134,9 +133,9 @@ void RemoveConsoleDir(const std::string& dir) {
 absl::StatusOr<std::string> TakeScreenshot(VmTask& vm) {
   const DriverStateRecord& record = vm.record();
   if (record.alloc_dir.empty()) return absl::FailedPreconditionError("the task's alloc dir is not known");
-  const std::string run_dir = record.state_dir + "/" + kRunDirName;
+  const std::string run_dir = record.state_dir + "/" + supervisor::kRunDir;
   UniqueFd run(::open(run_dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
-  if (!run.valid()) return Errno("cannot open " + run_dir);
+  if (!run.valid()) return ErrnoNow("cannot open " + run_dir);
   ::unlinkat(run.get(), kScreendumpName, 0);
   absl::StatusOr<nlohmann::json> dumped = vm.ExecuteQmp(
       "screendump", {{"filename", run_dir + "/" + kScreendumpName}, {"format", "png"}}, kScreenshotTimeout);

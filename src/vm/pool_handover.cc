@@ -22,7 +22,6 @@ using json = nlohmann::json;
 
 constexpr char kTaskOverlayNode[] = "task-overlay";
 
-absl::Status Errno(const std::string& what) { return ErrnoError(what, errno); }
 
 absl::Status Qmp(QmpClient& qmp, const std::string& command, const json& arguments, int fd = -1) {
   absl::StatusOr<json> out = fd >= 0 ? qmp.ExecuteWithFd(command, arguments, fd, timeouts::kQmpCommand)
@@ -82,7 +81,7 @@ absl::Status HandOutput(const PooledVm& vm, const std::string& state_dir, const 
       !written.ok()) {
     return written;
   }
-  if (::kill(vm.supervisor_pid, SIGUSR1) != 0) return Errno("cannot signal the pooled VM's supervisor");
+  if (::kill(vm.supervisor_pid, SIGUSR1) != 0) return ErrnoNow("cannot signal the pooled VM's supervisor");
   return absl::OkStatus();
 }
 
@@ -121,9 +120,9 @@ absl::Status RemoveHostForward(QmpClient& qmp, const PortForward& forward) {
 
 absl::Status MoveSlotInto(PooledVm& vm, const std::string& state_dir) {
   // prepare host made the task's state dir and its run/, both still empty.
-  ::rmdir((state_dir + "/run").c_str());
-  if (::rmdir(state_dir.c_str()) != 0 && errno != ENOENT) return Errno("cannot make room for the pooled VM at " + state_dir);
-  if (::rename(vm.dir.c_str(), state_dir.c_str()) != 0) return Errno("cannot move the pooled VM to " + state_dir);
+  ::rmdir((state_dir + "/" + supervisor::kRunDir).c_str());
+  if (::rmdir(state_dir.c_str()) != 0 && errno != ENOENT) return ErrnoNow("cannot make room for the pooled VM at " + state_dir);
+  if (::rename(vm.dir.c_str(), state_dir.c_str()) != 0) return ErrnoNow("cannot move the pooled VM to " + state_dir);
   vm.dir = state_dir;
   return absl::OkStatus();
 }

@@ -22,18 +22,18 @@
 #include "image/image_probe.h"
 #include "image/seed_iso.h"
 #include "image/task_disk.h"
+#include "qemu/hardware_plan.h"
 
 namespace ndq {
 namespace {
 
-std::string Field(const std::string& name) { return absl::StrCat("task config \"", name, "\""); }
 
 std::string Gib(int64_t bytes) { return absl::StrFormat("%.2f GiB", static_cast<double>(bytes) / (1 << 30)); }
 
 absl::Status CheckNotShrunk(const std::string& field, int64_t wanted, int64_t image) {
   if (wanted >= image) return absl::OkStatus();
   return absl::InvalidArgumentError(
-      absl::StrCat(Field(field), ": ", Gib(wanted), " is below the image's own size (", Gib(image), ")"));
+      absl::StrCat(TaskConfigField(field), ": ", Gib(wanted), " is below the image's own size (", Gib(image), ")"));
 }
 
 // A blank disk is made once and kept for the alloc: a restarted task finds
@@ -133,7 +133,7 @@ absl::StatusOr<std::optional<std::string>> Document(const std::string& name, con
   struct stat st;
   if (::fstat(admitted->fd.get(), &st) != 0) return ErrnoError("cannot stat " + field, errno);
   if (!S_ISREG(st.st_mode) || st.st_size > kMaxCloudInitFileBytes) {
-    return absl::InvalidArgumentError(absl::StrCat(Field(field), ": must be a regular file of at most ",
+    return absl::InvalidArgumentError(absl::StrCat(TaskConfigField(field), ": must be a regular file of at most ",
                                                    kMaxCloudInitFileBytes >> 20, " MiB"));
   }
   std::string content(static_cast<size_t>(st.st_size), '\0');

@@ -33,6 +33,7 @@
 #include "nomadplugin/hclog.h"
 #include "qemu/cmdline.h"
 #include "qemu/share_plan.h"
+#include "vm/share_dirs.h"
 #include "qemu_driver/supervisor_protocol.h"
 
 namespace ndq {
@@ -40,9 +41,6 @@ namespace {
 
 namespace log = nomadplugin::hclog;
 
-constexpr char kQmpSocketName[] = "qmp.sock";
-// The one directory of a VM's state that QEMU's user may write: its sockets.
-constexpr char kRunDirName[] = "run";
 
 // --- stage outputs -------------------------------------------------------------
 
@@ -103,7 +101,6 @@ struct AttachedNic {
   int tap_fd = -1;       // its number in QEMU's process
 };
 
-absl::Status ErrnoStatus(const std::string& what) { return ErrnoError(what, errno); }
 
 // --- decode ----------------------------------------------------------------------
 
@@ -196,7 +193,7 @@ absl::Status OpenFirmware(const VmSpec& spec, const MediaFiles& media, const Adm
                           OpenDisks& disks, FdTable& fds) {
   if (!spec.firmware.uefi) return absl::OkStatus();
   UniqueFd code(::open(spec.firmware.files.code.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!code.valid()) return ErrnoStatus("cannot open the UEFI firmware " + spec.firmware.files.code);
+  if (!code.valid()) return ErrnoNow("cannot open the UEFI firmware " + spec.firmware.files.code);
   absl::StatusOr<AdmittedFile> vars = AdmitFile("firmware", media.uefi_vars, task_only, FileAccess::kReadWriteIfPossible);
   if (!vars.ok()) return vars.status();
   if (!vars->writable) return ConfigError("the task's UEFI variable store is not writable");
@@ -293,20 +290,20 @@ absl::StatusOr<std::optional<passwd>> QemuUser(const TaskRequest& task, const Pl
 // write); QEMU's sockets go in run/, the one place its user may write.
 absl::Status MakeStateDir(const std::string& root, const std::string& id, const std::optional<passwd>& user,
                           HostPlace& place, VmResources& owned) {
-  if (::mkdir(root.c_str(), 0711) != 0 && errno != EEXIST) return ErrnoStatus("cannot create " + root);
+  if (::mkdir(root.c_str(), 0711) != 0 && errno != EEXIST) return ErrnoNow("cannot create " + root);
   const std::string& dir = place.record.state_dir;
   if (::mkdir(dir.c_str(), 0711) != 0) {
     if (errno == EEXIST) {
       return absl::AlreadyExistsError(absl::StrCat("task ", id, " already has a state directory ", dir, " (started twice?)"));
     }
-    return ErrnoStatus("cannot create " + dir);
+    return ErrnoNow("cannot create " + dir);
   }
   owned.state_dir = dir;
   place.state_fd.reset(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
-  if (!place.state_fd.valid()) return ErrnoStatus("cannot open " + dir);
-  if (::mkdirat(place.state_fd.get(), kRunDirName, 0700) != 0) return ErrnoStatus("cannot create " + place.run_dir);
-  if (user && ::fchownat(place.state_fd.get(), kRunDirName, user->pw_uid, user->pw_gid, AT_SYMLINK_NOFOLLOW) != 0) {
-    return ErrnoStatus("cannot hand " + place.run_dir + " to user " + place.qemu_user);
+  if (!place.state_fd.valid()) return ErrnoNow("cannot open " + dir);
+  if (::mkdirat(place.state_fd.get(), supervisor::kRunDir, 0700) != 0) return ErrnoNow("cannot create " + place.run_dir);
+  if (user && ::fchownat(place.state_fd.get(), supervisor::kRunDir, user->pw_uid, user->pw_gid, AT_SYMLINK_NOFOLLOW) != 0) {
+    return ErrnoNow("cannot hand " + place.run_dir + " to user " + place.qemu_user);
   }
   return absl::OkStatus();
 }
@@ -317,7 +314,7 @@ absl::Status MakeStateDir(const std::string& root, const std::string& id, const 
 absl::Status MakeTpmStateDir(const std::string& task_dir, const std::optional<passwd>& user, HostPlace& place,
                              Rollback& rollback) {
   UniqueFd dir(::open(task_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!dir.valid()) return ErrnoStatus("cannot open task dir " + task_dir);
+  if (!dir.valid()) return ErrnoNow("cannot open task dir " + task_dir);
   const std::string path = task_dir + "/" + kTpmStateDirName;
   // swtpm's own option syntax (dir=PATH,mode=...) cannot quote a comma.
   if (path.find(',') != std::string::npos || place.run_dir.find(',') != std::string::npos) {
@@ -327,12 +324,12 @@ absl::Status MakeTpmStateDir(const std::string& task_dir, const std::optional<pa
   if (::mkdirat(dir.get(), kTpmStateDirName, 0700) == 0) {
     rollback.Push([path] { ::rmdir(path.c_str()); });  // only while still empty
   } else if (errno != EEXIST) {
-    return ErrnoStatus("cannot create " + path);
+    return ErrnoNow("cannot create " + path);
   }
   UniqueFd tpm(::openat(dir.get(), kTpmStateDirName, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
   if (!tpm.valid()) return RefusedError(absl::StrCat(path, " is not a directory the driver made"));
   if (user && ::fchown(tpm.get(), user->pw_uid, user->pw_gid) != 0) {
-    return ErrnoStatus("cannot hand " + path + " to user " + place.qemu_user);
+    return ErrnoNow("cannot hand " + path + " to user " + place.qemu_user);
   }
   place.tpm_state_dir = path;
   place.tpm_socket = place.run_dir + "/swtpm.sock";
@@ -344,11 +341,11 @@ absl::StatusOr<HostPlace> PrepareHost(const TaskRequest& task, const PluginConfi
   HostPlace place;
   DriverStateRecord& record = place.record;
   record.state_dir = absl::StrCat(deps.state_root, "/", TaskKey(task.identity.id));
-  place.run_dir = record.state_dir + "/" + kRunDirName;
-  record.qmp_socket = place.run_dir + "/" + kQmpSocketName;
+  place.run_dir = record.state_dir + "/" + supervisor::kRunDir;
+  record.qmp_socket = place.run_dir + "/" + supervisor::kQmpSocket;
   record.guest_agent = spec.guest_agent;
   record.graceful_shutdown = spec.graceful_shutdown;
-  if (spec.guest_agent) record.guest_agent_socket = place.run_dir + "/qga.sock";
+  if (spec.guest_agent) record.guest_agent_socket = place.run_dir + "/" + supervisor::kGuestAgentSocket;
   if (record.qmp_socket.size() >= 100) {
     return ConfigError(absl::StrCat("state_dir \"", deps.state_root, "\" is too long: QMP socket path ",
                                     record.qmp_socket, " exceeds the unix socket limit"));
@@ -474,7 +471,7 @@ absl::StatusOr<Supervisor> TakePooledSupervisor(PooledVm& pooled, const HostPlac
   supervisor.pid = pooled.supervisor_pid;
   supervisor.start_ticks = pooled.supervisor_start_ticks;
   supervisor.pidfd = DupFd(pooled.supervisor_pidfd);
-  if (!supervisor.pidfd.valid()) return ErrnoStatus("cannot keep the pooled VM's supervisor pidfd");
+  if (!supervisor.pidfd.valid()) return ErrnoNow("cannot keep the pooled VM's supervisor pidfd");
   return supervisor;
 }
 
@@ -596,7 +593,7 @@ absl::StatusOr<std::unique_ptr<QmpClient>> ConnectQmp(const HostPlace& place, Su
   const absl::Time deadline = absl::Now() + deps.qmp_timeout;
   absl::Status socket = absl::DeadlineExceededError("no QMP socket yet");
   while (!GaveUp(deps) && absl::Now() < deadline) {
-    socket = WaitForPathOrExit(place.run_dir, kQmpSocketName, supervisor.pidfd.get(),
+    socket = WaitForPathOrExit(place.run_dir, supervisor::kQmpSocket, supervisor.pidfd.get(),
                                std::min(deadline, absl::Now() + timeouts::kCancelCheck));
     if (socket.code() != absl::StatusCode::kDeadlineExceeded) break;
   }
@@ -735,6 +732,32 @@ absl::Status StartCancelled() {
   return absl::CancelledError("StartTask was cancelled (the caller gave up or the plugin is shutting down)");
 }
 
+// The started VM, from the stages' outputs: what DestroyTask and recovery need.
+LaunchedVm Assemble(VmSpec spec, DecodedTask decoded, HostPlace place, WarmStart warm, Supervisor supervisor, Qemu qemu,
+                    bool restored, AdvertisedNetwork network, const VmResources& owned) {
+  LaunchedVm vm;
+  vm.record = std::move(place.record);
+  vm.record.started_at = supervisor.started_at;
+  vm.record.supervisor_pid = supervisor.pid;
+  vm.record.supervisor_start_ticks = supervisor.start_ticks;
+  vm.record.qemu_pid = qemu.pid;
+  vm.record.qemu_start_ticks = qemu.start_ticks;
+  KeepResourcesIn(owned, vm.record);  // released by DestroyTask from here on
+  vm.record.network = std::move(network);
+  if (warm.mode != WarmMode::kOff) {
+    vm.record.warm_start = restored ? "restored" : "cold";
+    vm.record.warm_template = warm.key;
+  }
+  vm.warm_capture = std::move(warm.capture);
+  vm.supervisor_pidfd = std::move(supervisor.pidfd);
+  vm.qemu_pidfd = std::move(qemu.pidfd);
+  vm.qmp = std::move(qemu.qmp);
+  vm.spec = std::move(spec);
+  vm.limits = place.limits;
+  vm.netns = decoded.netns;
+  return vm;
+}
+
 absl::StatusOr<LaunchedVm> RunStartPipeline(const TaskRequest& task, const PluginConfig& plugin,
                                             const StartDeps& deps, Rollback& rollback) {
   // What the VM will own, as the stages make it; released as one if the start fails.
@@ -799,27 +822,8 @@ absl::StatusOr<LaunchedVm> RunStartPipeline(const TaskRequest& task, const Plugi
       RunStage(StartStage::kAwaitAddress, deps, [&] { return AwaitAddress(*spec, *place, *qemu, deps); });
   if (!network.ok()) return network.status();
 
-  LaunchedVm vm;
-  vm.record = std::move(place->record);
-  vm.record.started_at = supervisor->started_at;
-  vm.record.supervisor_pid = supervisor->pid;
-  vm.record.supervisor_start_ticks = supervisor->start_ticks;
-  vm.record.qemu_pid = qemu->pid;
-  vm.record.qemu_start_ticks = qemu->start_ticks;
-  KeepResourcesIn(*owned, vm.record);  // released by DestroyTask from here on
-  vm.record.network = *std::move(network);
-  if (warm->mode != WarmMode::kOff) {
-    vm.record.warm_start = *restored ? "restored" : "cold";
-    vm.record.warm_template = warm->key;
-  }
-  vm.warm_capture = std::move(warm->capture);
-  vm.supervisor_pidfd = std::move(supervisor->pidfd);
-  vm.qemu_pidfd = std::move(qemu->pidfd);
-  vm.qmp = std::move(qemu->qmp);
-  vm.spec = *std::move(spec);
-  vm.limits = place->limits;
-  vm.netns = decoded->netns;
-  return vm;
+  return Assemble(*std::move(spec), *std::move(decoded), *std::move(place), *std::move(warm), *std::move(supervisor),
+                  *std::move(qemu), *restored, *std::move(network), *owned);
 }
 
 }  // namespace ndq

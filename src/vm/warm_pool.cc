@@ -39,15 +39,11 @@ namespace {
 namespace log = nomadplugin::hclog;
 using json = nlohmann::json;
 
-constexpr char kRunDir[] = "run";
-constexpr char kQmpSocket[] = "qmp.sock";
-constexpr char kAgentSocket[] = "qga.sock";
 // A pooled QEMU's own start, state load and warm-up, each.
 constexpr absl::Duration kSlotStepTimeout = absl::Seconds(30);
 // The warm-up's connection: how long the guest has to close its side.
 constexpr absl::Duration kWarmUpProbe = absl::Seconds(3);
 
-absl::Status Errno(const std::string& what) { return ErrnoError(what, errno); }
 
 std::string NewSlotName() {
   static thread_local std::mt19937_64 random{std::random_device{}()};
@@ -65,7 +61,7 @@ absl::StatusOr<int> FreeLocalPort() {
   socklen_t len = sizeof addr;
   if (!s.valid() || ::bind(s.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
       ::getsockname(s.get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-    return Errno("cannot find a free local port for the warm-up");
+    return ErrnoNow("cannot find a free local port for the warm-up");
   }
   return ntohs(addr.sin_port);
 }
@@ -100,7 +96,7 @@ absl::Status WarmUp(QmpClient& qmp, const PoolRecipe& recipe, const std::string&
   if (ready.guest_agent) {
     if (absl::Status cont = qmp.Cont(timeouts::kQmpCommand); !cont.ok()) return cont;
     absl::StatusOr<std::unique_ptr<GuestAgentClient>> agent =
-        GuestAgentClient::Connect(run_dir + "/" + kAgentSocket, kSlotStepTimeout);
+        GuestAgentClient::Connect(run_dir + "/" + supervisor::kGuestAgentSocket, kSlotStepTimeout);
     if (agent.ok()) (void)(*agent)->Ping(kWarmUpProbe);
     return qmp.Stop(timeouts::kQmpCommand);
   }
@@ -118,13 +114,13 @@ absl::Status WarmUp(QmpClient& qmp, const PoolRecipe& recipe, const std::string&
 
 // <dir>/run, QEMU's user's to write its sockets in (the slot dir is root's).
 absl::Status MakeSlotDir(const std::string& dir, const std::string& qemu_user) {
-  if (::mkdir(dir.c_str(), 0711) != 0) return Errno("cannot create " + dir);
-  const std::string run = dir + "/" + kRunDir;
-  if (::mkdir(run.c_str(), 0700) != 0) return Errno("cannot create " + run);
+  if (::mkdir(dir.c_str(), 0711) != 0) return ErrnoNow("cannot create " + dir);
+  const std::string run = dir + "/" + supervisor::kRunDir;
+  if (::mkdir(run.c_str(), 0700) != 0) return ErrnoNow("cannot create " + run);
   if (qemu_user.empty()) return absl::OkStatus();
   const passwd* pw = ::getpwnam(qemu_user.c_str());
   if (pw == nullptr) return absl::NotFoundError(absl::StrCat("QEMU's user ", qemu_user, " does not exist"));
-  if (::chown(run.c_str(), pw->pw_uid, pw->pw_gid) != 0) return Errno("cannot hand " + run + " to " + qemu_user);
+  if (::chown(run.c_str(), pw->pw_uid, pw->pw_gid) != 0) return ErrnoNow("cannot hand " + run + " to " + qemu_user);
   return absl::OkStatus();
 }
 
@@ -236,7 +232,7 @@ absl::Status AdoptSlot(const std::string& dir, PooledVm* vm, std::string* templa
     return absl::NotFoundError("its template is gone");
   }
   absl::StatusOr<std::unique_ptr<QmpClient>> qmp =
-      QmpClient::Connect(dir + "/" + kRunDir + "/" + kQmpSocket, timeouts::kQmpCommand);
+      QmpClient::Connect(dir + "/" + supervisor::kRunDir + "/" + supervisor::kQmpSocket, timeouts::kQmpCommand);
   if (!qmp.ok()) return qmp.status();
   vm->qmp = *std::move(qmp);
   if (absl::Status served = vm->qmp->CheckServedBy(vm->qemu_pid); !served.ok()) return served;
@@ -262,7 +258,7 @@ VmSpec PoolSpec(const VmSpec& task_spec) {
 std::vector<std::string> PooledQemuArgv(const VmSpec& pool_spec, const QemuFiles& files, const std::string& run_dir) {
   std::vector<std::string> argv = BuildQemuArgv(
       pool_spec, files,
-      RuntimePaths{run_dir + "/" + kQmpSocket, pool_spec.guest_agent ? run_dir + "/" + kAgentSocket : "", ""});
+      RuntimePaths{run_dir + "/" + supervisor::kQmpSocket, pool_spec.guest_agent ? run_dir + "/" + supervisor::kGuestAgentSocket : "", ""});
   argv.push_back("-S");  // paused once the state is loaded, until a task takes it
   return argv;
 }
@@ -490,9 +486,9 @@ absl::StatusOr<std::shared_ptr<PooledVm>> WarmPool::Launch(const PoolRecipe& rec
   auto vm = std::make_shared<PooledVm>();
   vm->key = recipe.key;
   vm->dir = root + "/" + NewSlotName();
-  const std::string run_dir = vm->dir + "/" + kRunDir;
+  const std::string run_dir = vm->dir + "/" + supervisor::kRunDir;
   // Made with the first slot: a plugin whose jobs never pool leaves no trace.
-  if (::mkdir(root.c_str(), 0700) != 0 && errno != EEXIST) return Errno("cannot create the warm pool's dir " + root);
+  if (::mkdir(root.c_str(), 0700) != 0 && errno != EEXIST) return ErrnoNow("cannot create the warm pool's dir " + root);
   Rollback undo;
   undo.Push([this, vm] { Remove(*host_, *vm); });
   if (absl::Status made = MakeSlotDir(vm->dir, recipe.qemu_user); !made.ok()) return made;
@@ -505,7 +501,7 @@ absl::StatusOr<std::shared_ptr<PooledVm>> WarmPool::Launch(const PoolRecipe& rec
   files.boot.push_back(DiskNode{"qcow2", true, fds.Add(std::move(opened->disk))});
   for (size_t i = 0; i < recipe.base.size(); ++i) {
     UniqueFd layer(::fcntl(recipe.base[i]->get(), F_DUPFD_CLOEXEC, 0));
-    if (!layer.valid()) return Errno("cannot duplicate an image layer's fd");
+    if (!layer.valid()) return ErrnoNow("cannot duplicate an image layer's fd");
     files.boot.push_back(DiskNode{recipe.base_formats[i], true, fds.Add(std::move(layer))});
   }
   files.warm_mode = WarmMode::kRestore;
@@ -519,7 +515,7 @@ absl::StatusOr<std::shared_ptr<PooledVm>> WarmPool::Launch(const PoolRecipe& rec
   const std::vector<std::string> argv =
       supervisor::SupervisorArgv(recipe.supervisor_path, vm->dir, "", "", recipe.qemu_user, qemu_argv, placement);
   UniqueFd dir_fd(::open(vm->dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!dir_fd.valid()) return Errno("cannot open " + vm->dir);
+  if (!dir_fd.valid()) return ErrnoNow("cannot open " + vm->dir);
   absl::StatusOr<pid_t> pid = host_->SpawnSupervisor(argv, dir_fd.get(), fds.Locals());
   if (!pid.ok()) return pid.status();
   fds.Close();
@@ -532,10 +528,10 @@ absl::StatusOr<std::shared_ptr<PooledVm>> WarmPool::Launch(const PoolRecipe& rec
   if (absl::Status written = WriteManifest(*vm, opened->dir, false); !written.ok()) return written;
 
   const absl::Time deadline = absl::Now() + kSlotStepTimeout;
-  if (absl::Status there = WaitForPathOrExit(run_dir, kQmpSocket, vm->supervisor_pidfd.get(), deadline); !there.ok()) {
+  if (absl::Status there = WaitForPathOrExit(run_dir, supervisor::kQmpSocket, vm->supervisor_pidfd.get(), deadline); !there.ok()) {
     return absl::Status(there.code(), absl::StrCat("a pooled QEMU did not start: ", there.message()));
   }
-  absl::StatusOr<std::unique_ptr<QmpClient>> qmp = QmpClient::Connect(run_dir + "/" + kQmpSocket, kSlotStepTimeout);
+  absl::StatusOr<std::unique_ptr<QmpClient>> qmp = QmpClient::Connect(run_dir + "/" + supervisor::kQmpSocket, kSlotStepTimeout);
   if (!qmp.ok()) return qmp.status();
   vm->qmp = *std::move(qmp);
   if (absl::Status found = FindQemu(*vm, deadline); !found.ok()) return found;

@@ -27,7 +27,6 @@ namespace {
 
 namespace log = nomadplugin::hclog;
 
-absl::Status Errno(const std::string& what) { return ErrnoError(what, errno); }
 
 constexpr char kStateFdName[] = "warm-state";
 
@@ -49,7 +48,7 @@ absl::StatusOr<int64_t> BootDiskSize(int fd, const std::string& format) {
 // A file of ours opened again read-only (a read-only node needs a read-only fd).
 absl::StatusOr<UniqueFd> ReopenReadOnly(int fd) {
   UniqueFd ro(::open(absl::StrCat("/proc/self/fd/", fd).c_str(), O_RDONLY | O_CLOEXEC));
-  if (!ro.valid()) return Errno("cannot reopen the boot image read-only");
+  if (!ro.valid()) return ErrnoNow("cannot reopen the boot image read-only");
   return ro;
 }
 
@@ -95,19 +94,19 @@ std::optional<std::pair<uid_t, gid_t>> NonRootOwner(const std::string& user) {
 
 absl::StatusOr<UniqueFd> CopyOverlayInto(const std::string& from, const std::string& task_dir, const std::string& name) {
   UniqueFd in(::open(from.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
-  if (!in.valid()) return Errno("cannot open " + from);
+  if (!in.valid()) return ErrnoNow("cannot open " + from);
   UniqueFd dir(::open(task_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!dir.valid()) return Errno("cannot open task dir " + task_dir);
+  if (!dir.valid()) return ErrnoNow("cannot open task dir " + task_dir);
   ::unlinkat(dir.get(), name.c_str(), 0);
   UniqueFd out(::openat(dir.get(), name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
-  if (!out.valid()) return Errno(absl::StrCat("cannot create ", task_dir, "/", name));
+  if (!out.valid()) return ErrnoNow(absl::StrCat("cannot create ", task_dir, "/", name));
   char buffer[1 << 16];
   for (;;) {
     const ssize_t n = ::read(in.get(), buffer, sizeof buffer);
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return Errno("cannot read " + from);
+    if (n < 0) return ErrnoNow("cannot read " + from);
     if (n == 0) break;
-    if (::write(out.get(), buffer, static_cast<size_t>(n)) != n) return Errno(absl::StrCat("cannot write ", task_dir, "/", name));
+    if (::write(out.get(), buffer, static_cast<size_t>(n)) != n) return ErrnoNow(absl::StrCat("cannot write ", task_dir, "/", name));
   }
   return out;
 }
@@ -167,7 +166,7 @@ absl::StatusOr<std::shared_ptr<PoolRecipe>> RecipeFor(const WarmContext& c, cons
   recipe->spec = PoolSpec(c.spec);
   for (const DiskNode& node : base) {
     auto fd = std::make_shared<UniqueFd>(::fcntl(c.local_fd(node.fd), F_DUPFD_CLOEXEC, 0));
-    if (!fd->valid()) return Errno("cannot keep an image layer open for the warm pool");
+    if (!fd->valid()) return ErrnoNow("cannot keep an image layer open for the warm pool");
     recipe->base.push_back(std::move(fd));
     recipe->base_formats.push_back(node.format);
   }
@@ -179,14 +178,14 @@ absl::StatusOr<std::shared_ptr<PoolRecipe>> RecipeFor(const WarmContext& c, cons
 
 absl::StatusOr<UniqueFd> Memfd(const char* name, int64_t bytes) {
   UniqueFd fd(::memfd_create(name, MFD_CLOEXEC));
-  if (!fd.valid()) return Errno("cannot create the warm VM's memory file");
-  if (::ftruncate(fd.get(), bytes) != 0) return Errno("cannot size the warm VM's memory file");
+  if (!fd.valid()) return ErrnoNow("cannot create the warm VM's memory file");
+  if (::ftruncate(fd.get(), bytes) != 0) return ErrnoNow("cannot size the warm VM's memory file");
   return fd;
 }
 
 absl::StatusOr<UniqueFd> Dup(int fd) {
   UniqueFd copy(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
-  if (!copy.valid()) return Errno("cannot duplicate a file descriptor");
+  if (!copy.valid()) return ErrnoNow("cannot duplicate a file descriptor");
   return copy;
 }
 
@@ -200,7 +199,7 @@ absl::StatusOr<WarmStart> Cold(const WarmContext& c, TemplateIdentity id, std::v
   rollback.Push([path = task_dir + "/" + kWarmDiskName] { ::unlink(path.c_str()); });
   UniqueFd dir(::open(task_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   UniqueFd disk(::openat(dir.get(), kWarmDiskName, O_RDWR | O_NOFOLLOW | O_CLOEXEC));
-  if (!disk.valid()) return Errno(absl::StrCat("cannot open ", task_dir, "/", kWarmDiskName));
+  if (!disk.valid()) return ErrnoNow(absl::StrCat("cannot open ", task_dir, "/", kWarmDiskName));
   auto capture = std::make_shared<WarmCapture>();
   capture->ram_bytes = c.spec.memory_mb << 20;
   absl::StatusOr<UniqueFd> ram = Memfd("ndq-warm-ram", capture->ram_bytes);
@@ -397,7 +396,7 @@ absl::StatusOr<SavedTemplate> SaveTemplate(VmTask& vm, WarmCapture& capture) {
   if (status.ok()) status = AwaitMigration(execute, timeouts::kWarmMigrate);
   struct stat state_st, disk_st;
   if (status.ok() && (::fstat(capture.state.get(), &state_st) != 0 || ::fstat(capture.disk.get(), &disk_st) != 0)) {
-    status = Errno("cannot stat the saved state");
+    status = ErrnoNow("cannot stat the saved state");
   }
   // Migration flushed the disk and left it inactive: its file is stable
   // until the guest resumes.
