@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-scripts/build.sh build -DNDQ_BUILD_TESTS=OFF
+# -O2 without debug info: the programs as fast as CI's, built in about half the time.
+scripts/build.sh build -DNDQ_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS_RELEASE="-O2 -DNDEBUG"
 guest_images="$(bash tests/fixtures/build-test-guest.sh)"
 guest_dir="$(dirname "$(echo "$guest_images" | head -n1)")"
 
