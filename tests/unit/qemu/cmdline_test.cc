@@ -25,6 +25,7 @@
 #include <sstream>
 #include <utility>
 
+#include "../../support/golden.h"
 #include "../../support/temp_dir.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -39,7 +40,11 @@ namespace ndq {
 namespace {
 
 namespace fs = std::filesystem;
+using ::ndq::testing::Diff;
+using ::ndq::testing::Lines;
+using ::ndq::testing::ReadFile;
 using ::ndq::testing::TempDir;
+using ::ndq::testing::UpdatingGoldens;
 using ::testing::Contains;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
@@ -261,22 +266,7 @@ const std::string& GoldenDir() {
   return dir;
 }
 
-std::vector<std::string> GoldenCases() {
-  std::vector<std::string> names;
-  std::error_code error;
-  for (const auto& entry : fs::directory_iterator(GoldenDir(), error)) {
-    if (entry.path().extension() == ".json") names.push_back(entry.path().stem().string());
-  }
-  std::sort(names.begin(), names.end());
-  return names;
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
+std::vector<std::string> GoldenCases() { return ::ndq::testing::GoldenCases(GoldenDir(), ".json"); }
 
 std::vector<DiskNode> NodesFromJson(const json& v) {
   std::vector<DiskNode> nodes;
@@ -460,31 +450,6 @@ RuntimePaths PathsFromJson(const json& j) {
   return p;
 }
 
-// A line diff (longest common subsequence): "  " same, "- " expected only,
-// "+ " actual only.
-std::string Diff(const std::vector<std::string>& expected, const std::vector<std::string>& actual) {
-  const size_t n = expected.size(), m = actual.size();
-  std::vector<std::vector<int>> lcs(n + 1, std::vector<int>(m + 1, 0));
-  for (size_t i = n; i-- > 0;) {
-    for (size_t j = m; j-- > 0;) {
-      lcs[i][j] = expected[i] == actual[j] ? lcs[i + 1][j + 1] + 1 : std::max(lcs[i + 1][j], lcs[i][j + 1]);
-    }
-  }
-  std::string out;
-  size_t i = 0, j = 0;
-  while (i < n || j < m) {
-    if (i < n && j < m && expected[i] == actual[j]) {
-      absl::StrAppend(&out, "  ", expected[i++], "\n");
-      ++j;
-    } else if (j < m && (i == n || lcs[i][j + 1] >= lcs[i + 1][j])) {
-      absl::StrAppend(&out, "+ ", actual[j++], "\n");
-    } else {
-      absl::StrAppend(&out, "- ", expected[i++], "\n");
-    }
-  }
-  return out;
-}
-
 class CmdlineGolden : public ::testing::TestWithParam<std::string> {};
 
 // NAME.json holds {"spec": VmSpec, "paths": RuntimePaths}; NAME.argv the
@@ -500,14 +465,13 @@ TEST_P(CmdlineGolden, MatchesArgvFile) {
   const QemuFiles files = TakeFilesFromJson(spec);
   const std::vector<std::string> actual =
       BuildQemuArgv(SpecFromJson(spec), files, PathsFromJson(input.value("paths", json::object())));
-  if (const char* update = std::getenv("NDQ_UPDATE_GOLDEN"); update != nullptr && std::string(update) == "1") {
+  if (UpdatingGoldens()) {
     std::ofstream(base + ".argv") << absl::StrJoin(actual, "\n") << "\n";
     GTEST_SKIP() << "rewrote " << base << ".argv";
   }
   const std::string text = ReadFile(base + ".argv");
   ASSERT_FALSE(text.empty()) << base << ".argv is missing or empty";
-  std::vector<std::string> expected = absl::StrSplit(text, '\n');
-  if (!expected.empty() && expected.back().empty()) expected.pop_back();
+  const std::vector<std::string> expected = Lines(text);
   EXPECT_EQ(expected, actual) << "argv differs from " << base << ".argv (- expected, + actual):\n"
                               << Diff(expected, actual);
 }
