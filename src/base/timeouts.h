@@ -127,4 +127,17 @@ inline constexpr absl::Duration kWarmReady = absl::Minutes(30);
 // QMP screendump.
 inline constexpr absl::Duration kScreenshot = absl::Seconds(10);
 
+// --- the warm pool (vm/warm_pool.h) ----------------------------------------------
+// How long a template's pool is kept without a restore taking from it.
+inline constexpr absl::Duration kPoolIdle = absl::Minutes(30);
+// How long a restore waits for the adoption of a relaunched plugin's pool.
+inline constexpr absl::Duration kPoolAdoptWait = absl::Seconds(5);
+// How long after a restore the pool starts refilling (the restored guest's
+// first moments get the CPU).
+inline constexpr absl::Duration kPoolRefillDelay = absl::Milliseconds(500);
+// A pooled QEMU's own start, state load and warm-up, each.
+inline constexpr absl::Duration kPoolSlotStep = absl::Seconds(30);
+// The warm-up's connection: how long the guest has to close its side.
+inline constexpr absl::Duration kPoolWarmUpProbe = absl::Seconds(3);
+
 }  // namespace ndq::timeouts

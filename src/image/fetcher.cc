@@ -16,13 +16,14 @@
 #include <utility>
 #include <vector>
 
-#include "base/timeouts.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
+#include "base/error_kind.h"
+#include "base/timeouts.h"
 #include "policy/source_policy.h"
 
 #ifndef NDQ_VERSION
@@ -252,7 +253,7 @@ absl::StatusOr<FetchResult> FetchLocal(const std::string& url, const std::string
   } closer{src};
   struct stat st;
   if (::fstat(src, &st) != 0 || !S_ISREG(st.st_mode)) {
-    return absl::FailedPreconditionError(absl::StrCat("image ", path, " is not a regular file"));
+    return ConfigError(absl::StrCat("image ", path, " is not a regular file"));
   }
   const int64_t total = st.st_size;
   if (options.max_bytes > 0 && total > options.max_bytes) return TooBig(total, options.max_bytes, url);
@@ -457,7 +458,7 @@ Outcome Classify(CURLcode rc, const Transfer& t, const char* errbuf) {
         return {absl::UnavailableError(absl::StrCat(msg, " to a Range request from byte ", t.request_offset)), true,
                 true};
       }
-      return {absl::FailedPreconditionError(msg), false};
+      return {ConfigError(msg), false};  // 401, 403, ...: asking again gives the same answer
     }
     case CURLE_OPERATION_TIMEDOUT:
       return {absl::DeadlineExceededError(absl::StrCat(where, detail)), true};
@@ -476,7 +477,7 @@ Outcome Classify(CURLcode rc, const Transfer& t, const char* errbuf) {
     case CURLE_SSL_CACERT_BADFILE:
     case CURLE_SSL_CERTPROBLEM:
     case CURLE_SSL_ISSUER_ERROR:
-      return {absl::FailedPreconditionError(absl::StrCat(where, "TLS verification failed: ", detail)), false};
+      return {ConfigError(absl::StrCat(where, "TLS verification failed: ", detail)), false};
     case CURLE_UNSUPPORTED_PROTOCOL:
       return {absl::InvalidArgumentError(absl::StrCat(where, "unsupported URL scheme (", detail, ")")), false};
     case CURLE_URL_MALFORMAT:
@@ -488,7 +489,7 @@ Outcome Classify(CURLcode rc, const Transfer& t, const char* errbuf) {
 
 absl::StatusOr<std::string> ReadWhole(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::FailedPreconditionError(absl::StrCat("cannot read CA bundle ", path, ": ", std::strerror(errno)));
+  if (!in) return ConfigError(absl::StrCat("cannot read CA bundle ", path, ": ", std::strerror(errno)));
   std::ostringstream ss;
   ss << in.rdbuf();
   return ss.str();
@@ -664,7 +665,7 @@ absl::StatusOr<CURLcode> PerformFollowingRedirects(HttpFetch& f) {
       return rc;
     }
     if (++redirects > f.options.max_redirects) {
-      return absl::FailedPreconditionError(
+      return ConfigError(
           absl::StrCat("fetching ", url, ": more than ", f.options.max_redirects, " redirects (a redirect loop?)"));
     }
     // The target (absolute, as libcurl resolved it) passes the same checks as the job's URL.
@@ -689,8 +690,7 @@ absl::StatusOr<bool> Delivered(Transfer& t) {
   long code = 0;
   curl_easy_getinfo(t.curl, CURLINFO_RESPONSE_CODE, &code);
   if (code >= 200 && code < 300) return true;
-  return absl::FailedPreconditionError(
-      absl::StrCat("fetching ", t.url, ": unexpected HTTP ", code, " (redirect without a location?)"));
+  return ConfigError(absl::StrCat("fetching ", t.url, ": unexpected HTTP ", code, " (redirect without a location?)"));
 }
 
 // Why an attempt did not deliver the image: an Outcome to retry or report,

@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 
 #include "absl/strings/numbers.h"
@@ -36,7 +37,9 @@ UniqueFd ConnectForward(const std::string& host_ip, int port, absl::Duration tim
   pollfd p{fd.get(), POLLOUT, 0};
   int error = 0;
   socklen_t len = sizeof error;
-  if (::poll(&p, 1, static_cast<int>(absl::ToInt64Milliseconds(timeout))) != 1 ||
+  // A spent slice polls once: a negative timeout would make poll wait forever.
+  const int wait_ms = static_cast<int>(std::max<int64_t>(0, absl::ToInt64Milliseconds(timeout)));
+  if (::poll(&p, 1, wait_ms) != 1 ||
       ::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &error, &len) != 0 || error != 0) {
     return UniqueFd();
   }

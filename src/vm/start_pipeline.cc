@@ -71,7 +71,11 @@ std::vector<DiskNode> AddChain(std::vector<DiskLayer> layers, FdTable& fds) {
 
 // The VM's place on the host: state directory, sockets, cgroup, user.
 struct HostPlace {
-  DriverStateRecord record;  // paths and cgroup filled in; pids come later
+  // Sockets, options and limits filled in; pids come later, and what the VM
+  // owns (state dir, cgroup, ...) only from the resource list (KeepResourcesIn).
+  DriverStateRecord record;
+  std::string state_dir;  // <state_root>/<task key>
+  TaskCgroup cgroup;      // version kNone: none was made
   UniqueFd state_fd;
   std::string run_dir;
   std::string qemu_user;
@@ -291,7 +295,7 @@ absl::StatusOr<std::optional<passwd>> QemuUser(const TaskRequest& task, const Pl
 absl::Status MakeStateDir(const std::string& root, const std::string& id, const std::optional<passwd>& user,
                           HostPlace& place, VmResources& owned) {
   if (::mkdir(root.c_str(), 0711) != 0 && errno != EEXIST) return ErrnoNow("cannot create " + root);
-  const std::string& dir = place.record.state_dir;
+  const std::string& dir = place.state_dir;
   if (::mkdir(dir.c_str(), 0711) != 0) {
     if (errno == EEXIST) {
       return absl::AlreadyExistsError(absl::StrCat("task ", id, " already has a state directory ", dir, " (started twice?)"));
@@ -340,8 +344,8 @@ absl::StatusOr<HostPlace> PrepareHost(const TaskRequest& task, const PluginConfi
                                       const StartDeps& deps, VmResources& owned, Rollback& rollback) {
   HostPlace place;
   DriverStateRecord& record = place.record;
-  record.state_dir = absl::StrCat(deps.state_root, "/", TaskKey(task.identity.id));
-  place.run_dir = record.state_dir + "/" + supervisor::kRunDir;
+  place.state_dir = absl::StrCat(deps.state_root, "/", TaskKey(task.identity.id));
+  place.run_dir = place.state_dir + "/" + supervisor::kRunDir;
   record.qmp_socket = place.run_dir + "/" + supervisor::kQmpSocket;
   record.guest_agent = spec.guest_agent;
   record.graceful_shutdown = spec.graceful_shutdown;
@@ -363,7 +367,7 @@ absl::StatusOr<HostPlace> PrepareHost(const TaskRequest& task, const PluginConfi
     Rollback console;  // removes what it made if it fails part-way
     if (absl::Status made = MakeConsoleDir(spec.console, owner, console); !made.ok()) return made;
     console.Commit();
-    owned.console_dir = record.console_dir = spec.console.dir;
+    owned.console_dir = spec.console.dir;
   }
 
   place.limits = PlanCgroupLimits(task, plugin);
@@ -371,7 +375,7 @@ absl::StatusOr<HostPlace> PrepareHost(const TaskRequest& task, const PluginConfi
       plugin.cgroup_parent, CgroupName(task), task.resources.cpuset_cgroup, place.limits);
   if (!cgroup.ok()) return cgroup.status();
   if (*cgroup) {
-    owned.cgroup = record.cgroup = **cgroup;
+    owned.cgroup = place.cgroup = **cgroup;
     record.memory_limit_bytes = place.limits.memory_bytes;
   }
   return place;
@@ -465,7 +469,7 @@ UniqueFd DupFd(const UniqueFd& fd) { return UniqueFd(::fcntl(fd.get(), F_DUPFD_C
 // warm_pool: the pooled QEMU's supervisor becomes the task's (its slot dir
 // the task's state dir). Its rollback is the warm start stage's Discard.
 absl::StatusOr<Supervisor> TakePooledSupervisor(PooledVm& pooled, const HostPlace& place) {
-  if (absl::Status moved = MoveSlotInto(pooled, place.record.state_dir); !moved.ok()) return moved;
+  if (absl::Status moved = MoveSlotInto(pooled, place.state_dir); !moved.ok()) return moved;
   Supervisor supervisor;
   supervisor.started_at = absl::Now();
   supervisor.pid = pooled.supervisor_pid;
@@ -495,10 +499,10 @@ absl::Status AttachPooled(const TaskRequest& task, const VmSpec& spec, const War
   TaskParts parts;
   parts.overlay_fd = warm.task_overlay.get();
   parts.forwards = spec.port_forwards;
-  parts.cgroup_procs = place.record.cgroup.ProcsFiles();
+  parts.cgroup_procs = place.cgroup.ProcsFiles();
   parts.stdout_path = task.stdout_path;
   parts.stderr_path = task.stderr_path;
-  if (absl::Status attached = AttachTaskParts(*qemu.qmp, *warm.pooled, place.record.state_dir, parts); !attached.ok()) {
+  if (absl::Status attached = AttachTaskParts(*qemu.qmp, *warm.pooled, place.state_dir, parts); !attached.ok()) {
     return WithKind(absl::UnavailableError(absl::StrCat("task config \"warm_start\": handing a pooled QEMU to the task failed: ",
                                                         attached.message())),
                     ErrorKind::kQemuFailed);
@@ -519,14 +523,14 @@ absl::StatusOr<Supervisor> Launch(const TaskRequest& task, const VmSpec& spec, c
   const DriverStateRecord& record = place.record;
   const std::vector<std::string> qemu_argv =
       BuildQemuArgv(spec, files, RuntimePaths{record.qmp_socket, record.guest_agent_socket, place.tpm_socket});
-  supervisor::Placement placement{record.cgroup.ProcsFiles(), netns, static_cast<int>(fds.size())};
+  supervisor::Placement placement{place.cgroup.ProcsFiles(), netns, static_cast<int>(fds.size())};
   if (spec.tpm) {
     placement.swtpm_path = swtpm;
     placement.swtpm_state_dir = place.tpm_state_dir;
     placement.swtpm_socket = place.tpm_socket;
   }
   const std::vector<std::string> argv = supervisor::SupervisorArgv(
-      deps.supervisor_path, record.state_dir, task.stdout_path.empty() ? "/dev/null" : task.stdout_path,
+      deps.supervisor_path, place.state_dir, task.stdout_path.empty() ? "/dev/null" : task.stdout_path,
       task.stderr_path.empty() ? "/dev/null" : task.stderr_path, place.qemu_user, qemu_argv, placement);
   log::Debug("starting VM", {{"task_id", task.identity.id}, {"argv", qemu_argv}});
 
@@ -618,7 +622,7 @@ absl::StatusOr<Qemu> AwaitQmp(const HostPlace& place, Supervisor& supervisor, co
   if (!qmp.ok()) return qmp.status();
   qemu.qmp = *std::move(qmp);
   trace.Mark("QMP handshake done");
-  const std::string& state_dir = place.record.state_dir;
+  const std::string& state_dir = place.state_dir;
   absl::Status pid_file = WaitForPathOrExit(state_dir, supervisor::kPidFile, supervisor.pidfd.get(),
                                             absl::Now() + timeouts::kPidFileWait);
   trace.Mark("pid file there");

@@ -39,10 +39,8 @@ namespace {
 namespace log = nomadplugin::hclog;
 using json = nlohmann::json;
 
-// A pooled QEMU's own start, state load and warm-up, each.
-constexpr absl::Duration kSlotStepTimeout = absl::Seconds(30);
-// The warm-up's connection: how long the guest has to close its side.
-constexpr absl::Duration kWarmUpProbe = absl::Seconds(3);
+constexpr absl::Duration kSlotStepTimeout = timeouts::kPoolSlotStep;
+constexpr absl::Duration kWarmUpProbe = timeouts::kPoolWarmUpProbe;
 
 
 std::string NewSlotName() {

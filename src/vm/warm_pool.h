@@ -27,6 +27,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "base/timeouts.h"
 #include "base/unique_fd.h"
 #include "host/vm_host.h"
 #include "image/vm_template.h"
@@ -72,13 +73,10 @@ inline constexpr char kSlotManifest[] = "slot.json";
 inline constexpr char kSlotOverlay[] = "overlay.qcow2";
 // The node name of a pooled boot disk's top (qemu/cmdline.cc's boot chain).
 inline constexpr char kPoolBootNode[] = "image0";
-// How long a template's pool is kept without a restore taking from it.
-inline constexpr absl::Duration kPoolIdle = absl::Minutes(30);
-// How long a restore waits for the adoption of a relaunched plugin's pool.
-inline constexpr absl::Duration kAdoptWait = absl::Seconds(5);
-// How long after a restore the pool starts refilling (the restored guest's
-// first moments get the CPU).
-inline constexpr absl::Duration kPoolRefillDelay = absl::Milliseconds(500);
+// Its waits (base/timeouts.h).
+inline constexpr absl::Duration kPoolIdle = timeouts::kPoolIdle;
+inline constexpr absl::Duration kAdoptWait = timeouts::kPoolAdoptWait;
+inline constexpr absl::Duration kPoolRefillDelay = timeouts::kPoolRefillDelay;
 
 // The planned VM as its pooled QEMUs run it: no task's name, forwards,
 // console or watches; its user network kept, so forwards can be added.

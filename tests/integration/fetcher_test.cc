@@ -1,6 +1,7 @@
 // FetchVerified against a real HTTP(S) server on 127.0.0.1
 // (tests/support/http_test_server.py) with injected faults.
 #include "image/fetcher.h"
+#include "base/error_kind.h"
 
 #include <curl/curl.h>
 #include <fcntl.h>
@@ -196,6 +197,7 @@ TEST_F(FetcherTest, ForbiddenIsNotRetried) {
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(r.status().message(), HasSubstr("HTTP 403"));
+  EXPECT_EQ(KindOf(r.status()), ErrorKind::kBadConfig) << "never retried by Nomad";
   EXPECT_EQ(Log().size(), 1u);
 }
 
@@ -351,6 +353,7 @@ TEST_F(FetcherTest, RedirectLoop) {
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(r.status().message(), HasSubstr("redirect loop"));
+  EXPECT_EQ(KindOf(r.status()), ErrorKind::kBadConfig) << "never retried by Nomad";
   EXPECT_EQ(Log().size(), 6u);  // the first request and max_redirects (5) more
   ExpectNoFiles();
 }
@@ -417,6 +420,7 @@ TEST_F(FetcherTest, HttpsSelfSignedNeedsCaFile) {
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition) << r.status();
   EXPECT_THAT(r.status().message(), HasSubstr("TLS"));
+  EXPECT_EQ(KindOf(r.status()), ErrorKind::kBadConfig) << "never retried by Nomad";
   ExpectNoFiles();
 
   options_.ca_file = tls / "cert.pem";
