@@ -19,7 +19,8 @@
 #include "../../support/temp_dir.h"
 #include "../../support/warm_spec.h"
 #include "base/error_kind.h"
-#include "host/run_command.h"
+#include "image/image_probe.h"
+#include "image/vm_template.h"
 
 namespace ndq {
 namespace {
@@ -244,6 +245,169 @@ TEST_F(CopyOverlay, ErrorsNameTheFile) {
   copy = CopyOverlayInto(dir_ / "overlay.qcow2", dir_ / "no-task", kWarmDiskName);
   EXPECT_THAT(std::string(copy.status().message()), HasSubstr("cannot open task dir " + dir_ / "no-task"));
   EXPECT_TRUE(fs::is_empty(dir_ / "task")) << "nothing was made";
+}
+
+// ---------------------------------------------------------------------------
+// PrepareWarmStart
+
+class PrepareWarm : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    fs::create_directories(root_ / "images");
+    fs::create_directories(root_ / "alloc/web");
+    std::ofstream(root_ / "images/base.img") << "a raw boot image";
+    fs::resize_file(root_ / "images/base.img", 1 << 20);
+    task_.identity = TaskIdentity{};
+    task_.identity.name = "web";
+    task_.identity.alloc_id = "alloc-1";
+    task_.identity.job_id = "shop";
+    task_.alloc_dir = root_ / "alloc";
+    spec_ = ::ndq::testing::WarmTaskSpec("web", 25123);
+    spec_.image_path = root_ / "images/base.img";
+    spec_.memory_mb = 16;
+    boot_ = {DiskNode{"raw", false, Pass(UniqueFd(::open(spec_.image_path.c_str(), O_RDWR | O_CLOEXEC)))}};
+  }
+
+  // Hands an fd to the would-be QEMU: its number there is 100 + its index.
+  int Pass(UniqueFd fd) {
+    passed_.push_back(std::move(fd));
+    return 99 + static_cast<int>(passed_.size());
+  }
+  int Local(int qemu_fd) { return passed_.at(static_cast<size_t>(qemu_fd - 100)).get(); }
+
+  WarmContext Context() { return Context(boot_); }
+  WarmContext Context(const std::vector<DiskNode>& boot) {
+    return WarmContext{task_, spec_, boot, "7.2.22", "", &cache_, "task-key",
+                       [this](const std::string& m, const std::map<std::string, std::string>& f) {
+                         events_.push_back(m);
+                         fields_ = f;
+                       },
+                       [this](UniqueFd fd) { return Pass(std::move(fd)); }, [this](int fd) { return Local(fd); },
+                       owned_,
+                       /*pool=*/nullptr,
+                       /*supervisor_path=*/"",
+                       /*poolable=*/false};
+  }
+
+  std::vector<std::string> LeaseFiles() const {
+    std::vector<std::string> leases;
+    for (const auto& entry : fs::directory_iterator(cache_.dir())) {
+      if (entry.path().filename().string().rfind(".lease-", 0) == 0) leases.push_back(entry.path().filename().string());
+    }
+    return leases;
+  }
+
+  // Saves a cold start's capture as its template (what SaveTemplate copies once the guest is ready).
+  void SaveAsTemplate(WarmCapture& capture) {
+    TemplateStore store(capture.cache_dir);
+    TemplateStore::Writer writer(store, capture.identity);
+    ASSERT_TRUE(writer.Begin().ok());
+    struct stat st;
+    ASSERT_EQ(::fstat(capture.disk.get(), &st), 0);
+    ASSERT_EQ(::pwrite(capture.state.get(), "QEVM", 4, 0), 4);
+    ASSERT_TRUE(writer.CopyFd(kTemplateRam, capture.ram.get(), capture.ram_bytes).ok());
+    ASSERT_TRUE(writer.CopyFd(kTemplateState, capture.state.get(), 4).ok());
+    ASSERT_TRUE(writer.CopyFd(kTemplateDisk, capture.disk.get(), st.st_size).ok());
+    ASSERT_TRUE(writer.MakeOverlay(capture.disk_size).ok());
+    ASSERT_TRUE(writer.Publish().ok());
+  }
+
+  TempDir root_;
+  ImageCache cache_{root_ / "cache"};
+  TaskRequest task_;
+  VmSpec spec_;
+  std::vector<UniqueFd> passed_;
+  std::vector<DiskNode> boot_;
+  VmResources owned_;
+  std::vector<std::string> events_;
+  std::map<std::string, std::string> fields_;
+};
+
+TEST_F(PrepareWarm, WithoutWarmStartNothingHappens) {
+  spec_.warm.enabled = false;
+  Rollback rollback;
+  absl::StatusOr<WarmStart> warm = PrepareWarmStart(Context(), rollback);
+  ASSERT_TRUE(warm.ok()) << warm.status();
+  EXPECT_EQ(warm->mode, WarmMode::kOff);
+  EXPECT_TRUE(fs::is_empty(root_ / "alloc/web"));
+  EXPECT_THAT(events_, IsEmpty());
+}
+
+TEST_F(PrepareWarm, RefusesWhatItCannotSave) {
+  Rollback rollback;
+  const std::vector<DiskNode> none;
+  EXPECT_THAT(std::string(PrepareWarmStart(Context(none), rollback).status().message()),
+              HasSubstr("task config \"warm_start\": the VM has no boot disk"));
+  boot_[0].format = "vmdk";
+  absl::Status vmdk = PrepareWarmStart(Context(), rollback).status();
+  EXPECT_TRUE(absl::IsInvalidArgument(vmdk)) << vmdk;
+  EXPECT_THAT(std::string(vmdk.message()), HasSubstr("the boot image is vmdk; warm starts take qcow2 or raw images"));
+  EXPECT_TRUE(fs::is_empty(root_ / "alloc/web"));
+}
+
+// No template yet: the VM boots cold on an overlay of its own, its RAM in a
+// memfd kept for the save; the lease taken to look is given back.
+TEST_F(PrepareWarm, NoTemplateBootsColdOnItsOwnOverlay) {
+  Rollback rollback;
+  absl::StatusOr<WarmStart> warm = PrepareWarmStart(Context(), rollback);
+  ASSERT_TRUE(warm.ok()) << warm.status();
+  EXPECT_EQ(warm->mode, WarmMode::kCold);
+  ASSERT_EQ(events_.size(), 1u);
+  EXPECT_THAT(events_[0], HasSubstr("Warm start: booting cold ("));
+  EXPECT_EQ(fields_["warm_start"], "cold");
+  EXPECT_EQ(fields_["warm_template"], warm->key);
+  EXPECT_FALSE(fields_["warm_reason"].empty());
+  ASSERT_EQ(warm->boot.size(), 2u);
+  EXPECT_EQ(warm->boot[0].format, "qcow2");
+  EXPECT_FALSE(warm->boot[0].read_only);
+  EXPECT_TRUE(warm->boot[1].read_only) << "the image under the overlay is only read";
+  EXPECT_EQ(ImageVirtualSize(Local(warm->boot[0].fd), "qcow2").value_or(-1), 1 << 20);
+  EXPECT_EQ(::fcntl(Local(warm->boot[1].fd), F_GETFL) & O_ACCMODE, O_RDONLY);
+  ASSERT_NE(warm->capture, nullptr);
+  EXPECT_EQ(warm->capture->ram_bytes, 16 << 20);
+  EXPECT_EQ(warm->capture->disk_size, 1 << 20);
+  struct stat st;
+  ASSERT_EQ(::fstat(Local(warm->memory_fd), &st), 0);
+  EXPECT_EQ(st.st_size, 16 << 20);
+  EXPECT_THAT(LeaseFiles(), IsEmpty());
+  EXPECT_THAT(owned_.leases, IsEmpty());
+  EXPECT_TRUE(fs::exists(root_ / "alloc/web/warm-disk.qcow2"));
+  rollback.RunNow();
+  EXPECT_FALSE(fs::exists(root_ / "alloc/web/warm-disk.qcow2"));
+}
+
+// The template a cold start saved is restored by the next start: the task's
+// overlay on its frozen disk, its RAM and state handed to QEMU, the template
+// leased; a restore that then fails in QEMU removes it.
+TEST_F(PrepareWarm, TheSavedTemplateIsRestoredThenRemovedWhenQemuFails) {
+  Rollback cold_rollback;
+  absl::StatusOr<WarmStart> cold = PrepareWarmStart(Context(), cold_rollback);
+  ASSERT_TRUE(cold.ok()) << cold.status();
+  SaveAsTemplate(*cold->capture);
+  const std::string template_dir = TemplateStore(cache_.dir()).DirFor(cold->key);
+  Rollback rollback;
+  absl::StatusOr<WarmStart> warm = PrepareWarmStart(Context(), rollback);
+  ASSERT_TRUE(warm.ok()) << warm.status();
+  EXPECT_EQ(warm->mode, WarmMode::kRestore);
+  EXPECT_EQ(warm->key, cold->key);
+  EXPECT_EQ(warm->template_dir, template_dir);
+  ASSERT_EQ(warm->boot.size(), 3u);
+  EXPECT_FALSE(warm->boot[0].read_only);
+  EXPECT_TRUE(warm->boot[1].read_only && warm->boot[2].read_only);
+  EXPECT_EQ(ReadFile(root_ / "alloc/web/warm-disk.qcow2"), ReadFile(template_dir + "/overlay.qcow2"));
+  EXPECT_EQ(ReadFile(absl::StrCat("/proc/self/fd/", Local(warm->state_fd))), "QEVM");
+  EXPECT_EQ(owned_.leases, std::vector<std::string>{template_dir});
+  EXPECT_EQ(LeaseFiles().size(), 1u);
+
+  warm->state_fd = 23;  // its number in the QEMU the script plays
+  ScriptedPeer peer(FailingAt(2, R"({"id": 3, "error": {"class": "GenericError", "desc": "'-incoming' was not specified on the command line"}})"));
+  auto qmp = AdoptOrDie(peer);
+  ASSERT_NE(qmp, nullptr);
+  absl::Status restored = RestoreState(*qmp, *warm, cache_.dir(), Context().emit);
+  EXPECT_THAT(std::string(restored.message()), HasSubstr("the template was removed"));
+  EXPECT_FALSE(fs::exists(template_dir));
+  rollback.RunNow();
+  EXPECT_FALSE(fs::exists(root_ / "alloc/web/warm-disk.qcow2"));
 }
 
 }  // namespace
