@@ -158,6 +158,13 @@ class ServeTest : public ::testing::Test {
     server_thread_ = std::thread([this, options] { exit_code_ = Serve(options); });
     return out.ReadLine(absl::Seconds(10));
   }
+  // Serve blocks SIGTERM in its thread, which the test's own thread must keep
+  // (the children later tests spawn inherit its mask): so it runs on one of its own.
+  static int ServeOnAThread(const ServeOptions& options) {
+    int code = -1;
+    std::thread([&] { code = Serve(options); }).join();
+    return code;
+  }
   int WaitForServeToReturn() {
     server_thread_.join();
     return exit_code_;
@@ -283,7 +290,7 @@ TEST_F(ServeTest, CallOutlivingTheGraceIsCancelled) {
 TEST_F(ServeTest, WithoutTheCookieItExplainsAndExits) {
   ::unsetenv(kCookieKey);
   FdCapture err(STDERR_FILENO);
-  const int code = Serve(Options());
+  const int code = ServeOnAThread(Options());
   EXPECT_EQ(code, 1);
   EXPECT_EQ(err.ReadAll(), CookieMismatchMessage(Options().handshake, "serve-test"));
   EXPECT_TRUE(SocketDirIsEmpty());
@@ -292,7 +299,7 @@ TEST_F(ServeTest, WithoutTheCookieItExplainsAndExits) {
 TEST_F(ServeTest, IncompatibleHostVersionsExit) {
   ::setenv("PLUGIN_PROTOCOL_VERSIONS", "1", 1);
   FdCapture out(STDOUT_FILENO);
-  EXPECT_EQ(Serve(Options()), 1);
+  EXPECT_EQ(ServeOnAThread(Options()), 1);
   EXPECT_EQ(out.ReadAll(), "") << "no handshake line";
   EXPECT_THAT(log_.str(), HasSubstr("incompatible plugin protocol"));
   EXPECT_TRUE(SocketDirIsEmpty());
@@ -301,7 +308,7 @@ TEST_F(ServeTest, IncompatibleHostVersionsExit) {
 TEST_F(ServeTest, SocketDirThatCannotBeCreatedIsAnError) {
   const std::string absent = sockets_ / "absent";
   ::setenv("PLUGIN_UNIX_SOCKET_DIR", absent.c_str(), 1);
-  EXPECT_EQ(Serve(Options()), 1);
+  EXPECT_EQ(ServeOnAThread(Options()), 1);
   EXPECT_THAT(log_.str(), HasSubstr("cannot create a socket directory under " + absent + ": No such file or directory"));
 }
 
@@ -309,7 +316,7 @@ TEST_F(ServeTest, SocketPathTooLongForUnixIsAnErrorAndLeavesNothing) {
   const std::string deep = sockets_ / std::string(110, 'd');
   ASSERT_TRUE(std::filesystem::create_directory(deep));
   ::setenv("PLUGIN_UNIX_SOCKET_DIR", deep.c_str(), 1);
-  EXPECT_EQ(Serve(Options()), 1);
+  EXPECT_EQ(ServeOnAThread(Options()), 1);
   EXPECT_THAT(log_.str(), HasSubstr("longer than a unix socket allows"));
   EXPECT_TRUE(std::filesystem::is_empty(deep)) << "the socket directory was left behind";
 }
