@@ -34,7 +34,8 @@ pid_t PeerPid(int fd) {
 int PollMs(absl::Time deadline) {
   const absl::Duration left = deadline - absl::Now();
   if (left <= absl::ZeroDuration()) return 0;
-  return static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(left) + 1, 60 * 60 * 1000));
+  constexpr int64_t kCapMs = 60 * 60 * 1000;  // also for an infinite deadline (no +1 overflow)
+  return static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(left), kCapMs - 1) + 1);
 }
 
 std::string Errno(int err) { return std::strerror(err); }
@@ -55,6 +56,12 @@ std::string Preview(absl::string_view text) {
   }
   if (text.size() > kMax) absl::StrAppend(&out, "... (", text.size(), " bytes)");
   return out;
+}
+
+std::string StringMember(const json& object, const char* key, const std::string& fallback) {
+  if (!object.is_object()) return fallback;
+  auto it = object.find(key);
+  return it != object.end() && it->is_string() ? it->get<std::string>() : fallback;
 }
 
 std::string Dump(const json& value) { return value.dump(-1, ' ', false, json::error_handler_t::replace); }

@@ -31,6 +31,10 @@ std::string Preview(absl::string_view text);
 // Compact JSON; invalid UTF-8 replaced.
 std::string Dump(const nlohmann::json& value);
 
+// The string member `key` of a reply or event object; `fallback` when it is
+// absent or of another type (a reply's shape is QEMU's or the guest's to get wrong).
+std::string StringMember(const nlohmann::json& object, const char* key, const std::string& fallback = "");
+
 // A QMP-style error reply ({"class", "desc"}) from `who` to `command` as a
 // Status; the class rides along (ndq::QmpErrorClass).
 absl::Status ErrorReplyStatus(absl::string_view who, absl::string_view command, const nlohmann::json& error);

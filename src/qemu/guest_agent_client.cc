@@ -106,6 +106,7 @@ absl::Status GuestAgentClient::FillLocked(absl::Time deadline, absl::string_view
       // Only a misbehaving guest sends this much; keep the tail, drop sync.
       input_.erase(0, input_.size() - max_line_);
       in_sync_ = false;
+      trimmed_ = true;
     }
     return absl::OkStatus();
   }
@@ -114,8 +115,11 @@ absl::Status GuestAgentClient::FillLocked(absl::Time deadline, absl::string_view
 absl::StatusOr<std::string> GuestAgentClient::ReadLineLocked(absl::Time deadline) {
   size_t nl;
   size_t scanned = 0;  // a long reply arrives in many pieces: search each byte once
-  while ((nl = input_.find('\n', scanned)) == std::string::npos) {
-    if (input_.size() >= max_line_) {
+  trimmed_ = false;
+  while ((nl = input_.find('\n', scanned)) == std::string::npos || trimmed_) {
+    // Over the bound, or the head of this line was dropped to stay in it: a
+    // newline found now would end a line that is not the one the guest sent.
+    if (input_.size() >= max_line_ || trimmed_) {
       input_.clear();
       in_sync_ = false;
       return absl::DataLossError(absl::StrCat(peer_, ": the guest agent sent over ", max_line_,

@@ -98,6 +98,7 @@ class GuestAgentClient {
   std::string input_ ABSL_GUARDED_BY(mu_);
   bool in_sync_ ABSL_GUARDED_BY(mu_) = false;
   bool eof_ ABSL_GUARDED_BY(mu_) = false;
+  bool trimmed_ ABSL_GUARDED_BY(mu_) = false;  // FillLocked dropped the head of input_
   size_t max_line_ ABSL_GUARDED_BY(mu_) = kMaxReplyBytes;  // the bound for the reply being read
 };
 

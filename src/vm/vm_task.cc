@@ -12,6 +12,7 @@
 #include "nomadplugin/hclog.h"
 #include "host/process_watch.h"
 #include "host/signals.h"
+#include "qemu/control_socket.h"
 #include "qemu_driver/supervisor_protocol.h"
 
 namespace ndq {
@@ -119,13 +120,6 @@ ExitResult LoadExitResult(const std::string& state_dir) {
 
 namespace {
 
-// The string field `key` of an event's data; empty when absent.
-std::string StringField(const nlohmann::json& data, const char* key) {
-  if (!data.is_object()) return "";
-  auto it = data.find(key);
-  return it != data.end() && it->is_string() ? it->get<std::string>() : "";
-}
-
 std::optional<bool> BoolField(const nlohmann::json& data, const char* key) {
   if (!data.is_object()) return std::nullopt;
   auto it = data.find(key);
@@ -144,7 +138,7 @@ std::optional<TaskEventText> DescribeQmpEvent(const QmpEvent& event) {
   TaskEventText out;
   out.annotations["qmp_event"] = event.name;
   const std::optional<bool> guest = BoolField(event.data, "guest");
-  const std::string reason = StringField(event.data, "reason");
+  const std::string reason = control_socket::StringMember(event.data, "reason");
   if (guest) out.annotations["guest"] = *guest ? "true" : "false";
   if (!reason.empty()) out.annotations["reason"] = reason;
   std::vector<std::string> why;
@@ -166,7 +160,7 @@ std::optional<TaskEventText> DescribeQmpEvent(const QmpEvent& event) {
       out.message = "QEMU is shutting the VM down at the host's request" + Parenthesized(why);
     }
   } else if (event.name == "GUEST_PANICKED") {
-    const std::string action = StringField(event.data, "action");
+    const std::string action = control_socket::StringMember(event.data, "action");
     if (!action.empty()) out.annotations["action"] = action;
     out.message = "Guest kernel panicked" + Parenthesized(action.empty() ? std::vector<std::string>{}
                                                                          : std::vector<std::string>{"action: " + action});

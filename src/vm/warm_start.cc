@@ -20,6 +20,7 @@
 #include "image/task_disk.h"
 #include "nomadplugin/hclog.h"
 #include "qemu/cmdline.h"
+#include "qemu/control_socket.h"
 #include "vm/warm_pool.h"
 
 namespace ndq {
@@ -237,11 +238,11 @@ absl::Status AwaitMigration(const Execute& execute, absl::Duration timeout) {
   for (;;) {
     absl::StatusOr<nlohmann::json> info = execute("query-migrate", nullptr);
     if (!info.ok()) return info.status();
-    const std::string status = info->is_object() ? info->value("status", "") : "";
+    const std::string status = control_socket::StringMember(*info, "status");
     if (status == "completed") return absl::OkStatus();
     if (status == "failed" || status == "cancelled") {
       return absl::InternalError(absl::StrCat("QEMU's migration ", status, ": ",
-                                              info->value("error-desc", std::string("no reason given"))));
+                                              control_socket::StringMember(*info, "error-desc", "no reason given")));
     }
     if (absl::Now() + pause > deadline) {
       return absl::DeadlineExceededError(

@@ -295,6 +295,7 @@ TEST(control_socket, PollMsIsZeroOncePastRoundsUpAndStopsAtAnHour) {
   EXPECT_GT(ms, 1400);
   EXPECT_LE(ms, 1501);
   EXPECT_EQ(PollMs(absl::Now() + absl::Hours(5)), 60 * 60 * 1000);
+  EXPECT_EQ(PollMs(absl::InfiniteFuture()), 60 * 60 * 1000) << "no overflow, no busy loop";
 }
 
 TEST(control_socket, PreviewKeepsPrintableTextAndEscapesTheRest) {

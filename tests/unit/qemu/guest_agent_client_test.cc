@@ -250,6 +250,21 @@ TEST(guest_agent_client, AnOversizedReplyIsRefusedAndTheNextCallResyncs) {
   EXPECT_THAT(peer.failures(), ::testing::IsEmpty());
 }
 
+// A line just over the bound whose tail is a reply of its own: the client must
+// not act on bytes that are not the line the guest sent.
+TEST(guest_agent_client, ALineJustOverTheBoundIsNotReadFromItsTail) {
+  for (size_t over : {10u, 1000u}) {
+    const std::string forged = R"({"return": {"version": "forged"}})";
+    const std::string line =
+        absl::StrCat("junk", std::string(GuestAgentClient::kMaxReplyBytes + over - 4 - forged.size(), ' '), forged);
+    ScriptedPeer peer(Then(AgentSync(1), {FromClient(R"({"execute": "guest-info"})"), ToClient(line)}));
+    auto agent = AdoptAgentOrDie(peer);
+    ASSERT_NE(agent, nullptr);
+    absl::StatusOr<json> info = agent->Info();
+    EXPECT_TRUE(absl::IsDataLoss(info.status())) << over << " bytes over: " << info.status();
+  }
+}
+
 // guest-exec-status carries a command's output: its call raises the bound,
 // for that one reply only.
 TEST(guest_agent_client, ARaisedReplyBoundHoldsForOneCall) {

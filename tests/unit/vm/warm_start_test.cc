@@ -106,6 +106,16 @@ TEST(LoadTemplateState, AFailedMigrationSaysWhy) {
   EXPECT_THAT(peer.failures(), IsEmpty());
 }
 
+// A reply of the wrong shape is QEMU's mistake, not an exception in the plugin.
+TEST(LoadTemplateState, AMigrationReplyOfTheWrongShapeIsAnError) {
+  ScriptedPeer peer(FailingAt(6, R"({"return": {"status": "failed", "error-desc": 42}, "id": 5})"));
+  auto qmp = AdoptOrDie(peer);
+  ASSERT_NE(qmp, nullptr);
+  absl::Status loaded = LoadTemplateState(*qmp, 23);
+  EXPECT_TRUE(absl::IsInternal(loaded)) << loaded;
+  EXPECT_THAT(std::string(loaded.message()), HasSubstr("QEMU's migration failed: no reason given"));
+}
+
 class Restore : public ::testing::Test {
  protected:
   void SetUp() override {
