@@ -29,10 +29,13 @@
 #include "gtest/gtest.h"
 #include "host/run_command.h"
 #include "image/seed_iso.h"
+#include "../support/files.h"
 #include "../support/temp_dir.h"
 
 namespace ndq {
 namespace {
+
+using ::ndq::testing::ReadFile;
 
 using nlohmann::json;
 
@@ -88,11 +91,6 @@ if found:
 with open(out, "w") as f:
     json.dump(result, f)
 )PY";
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
 
 // Runs a tool given by path, or found on $PATH, /usr/sbin or /sbin.
 absl::StatusOr<CommandResult> Run(std::vector<std::string> argv) {

@@ -13,15 +13,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "files.h"
 
 namespace ndq::testing {
-
-inline std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
 
 // The stems of the files in `dir` ending in `extension` (".json"), sorted.
 inline std::vector<std::string> GoldenCases(const std::string& dir, const std::string& extension) {

@@ -8,6 +8,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "files.h"
 #include "host/run_command.h"
 #include "base/small_file.h"
 
@@ -39,12 +40,6 @@ inline absl::StatusOr<std::string> TestGuestDir() {
     return out;
   }();
   return dir;
-}
-
-// The file's content, "" when it cannot be read (e.g. a /proc entry of a
-// process that has just exited). Never throws.
-inline std::string ReadFile(const std::string& path) {
-  return ReadSmallFile(path, nullptr, size_t{256} << 20).value_or("");
 }
 
 // Waits until `path` contains `needle`; false at the deadline.

@@ -11,20 +11,18 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "../../support/files.h"
 #include "../../support/temp_dir.h"
 
 namespace ndq {
 namespace {
 
+using ::ndq::testing::ReadFile;
+
 using ::testing::HasSubstr;
 using ::testing::StartsWith;
 
 const std::string kKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx4dW5pY29ybnNhbmRyYWluYm93cw user@example";
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
 
 std::vector<std::string> Entries(const std::string& dir) {
   std::vector<std::string> names;

@@ -16,6 +16,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "../../support/files.h"
 #include "../../support/child_process.h"
 #include "../../support/scripted_qmp.h"
 #include "../../support/temp_dir.h"
@@ -23,6 +24,8 @@
 
 namespace ndq {
 namespace {
+
+using ::ndq::testing::ReadFile;
 
 namespace fs = std::filesystem;
 using ::ndq::testing::ChildProcess;
@@ -43,13 +46,6 @@ std::unique_ptr<QmpClient> AdoptOrDie(ScriptedPeer& peer) {
   auto client = QmpClient::Adopt(peer.client_fd(), "pooled QEMU", kGenerous);
   EXPECT_TRUE(client.ok()) << client.status();
   return client.ok() ? std::move(*client) : nullptr;
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream out;
-  out << in.rdbuf();
-  return out.str();
 }
 
 const PortForward kHttp{"http", "tcp", "127.0.0.1", 25123, 80};

@@ -16,23 +16,19 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "../../support/files.h"
 #include "../../support/temp_dir.h"
 #include "image/image_probe.h"
 
 namespace ndq {
 namespace {
 
+using ::ndq::testing::ReadFile;
+
 namespace fs = std::filesystem;
 using ::ndq::testing::TempDir;
 using ::testing::HasSubstr;
 using ::testing::IsEmpty;
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream out;
-  out << in.rdbuf();
-  return out.str();
-}
 
 int64_t VirtualSize(const std::string& path, const std::string& format) {
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));

@@ -15,6 +15,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "../../support/files.h"
 #include "../../support/scripted_qmp.h"
 #include "../../support/temp_dir.h"
 #include "../../support/warm_spec.h"
@@ -24,6 +25,8 @@
 
 namespace ndq {
 namespace {
+
+using ::ndq::testing::ReadFile;
 
 namespace fs = std::filesystem;
 using ::ndq::testing::Concat;
@@ -45,13 +48,6 @@ std::unique_ptr<QmpClient> AdoptOrDie(ScriptedPeer& peer) {
   auto client = QmpClient::Adopt(peer.client_fd(), "restoring QEMU", kGenerous);
   EXPECT_TRUE(client.ok()) << client.status();
   return client.ok() ? std::move(*client) : nullptr;
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream out;
-  out << in.rdbuf();
-  return out.str();
 }
 
 // The incoming migration of a template's state (QEMU's fd 23) and the resume, QMP ids from 2.

@@ -40,9 +40,9 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "host/run_command.h"
-#include "../support/http_test_server.h"
-#include "../support/temp_dir.h"
-#include "../support/test_guest.h"
+#include "../../support/files.h"
+#include "../../support/http_test_server.h"
+#include "../../support/temp_dir.h"
 
 namespace ndq {
 namespace {

@@ -14,7 +14,7 @@
 #include <gtest/gtest.h>
 
 #include "image/checksum.h"
-#include "../support/temp_dir.h"
+#include "../../support/temp_dir.h"
 
 namespace ndq {
 namespace {
