@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "../../support/control_channel.h"
+#include "../../support/scripted_clients.h"
 #include "../../support/scripted_qmp.h"
 #include "../../support/temp_dir.h"
 
@@ -25,6 +26,7 @@ using nlohmann::json;
 using ::ndq::testing::BindUnix;
 using ::ndq::testing::Eof;
 using ::ndq::testing::FromClient;
+using ::ndq::testing::AdoptAgentOrDie;
 using ::ndq::testing::kFast;
 using ::ndq::testing::kGenerous;
 using ::ndq::testing::LoadTranscript;
@@ -34,12 +36,6 @@ using ::ndq::testing::Step;
 using ::ndq::testing::TempDir;
 using ::ndq::testing::ToClient;
 using ::testing::HasSubstr;
-
-std::unique_ptr<GuestAgentClient> AdoptAgentOrDie(ScriptedPeer& peer) {
-  auto client = GuestAgentClient::Adopt(peer.client_fd(), "test agent", kGenerous);
-  EXPECT_TRUE(client.ok()) << client.status();
-  return client.ok() ? std::move(*client) : nullptr;
-}
 
 // The opening sync as qemu-ga 7.2 answers it: a parse error for the 0xFF
 // itself, then the delimited reply.

@@ -19,6 +19,7 @@
 #include "absl/synchronization/mutex.h"
 #include "../../support/control_channel.h"
 #include "../../support/eventually.h"
+#include "../../support/scripted_clients.h"
 #include "../../support/scripted_qmp.h"
 #include "../../support/temp_dir.h"
 
@@ -42,11 +43,7 @@ using ::ndq::testing::TempDir;
 using ::ndq::testing::ToClient;
 using ::testing::HasSubstr;
 
-std::unique_ptr<QmpClient> AdoptOrDie(ScriptedPeer& peer) {
-  auto client = QmpClient::Adopt(peer.client_fd(), "test peer", kGenerous);
-  EXPECT_TRUE(client.ok()) << client.status();
-  return client.ok() ? std::move(*client) : nullptr;
-}
+std::unique_ptr<QmpClient> AdoptOrDie(ScriptedPeer& peer) { return ::ndq::testing::AdoptQmpOrDie(peer, "test peer"); }
 
 // Events the handler saw, waitable.
 class EventLog {

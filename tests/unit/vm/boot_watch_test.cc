@@ -18,6 +18,7 @@
 
 #include "../../support/eventually.h"
 #include "../../support/fake_agent_socket.h"
+#include "../../support/scripted_clients.h"
 #include "../../support/scripted_qmp.h"
 #include "../../support/temp_dir.h"
 #include "absl/strings/str_cat.h"
@@ -230,11 +231,7 @@ std::string UsernetRequest(int id) {
       .dump();
 }
 
-std::unique_ptr<QmpClient> AdoptOrDie(ScriptedPeer& peer) {
-  absl::StatusOr<std::unique_ptr<QmpClient>> qmp = QmpClient::Adopt(peer.client_fd(), "test QMP", absl::Seconds(10));
-  EXPECT_TRUE(qmp.ok()) << qmp.status();
-  return qmp.ok() ? std::move(*qmp) : nullptr;
-}
+std::unique_ptr<QmpClient> AdoptOrDie(ScriptedPeer& peer) { return ::ndq::testing::AdoptQmpOrDie(peer, "test QMP"); }
 
 TEST(BootWatch, ReadyWhenTheGuestAcceptsTheForwardedPort) {
   ForwardPort forward;

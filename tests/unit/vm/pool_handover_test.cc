@@ -18,6 +18,7 @@
 
 #include "../../support/files.h"
 #include "../../support/child_process.h"
+#include "../../support/scripted_clients.h"
 #include "../../support/scripted_qmp.h"
 #include "../../support/temp_dir.h"
 #include "qemu_driver/supervisor_protocol.h"
@@ -42,11 +43,7 @@ using ::testing::IsEmpty;
 
 constexpr absl::Duration kGenerous = absl::Seconds(10);
 
-std::unique_ptr<QmpClient> AdoptOrDie(ScriptedPeer& peer) {
-  auto client = QmpClient::Adopt(peer.client_fd(), "pooled QEMU", kGenerous);
-  EXPECT_TRUE(client.ok()) << client.status();
-  return client.ok() ? std::move(*client) : nullptr;
-}
+std::unique_ptr<QmpClient> AdoptOrDie(ScriptedPeer& peer) { return ::ndq::testing::AdoptQmpOrDie(peer, "pooled QEMU"); }
 
 const PortForward kHttp{"http", "tcp", "127.0.0.1", 25123, 80};
 

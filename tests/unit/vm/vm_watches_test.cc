@@ -25,6 +25,7 @@
 #include "../../support/child_process.h"
 #include "../../support/eventually.h"
 #include "../../support/fake_agent_socket.h"
+#include "../../support/scripted_clients.h"
 #include "../../support/scripted_qmp.h"
 #include "../../support/temp_dir.h"
 #include "absl/time/clock.h"
@@ -96,11 +97,7 @@ class VmWatchesTest : public ::testing::Test {
     return std::make_shared<VmTask>(kTask, record_, UniqueFd(), std::move(qemu_pidfd), std::move(qmp));
   }
 
-  static std::unique_ptr<QmpClient> AdoptOrDie(ScriptedPeer& peer) {
-    absl::StatusOr<std::unique_ptr<QmpClient>> qmp = QmpClient::Adopt(peer.client_fd(), "test QMP", absl::Seconds(10));
-    EXPECT_TRUE(qmp.ok()) << qmp.status();
-    return qmp.ok() ? std::move(*qmp) : nullptr;
-  }
+  static std::unique_ptr<QmpClient> AdoptOrDie(ScriptedPeer& peer) { return ::ndq::testing::AdoptQmpOrDie(peer, "test QMP"); }
 
   static BootWatchPlan AgentPlan(absl::Duration timeout) {
     BootWatchPlan plan;

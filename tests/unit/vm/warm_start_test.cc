@@ -16,6 +16,7 @@
 #include <gtest/gtest.h>
 
 #include "../../support/files.h"
+#include "../../support/scripted_clients.h"
 #include "../../support/scripted_qmp.h"
 #include "../../support/temp_dir.h"
 #include "../../support/warm_spec.h"
@@ -44,11 +45,7 @@ constexpr absl::Duration kGenerous = absl::Seconds(10);
 // A template key as TemplateIdentity::Key makes them: 64 hex.
 const std::string kKey = "3f9a0c61d2b74e58a1c0ffee00112233445566778899aabbccddeeff00112233";
 
-std::unique_ptr<QmpClient> AdoptOrDie(ScriptedPeer& peer) {
-  auto client = QmpClient::Adopt(peer.client_fd(), "restoring QEMU", kGenerous);
-  EXPECT_TRUE(client.ok()) << client.status();
-  return client.ok() ? std::move(*client) : nullptr;
-}
+std::unique_ptr<QmpClient> AdoptOrDie(ScriptedPeer& peer) { return ::ndq::testing::AdoptQmpOrDie(peer, "restoring QEMU"); }
 
 // The incoming migration of a template's state (QEMU's fd 23) and the resume, QMP ids from 2.
 std::vector<Step> RestoreSteps() {
