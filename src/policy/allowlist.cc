@@ -20,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
+#include "base/quoted.h"
 
 namespace ndq {
 namespace {
@@ -81,12 +82,6 @@ std::string OptionName(absl::string_view arg) {
   absl::ConsumePrefix(&arg, "-");
   absl::ConsumePrefix(&arg, "-");
   return std::string(arg);
-}
-
-std::string Quoted(absl::string_view s) { return absl::StrCat("\"", s, "\""); }
-
-std::string QuotedList(const std::vector<std::string>& items) {
-  return absl::StrJoin(items, ", ", [](std::string* out, const std::string& s) { out->append(Quoted(s)); });
 }
 
 std::string TrimEmulatorPrefix(absl::string_view name) {

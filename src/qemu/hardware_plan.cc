@@ -274,13 +274,7 @@ bool ParseMac(const std::string& text, std::string* normal, uint8_t* first) {
 
 }  // namespace
 
-std::string Quoted(const std::string& s) { return absl::StrCat("\"", s, "\""); }
-
 std::string TaskConfigField(const std::string& name) { return absl::StrCat("task config ", Quoted(name)); }
-
-std::string QuotedList(const std::vector<std::string>& items) {
-  return absl::StrJoin(items, ", ", [](std::string* out, const std::string& s) { out->append(Quoted(s)); });
-}
 
 namespace {
 

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "base/quoted.h"
 #include "host/capabilities.h"
 #include "policy/plugin_config.h"
 #include "policy/task_config.h"
@@ -27,9 +28,6 @@ inline constexpr int kIdeDefaultCdromSlot = 2;
 inline int UsableIdeSlots(const std::string& machine_type) { return (IsQ35Machine(machine_type) ? 6 : 4) - 1; }
 
 
-// "name" in double quotes, and a list of them, for messages.
-std::string Quoted(const std::string& s);
-std::string QuotedList(const std::vector<std::string>& items);
 // How messages name a task config option: task config "name".
 std::string TaskConfigField(const std::string& name);
 

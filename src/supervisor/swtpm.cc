@@ -130,13 +130,21 @@ bool WaitForSocket(const char* socket, pid_t pid, int signal_fd, bool* reaped, E
   return ready;
 }
 
-// Waits up to `timeout_ms` for `pid` to exit; true with *status once reaped.
+// A wait status no process ends with: the child could not be waited for.
+constexpr int kStatusUnknown = -1;
+
+// Waits up to `timeout_ms` for `pid` to exit; true with *status once reaped
+// (kStatusUnknown when it was no child of ours to reap).
 bool WaitForExit(pid_t pid, int signal_fd, int timeout_ms, int* status) {
   const int64_t deadline = MonotonicMs() + timeout_ms;
   for (;;) {
     const pid_t r = ::waitpid(pid, status, WNOHANG);
     if (r == pid) return true;
-    if (r < 0 && errno != EINTR) return true;  // not our child any more: nothing left to reap
+    if (r < 0 && errno != EINTR) {  // not our child any more: nothing left to reap
+      Log("swtpm pid %d: waitpid: %s", static_cast<int>(pid), std::strerror(errno));
+      *status = kStatusUnknown;
+      return true;
+    }
     const int64_t left = deadline - MonotonicMs();
     if (left <= 0) return false;
     // Each SIGCHLD makes the signalfd readable; a SIGTERM now changes nothing.
@@ -224,6 +232,7 @@ void StopSwtpm(pid_t swtpm, int signal_fd) {
       }
     }
   }
+  if (status == kStatusUnknown) return;  // said by WaitForExit; no exit code to report
   char how[64];
   DescribeStatus(status, how, sizeof how);
   Log("swtpm pid %d %s", static_cast<int>(swtpm), how);
