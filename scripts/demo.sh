@@ -7,9 +7,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# The test VM (mostly downloads) is built while the programs compile.
+guest_list="$(mktemp /tmp/ndq-demo-guest.XXXXXX)"
+bash tests/fixtures/build-test-guest.sh >"$guest_list" &
+guest_pid=$!
 # -O2 without debug info: the programs as fast as CI's, built in about half the time.
 scripts/build.sh build -DNDQ_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS_RELEASE="-O2 -DNDEBUG"
-guest_images="$(bash tests/fixtures/build-test-guest.sh)"
+wait "$guest_pid" || { echo "demo: building the test VM failed" >&2; exit 1; }
+guest_images="$(cat "$guest_list")"
+rm -f "$guest_list"
 guest_dir="$(dirname "$(echo "$guest_images" | head -n1)")"
 
 demo="$(mktemp -d /tmp/ndq-demo.XXXXXX)"
