@@ -33,6 +33,7 @@
 #include "nomadplugin/hclog.h"
 #include "qemu/cmdline.h"
 #include "qemu/share_plan.h"
+#include "vm/qemu_process.h"
 #include "vm/share_dirs.h"
 #include "qemu_driver/supervisor_protocol.h"
 
@@ -580,7 +581,7 @@ absl::Status NoQmp(const HostPlace& place, Supervisor& supervisor, const absl::S
   }
   if (PidfdExited(supervisor.pidfd.get())) {
     ::waitpid(supervisor.pid, nullptr, 0);
-    const ExitResult exit = FinalExit(place.record);
+    const ExitResult exit = FinalExit(place.state_dir, place.cgroup, place.limits.memory_bytes);
     return WithKind(absl::FailedPreconditionError(absl::StrCat(
                         "QEMU failed to start: ", exit.error.empty() ? "it exited at once with code 0" : exit.error)),
                     ErrorKind::kQemuFailed);
@@ -622,21 +623,15 @@ absl::StatusOr<Qemu> AwaitQmp(const HostPlace& place, Supervisor& supervisor, co
   if (!qmp.ok()) return qmp.status();
   qemu.qmp = *std::move(qmp);
   trace.Mark("QMP handshake done");
-  const std::string& state_dir = place.state_dir;
-  absl::Status pid_file = WaitForPathOrExit(state_dir, supervisor::kPidFile, supervisor.pidfd.get(),
-                                            absl::Now() + timeouts::kPidFileWait);
-  trace.Mark("pid file there");
-  std::string pid_problem(pid_file.message());
-  std::optional<pid_t> pid;
-  if (pid_file.ok()) pid = supervisor::ReadQemuPid(state_dir, &pid_problem);
-  if (pid) {
-    qemu.pid = *pid;
-    qemu.start_ticks = ProcessStartTicks(*pid).value_or(0);
-    if (absl::StatusOr<int> fd = OpenVerifiedPidfd(*pid, qemu.start_ticks); fd.ok()) qemu.pidfd.reset(*fd);
+  absl::StatusOr<QemuProcess> process =
+      FindSupervisedQemu(place.state_dir, supervisor.pidfd.get(), absl::Now() + timeouts::kPidFileWait);
+  if (!process.ok()) {
+    return absl::InternalError(
+        absl::StrCat("QEMU answered on QMP but its pid could not be read: ", process.status().message()));
   }
-  if (!qemu.pidfd.valid()) {
-    return absl::InternalError("QEMU answered on QMP but its pid could not be read: " + pid_problem);
-  }
+  qemu.pid = process->pid;
+  qemu.start_ticks = process->start_ticks;
+  qemu.pidfd = std::move(process->pidfd);
   // Connected before the pid was known: check now that QEMU itself answered.
   // (No query-status: the handshake already proved QEMU answers commands.)
   if (absl::Status served = qemu.qmp->CheckServedBy(qemu.pid); !served.ok()) return served;
@@ -721,13 +716,13 @@ std::string TaskKey(const std::string& id) {
   return absl::StrFormat("%016x", hash);
 }
 
-ExitResult FinalExit(const DriverStateRecord& record) {
-  ExitResult result = LoadExitResult(record.state_dir);
+ExitResult FinalExit(const std::string& state_dir, const TaskCgroup& cgroup, int64_t memory_limit_bytes) {
+  ExitResult result = LoadExitResult(state_dir);
   // A SIGKILL with the cgroup's OOM counter up: the memory limit ended the VM.
-  if (result.signal == SIGKILL && CgroupOomKills(record.cgroup) > 0) {
+  if (result.signal == SIGKILL && CgroupOomKills(cgroup) > 0) {
     result.oom_killed = true;
     result.error = absl::StrCat("QEMU was killed by the kernel's OOM killer: the VM reached its cgroup memory limit of ",
-                                record.memory_limit_bytes >> 20, " MiB");
+                                memory_limit_bytes >> 20, " MiB");
   }
   return result;
 }

@@ -105,9 +105,12 @@ absl::StatusOr<LaunchedVm> RunStartPipeline(const TaskRequest& task, const Plugi
 // so socket paths stay far below the unix socket limit.
 std::string TaskKey(const std::string& id);
 
-// How a VM ended: the supervisor's exit record, plus whether the cgroup's
-// OOM killer ended it.
-ExitResult FinalExit(const DriverStateRecord& record);
+// How a VM ended: the supervisor's exit record in `state_dir`, plus whether
+// the cgroup's OOM killer ended it.
+ExitResult FinalExit(const std::string& state_dir, const TaskCgroup& cgroup, int64_t memory_limit_bytes);
+inline ExitResult FinalExit(const DriverStateRecord& record) {
+  return FinalExit(record.state_dir, record.cgroup, record.memory_limit_bytes);
+}
 
 // The status of a start whose caller gave up.
 absl::Status StartCancelled();

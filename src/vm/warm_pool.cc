@@ -31,6 +31,7 @@
 #include "qemu_driver/supervisor_protocol.h"
 #include "vm/fd_table.h"
 #include "vm/pool_handover.h"
+#include "vm/qemu_process.h"
 #include "vm/warm_start.h"
 
 namespace ndq {
@@ -138,18 +139,13 @@ absl::Status WriteManifest(const PooledVm& vm, const std::string& template_dir, 
 // QEMU's pid from the supervisor's pid file, checked to be the process that
 // answers on `qmp`.
 absl::Status FindQemu(PooledVm& vm, absl::Time deadline) {
-  if (absl::Status there = WaitForPathOrExit(vm.dir, supervisor::kPidFile, vm.supervisor_pidfd.get(), deadline);
-      !there.ok()) {
-    return there;
+  absl::StatusOr<QemuProcess> qemu = FindSupervisedQemu(vm.dir, vm.supervisor_pidfd.get(), deadline);
+  if (!qemu.ok()) {
+    return absl::Status(qemu.status().code(), absl::StrCat("a pooled QEMU's pid: ", qemu.status().message()));
   }
-  std::string problem;
-  std::optional<pid_t> pid = supervisor::ReadQemuPid(vm.dir, &problem);
-  if (!pid) return absl::InternalError("a pooled QEMU's pid could not be read: " + problem);
-  vm.qemu_pid = *pid;
-  vm.qemu_start_ticks = ProcessStartTicks(*pid).value_or(0);
-  absl::StatusOr<int> pidfd = OpenVerifiedPidfd(*pid, vm.qemu_start_ticks);
-  if (!pidfd.ok()) return pidfd.status();
-  vm.qemu_pidfd.reset(*pidfd);
+  vm.qemu_pid = qemu->pid;
+  vm.qemu_start_ticks = qemu->start_ticks;
+  vm.qemu_pidfd = std::move(qemu->pidfd);
   return vm.qmp->CheckServedBy(vm.qemu_pid);
 }
 
