@@ -5,6 +5,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <filesystem>
 #include <fstream>
 #include <thread>
 
@@ -26,8 +27,12 @@ using ::testing::HasSubstr;
 
 UniqueFd PidfdOf(pid_t pid) { return UniqueFd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0))); }
 
+// Written as the supervisor writes it: complete under a temporary name, then
+// renamed, so a reader never sees part of it.
 void WritePidFile(const std::string& dir, const std::string& content) {
-  std::ofstream(dir + "/" + supervisor::kPidFile) << content;
+  const std::string path = dir + "/" + supervisor::kPidFile;
+  std::ofstream(path + supervisor::kTempSuffix) << content;
+  std::filesystem::rename(path + supervisor::kTempSuffix, path);
 }
 
 TEST(FindSupervisedQemu, ReadsThePidAndHoldsTheProcess) {
