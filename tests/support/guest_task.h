@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <functional>
+#include <iterator>
 #include <set>
 #include <string>
 #include <vector>
@@ -102,8 +103,12 @@ inline std::set<std::string> Listing(const std::string& dir) {
 // the plugin keeps there for itself (the host's probed facts).
 inline std::set<std::string> VmStateLeft(const std::string& state_dir) {
   std::set<std::string> names = Listing(state_dir);
-  names.erase("host-facts.json");
   names.erase("pool");  // the warm pool's own directory (see VmProcessesLeft)
+  // The plugin's host facts, and their temporary while the fingerprinter's
+  // background probe writes them (renamed into place a moment later).
+  for (auto it = names.begin(); it != names.end();) {
+    it = it->rfind("host-facts.json", 0) == 0 ? names.erase(it) : std::next(it);
+  }
   return names;
 }
 
