@@ -27,7 +27,7 @@ namespace ndq {
 namespace {
 
 constexpr char kQemuGa[] = "/usr/sbin/qemu-ga";
-constexpr absl::Duration kGenerous = absl::Seconds(20);
+constexpr absl::Duration kGuestDeadline = absl::Seconds(20);
 
 using testing::ProcessesMentioning;
 using ::ndq::testing::Eventually;
@@ -43,7 +43,7 @@ class GuestExecTest : public ::testing::Test {
         kQemuGa, "-m", "unix-listen", "-p", socket, "-t", dir_.path(), "-f", dir_ / "qga.pid", "-l", dir_ / "qga.log"});
     ASSERT_GT(agent_process_->pid(), 0);
     // Connect retries until the socket appears, up to its timeout.
-    auto agent = GuestAgentClient::Connect(socket, kGenerous, agent_process_->pid());
+    auto agent = GuestAgentClient::Connect(socket, kGuestDeadline, agent_process_->pid());
     ASSERT_TRUE(agent.ok()) << agent.status();
     agent_ = std::move(*agent);
   }
@@ -57,7 +57,7 @@ class GuestExecTest : public ::testing::Test {
                                       const GuestExec::OutputHandler& on_output = nullptr) {
     absl::StatusOr<GuestExec> exec = GuestExec::Start(*agent_, request);
     if (!exec.ok()) return exec.status();
-    return exec->Wait(absl::Now() + kGenerous, nullptr, on_output);
+    return exec->Wait(absl::Now() + kGuestDeadline, nullptr, on_output);
   }
 
   testing::TempDir dir_;
@@ -172,13 +172,13 @@ TEST_F(GuestExecTest, CancelledWaitReturnsAndKillLeavesNoProcess) {
   const std::string marker = "30.0424242";
   auto exec = GuestExec::Start(*agent_, Command({"/bin/sleep", marker}));
   ASSERT_TRUE(exec.ok()) << exec.status();
-  ASSERT_TRUE(Eventually([&] { return !ProcessesMentioning("sleep " + marker).empty(); }, kGenerous));
+  ASSERT_TRUE(Eventually([&] { return !ProcessesMentioning("sleep " + marker).empty(); }, kGuestDeadline));
   EXPECT_EQ(ProcessesMentioning("sleep " + marker), std::vector<pid_t>{static_cast<pid_t>(exec->pid())});
 
   std::atomic<bool> cancel{false};
   const absl::Time cancel_at = absl::Now() + absl::Milliseconds(300);
   const absl::Time start = absl::Now();
-  auto result = exec->Wait(absl::Now() + kGenerous, [&] { return cancel || absl::Now() >= cancel_at; });
+  auto result = exec->Wait(absl::Now() + kGuestDeadline, [&] { return cancel || absl::Now() >= cancel_at; });
   const absl::Duration took = absl::Now() - start;
   EXPECT_TRUE(absl::IsCancelled(result.status())) << result.status();
   EXPECT_LT(took, absl::Seconds(5));  // cancelled after 300 ms, not after 30 s
@@ -190,14 +190,14 @@ TEST_F(GuestExecTest, CancelledWaitReturnsAndKillLeavesNoProcess) {
   EXPECT_TRUE(ProcessesMentioning("sleep " + marker).empty());
   EXPECT_FALSE(std::filesystem::exists(absl::StrCat("/proc/", exec->pid())));
   EXPECT_TRUE(exec->Kill().ok()) << "killing a collected command again is a no-op";
-  EXPECT_TRUE(absl::IsFailedPrecondition(exec->Wait(absl::Now() + kGenerous).status()));
+  EXPECT_TRUE(absl::IsFailedPrecondition(exec->Wait(absl::Now() + kGuestDeadline).status()));
 }
 
 TEST_F(GuestExecTest, KillingACommandThatAlreadyEndedIsFine) {
   auto exec = GuestExec::Start(*agent_, Command({"/bin/true"}));
   ASSERT_TRUE(exec.ok()) << exec.status();
   ASSERT_TRUE(Eventually([&] { return !std::filesystem::exists(absl::StrCat("/proc/", exec->pid())); },
-                                 kGenerous));
+                                 kGuestDeadline));
   EXPECT_TRUE(exec->Kill().ok());
   EXPECT_TRUE(exec->finished());
 }
@@ -248,7 +248,7 @@ TEST_F(GuestExecTest, MeasureRoundTrips) {
   for (int i = 0; i < kRounds; ++i) {
     auto exec = GuestExec::Start(*agent_, Command({"/bin/true"}));
     ASSERT_TRUE(exec.ok()) << exec.status();
-    ASSERT_TRUE(exec->Wait(absl::Now() + kGenerous).ok());
+    ASSERT_TRUE(exec->Wait(absl::Now() + kGuestDeadline).ok());
     polls += exec->status_calls();
   }
   const absl::Duration exec = (absl::Now() - start) / kRounds;

@@ -45,14 +45,14 @@ void Measure(const std::string& what, absl::Duration d) {
 
 using ::ndq::testing::TestGuestDir;
 
-class TempDir {
+class ShortTempDir {
  public:
-  TempDir() {
+  ShortTempDir() {
     // Short: unix socket paths are limited to 107 bytes.
     char tmpl[] = "/tmp/qmp-live.XXXXXX";
     path_ = ::mkdtemp(tmpl);
   }
-  ~TempDir() { std::filesystem::remove_all(path_); }
+  ~ShortTempDir() { std::filesystem::remove_all(path_); }
   const std::string& path() const { return path_; }
   std::string operator/(const std::string& name) const { return path_ + "/" + name; }
 
@@ -152,13 +152,13 @@ std::string Describe(QemuProcess& qemu) {
 // ---------------------------------------------------------------------------
 // A bare QEMU, held before the guest starts
 
-std::vector<std::string> BareArgs(const TempDir& dir) {
+std::vector<std::string> BareArgs(const ShortTempDir& dir) {
   return {"-machine", "accel=tcg", "-S", "-nodefaults", "-display", "none",
           "-qmp", absl::StrCat("unix:", dir / "qmp.sock", ",server=on,wait=off")};
 }
 
 TEST(qmp_live, PrelaunchContStopQuit) {
-  TempDir dir;
+  ShortTempDir dir;
   QemuProcess qemu(BareArgs(dir), dir / "qemu.log");
   // Connecting right away exercises the wait for the socket to appear.
   auto client = QmpClient::Connect(dir / "qmp.sock", absl::Seconds(30));
@@ -190,7 +190,7 @@ TEST(qmp_live, PrelaunchContStopQuit) {
 }
 
 TEST(qmp_live, KilledQemuFailsPendingWaitsAtOnce) {
-  TempDir dir;
+  ShortTempDir dir;
   QemuProcess qemu(BareArgs(dir), dir / "qemu.log");
   auto client = QmpClient::Connect(dir / "qmp.sock", absl::Seconds(30));
   ASSERT_TRUE(client.ok()) << client.status() << Describe(qemu);
@@ -211,7 +211,7 @@ TEST(qmp_live, KilledQemuFailsPendingWaitsAtOnce) {
 }
 
 TEST(qmp_live, ConnectToMissingSocketTimesOut) {
-  TempDir dir;
+  ShortTempDir dir;
   const absl::Time start = absl::Now();
   auto client = QmpClient::Connect(dir / "none.sock", absl::Milliseconds(300));
   EXPECT_TRUE(absl::IsUnavailable(client.status())) << client.status();
@@ -263,7 +263,7 @@ class qmp_live_guest : public ::testing::Test {
     return absl::StrContains(Console(), "GUEST-READY");
   }
 
-  TempDir dir_;
+  ShortTempDir dir_;
   std::string image_;
 };
 

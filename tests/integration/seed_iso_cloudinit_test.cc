@@ -93,7 +93,7 @@ with open(out, "w") as f:
 )PY";
 
 // Runs a tool given by path, or found on $PATH, /usr/sbin or /sbin.
-absl::StatusOr<CommandResult> Run(std::vector<std::string> argv) {
+absl::StatusOr<CommandResult> RunTool(std::vector<std::string> argv) {
   std::string path = argv[0].find('/') != std::string::npos ? argv[0] : FindOnPath(argv[0]);
   for (const char* dir : {"/usr/sbin/", "/sbin/"}) {
     if (path.empty() && ::access((dir + argv[0]).c_str(), X_OK) == 0) path = dir + argv[0];
@@ -105,7 +105,7 @@ absl::StatusOr<CommandResult> Run(std::vector<std::string> argv) {
 
 // Ok with the output when the command exits 0; otherwise what it said.
 absl::StatusOr<std::string> RunOk(const std::vector<std::string>& argv) {
-  absl::StatusOr<CommandResult> result = Run(argv);
+  absl::StatusOr<CommandResult> result = RunTool(argv);
   if (!result.ok()) return result.status();
   if (result->exit_code != 0) {
     return absl::InternalError(absl::StrCat(absl::StrJoin(argv, " "), " exited ", result->exit_code, ": ",

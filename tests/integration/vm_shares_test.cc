@@ -43,7 +43,7 @@ using json = nlohmann::json;
 
 constexpr char kGuestWrote[] = "written by the guest\n";
 
-std::set<std::string> Listing(const std::string& dir) {
+std::set<std::string> RecursiveListing(const std::string& dir) {
   std::set<std::string> names;
   std::error_code ignored;
   for (const auto& entry : fs::recursive_directory_iterator(dir, ignored)) names.insert(entry.path().string());
@@ -201,7 +201,7 @@ TEST_F(VmSharesTest, HostileSharesAreRefusedAndLeaveNothing) {
       {"root QEMU's user cannot read", json::object(), {"/srv/data", outside.path()},
        {"volume mount \"/srv/data\": QEMU's user \"ndq-qemu-test\" cannot read host path", "mode 0700"}},
   };
-  const std::set<std::string> before = Listing(alloc.alloc_dir());
+  const std::set<std::string> before = RecursiveListing(alloc.alloc_dir());
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
     json config = Config();
@@ -214,7 +214,7 @@ TEST_F(VmSharesTest, HostileSharesAreRefusedAndLeaveNothing) {
     const grpc::Status status = harness_->Start(task, &handle);
     ASSERT_FALSE(status.ok());
     for (const std::string& part : c.expected) EXPECT_THAT(status.error_message(), HasSubstr(part));
-    EXPECT_EQ(Listing(alloc.alloc_dir()), before);
+    EXPECT_EQ(RecursiveListing(alloc.alloc_dir()), before);
     EXPECT_THAT(::ndq::testing::VmStateLeft(state_dir_), IsEmpty());
     EXPECT_THAT(ProcessesMentioning(state_dir_), IsEmpty());
     EXPECT_FALSE(fs::exists(outside.path() + "/from-guest.txt"));
@@ -224,7 +224,7 @@ TEST_F(VmSharesTest, HostileSharesAreRefusedAndLeaveNothing) {
   // to a host directory outside the alloc.
   fs::remove_all(alloc.task_dir() + "/local");
   fs::create_directory_symlink(outside.path(), alloc.task_dir() + "/local");
-  const std::set<std::string> linked = Listing(alloc.alloc_dir());
+  const std::set<std::string> linked = RecursiveListing(alloc.alloc_dir());
   json config = Config();
   config["image_path"] = "disk.qcow2";
   config.erase("port_map");
@@ -233,7 +233,7 @@ TEST_F(VmSharesTest, HostileSharesAreRefusedAndLeaveNothing) {
   ASSERT_FALSE(status.ok());
   EXPECT_THAT(status.error_message(), HasSubstr("\"share_alloc_dirs\": the task's local/ is a symbolic link"));
   EXPECT_THAT(status.error_message(), Not(HasSubstr(outside.path())));
-  EXPECT_EQ(Listing(alloc.alloc_dir()), linked);
+  EXPECT_EQ(RecursiveListing(alloc.alloc_dir()), linked);
   EXPECT_THAT(::ndq::testing::VmStateLeft(state_dir_), IsEmpty());
   EXPECT_THAT(ProcessesMentioning(state_dir_), IsEmpty());
   EXPECT_FALSE(fs::exists(outside.path() + "/from-guest.txt"));

@@ -11,10 +11,10 @@
 #include <string>
 
 #include "absl/time/time.h"
+#include "deadlines.h"
 
 namespace ndq::testing {
 
-inline constexpr absl::Duration kGenerous = absl::Seconds(10);  // for what must not time out
 inline constexpr absl::Duration kFast = absl::Seconds(2);       // bound on "fails at once"
 
 // A stream socket bound at `path` (not yet listening); -1 when it cannot be.

@@ -18,6 +18,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "../../support/deadlines.h"
 #include "../../support/child_process.h"
 #include "../../support/temp_dir.h"
 #include "absl/strings/numbers.h"
@@ -35,7 +36,7 @@ using ::testing::Not;
 using ::testing::UnorderedElementsAre;
 namespace driverpb = hashicorp::nomad::plugins::drivers::proto;
 
-constexpr absl::Duration kGenerous = absl::Seconds(10);  // for what must happen
+using ::ndq::testing::kGenerous;
 
 const double kTickNs = 1e9 / static_cast<double>(::sysconf(_SC_CLK_TCK));
 

@@ -17,6 +17,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "../../support/deadlines.h"
 #include "../../support/child_process.h"
 #include "../../support/temp_dir.h"
 #include "absl/strings/str_cat.h"
@@ -32,7 +33,7 @@ using ::testing::MatchesRegex;
 using ::testing::HasSubstr;
 namespace fs = std::filesystem;
 
-constexpr absl::Duration kGenerous = absl::Seconds(10);  // for what must happen
+using ::ndq::testing::kGenerous;
 
 Child Sleeper() { return Child({"/bin/sleep", "30"}); }
 

@@ -19,6 +19,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "../../support/deadlines.h"
 #include "../../support/temp_dir.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -34,7 +35,7 @@ using ::testing::HasSubstr;
 using ::testing::IsEmpty;
 namespace fs = std::filesystem;
 
-constexpr absl::Duration kGenerous = absl::Seconds(10);  // for commands that must finish
+using ::ndq::testing::kGenerous;
 
 TEST(RunCommand, CollectsTheOutputAndExitCodeOfASuccessfulCommand) {
   absl::StatusOr<CommandResult> result = RunCommand({"/bin/echo", "hello", "world"}, kGenerous);

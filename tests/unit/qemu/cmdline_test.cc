@@ -261,12 +261,12 @@ TEST(CmdlineBuildQemuArgv, JobArgsAfterOursAndBeforeTheNetwork) {
 
 // --- golden files -------------------------------------------------------------
 
-const std::string& GoldenDir() {
+const std::string& CmdlineGoldenDir() {
   static const std::string dir = std::string(NDQ_SOURCE_DIR) + "/tests/unit/qemu/cmdline_golden";
   return dir;
 }
 
-std::vector<std::string> GoldenCases() { return ::ndq::testing::GoldenCases(GoldenDir(), ".json"); }
+std::vector<std::string> GoldenCases() { return ::ndq::testing::GoldenCases(CmdlineGoldenDir(), ".json"); }
 
 std::vector<DiskNode> NodesFromJson(const json& v) {
   std::vector<DiskNode> nodes;
@@ -456,7 +456,7 @@ class CmdlineGolden : public ::testing::TestWithParam<std::string> {};
 // expected argv, one argument per line. NDQ_UPDATE_GOLDEN=1 rewrites the .argv
 // files from the current output (review the git diff afterwards).
 TEST_P(CmdlineGolden, MatchesArgvFile) {
-  const std::string base = GoldenDir() + "/" + GetParam();
+  const std::string base = CmdlineGoldenDir() + "/" + GetParam();
   const json input = json::parse(ReadFile(base + ".json"));
   for (const auto& [key, unused] : input.items()) {
     EXPECT_TRUE(key == "spec" || key == "paths" || key == "comment") << "unknown key " << key;

@@ -42,14 +42,14 @@ using ::ndq::testing::Lines;
 using ::ndq::testing::ReadFile;
 using ::ndq::testing::UpdatingGoldens;
 
-const std::string& GoldenDir() {
+const std::string& ConfigGoldenDir() {
   static const std::string dir = std::string(NDQ_SOURCE_DIR) + "/tests/unit/qemu/config_golden";
   return dir;
 }
 
 // A recorded host: the emulator's own output through the fingerprinter's parsers.
 HostCapabilities RecordedHost(const std::string& version) {
-  const std::string dir = GoldenDir() + "/hosts/" + version;
+  const std::string dir = ConfigGoldenDir() + "/hosts/" + version;
   const json host = json::parse(ReadFile(dir + "/host.json"));
   const std::string binary = host.at("binary");
   HostCapabilities caps;
@@ -139,7 +139,7 @@ std::vector<std::string> Outcome(const json& input) {
 class ConfigGolden : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(ConfigGolden, GivesTheRecordedArgvOrError) {
-  const std::string base = GoldenDir() + "/cases/" + GetParam();
+  const std::string base = ConfigGoldenDir() + "/cases/" + GetParam();
   const std::vector<std::string> actual = Outcome(json::parse(ReadFile(base + ".json")));
   const bool refused = !actual.empty() && actual[0].rfind("error: ", 0) == 0;
   const std::string out = base + (refused ? ".err" : ".argv");
@@ -156,7 +156,7 @@ TEST_P(ConfigGolden, GivesTheRecordedArgvOrError) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, ConfigGolden,
-                         ::testing::ValuesIn(::ndq::testing::GoldenCases(GoldenDir() + "/cases", ".json")),
+                         ::testing::ValuesIn(::ndq::testing::GoldenCases(ConfigGoldenDir() + "/cases", ".json")),
                          [](const ::testing::TestParamInfo<std::string>& info) { return info.param; });
 
 TEST(ConfigGoldenHost, TheRecordedQemuIsParsed) {

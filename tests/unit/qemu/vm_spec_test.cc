@@ -25,7 +25,7 @@ using ::testing::Not;
 
 // A task "web" in a real allocation directory with its image at
 // local/linux.img, 256 MB and no network: the smallest valid start.
-class PlanVm : public ::testing::Test {
+class PlanVmTest : public ::testing::Test {
  protected:
   void SetUp() override {
     ASSERT_FALSE(tmp_.path().empty());
@@ -73,7 +73,7 @@ class PlanVm : public ::testing::Test {
   HostCapabilities host_ = {{{"x86_64", "/usr/bin/qemu-system-x86_64"}, {"aarch64", "/opt/qemu/bin/qemu-system-aarch64"}}};
 };
 
-TEST_F(PlanVm, MinimalConfigGetsNomadsDefaults) {
+TEST_F(PlanVmTest, MinimalConfigGetsNomadsDefaults) {
   absl::StatusOr<VmSpec> spec = Plan();
   ASSERT_TRUE(spec.ok()) << spec.status();
   EXPECT_EQ(spec->emulator, "x86_64");
@@ -95,7 +95,7 @@ TEST_F(PlanVm, MinimalConfigGetsNomadsDefaults) {
   EXPECT_THAT(spec->ignored_dns_servers, IsEmpty());
 }
 
-TEST_F(PlanVm, EmptyStringsMeanDefaultsAsInNomad) {
+TEST_F(PlanVmTest, EmptyStringsMeanDefaultsAsInNomad) {
   config_.emulator = "";
   config_.accelerator = "";
   config_.machine_type = "";
@@ -108,7 +108,7 @@ TEST_F(PlanVm, EmptyStringsMeanDefaultsAsInNomad) {
   EXPECT_EQ(spec->drive_interface, "ide");
 }
 
-TEST_F(PlanVm, EveryOptionSet) {
+TEST_F(PlanVmTest, EveryOptionSet) {
   config_.emulator = "qemu-system-aarch64";  // the full name Nomad 1.11.1 wanted
   config_.machine_type = "virt";
   config_.accelerator = "kvm";
@@ -132,7 +132,7 @@ TEST_F(PlanVm, EveryOptionSet) {
   EXPECT_EQ(spec->cpus, 2);
 }
 
-TEST_F(PlanVm, EveryDriveInterfaceOfNomad) {
+TEST_F(PlanVmTest, EveryDriveInterfaceOfNomad) {
   for (const char* iface : {"ide", "scsi", "sd", "floppy", "pflash", "virtio", "none"}) {
     config_.drive_interface = iface;
     absl::StatusOr<VmSpec> spec = Plan();
@@ -148,7 +148,7 @@ TEST_F(PlanVm, EveryDriveInterfaceOfNomad) {
 
 // Planning fetches nothing: an image_source's disk is the overlay the start
 // will make in the task dir, whose format is probed when it is opened.
-TEST_F(PlanVm, AnImageSourceBootsTheTasksOverlayWithoutAnyDownload) {
+TEST_F(PlanVmTest, AnImageSourceBootsTheTasksOverlayWithoutAnyDownload) {
   config_.image_path.reset();
   config_.image_source = "https://example.com/linux.qcow2";
   config_.checksum = "sha256:00";
@@ -158,7 +158,7 @@ TEST_F(PlanVm, AnImageSourceBootsTheTasksOverlayWithoutAnyDownload) {
   EXPECT_EQ(spec->image_format, "");
 }
 
-TEST_F(PlanVm, ExactlyOneImageOption) {
+TEST_F(PlanVmTest, ExactlyOneImageOption) {
   config_.image_source = "https://example.com/linux.qcow2";
   EXPECT_THAT(Problems(), HasSubstr("set exactly one of \"image_path\" and \"image_source\""));
   config_.image_path.reset();
@@ -166,14 +166,14 @@ TEST_F(PlanVm, ExactlyOneImageOption) {
   EXPECT_THAT(Problems(), HasSubstr("\"image_path\" must be set"));
 }
 
-TEST_F(PlanVm, ChecksumDoesNotApplyToImagePath) {
+TEST_F(PlanVmTest, ChecksumDoesNotApplyToImagePath) {
   config_.checksum = "sha256:00";
   EXPECT_THAT(Problems(), HasSubstr("\"checksum\": only checks image_source"));
 }
 
 // Planning opens no file: the path is admitted (AdmitFile, tested in
 // allowlist_test and end to end in BadInputTest) when the start opens it.
-TEST_F(PlanVm, PlanningTouchesNoFile) {
+TEST_F(PlanVmTest, PlanningTouchesNoFile) {
   for (const char* path : {"./local/current.img", "/etc/shadow", "local/missing.img"}) {
     config_.image_path = path;
     absl::StatusOr<VmSpec> spec = Plan();
@@ -184,7 +184,7 @@ TEST_F(PlanVm, PlanningTouchesNoFile) {
   EXPECT_THAT(Problems(), HasSubstr("\"image_path\": must not be empty"));
 }
 
-TEST_F(PlanVm, EmulatorMustBeAllowed) {
+TEST_F(PlanVmTest, EmulatorMustBeAllowed) {
   plugin_.emulators_allowlist = {"x86_64"};
   config_.emulator = "aarch64";
   EXPECT_THAT(Problems(), HasSubstr("\"emulator\": \"aarch64\" is not in the plugin's emulators_allowlist"));
@@ -192,7 +192,7 @@ TEST_F(PlanVm, EmulatorMustBeAllowed) {
   EXPECT_TRUE(Plan().ok());
 }
 
-TEST_F(PlanVm, EmulatorMustBeInstalled) {
+TEST_F(PlanVmTest, EmulatorMustBeInstalled) {
   config_.emulator = "riscv64";
   EXPECT_THAT(Problems(), AllOf(HasSubstr("\"emulator\": \"riscv64\" (qemu-system-riscv64) was not found"),
                                 HasSubstr("available: \"aarch64\", \"x86_64\"")));
@@ -201,18 +201,18 @@ TEST_F(PlanVm, EmulatorMustBeInstalled) {
   EXPECT_THAT(Problems(), HasSubstr("no qemu-system-* binary was found"));
 }
 
-TEST_F(PlanVm, AcceleratorMustBeKnown) {
+TEST_F(PlanVmTest, AcceleratorMustBeKnown) {
   config_.accelerator = "hvf";
   EXPECT_THAT(Problems(), HasSubstr("task config \"accelerator\": \"hvf\" is not supported; use one of tcg, kvm"));
 }
 
-TEST_F(PlanVm, DriveInterfaceMustBeKnown) {
+TEST_F(PlanVmTest, DriveInterfaceMustBeKnown) {
   config_.drive_interface = "nvme";
   EXPECT_THAT(Problems(), HasSubstr("task config \"drive_interface\": \"nvme\" is not supported; use one of ide, "
                                     "scsi, sd, mtd, floppy, pflash, virtio, none"));
 }
 
-TEST_F(PlanVm, MachineTypeIsANameOnly) {
+TEST_F(PlanVmTest, MachineTypeIsANameOnly) {
   config_.machine_type = "pc,accel=kvm";
   EXPECT_THAT(Problems(), HasSubstr("\"machine_type\": \"pc,accel=kvm\" must be a machine name only (no commas)"));
   config_.machine_type = "  ";
@@ -223,7 +223,7 @@ TEST_F(PlanVm, MachineTypeIsANameOnly) {
 
 // --- resources ------------------------------------------------------------
 
-TEST_F(PlanVm, MemoryBoundsOfNomad) {
+TEST_F(PlanVmTest, MemoryBoundsOfNomad) {
   auto* memory = task_.mutable_resources()->mutable_allocated_resources()->mutable_memory();
   for (int64_t ok : {128, 4000000}) {
     memory->set_memory_mb(ok);
@@ -239,7 +239,7 @@ TEST_F(PlanVm, MemoryBoundsOfNomad) {
   }
 }
 
-TEST_F(PlanVm, CpusFromTheCpuset) {
+TEST_F(PlanVmTest, CpusFromTheCpuset) {
   task_.mutable_resources()->mutable_linux_resources()->set_cpuset_cpus("0-3,8,10-11");
   EXPECT_EQ(Plan()->cpus, 7);
   task_.mutable_resources()->mutable_linux_resources()->set_cpuset_cpus("0-");
@@ -268,7 +268,7 @@ TEST(VmSpecCpuset, RejectsWhatIsNotACpuList) {
 
 // --- args -------------------------------------------------------------------
 
-TEST_F(PlanVm, ArgsAreCheckedAgainstTheAllowlist) {
+TEST_F(PlanVmTest, ArgsAreCheckedAgainstTheAllowlist) {
   config_.args = {"-smp", "2", "/etc/shadow"};
   plugin_.args_allowlist = {"-smp"};
   EXPECT_THAT(Problems(), AllOf(HasSubstr("task config \"args\""), HasSubstr("\"/etc/shadow\" is not an option")));
@@ -280,7 +280,7 @@ TEST_F(PlanVm, ArgsAreCheckedAgainstTheAllowlist) {
 
 // --- ports ------------------------------------------------------------------
 
-TEST_F(PlanVm, PortMapFromTheTaskNetwork) {
+TEST_F(PlanVmTest, PortMapFromTheTaskNetwork) {
   driverpb::NetworkResource* network = TaskNetwork("10.0.0.5");
   auto* ssh = network->add_reserved_ports();
   ssh->set_label("ssh");
@@ -298,7 +298,7 @@ TEST_F(PlanVm, PortMapFromTheTaskNetwork) {
 }
 
 // Nomad's own driver finds no ports here and fails with "Unknown port label".
-TEST_F(PlanVm, PortMapFromGroupNetworkPorts) {
+TEST_F(PlanVmTest, PortMapFromGroupNetworkPorts) {
   AddGroupPort("http", 25001, 80, "192.168.1.2");
   config_.port_map = {{"http", 8080}};
   absl::StatusOr<VmSpec> spec = Plan();
@@ -309,7 +309,7 @@ TEST_F(PlanVm, PortMapFromGroupNetworkPorts) {
 
 // Bridge mode: QEMU runs inside the allocation's namespace, where Nomad's
 // port mapping delivers traffic to the port's `to` on the namespace's address.
-TEST_F(PlanVm, InTheGroupNamespacePortsListenOnTheirTo) {
+TEST_F(PlanVmTest, InTheGroupNamespacePortsListenOnTheirTo) {
   AddGroupPort("http", 25001, 8080, "192.168.1.2");
   AddGroupPort("dns", 25002, 0, "192.168.1.2");
   task_.mutable_network_isolation_spec()->set_mode(driverpb::NetworkIsolationSpec::GROUP);
@@ -322,7 +322,7 @@ TEST_F(PlanVm, InTheGroupNamespacePortsListenOnTheirTo) {
                           PortForward{"http", "tcp", "", 8080, 80}, PortForward{"http", "udp", "", 8080, 80}));
 }
 
-TEST_F(PlanVm, PortMapFromBothPlacesTaskNetworkFirst) {
+TEST_F(PlanVmTest, PortMapFromBothPlacesTaskNetworkFirst) {
   auto* ssh = TaskNetwork("10.0.0.5")->add_reserved_ports();
   ssh->set_label("ssh");
   ssh->set_value(22000);
@@ -337,7 +337,7 @@ TEST_F(PlanVm, PortMapFromBothPlacesTaskNetworkFirst) {
                   PortForward{"ssh", "tcp", "10.0.0.5", 22000, 22}, PortForward{"ssh", "udp", "10.0.0.5", 22000, 22}));
 }
 
-TEST_F(PlanVm, PortWithoutHostAddressBindsAll) {
+TEST_F(PlanVmTest, PortWithoutHostAddressBindsAll) {
   AddGroupPort("http", 25001, 0, "");
   config_.port_map = {{"http", 80}};
   absl::StatusOr<VmSpec> spec = Plan();
@@ -345,7 +345,7 @@ TEST_F(PlanVm, PortWithoutHostAddressBindsAll) {
   EXPECT_EQ(spec->port_forwards[0].host_ip, "");
 }
 
-TEST_F(PlanVm, UnknownPortLabelListsTheKnownOnes) {
+TEST_F(PlanVmTest, UnknownPortLabelListsTheKnownOnes) {
   auto* ssh = TaskNetwork("10.0.0.5")->add_reserved_ports();
   ssh->set_label("ssh");
   ssh->set_value(22000);
@@ -355,12 +355,12 @@ TEST_F(PlanVm, UnknownPortLabelListsTheKnownOnes) {
                                     "\"http\", \"ssh\""));
 }
 
-TEST_F(PlanVm, PortMapWithoutAnyPorts) {
+TEST_F(PlanVmTest, PortMapWithoutAnyPorts) {
   config_.port_map = {{"web", 80}};
   EXPECT_THAT(Problems(), HasSubstr("unknown port label \"web\"; the task has no ports"));
 }
 
-TEST_F(PlanVm, GuestPortMustBeAPort) {
+TEST_F(PlanVmTest, GuestPortMustBeAPort) {
   AddGroupPort("http", 25001, 80, "10.0.0.5");
   for (int64_t bad : {0, -1, 65536, 70000}) {
     config_.port_map = {{"http", bad}};
@@ -371,7 +371,7 @@ TEST_F(PlanVm, GuestPortMustBeAPort) {
   EXPECT_TRUE(Plan().ok());
 }
 
-TEST_F(PlanVm, Ipv6HostAddressIsRefused) {
+TEST_F(PlanVmTest, Ipv6HostAddressIsRefused) {
   AddGroupPort("http", 25001, 80, "fd00::5");
   config_.port_map = {{"http", 80}};
   EXPECT_THAT(Problems(), AllOf(HasSubstr("port \"http\" is allocated on \"fd00::5\""), HasSubstr("IPv4 only")));
@@ -379,7 +379,7 @@ TEST_F(PlanVm, Ipv6HostAddressIsRefused) {
 
 // --- dns ------------------------------------------------------------------
 
-TEST_F(PlanVm, DnsSearchesAreKeptServersReportedAsIgnored) {
+TEST_F(PlanVmTest, DnsSearchesAreKeptServersReportedAsIgnored) {
   task_.mutable_dns()->add_servers("8.8.8.8");
   task_.mutable_dns()->add_servers("1.1.1.1");
   task_.mutable_dns()->add_searches("service.consul");
@@ -391,7 +391,7 @@ TEST_F(PlanVm, DnsSearchesAreKeptServersReportedAsIgnored) {
   EXPECT_THAT(spec->ignored_dns_servers, ElementsAre("8.8.8.8", "1.1.1.1"));
 }
 
-TEST_F(PlanVm, DnsSearchMustBeADomainName) {
+TEST_F(PlanVmTest, DnsSearchMustBeADomainName) {
   task_.mutable_dns()->add_searches("a.example,hostfwd=tcp::22-:22");
   EXPECT_THAT(Problems(), HasSubstr("task dns \"searches\": \"a.example,hostfwd=tcp::22-:22\" is not a domain name"));
   task_.mutable_dns()->set_searches(0, "");
@@ -400,7 +400,7 @@ TEST_F(PlanVm, DnsSearchMustBeADomainName) {
 
 // --- all together -----------------------------------------------------------
 
-TEST_F(PlanVm, EveryProblemInOneError) {
+TEST_F(PlanVmTest, EveryProblemInOneError) {
   config_.image_path = "";
   config_.emulator = "mips";
   config_.accelerator = "xen";
@@ -421,7 +421,7 @@ TEST_F(PlanVm, EveryProblemInOneError) {
   EXPECT_THAT(problems, Not(HasSubstr("\"image_source\"")));
 }
 
-TEST_F(PlanVm, CpusOverridesTheReservedCores) {
+TEST_F(PlanVmTest, CpusOverridesTheReservedCores) {
   task_.mutable_resources()->mutable_linux_resources()->set_cpuset_cpus("0-3");
   config_.cpus = 2;
   absl::StatusOr<VmSpec> spec = Plan();
@@ -429,14 +429,14 @@ TEST_F(PlanVm, CpusOverridesTheReservedCores) {
   EXPECT_EQ(spec->cpus, 2);
 }
 
-TEST_F(PlanVm, CpusMustBePositive) {
+TEST_F(PlanVmTest, CpusMustBePositive) {
   config_.cpus = 0;
   EXPECT_THAT(Problems(), HasSubstr("\"cpus\": 0 is out of range"));
   config_.cpus = -3;
   EXPECT_THAT(Problems(), HasSubstr("\"cpus\": -3 is out of range"));
 }
 
-TEST_F(PlanVm, InstanceTypeSizesTheVmWithinTheReservation) {
+TEST_F(PlanVmTest, InstanceTypeSizesTheVmWithinTheReservation) {
   task_.mutable_resources()->mutable_allocated_resources()->mutable_memory()->set_memory_mb(2048);
   config_.instance_type = "c2m1024";
   absl::StatusOr<VmSpec> spec = Plan();
@@ -448,7 +448,7 @@ TEST_F(PlanVm, InstanceTypeSizesTheVmWithinTheReservation) {
   EXPECT_THAT(Problems(), HasSubstr("at most the task's reserved memory (2048 MB)"));
 }
 
-TEST_F(PlanVm, MalformedInstanceTypesAreRefused) {
+TEST_F(PlanVmTest, MalformedInstanceTypesAreRefused) {
   for (const char* bad : {"c2", "m1024", "2c1024m", "cXm1024", "c2m", "c0m1024"}) {
     config_.instance_type = bad;
     EXPECT_THAT(Problems(), HasSubstr("\"instance_type\"")) << bad;
@@ -466,7 +466,7 @@ namespace {
 
 // --- hardware beyond the boot image (hardware_plan) ----------------------------
 
-TEST_F(PlanVm, DiskBlocksArePlannedInOrderWithDefaults) {
+TEST_F(PlanVmTest, DiskBlocksArePlannedInOrderWithDefaults) {
   DiskConfig blank;
   blank.size = "1GiB";
   blank.serial = "data1";
@@ -492,7 +492,7 @@ TEST_F(PlanVm, DiskBlocksArePlannedInOrderWithDefaults) {
   EXPECT_EQ(spec->boot_index, 1) << "with more drives the boot disk must boot first";
 }
 
-TEST_F(PlanVm, HostileDriveValuesAreRefusedByName) {
+TEST_F(PlanVmTest, HostileDriveValuesAreRefusedByName) {
   DiskConfig disk;
   disk.size = "lots";
   disk.interface = "virtio,drive=x";
@@ -513,7 +513,7 @@ TEST_F(PlanVm, HostileDriveValuesAreRefusedByName) {
   EXPECT_THAT(problems, HasSubstr("\"disk_cache\": \"fast\" is not supported"));
 }
 
-TEST_F(PlanVm, DiskSourcesAreExclusiveAndDownloadsNeedAChecksum) {
+TEST_F(PlanVmTest, DiskSourcesAreExclusiveAndDownloadsNeedAChecksum) {
   DiskConfig both;
   both.image_path = "local/a.img";
   both.image_source = "https://example.com/a.img";
@@ -530,7 +530,7 @@ TEST_F(PlanVm, DiskSourcesAreExclusiveAndDownloadsNeedAChecksum) {
   EXPECT_EQ(spec->drives[0].source.origin, DriveOrigin::kDownload);
 }
 
-TEST_F(PlanVm, CdromOrKernelBootsWithoutAnImage) {
+TEST_F(PlanVmTest, CdromOrKernelBootsWithoutAnImage) {
   config_.image_path.reset();
   EXPECT_THAT(Problems(), HasSubstr("\"image_path\" must be set (or boot from cdrom, cdrom_source or kernel)"));
   config_.cdrom = "local/install.iso";
@@ -551,7 +551,7 @@ TEST_F(PlanVm, CdromOrKernelBootsWithoutAnImage) {
   EXPECT_TRUE(spec->drives.empty());
 }
 
-TEST_F(PlanVm, CdromAndKernelOptionsAreChecked) {
+TEST_F(PlanVmTest, CdromAndKernelOptionsAreChecked) {
   config_.cdrom = "local/a.iso";
   config_.cdrom_source = "https://example.com/a.iso";
   config_.initrd = "local/initrd";
@@ -573,7 +573,7 @@ TEST_F(PlanVm, CdromAndKernelOptionsAreChecked) {
   EXPECT_THAT(Problems(), HasSubstr("\"cdrom_checksum\": required for cdrom_source"));
 }
 
-TEST_F(PlanVm, CdromBootOrderSetsBootIndexes) {
+TEST_F(PlanVmTest, CdromBootOrderSetsBootIndexes) {
   config_.cdrom = "local/install.iso";
   absl::StatusOr<VmSpec> spec = Plan();
   ASSERT_TRUE(spec.ok()) << spec.status();
@@ -586,7 +586,7 @@ TEST_F(PlanVm, CdromBootOrderSetsBootIndexes) {
   EXPECT_EQ(spec->drives[0].boot_index, 1);
 }
 
-TEST_F(PlanVm, MacAddressDefaultsToAStableLocalOne) {
+TEST_F(PlanVmTest, MacAddressDefaultsToAStableLocalOne) {
   task_.set_alloc_id("1f2e3d4c-0000-4000-8000-123456789abc");
   config_.port_map = {};
   config_.net_device = "e1000";
@@ -602,13 +602,13 @@ TEST_F(PlanVm, MacAddressDefaultsToAStableLocalOne) {
   EXPECT_NE(StableMacAddress("1f2e3d4c-0000-4000-8000-123456789abc", "db"), first->mac_address);
 }
 
-TEST_F(PlanVm, NoNetworkOptionsLeaveQemusDefaultNic) {
+TEST_F(PlanVmTest, NoNetworkOptionsLeaveQemusDefaultNic) {
   absl::StatusOr<VmSpec> spec = Plan();
   ASSERT_TRUE(spec.ok()) << spec.status();
   EXPECT_FALSE(spec->own_nic);
 }
 
-TEST_F(PlanVm, BadMacAddressesAreRefused) {
+TEST_F(PlanVmTest, BadMacAddressesAreRefused) {
   for (const char* mac : {"02:00:00:00:00", "02:00:00:00:00:0g", "02-00-00-00-00-01", "02:00:00:00:00:01,x=y"}) {
     config_.mac_address = mac;
     EXPECT_THAT(Problems(), HasSubstr("is not a MAC address")) << mac;
@@ -623,7 +623,7 @@ TEST_F(PlanVm, BadMacAddressesAreRefused) {
   EXPECT_EQ(spec->mac_address, "52:54:00:ab:cd:01");
 }
 
-TEST_F(PlanVm, NetDeviceMustBeOneTheEmulatorHas) {
+TEST_F(PlanVmTest, NetDeviceMustBeOneTheEmulatorHas) {
   host_.net_devices["x86_64"] = {"e1000", "rtl8139", "virtio-net-pci"};
   config_.net_device = "ne2k_isa";
   EXPECT_THAT(Problems(), HasSubstr("\"net_device\": \"ne2k_isa\" is not a NIC model of qemu-system-x86_64; it has "
@@ -634,7 +634,7 @@ TEST_F(PlanVm, NetDeviceMustBeOneTheEmulatorHas) {
   EXPECT_TRUE(Plan().ok());
 }
 
-TEST_F(PlanVm, FirmwareNeedsWhatTheHostHas) {
+TEST_F(PlanVmTest, FirmwareNeedsWhatTheHostHas) {
   config_.firmware = "uefi";
   EXPECT_THAT(Problems(), HasSubstr("\"firmware\": this client has no UEFI firmware (Debian package ovmf)"));
   host_.uefi = FirmwareFiles{"/ovmf/code.fd", "/ovmf/vars.fd"};
@@ -659,7 +659,7 @@ TEST_F(PlanVm, FirmwareNeedsWhatTheHostHas) {
   EXPECT_THAT(Problems(), HasSubstr("\"firmware\": \"coreboot\" is not supported"));
 }
 
-TEST_F(PlanVm, TpmNeedsSwtpm) {
+TEST_F(PlanVmTest, TpmNeedsSwtpm) {
   config_.tpm = true;
   EXPECT_THAT(Problems(), HasSubstr("\"tpm\": swtpm is not installed on this client"));
   host_.swtpm = "/usr/bin/swtpm";
@@ -668,7 +668,7 @@ TEST_F(PlanVm, TpmNeedsSwtpm) {
   EXPECT_TRUE(spec->tpm);
 }
 
-TEST_F(PlanVm, MachineMustBeOneTheEmulatorOffers) {
+TEST_F(PlanVmTest, MachineMustBeOneTheEmulatorOffers) {
   host_.machines["x86_64"] = {"pc", "pc-i440fx-7.2", "q35"};
   config_.machine_type = "virt";
   EXPECT_THAT(Problems(), HasSubstr("\"machine_type\": \"virt\" is not a machine of qemu-system-x86_64"));
@@ -676,7 +676,7 @@ TEST_F(PlanVm, MachineMustBeOneTheEmulatorOffers) {
   EXPECT_TRUE(Plan().ok());
 }
 
-TEST_F(PlanVm, CloudInitDocumentsAreGivenOnce) {
+TEST_F(PlanVmTest, CloudInitDocumentsAreGivenOnce) {
   config_.cloud_init = CloudInitConfig{};
   config_.cloud_init->user_data = "#cloud-config";
   config_.cloud_init->user_data_file = "local/user-data";
@@ -694,7 +694,7 @@ TEST_F(PlanVm, CloudInitDocumentsAreGivenOnce) {
   EXPECT_TRUE(spec->drives[0].read_only);
 }
 
-TEST_F(PlanVm, DiskInterfaceIsDriveInterfacesNewName) {
+TEST_F(PlanVmTest, DiskInterfaceIsDriveInterfacesNewName) {
   config_.disk_interface = "virtio";
   absl::StatusOr<VmSpec> spec = Plan();
   ASSERT_TRUE(spec.ok()) << spec.status();
@@ -705,7 +705,7 @@ TEST_F(PlanVm, DiskInterfaceIsDriveInterfacesNewName) {
 
 // --- console and boot watch (issue 11) --------------------------------------------
 
-TEST_F(PlanVm, ConsoleSocketsGoInTheTaskDir) {
+TEST_F(PlanVmTest, ConsoleSocketsGoInTheTaskDir) {
   config_.console = true;
   absl::StatusOr<VmSpec> spec = Plan();
   ASSERT_TRUE(spec.ok()) << spec.status();
@@ -716,14 +716,14 @@ TEST_F(PlanVm, ConsoleSocketsGoInTheTaskDir) {
   EXPECT_EQ(spec->boot_watch.timeout, absl::ZeroDuration());
 }
 
-TEST_F(PlanVm, NoConsoleByDefault) {
+TEST_F(PlanVmTest, NoConsoleByDefault) {
   absl::StatusOr<VmSpec> spec = Plan();
   ASSERT_TRUE(spec.ok()) << spec.status();
   EXPECT_FALSE(spec->console.enabled);
   EXPECT_TRUE(spec->console.serial_socket.empty());
 }
 
-TEST_F(PlanVm, ConsoleSocketPathOverTheLimitIsRefused) {
+TEST_F(PlanVmTest, ConsoleSocketPathOverTheLimitIsRefused) {
   const std::string name(120 - alloc_.size(), 'n');
   task_.set_name(name);
   config_.console = true;
@@ -731,7 +731,7 @@ TEST_F(PlanVm, ConsoleSocketPathOverTheLimitIsRefused) {
                                 HasSubstr("over the unix socket limit of 107")));
 }
 
-TEST_F(PlanVm, ConsolePathWithAnEqualsSignBeforeAnyCommaIsRefused) {
+TEST_F(PlanVmTest, ConsolePathWithAnEqualsSignBeforeAnyCommaIsRefused) {
   task_.set_name("a=b");
   config_.console = true;
   EXPECT_THAT(Problems(), HasSubstr("holds an '=', which QEMU's -vnc cannot take"));
@@ -740,7 +740,7 @@ TEST_F(PlanVm, ConsolePathWithAnEqualsSignBeforeAnyCommaIsRefused) {
   EXPECT_TRUE(Plan().ok());
 }
 
-TEST_F(PlanVm, BootTimeoutWithTheGuestAgent) {
+TEST_F(PlanVmTest, BootTimeoutWithTheGuestAgent) {
   config_.guest_agent = true;
   config_.boot_timeout = "1m30s";
   absl::StatusOr<VmSpec> spec = Plan();
@@ -750,7 +750,7 @@ TEST_F(PlanVm, BootTimeoutWithTheGuestAgent) {
   EXPECT_TRUE(spec->boot_watch.port_label.empty());
 }
 
-TEST_F(PlanVm, BootTimeoutWithAReadyPort) {
+TEST_F(PlanVmTest, BootTimeoutWithAReadyPort) {
   AddGroupPort("http", 25001, 80, "127.0.0.1");
   config_.port_map = {{"http", 8080}};
   config_.boot_timeout = "20s";
@@ -765,7 +765,7 @@ TEST_F(PlanVm, BootTimeoutWithAReadyPort) {
   EXPECT_EQ(spec->boot_watch.guest_port, 8080);
 }
 
-TEST_F(PlanVm, BootTimeoutMustBeASaneDuration) {
+TEST_F(PlanVmTest, BootTimeoutMustBeASaneDuration) {
   config_.guest_agent = true;
   for (const auto& [value, expected] : std::vector<std::pair<std::string, std::string>>{
            {"soon", "is not a duration"},
@@ -783,12 +783,12 @@ TEST_F(PlanVm, BootTimeoutMustBeASaneDuration) {
   }
 }
 
-TEST_F(PlanVm, BootTimeoutNeedsSomethingToWaitFor) {
+TEST_F(PlanVmTest, BootTimeoutNeedsSomethingToWaitFor) {
   config_.boot_timeout = "30s";
   EXPECT_THAT(Problems(), HasSubstr("task config \"boot_timeout\": needs something that answers"));
 }
 
-TEST_F(PlanVm, BootReadyPortMustBeAPortMapLabelAndNeedsBootTimeout) {
+TEST_F(PlanVmTest, BootReadyPortMustBeAPortMapLabelAndNeedsBootTimeout) {
   AddGroupPort("http", 25001, 80, "127.0.0.1");
   config_.port_map = {{"http", 80}};
   config_.boot_ready_port = "http";

@@ -13,6 +13,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "../../support/deadlines.h"
 
 namespace ndq {
 namespace {
@@ -20,7 +21,7 @@ namespace {
 using ::testing::ElementsAre;
 using ::testing::Pair;
 
-constexpr absl::Duration kGenerous = absl::Seconds(10);  // for what must arrive
+using ::ndq::testing::kGenerous;
 constexpr absl::Duration kBrief = absl::Milliseconds(20);  // for what must not
 
 TaskEvent Event(const std::string& message, const std::string& task_id = "t1") {

@@ -16,6 +16,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "../../support/deadlines.h"
 #include "../../support/files.h"
 #include "../../support/child_process.h"
 #include "../../support/scripted_clients.h"
@@ -41,9 +42,8 @@ using ::ndq::testing::ToClient;
 using ::testing::HasSubstr;
 using ::testing::IsEmpty;
 
-constexpr absl::Duration kGenerous = absl::Seconds(10);
+using ::ndq::testing::kGenerous;
 
-std::unique_ptr<QmpClient> AdoptOrDie(ScriptedPeer& peer) { return ::ndq::testing::AdoptQmpOrDie(peer, "pooled QEMU"); }
 
 const PortForward kHttp{"http", "tcp", "127.0.0.1", 25123, 80};
 
@@ -106,7 +106,7 @@ TEST(AddHostForward, AddsTheRuleOnTheUserNetwork) {
       Handshake(),
       {FromClient(R"({"execute": "human-monitor-command", "arguments": {"command-line": "hostfwd_add user.0 tcp:127.0.0.1:25123-:80"}, "id": 2})"),
        ToClient(R"({"return": "", "id": 2})")}));
-  auto qmp = AdoptOrDie(peer);
+  auto qmp = ::ndq::testing::AdoptQmpOrDie(peer, "pooled QEMU");
   ASSERT_NE(qmp, nullptr);
   EXPECT_TRUE(AddHostForward(*qmp, kHttp).ok());
   EXPECT_TRUE(peer.WaitDone(kGenerous));
@@ -119,7 +119,7 @@ TEST(AddHostForward, HmpsErrorTextIsAnErrorNamingThePort) {
       Handshake(),
       {FromClient(R"({"execute": "human-monitor-command", "arguments": {"command-line": "hostfwd_add user.0 udp::5353-:53"}, "id": 2})"),
        ToClient(R"({"return": "Could not set up host forwarding rule 'udp::5353-:53'\r\n", "id": 2})")}));
-  auto qmp = AdoptOrDie(peer);
+  auto qmp = ::ndq::testing::AdoptQmpOrDie(peer, "pooled QEMU");
   ASSERT_NE(qmp, nullptr);
   absl::Status added = AddHostForward(*qmp, PortForward{"dns", "udp", "", 5353, 53});
   EXPECT_TRUE(absl::IsUnavailable(added)) << added;
@@ -132,7 +132,7 @@ TEST(AddHostForward, HmpsErrorTextIsAnErrorNamingThePort) {
 TEST(AddHostForward, ARefusedForwardNeverReachesQemu) {
   ScriptedPeer peer(Concat(Handshake(), {FromClient(R"({"execute": "query-status", "id": 2})"),
                                          ToClient(R"({"return": {"status": "paused", "singlestep": false, "running": false}, "id": 2})")}));
-  auto qmp = AdoptOrDie(peer);
+  auto qmp = ::ndq::testing::AdoptQmpOrDie(peer, "pooled QEMU");
   ASSERT_NE(qmp, nullptr);
   const PortForward hostile{"http", "tcp", "127.0.0.1 quit", 25123, 80};
   EXPECT_TRUE(absl::IsInvalidArgument(AddHostForward(*qmp, hostile)));
@@ -146,7 +146,7 @@ TEST(AddHostForward, QemuGoneIsAnError) {
       Handshake(),
       {FromClient(R"({"execute": "human-monitor-command", "arguments": {"command-line": "hostfwd_add user.0 tcp:127.0.0.1:25123-:80"}, "id": 2})"),
        Eof()}));
-  auto qmp = AdoptOrDie(peer);
+  auto qmp = ::ndq::testing::AdoptQmpOrDie(peer, "pooled QEMU");
   ASSERT_NE(qmp, nullptr);
   absl::Status added = AddHostForward(*qmp, kHttp);
   EXPECT_TRUE(absl::IsUnavailable(added)) << added;
@@ -161,7 +161,7 @@ TEST(RemoveHostForward, RemovesByTheHostSide) {
        ToClient(R"({"return": "host forwarding rule for tcp:127.0.0.1:25123 removed\r\n", "id": 2})"),
        FromClient(R"({"execute": "human-monitor-command", "arguments": {"command-line": "hostfwd_remove user.0 udp::5353"}, "id": 3})"),
        Eof()}));
-  auto qmp = AdoptOrDie(peer);
+  auto qmp = ::ndq::testing::AdoptQmpOrDie(peer, "pooled QEMU");
   ASSERT_NE(qmp, nullptr);
   EXPECT_TRUE(RemoveHostForward(*qmp, kHttp).ok());
   absl::Status removed = RemoveHostForward(*qmp, PortForward{"dns", "udp", "", 5353, 53});
@@ -222,7 +222,7 @@ class Handover : public ::testing::Test {
 
   absl::Status Attach(std::vector<Step> script) {
     ScriptedPeer peer(std::move(script));
-    auto qmp = AdoptOrDie(peer);
+    auto qmp = ::ndq::testing::AdoptQmpOrDie(peer, "pooled QEMU");
     if (qmp == nullptr) return absl::InternalError("no QMP session");
     absl::Status status = AttachTaskParts(*qmp, vm_, state_dir_, parts_);
     EXPECT_TRUE(peer.WaitDone(kGenerous));

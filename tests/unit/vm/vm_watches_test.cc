@@ -48,7 +48,7 @@ using json = nlohmann::json;
 
 const TaskIdentity kTask{"a/web/1", "web", "a"};
 
-struct Event {
+struct WatchEvent {
   std::string task_id;
   std::string message;
   std::map<std::string, std::string> annotations;
@@ -64,7 +64,7 @@ class Events {
     };
   }
   // The first event, once there is one (an empty one after `timeout`).
-  Event First(absl::Duration timeout) {
+  WatchEvent First(absl::Duration timeout) {
     absl::MutexLock lock(&mu_);
     auto any = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !events_.empty(); };
     if (!mu_.AwaitWithTimeout(absl::Condition(&any), timeout)) return {};
@@ -77,7 +77,7 @@ class Events {
 
  private:
   absl::Mutex mu_;
-  std::vector<Event> events_ ABSL_GUARDED_BY(mu_);
+  std::vector<WatchEvent> events_ ABSL_GUARDED_BY(mu_);
 };
 
 class VmWatchesTest : public ::testing::Test {
@@ -121,7 +121,7 @@ TEST_F(VmWatchesTest, AGuestThatAnswersIsReportedReadyWithTheTimeSinceQemuStarte
   launched_.spec.boot_watch = AgentPlan(absl::Seconds(30));
   VmWatches watches(events_.Sink(), nullptr);
   watches.Begin(kTask, vm, launched_);
-  const Event ready = events_.First(absl::Seconds(5));
+  const WatchEvent ready = events_.First(absl::Seconds(5));
   EXPECT_EQ(ready.task_id, "a/web/1");
   EXPECT_THAT(ready.message, MatchesRegex("Guest ready: the guest agent answered 2(\\.[0-9])?s after QEMU started"));
   EXPECT_THAT(ready.annotations, ::testing::ElementsAre(::testing::Pair("boot_ready", "the guest agent")));
@@ -159,7 +159,7 @@ TEST_F(VmWatchesTest, ABootTimeoutStopsTheVmAndKeepsTheReasonForItsExit) {
   std::thread reaper = MarkExitedWhenGone(qemu.pid(), vm);
   VmWatches watches(events_.Sink(), nullptr);
   watches.Begin(kTask, vm, launched_);
-  const Event timeout = events_.First(absl::Seconds(5));
+  const WatchEvent timeout = events_.First(absl::Seconds(5));
   reaper.join();  // QEMU was stopped
   const int status = qemu.Wait();
   EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM) << "the guest is stuck: SIGTERM, no power button";
@@ -198,7 +198,7 @@ TEST_F(VmWatchesTest, ABootTimeoutNamesEveryProbeItWaitedFor) {
   ASSERT_NE(launched_.spec.boot_watch.host_port, 0);
   VmWatches watches(events_.Sink(), nullptr);
   watches.Begin(kTask, vm, launched_);
-  const Event timeout = events_.First(absl::Seconds(5));
+  const WatchEvent timeout = events_.First(absl::Seconds(5));
   vm->MarkExited(ExitResult{});  // as QEMU's exit would be once stopped
   EXPECT_THAT(timeout.message, HasSubstr("the guest agent (guest-ping) or port \"http\" (TCP, guest port 80) did not "
                                          "answer; no screenshot (the task's alloc dir is not known)"));
@@ -229,7 +229,7 @@ TEST_F(VmWatchesTest, AColdWarmStartGuestNotReadyInTimeSavesNoTemplate) {
   VmWatches watches(events_.Sink(), [this] { ++templates_saved_; });
   watches.Begin(kTask, vm, launched_);
   EXPECT_EQ(launched_.warm_capture, nullptr) << "the watch took the capture";
-  const Event event = events_.First(absl::Seconds(5));
+  const WatchEvent event = events_.First(absl::Seconds(5));
   EXPECT_EQ(event.message, "Warm start: no template saved: the guest was not ready within 300ms");
   EXPECT_THAT(event.annotations, ::testing::ElementsAre(::testing::Pair("warm_start", "cold")));
   EXPECT_EQ(templates_saved_, 0);
@@ -249,7 +249,7 @@ TEST_F(VmWatchesTest, AColdWarmStartSaveThatFailsIsReportedAndCountsNothing) {
   launched_.spec.warm.ready = AgentPlan(absl::Seconds(10));
   VmWatches watches(events_.Sink(), [this] { ++templates_saved_; });
   watches.Begin(kTask, vm, launched_);
-  const Event event = events_.First(absl::Seconds(5));
+  const WatchEvent event = events_.First(absl::Seconds(5));
   EXPECT_THAT(event.message, HasSubstr("Warm start: no template saved: "));
   EXPECT_THAT(event.message, HasSubstr("No file descriptor supplied via SCM_RIGHTS"));
   EXPECT_EQ(event.annotations.at("warm_start"), "cold");
@@ -268,7 +268,7 @@ TEST_F(VmWatchesTest, ARestoredGuestsClockIsSetToTheHostsOnceItsAgentAnswers) {
   VmWatches watches(events_.Sink(), nullptr);
   const int64_t before = absl::ToUnixNanos(absl::Now());
   watches.Begin(kTask, vm, launched_);
-  const Event event = events_.First(absl::Seconds(5));
+  const WatchEvent event = events_.First(absl::Seconds(5));
   const int64_t after = absl::ToUnixNanos(absl::Now());
   EXPECT_EQ(event.message, "Warm start: the guest's clock was set to the host's time");
   EXPECT_THAT(event.annotations, ::testing::ElementsAre(::testing::Pair("warm_clock", "set")));
@@ -291,7 +291,7 @@ TEST_F(VmWatchesTest, ARestoredGuestThatRefusesTheClockIsReported) {
   launched_.spec.guest_agent = true;
   VmWatches watches(events_.Sink(), nullptr);
   watches.Begin(kTask, vm, launched_);
-  const Event event = events_.First(absl::Seconds(5));
+  const WatchEvent event = events_.First(absl::Seconds(5));
   EXPECT_THAT(event.message, HasSubstr("Warm start: the guest's clock could not be set: "));
   EXPECT_THAT(event.message, HasSubstr("hwclock failed to set hardware clock"));
   EXPECT_THAT(event.annotations, ::testing::ElementsAre(::testing::Pair("warm_clock", "failed")));

@@ -15,6 +15,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "../../support/deadlines.h"
 #include "../../support/files.h"
 #include "../../support/scripted_clients.h"
 #include "../../support/scripted_qmp.h"
@@ -41,7 +42,7 @@ using ::ndq::testing::ToClient;
 using ::testing::HasSubstr;
 using ::testing::IsEmpty;
 
-constexpr absl::Duration kGenerous = absl::Seconds(10);
+using ::ndq::testing::kGenerous;
 // A template key as TemplateIdentity::Key makes them: 64 hex.
 const std::string kKey = "3f9a0c61d2b74e58a1c0ffee00112233445566778899aabbccddeeff00112233";
 
