@@ -7,6 +7,7 @@
 
 #include <cerrno>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "base/error_kind.h"
 #include "base/small_file.h"
@@ -113,15 +114,24 @@ absl::Status AddHostForward(QmpClient& qmp, const PortForward& forward) {
 
 absl::Status RemoveHostForward(QmpClient& qmp, const PortForward& forward) {
   if (absl::StatusOr<std::string> rule = HostForwardRule(forward); !rule.ok()) return rule.status();
-  // hostfwd_remove takes the host side only: [tcp|udp]:[address]:port.
-  return Hmp(qmp, absl::StrCat("hostfwd_remove user.0 ", forward.protocol, ":", forward.host_ip, ":", forward.host_port))
-      .status();
+  // hostfwd_remove takes the host side only: [tcp|udp]:[address]:port. It
+  // answers "host forwarding rule for <rule> removed", or "... not found" (or
+  // a usage error): a warm-up's forward left in place would reach the task's VM.
+  absl::StatusOr<std::string> out =
+      Hmp(qmp, absl::StrCat("hostfwd_remove user.0 ", forward.protocol, ":", forward.host_ip, ":", forward.host_port));
+  if (!out.ok()) return out.status();
+  if (!absl::StrContains(*out, " removed")) {
+    return absl::UnavailableError(absl::StrCat("QEMU could not remove its forward of ", forward.host_ip, ":",
+                                               forward.host_port, ": ", *out));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status MoveSlotInto(PooledVm& vm, const std::string& state_dir) {
-  // prepare host made the task's state dir and its run/, both still empty.
+  // prepare host made the task's state dir and its run/, both still empty. A
+  // directory renames onto an empty one in one step, so a failed move leaves
+  // the task's state dir in place for the rollback to remove.
   ::rmdir((state_dir + "/" + supervisor::kRunDir).c_str());
-  if (::rmdir(state_dir.c_str()) != 0 && errno != ENOENT) return ErrnoNow("cannot make room for the pooled VM at " + state_dir);
   if (::rename(vm.dir.c_str(), state_dir.c_str()) != 0) return ErrnoNow("cannot move the pooled VM to " + state_dir);
   vm.dir = state_dir;
   return absl::OkStatus();

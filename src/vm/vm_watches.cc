@@ -70,8 +70,11 @@ void VmWatches::WatchBoot(const TaskIdentity& task, const std::shared_ptr<VmTask
   context.on_timeout = [this, task, weak, timeout = plan.timeout, waited_for] {
     if (std::shared_ptr<VmTask> held = weak.lock()) FailBoot(task, held, timeout, waited_for);
   };
+  auto watch = std::make_unique<BootWatch>(std::move(context));
+  // A watch this replaces ends in `watch`, joined after the lock is released
+  // (declared after it): its callbacks take the lock.
   absl::MutexLock lock(&mu_);
-  boot_watches_[task.id] = std::make_unique<BootWatch>(std::move(context));
+  boot_watches_[task.id].swap(watch);
 }
 
 void VmWatches::FailBoot(const TaskIdentity& task, const std::shared_ptr<VmTask>& vm, absl::Duration timeout,
@@ -118,8 +121,9 @@ void VmWatches::WatchWarm(const TaskIdentity& task, const std::shared_ptr<VmTask
                             absl::FormatDuration(timeout)),
          {{"warm_start", "cold"}});
   };
-  absl::MutexLock lock(&mu_);
-  warm_watches_[task.id] = std::make_unique<BootWatch>(std::move(context));
+  auto watch = std::make_unique<BootWatch>(std::move(context));
+  absl::MutexLock lock(&mu_);  // as in WatchBoot: a replaced watch is joined unlocked
+  warm_watches_[task.id].swap(watch);
 }
 
 void VmWatches::SaveWarmTemplate(const TaskIdentity& task, VmTask& vm, WarmCapture& capture,
@@ -176,8 +180,9 @@ void VmWatches::SetRestoredClock(const TaskIdentity& task, const std::shared_ptr
                    absl::FormatDuration(kRestoredClockTimeout),
          {{"warm_clock", "failed"}});
   };
-  absl::MutexLock lock(&mu_);
-  warm_watches_[task.id] = std::make_unique<BootWatch>(std::move(context));
+  auto watch = std::make_unique<BootWatch>(std::move(context));
+  absl::MutexLock lock(&mu_);  // as in WatchBoot: a replaced watch is joined unlocked
+  warm_watches_[task.id].swap(watch);
 }
 
 }  // namespace ndq

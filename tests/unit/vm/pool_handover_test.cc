@@ -84,18 +84,21 @@ TEST_F(MoveSlot, AStateDirInUseIsLeftAlone) {
   std::ofstream(state_dir_ + "/run/qmp.sock") << "";
   const std::string slot = vm_.dir;
   absl::Status moved = MoveSlotInto(vm_, state_dir_);
-  EXPECT_THAT(std::string(moved.message()), HasSubstr("cannot make room for the pooled VM at " + state_dir_));
+  EXPECT_THAT(std::string(moved.message()), HasSubstr("cannot move the pooled VM to " + state_dir_));
   EXPECT_EQ(vm_.dir, slot);
   EXPECT_TRUE(fs::exists(state_dir_ + "/run/qmp.sock"));
   EXPECT_EQ(ReadFile(slot + "/overlay.qcow2"), "slot overlay");
 }
 
-TEST_F(MoveSlot, AVanishedSlotIsAnErrorAndKeepsItsPath) {
+// The task's state dir stays for the rollback, which removes what the task owns.
+TEST_F(MoveSlot, AVanishedSlotIsAnErrorAndKeepsItsPathAndTheStateDir) {
+  fs::create_directories(state_dir_ + "/run");
   fs::remove_all(vm_.dir);
   const std::string slot = vm_.dir;
   absl::Status moved = MoveSlotInto(vm_, state_dir_);
   EXPECT_THAT(std::string(moved.message()), HasSubstr("cannot move the pooled VM to " + state_dir_));
   EXPECT_EQ(vm_.dir, slot);
+  EXPECT_TRUE(fs::is_directory(state_dir_));
 }
 
 // ---------------------------------------------------------------------------
@@ -159,11 +162,17 @@ TEST(RemoveHostForward, RemovesByTheHostSide) {
       Handshake(),
       {FromClient(R"({"execute": "human-monitor-command", "arguments": {"command-line": "hostfwd_remove user.0 tcp:127.0.0.1:25123"}, "id": 2})"),
        ToClient(R"({"return": "host forwarding rule for tcp:127.0.0.1:25123 removed\r\n", "id": 2})"),
-       FromClient(R"({"execute": "human-monitor-command", "arguments": {"command-line": "hostfwd_remove user.0 udp::5353"}, "id": 3})"),
+       FromClient(R"({"execute": "human-monitor-command", "arguments": {"command-line": "hostfwd_remove user.0 tcp:127.0.0.1:25123"}, "id": 3})"),
+       ToClient(R"({"return": "host forwarding rule for tcp:127.0.0.1:25123 not found\r\n", "id": 3})"),
+       FromClient(R"({"execute": "human-monitor-command", "arguments": {"command-line": "hostfwd_remove user.0 udp::5353"}, "id": 4})"),
        Eof()}));
   auto qmp = ::ndq::testing::AdoptQmpOrDie(peer, "pooled QEMU");
   ASSERT_NE(qmp, nullptr);
   EXPECT_TRUE(RemoveHostForward(*qmp, kHttp).ok());
+  // A rule QEMU does not have: the forward the caller meant to remove may still be there.
+  absl::Status missing = RemoveHostForward(*qmp, kHttp);
+  EXPECT_TRUE(absl::IsUnavailable(missing)) << missing;
+  EXPECT_THAT(std::string(missing.message()), HasSubstr("could not remove its forward of 127.0.0.1:25123: host forwarding rule"));
   absl::Status removed = RemoveHostForward(*qmp, PortForward{"dns", "udp", "", 5353, 53});
   EXPECT_TRUE(absl::IsUnavailable(removed)) << removed;
   EXPECT_THAT(std::string(removed.message()), HasSubstr("QEMU closed the connection"));
