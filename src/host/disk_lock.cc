@@ -12,24 +12,26 @@
 namespace ndq {
 namespace {
 
-// Asks whether a lock of `type` on byte `at` would conflict with one another
-// open file holds: 1 yes, 0 no, -1 error (errno set).
-int Conflicts(int fd, off_t at, short type) {
-  struct flock probe {};
-  probe.l_type = type;
-  probe.l_whence = SEEK_SET;
-  probe.l_start = at;
-  probe.l_len = 1;
+// A lock of `type` on QEMU's lock byte `at`.
+struct flock ByteLock(short type, off_t at) {
+  struct flock lock {};
+  lock.l_type = type;
+  lock.l_whence = SEEK_SET;
+  lock.l_start = at;
+  lock.l_len = 1;
+  return lock;
+}
+
+// Whether another open file holds a lock on byte `at` that any write lock
+// would meet: 1 yes, 0 no, -1 error (errno set).
+int HeldByAnother(int fd, off_t at) {
+  struct flock probe = ByteLock(F_WRLCK, at);
   if (::fcntl(fd, F_OFD_GETLK, &probe) != 0) return -1;
   return probe.l_type == F_UNLCK ? 0 : 1;
 }
 
 int TakeShared(int fd, off_t at) {
-  struct flock lock {};
-  lock.l_type = F_RDLCK;
-  lock.l_whence = SEEK_SET;
-  lock.l_start = at;
-  lock.l_len = 1;
+  struct flock lock = ByteLock(F_RDLCK, at);
   return ::fcntl(fd, F_OFD_SETLK, &lock);
 }
 
@@ -48,7 +50,7 @@ absl::Status ReserveDisk(int fd, bool writable, const std::string& what) {
   if (writable) checked.push_back(unshared);
   absl::MutexLock lock(&reservations);
   for (off_t at : checked) {
-    const int conflict = Conflicts(fd, at, F_WRLCK);
+    const int conflict = HeldByAnother(fd, at);
     if (conflict < 0) return ErrnoNow(absl::StrCat("cannot check whether ", what, " is in use"));
     if (conflict > 0) {
       return WithKind(absl::FailedPreconditionError(absl::StrCat(

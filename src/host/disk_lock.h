@@ -9,6 +9,8 @@
 // the driver's reservation on the fd it hands QEMU becomes QEMU's own.
 #pragma once
 
+#include <sys/types.h>
+
 #include <string>
 
 #include "absl/status/status.h"
